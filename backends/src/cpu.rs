@@ -1,0 +1,31 @@
+//! The embedded CPU backend: Burn's `flex` (pure Rust, `gemm` matmuls,
+//! rayon threads). Chosen over `ndarray` by the measurement in
+//! `docs/BENCHMARKS.md`.
+
+use crate::{BackendError, BackendKind, DeviceInfo};
+
+/// The concrete CPU backend with autodiff.
+pub type Backend = burn::backend::Autodiff<burn::backend::Flex>;
+
+/// The CPU has one device, index 0.
+pub fn select(
+    index: Option<usize>,
+) -> Result<(<Backend as burn::tensor::backend::Backend>::Device, DeviceInfo), BackendError> {
+    match index.unwrap_or(0) {
+        0 => Ok((
+            Default::default(),
+            DeviceInfo {
+                kind: BackendKind::Cpu,
+                index: 0,
+                name: format!(
+                    "flex, {} threads",
+                    std::thread::available_parallelism().map_or(1, |n| n.get())
+                ),
+            },
+        )),
+        n => Err(BackendError::NoDevice {
+            kind: BackendKind::Cpu,
+            reason: format!("the CPU backend has only device 0, not {n}"),
+        }),
+    }
+}

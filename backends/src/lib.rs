@@ -1,0 +1,179 @@
+//! Maps clipa's `--backend cpu|wgpu|cuda [--device N]` to a concrete Burn
+//! backend at run time.
+//!
+//! `clipa-core` is generic over `B: AutodiffBackend`; this crate is the only
+//! place (with the CLI) that names concrete backends. A command is written
+//! once as a [`BackendJob`] and [`run`] monomorphises it for the backend the
+//! user picked. A backend that was not compiled in, or has no usable device,
+//! is an error: nothing ever falls back silently to another backend.
+
+use std::fmt;
+
+use burn::tensor::backend::AutodiffBackend;
+
+#[cfg(feature = "cpu")]
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(feature = "wgpu")]
+mod wgpu_backend;
+
+/// The compute backends clipa knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum BackendKind {
+    /// Pure-Rust CPU backend, always the embedded default.
+    Cpu,
+    /// WGPU (Vulkan/Metal/DX12): laptop GPUs, CI on a software adapter.
+    Wgpu,
+    /// NVIDIA CUDA: the training fast path.
+    Cuda,
+}
+
+impl BackendKind {
+    /// All kinds, in the order `clipa backends` lists them.
+    pub const ALL: [BackendKind; 3] = [Self::Cpu, Self::Wgpu, Self::Cuda];
+
+    /// The lower-case name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::Wgpu => "wgpu",
+            Self::Cuda => "cuda",
+        }
+    }
+
+    /// Whether this binary was built with the backend's cargo feature.
+    pub fn is_compiled(self) -> bool {
+        match self {
+            Self::Cpu => cfg!(feature = "cpu"),
+            Self::Wgpu => cfg!(feature = "wgpu"),
+            Self::Cuda => cfg!(feature = "cuda"),
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A device the user selected, resolved and known to exist.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// The backend it belongs to.
+    pub kind: BackendKind,
+    /// Index among that backend's devices (`--device N`).
+    pub index: usize,
+    /// A human-readable name: adapter or GPU name.
+    pub name: String,
+}
+
+impl fmt::Display for DeviceInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{} ({})", self.kind, self.index, self.name)
+    }
+}
+
+/// Why a backend cannot run.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The backend's cargo feature was not enabled in this build.
+    #[error(
+        "backend '{0}' is not compiled into this clipa; rebuild with `cargo build --release -p clipa-cli --features {0}`"
+    )]
+    NotCompiled(BackendKind),
+    /// The backend is compiled in but no usable device was found.
+    #[error("backend '{kind}' has no usable device: {reason}")]
+    NoDevice {
+        /// The backend asked for.
+        kind: BackendKind,
+        /// What is missing and how to get it.
+        reason: String,
+    },
+    /// The job itself failed.
+    #[error(transparent)]
+    Core(#[from] clipa_core::Error),
+}
+
+/// A computation that can run on any autodiff backend. The CLI writes each
+/// command as one of these; [`run`] picks the concrete type.
+pub trait BackendJob {
+    /// What the job returns.
+    type Output;
+
+    /// Runs the job on backend `B` and `device`.
+    fn run<B: AutodiffBackend>(
+        self,
+        device: B::Device,
+        info: &DeviceInfo,
+    ) -> clipa_core::Result<Self::Output>;
+}
+
+/// Finds the device `index` (or the best one when `None`) of `kind`,
+/// without running anything on it.
+pub fn probe(kind: BackendKind, index: Option<usize>) -> Result<DeviceInfo, BackendError> {
+    match kind {
+        #[cfg(feature = "cpu")]
+        BackendKind::Cpu => cpu::select(index).map(|(_, info)| info),
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => wgpu_backend::select(index).map(|(_, info)| info),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => cuda::select(index).map(|(_, info)| info),
+        #[allow(unreachable_patterns)]
+        other => Err(BackendError::NotCompiled(other)),
+    }
+}
+
+/// Runs `job` on device `index` (or the best one) of backend `kind`.
+pub fn run<J: BackendJob>(
+    kind: BackendKind,
+    index: Option<usize>,
+    job: J,
+) -> Result<J::Output, BackendError> {
+    match kind {
+        #[cfg(feature = "cpu")]
+        BackendKind::Cpu => {
+            let (device, info) = cpu::select(index)?;
+            Ok(job.run::<cpu::Backend>(device, &info)?)
+        }
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => {
+            let (device, info) = wgpu_backend::select(index)?;
+            Ok(job.run::<wgpu_backend::Backend>(device, &info)?)
+        }
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => {
+            let (device, info) = cuda::select(index)?;
+            Ok(job.run::<cuda::Backend>(device, &info)?)
+        }
+        #[allow(unreachable_patterns)]
+        other => {
+            drop(job);
+            Err(BackendError::NotCompiled(other))
+        }
+    }
+}
+
+/// The CPU backend type, for benches that compare backends directly.
+#[cfg(feature = "cpu")]
+pub type CpuBackend = cpu::Backend;
+
+/// Burn's ndarray backend with autodiff, compiled only for the CPU backend
+/// comparison (`--features ndarray`).
+#[cfg(feature = "ndarray")]
+pub type NdArrayBackend = burn::backend::Autodiff<burn::backend::NdArray>;
+
+/// The WGPU backend type.
+#[cfg(feature = "wgpu")]
+pub type WgpuBackend = wgpu_backend::Backend;
+
+/// Resolves the WGPU device, for benches and tests that drive the backend
+/// directly.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_device(
+    index: Option<usize>,
+) -> Result<(burn::backend::wgpu::WgpuDevice, DeviceInfo), BackendError> {
+    wgpu_backend::select(index)
+}

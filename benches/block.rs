@@ -1,0 +1,77 @@
+//! Forward + backward of a small transformer (a stack of pre-LN residual
+//! blocks at `bench-tiny` width) on every compiled backend. This is the
+//! measurement behind the CPU backend choice in `docs/BENCHMARKS.md`.
+//!
+//! FLOPs per step, width w=256, tokens t=65, batch b=16, 4 blocks:
+//! forward ≈ 4·b·(24·t·w² + 4·t²·w) ≈ 4.4 GFLOP, training ≈ 3× = 13 GFLOP.
+
+use std::time::{Duration, Instant};
+
+use burn::module::Module;
+use burn::tensor::Tensor;
+use burn::tensor::backend::AutodiffBackend;
+use clipa_core::nn::{ResidualBlock, ResidualBlockConfig};
+use clipa_core::numeric::normal_data;
+use criterion::{BenchmarkId, Criterion, Throughput};
+
+const WIDTH: usize = 256;
+const HEADS: usize = 4;
+const DEPTH: usize = 4;
+
+#[derive(Module, Debug)]
+struct Stack<B: burn::tensor::backend::Backend> {
+    blocks: Vec<ResidualBlock<B>>,
+}
+
+fn step<B: AutodiffBackend>(stack: &Stack<B>, x: &Tensor<B, 3>) {
+    let mut h = x.clone();
+    for b in &stack.blocks {
+        h = b.forward(h, false);
+    }
+    let _grads = (h.clone() * h).mean().backward();
+}
+
+fn bench_backend<B: AutodiffBackend>(c: &mut Criterion, name: &str, device: B::Device) {
+    let mut group = c.benchmark_group(format!("{name}/transformer_fwd_bwd"));
+    let cfg = ResidualBlockConfig::new(WIDTH, HEADS, 4 * WIDTH);
+    let stack = Stack {
+        blocks: (0..DEPTH).map(|_| cfg.init::<B>(&device)).collect(),
+    };
+    for (batch, tokens) in [(16usize, 65usize), (16, 17)] {
+        let x = Tensor::<B, 3>::from_data(normal_data([batch, tokens, WIDTH], 1, 1.0), &device);
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_with_input(
+            BenchmarkId::new(format!("d{DEPTH}_w{WIDTH}"), format!("b{batch}_t{tokens}")),
+            &x,
+            |bencher, x| {
+                bencher.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let t0 = Instant::now();
+                        step(&stack, x);
+                        B::sync(&device).expect("device sync");
+                        total += t0.elapsed();
+                    }
+                    total
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+/// Registers the transformer bench for every compiled backend.
+pub fn bench(c: &mut Criterion) {
+    #[cfg(feature = "cpu")]
+    bench_backend::<clipa_backends::CpuBackend>(c, "cpu-flex", Default::default());
+    #[cfg(feature = "ndarray")]
+    bench_backend::<clipa_backends::NdArrayBackend>(c, "cpu-ndarray", Default::default());
+    #[cfg(feature = "wgpu")]
+    match clipa_backends::wgpu_device(None) {
+        Ok((device, info)) => {
+            eprintln!("wgpu bench on {info}");
+            bench_backend::<clipa_backends::WgpuBackend>(c, "wgpu", device);
+        }
+        Err(err) => eprintln!("skipping wgpu benches: {err}"),
+    }
+}

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# What CI runs (`.ci/run`, GitHub Actions): format, lints, the tests on the
+# CPU and on WGPU (Mesa's software Vulkan driver when there is no GPU), a
+# compile check of the CUDA backend, and a compile of the benches.
+#
+# Build economy on a 2-core runner: one profile (release) builds the tests
+# and the benches, and clippy's dependency artifacts are reused by
+# `cargo check`, so the Burn graph is compiled once in each mode. The target
+# folder lives outside the checkout (CLIPA_TARGET_DIR) so that it can be kept
+# between runs, as a CI cache is; the run also passes from an empty one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CLIPA_TARGET_DIR:-$HOME/.cache/clipa-target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+export CARGO_INCREMENTAL=0
+mkdir -p "$CARGO_TARGET_DIR"
+
+step() { printf '\n=== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
+
+step "software Vulkan driver"
+if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
+fi
+ls /usr/share/vulkan/icd.d/
+
+step "rustfmt"
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+cargo fmt --all --check
+
+step "clippy (cuda feature included, so its code is linted too)"
+cargo clippy --workspace --all-targets --features cuda -- -D warnings
+
+step "cargo check --features cuda"
+cargo check --workspace --features cuda
+
+step "tests (the README's test command)"
+bash ci/test.sh
+
+step "benches compile"
+cargo bench --workspace --no-run
+
+step "done"

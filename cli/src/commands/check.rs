@@ -1,0 +1,86 @@
+//! `clipa check`: verifies a backend set-up by running the attention layer
+//! and residual block forward and backward on it and on the CPU, from the
+//! same weights and inputs, and comparing every output and gradient.
+
+use anyhow::{Context, bail, ensure};
+use burn::tensor::backend::AutodiffBackend;
+use clipa_backends::{BackendJob, BackendKind, DeviceInfo};
+use clipa_core::selftest::{self, PartResult, SelfTestShape};
+use clipa_core::numeric::relative_error;
+
+use crate::args::CheckArgs;
+
+struct SelfTest(SelfTestShape);
+
+impl BackendJob for SelfTest {
+    type Output = Vec<PartResult>;
+
+    fn run<B: AutodiffBackend>(
+        self,
+        device: B::Device,
+        info: &DeviceInfo,
+    ) -> clipa_core::Result<Self::Output> {
+        tracing::debug!("running the self-test on {info}");
+        selftest::run::<B>(&device, self.0)
+    }
+}
+
+/// Runs the self-test on `kind` and the CPU reference and compares.
+pub fn run(kind: BackendKind, device: Option<usize>, args: &CheckArgs) -> anyhow::Result<()> {
+    ensure!(
+        args.heads > 0 && args.width % args.heads == 0,
+        "--width {} is not a multiple of --heads {}",
+        args.width,
+        args.heads
+    );
+    ensure!(args.batch > 0 && args.tokens > 0, "--batch and --tokens must be positive");
+    let shape = SelfTestShape {
+        batch: args.batch,
+        tokens: args.tokens,
+        width: args.width,
+        heads: args.heads,
+    };
+    let info = clipa_backends::probe(kind, device)?;
+    println!("clipa check: {info} against the cpu reference");
+    // The first run on a GPU compiles kernels; time the second.
+    clipa_backends::run(kind, device, SelfTest(shape))?;
+    let got = clipa_backends::run(kind, device, SelfTest(shape))?;
+    let reference = clipa_backends::run(BackendKind::Cpu, None, SelfTest(shape))
+        .context("the cpu reference run failed")?;
+    let mut worst: f64 = 0.0;
+    for (g, r) in got.iter().zip(&reference) {
+        let out_err = relative_error(&g.output, &r.output);
+        let mut grad_err: f64 = 0.0;
+        let mut worst_name = "";
+        for (name, grad) in &r.grads {
+            let Some(other) = g.grads.get(name) else {
+                bail!("{}: no gradient for {name} on {kind}", g.name);
+            };
+            let e = relative_error(other, grad);
+            if e > grad_err {
+                grad_err = e;
+                worst_name = name;
+            }
+        }
+        worst = worst.max(out_err).max(grad_err);
+        println!(
+            "  {:<9} forward err {:.2e}  grads ({}) max err {:.2e} [{}]  {kind} {:.2}+{:.2} ms  cpu {:.2}+{:.2} ms",
+            g.name,
+            out_err,
+            r.grads.len(),
+            grad_err,
+            worst_name,
+            g.forward_ms,
+            g.backward_ms,
+            r.forward_ms,
+            r.backward_ms,
+        );
+    }
+    ensure!(
+        worst <= args.tolerance,
+        "{kind} differs from the cpu by {worst:.2e} relative error (tolerance {:.0e})",
+        args.tolerance
+    );
+    println!("ok: {kind} matches the cpu within {:.0e} (worst {worst:.2e})", args.tolerance);
+    Ok(())
+}

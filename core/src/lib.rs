@@ -1,0 +1,13 @@
+//! clipa-core: CLIP training the CLIPA way, generic over Burn backends.
+//!
+//! Everything here is written against Burn's `Backend` / `AutodiffBackend`
+//! traits; concrete backends live in `clipa-backends`. The method follows
+//! "An Inverse Scaling Law for CLIP Training" (Li, Wang, Xie, NeurIPS 2023).
+
+pub mod error;
+pub mod nn;
+pub mod selftest;
+pub mod state;
+pub mod numeric;
+
+pub use error::{Error, Result};

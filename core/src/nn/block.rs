@@ -1,0 +1,150 @@
+//! The pre-LN transformer residual block (OpenCLIP `ResidualAttentionBlock`,
+//! nanoGPT `Block`): `x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))`.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::Tensor;
+use burn::tensor::activation::{gelu, gelu_approximate};
+use burn::tensor::backend::Backend;
+use serde::{Deserialize, Serialize};
+
+use super::{Attention, AttentionConfig};
+
+/// The MLP non-linearity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// Exact GELU, `x·Φ(x)` (OpenAI CLIP, OpenCLIP default, CLIPA torch).
+    #[default]
+    Gelu,
+    /// tanh-approximated GELU (CLIPA JAX / flax `nn.gelu`).
+    GeluTanh,
+}
+
+impl Activation {
+    /// Applies the activation element-wise.
+    pub fn forward<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            Self::Gelu => gelu(x),
+            Self::GeluTanh => gelu_approximate(x),
+        }
+    }
+}
+
+/// Configuration of [`ResidualBlock`].
+#[derive(Config, Debug)]
+pub struct ResidualBlockConfig {
+    /// Model width.
+    pub width: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Hidden width of the MLP.
+    pub mlp_width: usize,
+    /// MLP activation.
+    #[config(default = "Activation::Gelu")]
+    pub activation: Activation,
+    /// LayerNorm epsilon (1e-5 in PyTorch, 1e-6 in flax).
+    #[config(default = 1e-5)]
+    pub ln_eps: f64,
+}
+
+/// The two-layer MLP of a block: `c_proj(act(c_fc(x)))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// Expansion, `[width, mlp_width]`.
+    pub c_fc: Linear<B>,
+    /// Contraction, `[mlp_width, width]`.
+    pub c_proj: Linear<B>,
+    /// Non-linearity between them.
+    #[module(skip)]
+    pub activation: Activation,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// # Shapes
+    /// `[batch, tokens, width]` → `[batch, tokens, width]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let h = self.c_fc.forward(x); // [batch, tokens, mlp_width]
+        self.c_proj.forward(self.activation.forward(h))
+    }
+}
+
+/// A pre-LN transformer block.
+#[derive(Module, Debug)]
+pub struct ResidualBlock<B: Backend> {
+    /// Norm before attention.
+    pub ln_1: LayerNorm<B>,
+    /// Self-attention.
+    pub attn: Attention<B>,
+    /// Norm before the MLP.
+    pub ln_2: LayerNorm<B>,
+    /// The MLP.
+    pub mlp: Mlp<B>,
+}
+
+impl ResidualBlockConfig {
+    /// Builds the block.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> ResidualBlock<B> {
+        let ln = || {
+            LayerNormConfig::new(self.width)
+                .with_epsilon(self.ln_eps)
+                .init(device)
+        };
+        ResidualBlock {
+            ln_1: ln(),
+            attn: AttentionConfig::new(self.width, self.heads).init(device),
+            ln_2: ln(),
+            mlp: Mlp {
+                c_fc: LinearConfig::new(self.width, self.mlp_width).init(device),
+                c_proj: LinearConfig::new(self.mlp_width, self.width).init(device),
+                activation: self.activation,
+            },
+        }
+    }
+}
+
+impl<B: Backend> ResidualBlock<B> {
+    /// # Shapes
+    /// `[batch, tokens, width]` → `[batch, tokens, width]`
+    pub fn forward(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
+        let x = x.clone() + self.attn.forward(self.ln_1.forward(x), causal);
+        x.clone() + self.mlp.forward(self.ln_2.forward(x))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::numeric::{TestBackend, assert_close};
+    use burn::tensor::{Distribution, TensorData};
+
+    #[test]
+    fn gelu_variants_match_closed_forms() {
+        let device = Default::default();
+        let xs = [-3.0f32, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0];
+        let x = Tensor::<TestBackend, 1>::from_floats(xs, &device);
+        let exact = Activation::Gelu.forward(x.clone()).into_data();
+        let tanh = Activation::GeluTanh.forward(x).into_data();
+        // Reference values from torch.nn.functional.gelu(x, approximate=...)
+        let want_exact = [-0.004_049_7f32, -0.158_655_3, -0.154_268_5, 0.0, 0.345_731_5, 0.841_344_7, 2.995_950_3];
+        let want_tanh = [-0.003_637_4f32, -0.158_808, -0.154_285_9, 0.0, 0.345_714_1, 0.841_192, 2.996_362_7];
+        assert_close(&exact, &TensorData::from(want_exact), 1e-5, "gelu");
+        assert_close(&tanh, &TensorData::from(want_tanh), 1e-5, "gelu_tanh");
+    }
+
+    /// A block with zeroed output projections is the identity: the residual
+    /// path carries the input through untouched.
+    #[test]
+    fn zero_projections_give_identity() {
+        let device = Default::default();
+        let mut block = ResidualBlockConfig::new(8, 2, 32).init::<TestBackend>(&device);
+        block.attn.out.weight = block.attn.out.weight.map(|w| w.zeros_like());
+        block.attn.out.bias = block.attn.out.bias.map(|b| b.map(|b| b.zeros_like()));
+        block.mlp.c_proj.weight = block.mlp.c_proj.weight.map(|w| w.zeros_like());
+        block.mlp.c_proj.bias = block.mlp.c_proj.bias.map(|b| b.map(|b| b.zeros_like()));
+        let x = Tensor::<TestBackend, 3>::random([2, 3, 8], Distribution::Normal(0.0, 1.0), &device);
+        let y = block.forward(x.clone(), false);
+        assert_close(&y.into_data(), &x.into_data(), 1e-7, "identity block");
+    }
+}

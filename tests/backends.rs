@@ -1,0 +1,46 @@
+//! Cross-backend parity: the same weights and inputs on `wgpu` and on `cpu`
+//! give the same outputs and gradients, to 1e-4 relative L2 error.
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_block_matches_cpu() {
+    use clipa_backends::{CpuBackend, WgpuBackend, wgpu_device};
+    use clipa_core::numeric::relative_error;
+    use clipa_core::selftest::{self, SelfTestShape};
+
+    use crate::common::skip_or_fail;
+
+    let (device, info) = match wgpu_device(None) {
+        Ok(found) => found,
+        Err(err) => return skip_or_fail("wgpu_block_matches_cpu", &err.to_string()),
+    };
+    eprintln!("wgpu adapter: {info}");
+    let shape = SelfTestShape::default();
+    let got = selftest::run::<WgpuBackend>(&device, shape).expect("wgpu run");
+    let want = selftest::run::<CpuBackend>(&Default::default(), shape).expect("cpu run");
+    for (g, w) in got.iter().zip(&want) {
+        let e = relative_error(&g.output, &w.output);
+        assert!(e <= 1e-4, "{} output differs: {e:.2e}", g.name);
+        assert_eq!(g.grads.len(), w.grads.len(), "{}", g.name);
+        for (name, wg) in &w.grads {
+            let e = relative_error(&g.grads[name], wg);
+            assert!(e <= 1e-4, "{} grad {name} differs: {e:.2e}", g.name);
+        }
+        eprintln!("{}: wgpu vs cpu within 1e-4 ({} gradients)", g.name, w.grads.len());
+    }
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_check_command_passes() {
+    use crate::common::{clipa, skip_or_fail, text};
+
+    if let Err(err) = clipa_backends::probe(clipa_backends::BackendKind::Wgpu, None) {
+        return skip_or_fail("wgpu_check_command_passes", &err.to_string());
+    }
+    let out = clipa(&["--backend", "wgpu", "check"]);
+    let (stdout, stderr) = text(&out);
+    eprintln!("{stdout}");
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("ok: wgpu matches the cpu"), "{stdout}");
+}

@@ -1,0 +1,37 @@
+//! Helpers shared by the integration tests.
+
+use std::process::{Command, Output};
+
+/// Runs the `clipa` binary built for this test run.
+pub fn clipa(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_clipa"))
+        .args(args)
+        .env_remove("CLIPA_BACKEND")
+        .env_remove("CLIPA_DEVICE")
+        .output()
+        .expect("the clipa binary runs")
+}
+
+/// Stdout and stderr of a run, for assertion messages.
+pub fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Whether the run is under CI (`CI=true`), where a missing GPU adapter is
+/// a failure rather than a skip: a silently skipped WGPU test would hide a
+/// broken backend.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Called when a test needs a device that is not there: panics in CI,
+/// prints the reason and returns elsewhere.
+pub fn skip_or_fail(test: &str, reason: &str) {
+    if in_ci() {
+        panic!("{test}: no device under CI=true: {reason}");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+}

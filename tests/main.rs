@@ -1,0 +1,6 @@
+//! clipa's integration tests, one binary. Each module drives the real
+//! `clipa` binary or the public crates on tiny inputs.
+
+mod backends; // cross-backend parity: wgpu against cpu, outputs and gradients
+mod cli; // the binary: help, version, exit codes, `backends`, `check`
+mod common; // shared helpers: running the binary, GPU-or-skip policy
