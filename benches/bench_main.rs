@@ -4,6 +4,9 @@
 //!
 //! Run: `cargo bench -p clipa-cli --bench clipa [-- FILTER]`.
 
+// criterion_group! generates undocumented public items.
+#![allow(missing_docs)]
+
 use criterion::{Criterion, criterion_group, criterion_main};
 
 mod block;

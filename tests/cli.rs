@@ -13,7 +13,10 @@ fn help_and_version() {
     }
     let out = clipa(&["--version"]);
     let (stdout, _) = text(&out);
-    assert_eq!(stdout.trim(), format!("clipa {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        stdout.trim(),
+        format!("clipa {}", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[test]
@@ -71,7 +74,10 @@ fn cpu_check_passes() {
     let out = clipa(&["--backend", "cpu", "check", "--batch", "2", "--tokens", "5"]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("attention") && stdout.contains("block"), "{stdout}");
+    assert!(
+        stdout.contains("attention") && stdout.contains("block"),
+        "{stdout}"
+    );
     assert!(stdout.contains("ok: cpu matches the cpu"), "{stdout}");
 }
 
@@ -80,5 +86,8 @@ fn check_rejects_inconsistent_shapes() {
     let out = clipa(&["check", "--width", "10", "--heads", "4"]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(2));
-    assert_eq!(stderr.trim(), "error: --width 10 is not a multiple of --heads 4");
+    assert_eq!(
+        stderr.trim(),
+        "error: --width 10 is not a multiple of --heads 4"
+    );
 }

@@ -10,7 +10,7 @@ pub type Backend = burn::backend::Autodiff<burn::backend::Flex>;
 /// The CPU has one device, index 0.
 pub fn select(
     index: Option<usize>,
-) -> Result<(<Backend as burn::tensor::backend::Backend>::Device, DeviceInfo), BackendError> {
+) -> Result<(burn::tensor::Device<Backend>, DeviceInfo), BackendError> {
     match index.unwrap_or(0) {
         0 => Ok((
             Default::default(),

@@ -29,7 +29,8 @@ fn driver_present() -> bool {
 pub fn select(index: Option<usize>) -> Result<(CudaDevice, DeviceInfo), BackendError> {
     if !driver_present() {
         return Err(no_device(
-            "the NVIDIA driver library (libcuda.so) was not found; install the NVIDIA driver".into(),
+            "the NVIDIA driver library (libcuda.so) was not found; install the NVIDIA driver"
+                .into(),
         ));
     }
     let count = CudaContext::device_count()

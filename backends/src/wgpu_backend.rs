@@ -70,7 +70,10 @@ pub fn select(index: Option<usize>) -> Result<(WgpuDevice, DeviceInfo), BackendE
         Some(i) => {
             return Err(BackendError::NoDevice {
                 kind: BackendKind::Wgpu,
-                reason: format!("device {i} asked for, but only {} adapter(s) found", all.len()),
+                reason: format!(
+                    "device {i} asked for, but only {} adapter(s) found",
+                    all.len()
+                ),
             });
         }
         None => (0..all.len())
@@ -91,14 +94,20 @@ pub fn select(index: Option<usize>) -> Result<(WgpuDevice, DeviceInfo), BackendE
         _ => {
             return Err(BackendError::NoDevice {
                 kind: BackendKind::Wgpu,
-                reason: format!("adapter {index} ({}) cannot be addressed by Burn", chosen.name),
+                reason: format!(
+                    "adapter {index} ({}) cannot be addressed by Burn",
+                    chosen.name
+                ),
             });
         }
     };
     let info = DeviceInfo {
         kind: BackendKind::Wgpu,
         index,
-        name: format!("{} [{:?}, {}]", chosen.name, chosen.device_type, chosen.driver),
+        name: format!(
+            "{} [{:?}, {}]",
+            chosen.name, chosen.device_type, chosen.driver
+        ),
     };
     Ok((device, info))
 }

@@ -5,9 +5,11 @@
 //! "An Inverse Scaling Law for CLIP Training" (Li, Wang, Xie, NeurIPS 2023).
 
 pub mod error;
+pub mod io;
+pub mod model;
 pub mod nn;
+pub mod numeric;
 pub mod selftest;
 pub mod state;
-pub mod numeric;
 
 pub use error::{Error, Result};

@@ -10,8 +10,8 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 
 use crate::nn::{AttentionConfig, ResidualBlockConfig};
-use crate::state::{StateDict, grads_dict, load_state_dict, state_dict};
 use crate::numeric::normal_data;
+use crate::state::{StateDict, grads_dict, load_state_dict, state_dict};
 use crate::{Error, Result};
 
 /// Sizes of the self-test: small enough for a software GPU, large enough to
@@ -56,7 +56,10 @@ pub struct PartResult {
 }
 
 /// Runs attention and block forward and backward on `device`.
-pub fn run<B: AutodiffBackend>(device: &B::Device, shape: SelfTestShape) -> Result<Vec<PartResult>> {
+pub fn run<B: AutodiffBackend>(
+    device: &B::Device,
+    shape: SelfTestShape,
+) -> Result<Vec<PartResult>> {
     let SelfTestShape {
         batch,
         tokens,
@@ -69,7 +72,9 @@ pub fn run<B: AutodiffBackend>(device: &B::Device, shape: SelfTestShape) -> Resu
     let block = randomise(block, 2)?;
     let input = normal_data([batch, tokens, width], 3, 1.0);
     Ok(vec![
-        part("attention", &attn, &input, device, |m, x| m.forward(x, true))?,
+        part("attention", &attn, &input, device, |m, x| {
+            m.forward(x, true)
+        })?,
         part("block", &block, &input, device, |m, x| m.forward(x, false))?,
     ])
 }

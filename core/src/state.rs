@@ -110,7 +110,8 @@ impl<B: Backend> ModuleVisitor<B> for Collector {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        self.out.insert(self.path.join("."), param.val().into_data());
+        self.out
+            .insert(self.path.join("."), param.val().into_data());
     }
 }
 

@@ -2,11 +2,11 @@
 //! and residual block forward and backward on it and on the CPU, from the
 //! same weights and inputs, and comparing every output and gradient.
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use burn::tensor::backend::AutodiffBackend;
 use clipa_backends::{BackendJob, BackendKind, DeviceInfo};
+use clipa_core::numeric::{compare_sets, relative_error};
 use clipa_core::selftest::{self, PartResult, SelfTestShape};
-use clipa_core::numeric::relative_error;
 
 use crate::args::CheckArgs;
 
@@ -33,7 +33,10 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &CheckArgs) -> anyhow
         args.width,
         args.heads
     );
-    ensure!(args.batch > 0 && args.tokens > 0, "--batch and --tokens must be positive");
+    ensure!(
+        args.batch > 0 && args.tokens > 0,
+        "--batch and --tokens must be positive"
+    );
     let shape = SelfTestShape {
         batch: args.batch,
         tokens: args.tokens,
@@ -50,18 +53,13 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &CheckArgs) -> anyhow
     let mut worst: f64 = 0.0;
     for (g, r) in got.iter().zip(&reference) {
         let out_err = relative_error(&g.output, &r.output);
-        let mut grad_err: f64 = 0.0;
-        let mut worst_name = "";
-        for (name, grad) in &r.grads {
-            let Some(other) = g.grads.get(name) else {
-                bail!("{}: no gradient for {name} on {kind}", g.name);
-            };
-            let e = relative_error(other, grad);
-            if e > grad_err {
-                grad_err = e;
-                worst_name = name;
-            }
-        }
+        let errs = compare_sets(&g.grads, &r.grads)
+            .map_err(|name| anyhow::anyhow!("{}: no gradient for {name} on {kind}", g.name))?;
+        let (worst_name, grad_err) =
+            errs.into_iter().fold(
+                ("", 0.0f64),
+                |acc, (n, e)| if e > acc.1 { (n, e) } else { acc },
+            );
         worst = worst.max(out_err).max(grad_err);
         println!(
             "  {:<9} forward err {:.2e}  grads ({}) max err {:.2e} [{}]  {kind} {:.2}+{:.2} ms  cpu {:.2}+{:.2} ms",
@@ -81,6 +79,9 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &CheckArgs) -> anyhow
         "{kind} differs from the cpu by {worst:.2e} relative error (tolerance {:.0e})",
         args.tolerance
     );
-    println!("ok: {kind} matches the cpu within {:.0e} (worst {worst:.2e})", args.tolerance);
+    println!(
+        "ok: {kind} matches the cpu within {:.0e} (worst {worst:.2e})",
+        args.tolerance
+    );
     Ok(())
 }

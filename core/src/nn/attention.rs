@@ -95,7 +95,8 @@ mod tests {
     fn matches_explicit_softmax_attention() {
         let device = Default::default();
         let attn = AttentionConfig::new(8, 2).init::<TestBackend>(&device);
-        let x = Tensor::<TestBackend, 3>::random([2, 5, 8], Distribution::Normal(0.0, 1.0), &device);
+        let x =
+            Tensor::<TestBackend, 3>::random([2, 5, 8], Distribution::Normal(0.0, 1.0), &device);
         for causal in [false, true] {
             let got = attn.forward(x.clone(), causal);
             let split = |t: Tensor<TestBackend, 3>| t.reshape([2, 5, 2, 4]).swap_dims(1, 2);
@@ -104,11 +105,15 @@ mod tests {
             let v = split(attn.value.forward(x.clone()));
             let mut scores = q.matmul(k.swap_dims(2, 3)) / 2.0; // √4
             if causal {
-                let mask = Tensor::<TestBackend, 2, burn::tensor::Bool>::tril_mask([5, 5], 0, &device)
-                    .unsqueeze::<4>();
+                let mask =
+                    Tensor::<TestBackend, 2, burn::tensor::Bool>::tril_mask([5, 5], 0, &device)
+                        .unsqueeze::<4>();
                 scores = scores.mask_fill(mask, f32::NEG_INFINITY);
             }
-            let y = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([2, 5, 8]);
+            let y = softmax(scores, 3)
+                .matmul(v)
+                .swap_dims(1, 2)
+                .reshape([2, 5, 8]);
             let want = attn.out.forward(y);
             assert_close(&got.into_data(), &want.into_data(), 1e-5, "attention");
         }
@@ -120,14 +125,24 @@ mod tests {
     fn causal_mask_hides_the_future() {
         let device = Default::default();
         let attn = AttentionConfig::new(8, 2).init::<TestBackend>(&device);
-        let x = Tensor::<TestBackend, 3>::random([1, 4, 8], Distribution::Normal(0.0, 1.0), &device);
-        let tail = Tensor::<TestBackend, 3>::random([1, 3, 8], Distribution::Normal(0.0, 1.0), &device);
+        let x =
+            Tensor::<TestBackend, 3>::random([1, 4, 8], Distribution::Normal(0.0, 1.0), &device);
+        let tail =
+            Tensor::<TestBackend, 3>::random([1, 3, 8], Distribution::Normal(0.0, 1.0), &device);
         let x2 = Tensor::cat(vec![x.clone().narrow(1, 0, 1), tail], 1);
         let a = attn.forward(x, true).narrow(1, 0, 1);
         let b = attn.forward(x2.clone(), true).narrow(1, 0, 1);
-        assert_close(&a.into_data(), &b.into_data(), 1e-6, "causal first token");
+        assert_close(
+            &a.into_data(),
+            &b.clone().into_data(),
+            1e-6,
+            "causal first token",
+        );
         let c = attn.forward(x2, false).narrow(1, 0, 1);
         let diff = (b - c).abs().max().into_scalar();
-        assert!(diff > 1e-4, "bidirectional attention must see the future (diff {diff})");
+        assert!(
+            diff > 1e-4,
+            "bidirectional attention must see the future (diff {diff})"
+        );
     }
 }

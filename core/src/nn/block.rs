@@ -127,8 +127,24 @@ mod tests {
         let exact = Activation::Gelu.forward(x.clone()).into_data();
         let tanh = Activation::GeluTanh.forward(x).into_data();
         // Reference values from torch.nn.functional.gelu(x, approximate=...)
-        let want_exact = [-0.004_049_7f32, -0.158_655_3, -0.154_268_5, 0.0, 0.345_731_5, 0.841_344_7, 2.995_950_3];
-        let want_tanh = [-0.003_637_4f32, -0.158_808, -0.154_285_9, 0.0, 0.345_714_1, 0.841_192, 2.996_362_7];
+        let want_exact = [
+            -0.004_049_7f32,
+            -0.158_655_3,
+            -0.154_268_5,
+            0.0,
+            0.345_731_5,
+            0.841_344_7,
+            2.995_950_3,
+        ];
+        let want_tanh = [
+            -0.003_637_4f32,
+            -0.158_808,
+            -0.154_285_9,
+            0.0,
+            0.345_714_1,
+            0.841_192,
+            2.996_362_7,
+        ];
         assert_close(&exact, &TensorData::from(want_exact), 1e-5, "gelu");
         assert_close(&tanh, &TensorData::from(want_tanh), 1e-5, "gelu_tanh");
     }
@@ -143,7 +159,8 @@ mod tests {
         block.attn.out.bias = block.attn.out.bias.map(|b| b.map(|b| b.zeros_like()));
         block.mlp.c_proj.weight = block.mlp.c_proj.weight.map(|w| w.zeros_like());
         block.mlp.c_proj.bias = block.mlp.c_proj.bias.map(|b| b.map(|b| b.zeros_like()));
-        let x = Tensor::<TestBackend, 3>::random([2, 3, 8], Distribution::Normal(0.0, 1.0), &device);
+        let x =
+            Tensor::<TestBackend, 3>::random([2, 3, 8], Distribution::Normal(0.0, 1.0), &device);
         let y = block.forward(x.clone(), false);
         assert_close(&y.into_data(), &x.into_data(), 1e-7, "identity block");
     }

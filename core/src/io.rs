@@ -1,0 +1,146 @@
+//! safetensors reading and writing for state dicts. Only safetensors is
+//! loaded: pickle files run code when unpickled.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::tensor::{DType, TensorData};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+
+use crate::state::StateDict;
+use crate::{Error, Result};
+
+/// A state dict and the file's free-form metadata.
+#[derive(Debug, Default)]
+pub struct TensorFile {
+    /// The tensors, as f32 (f16 and bf16 are widened), or i64/i32 ids.
+    pub tensors: StateDict,
+    /// The `__metadata__` map.
+    pub metadata: HashMap<String, String>,
+}
+
+fn format_err(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Format {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Reads a safetensors file.
+pub fn read_safetensors(path: &Path) -> Result<TensorFile> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| format_err(path, format!("not a safetensors file: {e}")))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| format_err(path, format!("bad safetensors header: {e}")))?;
+    let mut tensors = StateDict::new();
+    for (name, view) in st.tensors() {
+        let dtype = match view.dtype() {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            Dtype::F64 => DType::F64,
+            Dtype::I64 => DType::I64,
+            Dtype::I32 => DType::I32,
+            other => {
+                return Err(format_err(
+                    path,
+                    format!("tensor {name} has unsupported dtype {other:?}"),
+                ));
+            }
+        };
+        let data = TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), dtype);
+        let data = match dtype {
+            DType::F16 | DType::BF16 | DType::F64 => data.convert::<f32>(),
+            _ => data,
+        };
+        tensors.insert(name, data);
+    }
+    Ok(TensorFile {
+        tensors,
+        metadata: meta.metadata().clone().unwrap_or_default(),
+    })
+}
+
+/// Writes a safetensors file atomically: a temporary file in the same
+/// folder, then a rename, so a crash never leaves a half-written file.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &StateDict,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, data) in tensors {
+        let dtype = match data.dtype {
+            DType::F32 => Dtype::F32,
+            DType::I64 => Dtype::I64,
+            DType::I32 => Dtype::I32,
+            other => {
+                return Err(format_err(
+                    path,
+                    format!("cannot write tensor {name} of dtype {other:?}"),
+                ));
+            }
+        };
+        let view = TensorView::new(dtype, data.shape.to_vec(), data.as_bytes())
+            .map_err(|e| format_err(path, format!("tensor {name}: {e}")))?;
+        views.push((name.as_str(), view));
+    }
+    let meta = (!metadata.is_empty()).then_some(metadata);
+    let bytes = safetensors::serialize(views, meta).map_err(|e| format_err(path, e.to_string()))?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_keeps_bits_and_metadata() {
+        let dir = std::env::temp_dir().join(format!("clipa-io-{}", std::process::id()));
+        let path = dir.join("t.safetensors");
+        let mut sd = StateDict::new();
+        sd.insert(
+            "a.b".into(),
+            TensorData::new(vec![1.5f32, -0.0, f32::MIN_POSITIVE], [3]),
+        );
+        sd.insert(
+            "scalar".into(),
+            TensorData::new(vec![2.0f32], Vec::<usize>::new()),
+        );
+        sd.insert("ids".into(), TensorData::new(vec![1i64, 2, 3, 4], [2, 2]));
+        let meta = HashMap::from([("k".to_string(), "v".to_string())]);
+        write_safetensors(&path, &sd, meta.clone()).unwrap();
+        let back = read_safetensors(&path).unwrap();
+        assert_eq!(back.tensors, sd);
+        assert_eq!(back.metadata, meta);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn garbage_is_a_named_format_error() {
+        let dir = std::env::temp_dir().join(format!("clipa-io-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("x.safetensors");
+        std::fs::write(&path, b"not a tensor file").unwrap();
+        let err = read_safetensors(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("x.safetensors") && err.contains("not a safetensors file"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(dir).ok();
+    }
+}

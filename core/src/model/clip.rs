@@ -1,0 +1,112 @@
+//! The two-tower CLIP model: encoders, normalised features, the learned
+//! temperature and the image–text logits (OpenCLIP `model.py::CLIP`).
+
+use burn::module::{Module, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+
+use super::config::ClipConfig;
+use super::text::TextTransformer;
+use super::trace::Trace;
+use super::vision::VisionTransformer;
+
+/// A CLIP model.
+#[derive(Module, Debug)]
+pub struct ClipModel<B: Backend> {
+    /// Image tower.
+    pub visual: VisionTransformer<B>,
+    /// Text tower.
+    pub text: TextTransformer<B>,
+    /// Log temperature `[1]`; logits are scaled by its exponential.
+    pub logit_scale: Param<Tensor<B, 1>>,
+    /// The architecture.
+    #[module(skip)]
+    pub config: ClipConfig,
+}
+
+impl ClipConfig {
+    /// Builds the model. Call [`ClipConfig::validate`] first.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> ClipModel<B> {
+        ClipModel {
+            visual: self.vision.init(self.embed_dim, device),
+            text: self.text.init(self.embed_dim, device),
+            logit_scale: Param::from_tensor(Tensor::from_floats(
+                [self.init_logit_scale as f32],
+                device,
+            )),
+            config: self.clone(),
+        }
+    }
+}
+
+/// L2-normalises rows as `F.normalize` does: `x / max(‖x‖, 1e-12)`.
+///
+/// # Shapes
+/// `[batch, dim]` → `[batch, dim]`
+pub fn l2_normalize<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let norm = x.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12); // [batch, 1]
+    x / norm
+}
+
+impl<B: Backend> ClipModel<B> {
+    /// Raw image embeddings `[batch, embed_dim]`; see
+    /// [`VisionTransformer::forward`] for `keep`.
+    pub fn encode_image(
+        &self,
+        images: Tensor<B, 4>,
+        keep: Option<Tensor<B, 2, Int>>,
+    ) -> Tensor<B, 2> {
+        self.visual.forward(images, keep)
+    }
+
+    /// Raw text embeddings `[batch, embed_dim]`.
+    pub fn encode_text(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        self.text.forward(ids)
+    }
+
+    /// `exp(logit_scale)` as a `[1]` tensor.
+    pub fn temperature(&self) -> Tensor<B, 1> {
+        self.logit_scale.val().exp()
+    }
+
+    /// Normalised image and text features and `logits_per_image`
+    /// `[images, texts]` = exp(logit_scale) · img · txtᵀ.
+    pub fn forward(
+        &self,
+        images: Tensor<B, 4>,
+        keep: Option<Tensor<B, 2, Int>>,
+        ids: Tensor<B, 2, Int>,
+        trace: &mut Trace,
+    ) -> ClipOutput<B> {
+        let image = l2_normalize(self.visual.forward_traced(images, keep, trace));
+        let text = l2_normalize(self.text.forward_traced(ids, trace));
+        let logits =
+            image.clone().matmul(text.clone().transpose()) * self.temperature().unsqueeze::<2>();
+        ClipOutput {
+            image_features: image,
+            text_features: text,
+            logits_per_image: logits,
+        }
+    }
+
+    /// Returns the model re-based at a new image size and context length
+    /// (between training stages).
+    pub fn resize(mut self, image_size: usize, context_length: usize) -> Self {
+        self.visual = self.visual.resize_image(image_size);
+        self.text = self.text.resize_context(context_length);
+        self.config.vision.image_size = image_size;
+        self.config.text.context_length = context_length;
+        self
+    }
+}
+
+/// What [`ClipModel::forward`] returns.
+#[derive(Debug, Clone)]
+pub struct ClipOutput<B: Backend> {
+    /// `[images, embed_dim]`, unit rows.
+    pub image_features: Tensor<B, 2>,
+    /// `[texts, embed_dim]`, unit rows.
+    pub text_features: Tensor<B, 2>,
+    /// `[images, texts]`.
+    pub logits_per_image: Tensor<B, 2>,
+}

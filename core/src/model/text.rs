@@ -1,0 +1,129 @@
+//! The text transformer (OpenCLIP `transformer.py::TextTransformer`, CLIPA
+//! `text_transformer.py`): token + position embedding → pre-LN blocks
+//! (causal or bidirectional) → `ln_final` → pool → projection.
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Int, Tensor, TensorData};
+
+use super::config::{TextConfig, TextPool};
+use super::posemb::resize_linear;
+use super::trace::Trace;
+use crate::nn::{ResidualBlock, ResidualBlockConfig};
+
+/// The text tower.
+#[derive(Module, Debug)]
+pub struct TextTransformer<B: Backend> {
+    /// Token table `[vocab, width]`.
+    pub token_embedding: Embedding<B>,
+    /// Position table `[context_length, width]`.
+    pub positional_embedding: Param<Tensor<B, 2>>,
+    /// Residual blocks.
+    pub blocks: Vec<ResidualBlock<B>>,
+    /// Final LayerNorm over every token.
+    pub ln_final: LayerNorm<B>,
+    /// Output projection `[width, embed_dim]`, applied as `x @ proj`.
+    pub text_projection: Param<Tensor<B, 2>>,
+    /// The architecture, at the length of `positional_embedding`.
+    #[module(skip)]
+    pub config: TextConfig,
+}
+
+impl TextConfig {
+    /// Builds the tower with OpenCLIP's text init (`CLIP.init_parameters`):
+    /// tokens N(0, 0.02²), positions N(0, 0.01²), projection N(0, 1/width).
+    pub fn init<B: Backend>(&self, embed_dim: usize, device: &B::Device) -> TextTransformer<B> {
+        let w = self.width;
+        let block = ResidualBlockConfig::new(w, self.heads, self.mlp_width)
+            .with_activation(self.activation)
+            .with_ln_eps(self.ln_eps);
+        TextTransformer {
+            token_embedding: EmbeddingConfig::new(self.vocab_size, w)
+                .with_initializer(Initializer::Normal {
+                    mean: 0.0,
+                    std: 0.02,
+                })
+                .init(device),
+            positional_embedding: Param::from_tensor(Tensor::random(
+                [self.context_length, w],
+                Distribution::Normal(0.0, 0.01),
+                device,
+            )),
+            blocks: (0..self.layers).map(|_| block.init(device)).collect(),
+            ln_final: LayerNormConfig::new(w)
+                .with_epsilon(self.ln_eps)
+                .init(device),
+            text_projection: Param::from_tensor(Tensor::random(
+                [w, embed_dim],
+                Distribution::Normal(0.0, (w as f64).powf(-0.5)),
+                device,
+            )),
+            config: self.clone(),
+        }
+    }
+}
+
+impl<B: Backend> TextTransformer<B> {
+    /// Encodes token ids into (unnormalised) embeddings. Any length up to
+    /// the context length works; positions are the first `len` rows.
+    ///
+    /// # Shapes
+    /// - `ids`: `[batch, len]`
+    /// - output: `[batch, embed_dim]`
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        self.forward_traced(ids, &mut Trace::off())
+    }
+
+    /// [`Self::forward`], recording named activations into `trace`.
+    pub fn forward_traced(&self, ids: Tensor<B, 2, Int>, trace: &mut Trace) -> Tensor<B, 2> {
+        let [batch, len] = ids.dims();
+        let w = self.config.width;
+        assert!(
+            len >= 1 && len <= self.config.context_length,
+            "text length {len} outside 1..={}",
+            self.config.context_length
+        );
+        let x = self.token_embedding.forward(ids.clone()); // [batch, len, width]
+        trace.record("token_embedding", || x.clone());
+        let pos = self.positional_embedding.val().narrow(0, 0, len); // [len, width]
+        let mut x = x + pos.unsqueeze::<3>();
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(x, self.config.causal);
+            trace.record(&format!("text.block{i}"), || x.clone());
+        }
+        let x = self.ln_final.forward(x);
+        trace.record("ln_final", || x.clone());
+        let pooled = match self.config.pool {
+            TextPool::Last => x.narrow(1, len - 1, 1),
+            TextPool::First => x.narrow(1, 0, 1),
+            TextPool::Argmax => {
+                let idx = ids.argmax(1); // [batch, 1]
+                let idx = idx.reshape([batch, 1, 1]).expand([batch, 1, w]);
+                x.gather(1, idx) // [batch, 1, width]
+            }
+        };
+        pooled
+            .reshape([batch, w])
+            .matmul(self.text_projection.val())
+    }
+
+    /// Returns the tower re-based at a new context length, the learned
+    /// positions resized linearly (OpenCLIP `resize_text_pos_embed`). Used
+    /// between training stages, e.g. 8 → 32 tokens.
+    pub fn resize_context(mut self, context_length: usize) -> Self {
+        let old = self.config.context_length;
+        if context_length != old {
+            let w = self.config.width;
+            let table = self.positional_embedding.val();
+            let device = table.device();
+            let host = table.into_data().convert::<f32>();
+            let host = host.as_slice::<f32>().expect("f32 table");
+            let resized = resize_linear(host, old, w, context_length);
+            let data = TensorData::new(resized, [context_length, w]);
+            self.positional_embedding = Param::from_tensor(Tensor::from_data(data, &device));
+            self.config.context_length = context_length;
+        }
+        self
+    }
+}
