@@ -4,3 +4,5 @@
 mod backends; // cross-backend parity: wgpu against cpu, outputs and gradients
 mod cli; // the binary: help, version, exit codes, `backends`, `check`
 mod common; // shared helpers: running the binary, GPU-or-skip policy
+mod interop; // import-openclip / export-openclip / embed / models through the binary
+mod parity; // OpenCLIP fixtures: features, logits, activations, loss, gradients

@@ -1,6 +1,8 @@
 //! Command-line flags. Global flags select the backend and the log level;
 //! each subcommand has its own struct.
 
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand};
 use clipa_backends::BackendKind;
 
@@ -34,6 +36,76 @@ pub enum Command {
     /// Self-test the selected backend: attention and a residual block,
     /// forward and backward, compared with the CPU.
     Check(CheckArgs),
+    /// List the model presets with parameter counts and GFLOPs per sample.
+    Models(ModelsArgs),
+    /// Convert OpenCLIP weights (safetensors) into a clipa checkpoint folder.
+    ImportOpenclip(ImportArgs),
+    /// Write a clipa checkpoint as OpenCLIP weights (safetensors) and config.
+    ExportOpenclip(ExportArgs),
+    /// Compute L2-normalised image embeddings with a checkpoint.
+    Embed(EmbedArgs),
+}
+
+/// Flags of `clipa models`.
+#[derive(Debug, clap::Args)]
+pub struct ModelsArgs {
+    /// Count at this image size instead of each preset's default.
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Count at this text length instead of each preset's context length.
+    #[arg(long)]
+    pub text_len: Option<usize>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `clipa import-openclip`.
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// OpenCLIP state dict as safetensors (pickle files are refused).
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// OpenCLIP model-config JSON (`embed_dim`, `vision_cfg`, `text_cfg`).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Checkpoint folder to write.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Flags of `clipa export-openclip`.
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// clipa checkpoint folder.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// OpenCLIP safetensors file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also write the OpenCLIP model-config JSON here.
+    #[arg(long)]
+    pub config_out: Option<PathBuf>,
+    /// Nest the text tower under `text.` (OpenCLIP `CustomTextCLIP`).
+    #[arg(long)]
+    pub custom_text: bool,
+}
+
+/// Flags of `clipa embed`.
+#[derive(Debug, clap::Args)]
+pub struct EmbedArgs {
+    /// clipa checkpoint folder.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Image files, or folders of PNG/JPEG files.
+    #[arg(long, num_args = 1.., required = true)]
+    pub images: Vec<PathBuf>,
+    /// safetensors file to write (`image_features` [N, D]; names in metadata).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
 }
 
 /// Flags of `clipa check`.

@@ -4,11 +4,15 @@
 //! traits; concrete backends live in `clipa-backends`. The method follows
 //! "An Inverse Scaling Law for CLIP Training" (Li, Wang, Xie, NeurIPS 2023).
 
+pub mod checkpoint;
 pub mod error;
 pub mod io;
+pub mod loss;
 pub mod model;
 pub mod nn;
 pub mod numeric;
+pub mod openclip;
+pub mod preprocess;
 pub mod selftest;
 pub mod state;
 

@@ -3,6 +3,9 @@
 
 mod backends;
 mod check;
+mod embed;
+mod interop;
+mod models;
 
 use crate::args::{Args, Command};
 
@@ -11,5 +14,9 @@ pub fn dispatch(args: &Args) -> anyhow::Result<()> {
     match &args.command {
         Command::Backends => backends::run(),
         Command::Check(check) => check::run(args.backend, args.device, check),
+        Command::Models(models) => models::run(models),
+        Command::ImportOpenclip(import) => interop::import(import),
+        Command::ExportOpenclip(export) => interop::export(export),
+        Command::Embed(embed) => embed::run(args.backend, args.device, embed),
     }
 }

@@ -5,7 +5,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::Tensor;
-use burn::tensor::activation::{gelu, gelu_approximate};
+use burn::tensor::activation::{gelu_approximate, sigmoid};
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 
@@ -20,14 +20,22 @@ pub enum Activation {
     Gelu,
     /// tanh-approximated GELU (CLIPA JAX / flax `nn.gelu`).
     GeluTanh,
+    /// `x·σ(1.702x)`, the activation of OpenAI's released CLIP weights
+    /// (OpenCLIP `quick_gelu`).
+    QuickGelu,
 }
 
 impl Activation {
     /// Applies the activation element-wise.
     pub fn forward<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
-            Self::Gelu => gelu(x),
+            // Composed from erf rather than Burn's fused `gelu`: in Burn 0.21
+            // the CubeCL (wgpu) backward of the fused op is off by ~4e-4
+            // relative error, while erf's own backward is exact to f32
+            // (tests/backends.rs::activations_match_cpu_on_wgpu).
+            Self::Gelu => (x.clone() * ((x * std::f64::consts::FRAC_1_SQRT_2).erf() + 1.0)) * 0.5,
             Self::GeluTanh => gelu_approximate(x),
+            Self::QuickGelu => x.clone() * sigmoid(x * 1.702),
         }
     }
 }
@@ -125,6 +133,8 @@ mod tests {
         let xs = [-3.0f32, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0];
         let x = Tensor::<TestBackend, 1>::from_floats(xs, &device);
         let exact = Activation::Gelu.forward(x.clone()).into_data();
+        let fused = burn::tensor::activation::gelu(x.clone()).into_data();
+        assert_close(&exact, &fused, 1e-6, "composed vs fused gelu");
         let tanh = Activation::GeluTanh.forward(x).into_data();
         // Reference values from torch.nn.functional.gelu(x, approximate=...)
         let want_exact = [

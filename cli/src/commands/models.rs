@@ -1,0 +1,69 @@
+//! `clipa models`: the presets, their size and cost per sample.
+
+use clipa_core::model::ClipConfig;
+use clipa_core::model::config::PRESETS;
+
+use crate::args::ModelsArgs;
+
+/// Prints the preset table (or JSON).
+pub fn run(args: &ModelsArgs) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for name in PRESETS {
+        let cfg = ClipConfig::preset(name)?;
+        let image = args.image_size.unwrap_or(cfg.vision.image_size);
+        anyhow::ensure!(
+            image % cfg.vision.patch_size == 0,
+            "--image-size {image} is not a multiple of {name}'s patch size {}",
+            cfg.vision.patch_size
+        );
+        let text = args.text_len.unwrap_or(cfg.text.context_length);
+        let patches = (image / cfg.vision.patch_size).pow(2);
+        let f = cfg.flops(patches, text);
+        rows.push(serde_json::json!({
+            "name": name,
+            "params_m": cfg.num_params() as f64 / 1e6,
+            "image_size": image,
+            "patch_size": cfg.vision.patch_size,
+            "image_tokens": patches,
+            "text_tokens": text,
+            "image_gflops": f.image as f64 / 1e9,
+            "text_gflops": f.text as f64 / 1e9,
+            "total_gflops": f.forward() as f64 / 1e9,
+            "train_gflops": f.train() as f64 / 1e9,
+        }));
+    }
+    if args.json {
+        println!("{}", serde_json::json!({ "models": rows }));
+        return Ok(());
+    }
+    println!(
+        "{:<11} {:>9} {:>6} {:>7} {:>5} {:>9} {:>8} {:>9} {:>10}",
+        "model",
+        "params(M)",
+        "image",
+        "patches",
+        "text",
+        "img GFLOP",
+        "txt GFLOP",
+        "fwd GFLOP",
+        "train GFLOP"
+    );
+    for r in rows {
+        println!(
+            "{:<11} {:>9.2} {:>6} {:>7} {:>5} {:>9.2} {:>8.2} {:>9.2} {:>10.2}",
+            r["name"].as_str().unwrap_or_default(),
+            r["params_m"].as_f64().unwrap_or_default(),
+            r["image_size"],
+            r["image_tokens"],
+            r["text_tokens"],
+            r["image_gflops"].as_f64().unwrap_or_default(),
+            r["text_gflops"].as_f64().unwrap_or_default(),
+            r["total_gflops"].as_f64().unwrap_or_default(),
+            r["train_gflops"].as_f64().unwrap_or_default(),
+        );
+    }
+    println!(
+        "GFLOPs per image–text pair, forward (2 × multiply-adds of matrix products); training ≈ 3× forward."
+    );
+    Ok(())
+}
