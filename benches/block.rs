@@ -2,8 +2,10 @@
 //! blocks at `bench-tiny` width) on every compiled backend. This is the
 //! measurement behind the CPU backend choice in `docs/BENCHMARKS.md`.
 //!
-//! FLOPs per step, width w=256, tokens t=65, batch b=16, 4 blocks:
-//! forward ≈ 4·b·(24·t·w² + 4·t²·w) ≈ 4.4 GFLOP, training ≈ 3× = 13 GFLOP.
+//! FLOPs per step (2 × multiply-adds of the matrix products), width
+//! w = 256, MLP 4w, 4 blocks, batch b = 16:
+//! forward = 2·4·b·(12·t·w² + 2·t²·w); t = 65: 6.82 GFLOP, t = 17:
+//! 1.73 GFLOP; forward + backward ≈ 3× that (20.5 and 5.2 GFLOP).
 
 use std::time::{Duration, Instant};
 
@@ -73,5 +75,13 @@ pub fn bench(c: &mut Criterion) {
             bench_backend::<clipa_backends::WgpuBackend>(c, "wgpu", device);
         }
         Err(err) => eprintln!("skipping wgpu benches: {err}"),
+    }
+    #[cfg(feature = "cuda")]
+    match clipa_backends::cuda_device(None) {
+        Ok((device, info)) => {
+            eprintln!("cuda bench on {info}");
+            bench_backend::<clipa_backends::CudaBackend>(c, "cuda", device);
+        }
+        Err(err) => eprintln!("skipping cuda benches: {err}"),
     }
 }

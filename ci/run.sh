@@ -39,6 +39,10 @@ cargo check --workspace --features cuda
 step "tests (the README's test command)"
 bash ci/test.sh
 
+step "the WGPU adapter the tests ran on, and the self-test through the binary"
+"$CARGO_TARGET_DIR/release/clipa" backends
+"$CARGO_TARGET_DIR/release/clipa" --backend wgpu check
+
 step "benches compile"
 cargo bench --workspace --no-run
 

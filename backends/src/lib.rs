@@ -177,3 +177,15 @@ pub fn wgpu_device(
 ) -> Result<(burn::backend::wgpu::WgpuDevice, DeviceInfo), BackendError> {
     wgpu_backend::select(index)
 }
+
+/// The CUDA backend type.
+#[cfg(feature = "cuda")]
+pub type CudaBackend = cuda::Backend;
+
+/// Resolves the CUDA device, for benches that drive the backend directly.
+#[cfg(feature = "cuda")]
+pub fn cuda_device(
+    index: Option<usize>,
+) -> Result<(burn::backend::cuda::CudaDevice, DeviceInfo), BackendError> {
+    cuda::select(index)
+}

@@ -40,9 +40,8 @@ pub fn center_crop_normalized(img: &RgbImage, size: usize, norm: &Normalization)
     for y in 0..size {
         for x in 0..size {
             let p = resized.get_pixel(x0 + x as u32, y0 + y as u32);
-            for c in 0..3 {
-                out[c * size * size + y * size + x] =
-                    (p[c] as f32 / 255.0 - norm.mean[c]) / norm.std[c];
+            for (c, ((&v, mean), std)) in p.0.iter().zip(norm.mean).zip(norm.std).enumerate() {
+                out[c * size * size + y * size + x] = (v as f32 / 255.0 - mean) / std;
             }
         }
     }

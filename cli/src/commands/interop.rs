@@ -30,8 +30,8 @@ pub fn import(args: &ImportArgs) -> anyhow::Result<()> {
 /// clipa checkpoint folder → OpenCLIP safetensors (+ config JSON).
 pub fn export(args: &ExportArgs) -> anyhow::Result<()> {
     let (cfg, state) = checkpoint::load(&args.checkpoint)?;
+    let config = openclip::config_json(&cfg, args.custom_text)?;
     let out = openclip::export_state(&state, &cfg, args.custom_text);
-    let config = openclip::config_json(&cfg, args.custom_text);
     let meta = HashMap::from([
         ("format".to_string(), "pt".to_string()),
         ("config".to_string(), config.to_string()),

@@ -12,7 +12,7 @@ pub fn run(args: &ModelsArgs) -> anyhow::Result<()> {
         let cfg = ClipConfig::preset(name)?;
         let image = args.image_size.unwrap_or(cfg.vision.image_size);
         anyhow::ensure!(
-            image % cfg.vision.patch_size == 0,
+            image.is_multiple_of(cfg.vision.patch_size),
             "--image-size {image} is not a multiple of {name}'s patch size {}",
             cfg.vision.patch_size
         );

@@ -56,7 +56,7 @@ impl Normalization {
     /// OpenAI CLIP's statistics, OpenCLIP's default.
     pub const OPENAI: Self = Self {
         mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
-        std: [0.268_629_54, 0.261_302_58, 0.275_777_11],
+        std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
     };
     /// ImageNet statistics, used by CLIPA.
     pub const IMAGENET: Self = Self {
@@ -364,13 +364,13 @@ impl ClipConfig {
                 return bad(format!("{name}: layers and mlp width must be positive"));
             }
         }
-        if v.patch_size == 0 || v.image_size == 0 || v.image_size % v.patch_size != 0 {
+        if v.patch_size == 0 || v.image_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
             return bad(format!(
                 "vision: image size {} is not a multiple of patch size {}",
                 v.image_size, v.patch_size
             ));
         }
-        if v.pos_embed == PosEmbed::SinCos2d && v.width % 4 != 0 {
+        if v.pos_embed == PosEmbed::SinCos2d && !v.width.is_multiple_of(4) {
             return bad(format!(
                 "vision: sin-cos positions need width % 4 == 0, got {}",
                 v.width

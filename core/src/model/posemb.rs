@@ -14,7 +14,10 @@
 /// code names the first half "h", but `np.meshgrid(grid_w, grid_h)` feeds it
 /// the column index.)
 pub fn sincos_2d(width: usize, gh: usize, gw: usize) -> Vec<f32> {
-    assert!(width % 4 == 0, "sin-cos width must be a multiple of 4");
+    assert!(
+        width.is_multiple_of(4),
+        "sin-cos width must be a multiple of 4"
+    );
     let quarter = width / 4;
     let omega: Vec<f64> = (0..quarter)
         .map(|i| 1.0 / 10000f64.powf(i as f64 / quarter as f64))
@@ -64,14 +67,18 @@ pub fn resize_bicubic(src: &[f32], h: usize, w: usize, c: usize, oh: usize, ow: 
     for (oy, (iy, wy)) in ty.iter().enumerate() {
         for (ox, (ix, wx)) in tx.iter().enumerate() {
             for ch in 0..c {
-                let mut acc = 0f64;
-                for a in 0..4 {
-                    let mut row = 0f64;
-                    for b in 0..4 {
-                        row += wx[b] * src[(iy[a] * w + ix[b]) * c + ch] as f64;
-                    }
-                    acc += wy[a] * row;
-                }
+                let acc: f64 = iy
+                    .iter()
+                    .zip(wy)
+                    .map(|(&y, &wy)| {
+                        let row: f64 = ix
+                            .iter()
+                            .zip(wx)
+                            .map(|(&x, &wx)| wx * src[(y * w + x) * c + ch] as f64)
+                            .sum();
+                        wy * row
+                    })
+                    .sum();
                 out[(oy * ow + ox) * c + ch] = acc as f32;
             }
         }

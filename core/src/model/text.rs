@@ -127,3 +127,72 @@ impl<B: Backend> TextTransformer<B> {
         self
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ClipConfig;
+    use crate::numeric::{TestBackend, assert_close};
+
+    fn ids(rows: &[&[i64]]) -> Tensor<TestBackend, 2, Int> {
+        let len = rows[0].len();
+        let flat: Vec<i64> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        Tensor::<TestBackend, 1, Int>::from_ints(flat.as_slice(), &Default::default())
+            .reshape([rows.len(), len])
+    }
+
+    /// Causal + EOT pooling: tokens after EOT cannot change the embedding.
+    #[test]
+    fn causal_argmax_pooling_ignores_padding() {
+        let tower = ClipConfig::tiny()
+            .text
+            .init::<TestBackend>(16, &Default::default());
+        let a = tower.forward(ids(&[&[49406, 320, 1125, 49407, 0, 0]]));
+        let b = tower.forward(ids(&[&[49406, 320, 1125, 49407, 77, 99]]));
+        assert_close(&a.into_data(), &b.into_data(), 1e-6, "padding after EOT");
+    }
+
+    /// Bidirectional + last pooling: every token matters.
+    #[test]
+    fn bidirectional_last_pooling_sees_every_token() {
+        let tower = ClipConfig::clipa_s16().text;
+        let tower = TextConfig {
+            layers: 1,
+            vocab_size: 100,
+            ..tower
+        }
+        .init::<TestBackend>(16, &Default::default());
+        let a = tower.forward(ids(&[&[1, 2, 3, 4]]));
+        let b = tower.forward(ids(&[&[9, 2, 3, 4]]));
+        assert!((a - b).abs().max().into_scalar() > 1e-4);
+    }
+
+    #[test]
+    fn resizing_the_context_interpolates_linearly() {
+        let tower = ClipConfig::tiny()
+            .text
+            .init::<TestBackend>(16, &Default::default());
+        let before = tower
+            .positional_embedding
+            .val()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let resized = tower.resize_context(8).resize_context(8);
+        assert_eq!(resized.positional_embedding.dims(), [8, 64]);
+        assert_eq!(resized.config.context_length, 8);
+        // 32 → 8: output row o samples source position 4·o + 1.5.
+        let after = resized
+            .positional_embedding
+            .val()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        for c in [0, 17, 63] {
+            let want = 0.5 * (before[64 + c] + before[2 * 64 + c]);
+            assert!((after[c] - want).abs() < 1e-6);
+        }
+        // Shorter inputs use the first rows; the model still runs.
+        resized.forward(ids(&[&[49406, 320, 49407]]));
+    }
+}

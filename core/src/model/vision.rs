@@ -220,7 +220,7 @@ impl<B: Backend> VisionTransformer<B> {
     pub fn resize_image(mut self, image_size: usize) -> Self {
         let p = self.config.patch_size;
         assert!(
-            image_size % p == 0,
+            image_size.is_multiple_of(p),
             "image size {image_size} is not a multiple of patch {p}"
         );
         let g = image_size / p;
@@ -247,4 +247,97 @@ fn mean_tokens<B: Backend>(
         _ => x,
     };
     x.mean_dim(1).reshape([batch, w])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ClipConfig;
+    use crate::numeric::{TestBackend, assert_close, normal_data};
+
+    fn images(batch: usize, size: usize) -> Tensor<TestBackend, 4> {
+        Tensor::from_data(
+            normal_data([batch, 3, size, size], 9, 1.0),
+            &Default::default(),
+        )
+    }
+
+    /// Keeping every patch, in any order, changes nothing: positions are
+    /// added before selection and attention is permutation-equivariant.
+    #[test]
+    fn keeping_all_patches_in_any_order_is_the_identity() {
+        let device = Default::default();
+        for cfg in [ClipConfig::tiny(), ClipConfig::clipa_s16()] {
+            let mut v = cfg.vision.clone();
+            v.layers = 1;
+            v.image_size = 32;
+            v.patch_size = 8;
+            let tower = v.init::<TestBackend>(16, &device);
+            let x = images(2, 32);
+            let full = tower.forward(x.clone(), None);
+            let order: Vec<i64> = (0..16).rev().chain(0..16).take(16).collect();
+            let keep = Tensor::<TestBackend, 1, Int>::from_ints(order.as_slice(), &device)
+                .reshape([1, 16])
+                .repeat_dim(0, 2);
+            let kept = tower.forward(x, Some(keep));
+            assert_close(&kept.into_data(), &full.into_data(), 1e-5, "permuted keep");
+        }
+    }
+
+    /// Dropping patches changes the output, and only the kept ones matter:
+    /// two images that differ only in a dropped patch encode the same.
+    #[test]
+    fn dropped_patches_do_not_influence_the_output() {
+        let device = Default::default();
+        let tower = ClipConfig::tiny().vision.init::<TestBackend>(16, &device);
+        let a = images(1, 32);
+        // Patch 0 covers pixels [0, 4)²; change only those.
+        let bump = Tensor::<TestBackend, 4>::ones([1, 3, 4, 4], &device);
+        let b = a.clone().slice_assign([0..1, 0..3, 0..4, 0..4], bump);
+        let keep =
+            Tensor::<TestBackend, 1, Int>::from_ints([5, 9, 20, 63], &device).reshape([1, 4]);
+        let ya = tower.forward(a.clone(), Some(keep.clone()));
+        let yb = tower.forward(b.clone(), Some(keep));
+        assert_close(
+            &ya.clone().into_data(),
+            &yb.into_data(),
+            1e-6,
+            "dropped patch ignored",
+        );
+        let full = tower.forward(a, None);
+        assert!(
+            (full - ya).abs().max().into_scalar() > 1e-4,
+            "masking changes the output"
+        );
+    }
+
+    #[test]
+    fn resizing_recomputes_or_interpolates_positions() {
+        let device = Default::default();
+        let mut sincos = ClipConfig::clipa_s16().vision;
+        sincos.layers = 1;
+        sincos.image_size = 32;
+        let tower = sincos.init::<TestBackend>(16, &device).resize_image(64);
+        assert_eq!(tower.config.image_size, 64);
+        let want = TensorData::new(sincos_2d(384, 4, 4), [17, 384]);
+        assert_close(
+            &tower.positional_embedding.val().into_data(),
+            &want,
+            1e-7,
+            "sin-cos at 64 px",
+        );
+        assert!(!tower.positional_embedding.val().is_require_grad());
+
+        let learned = ClipConfig::tiny().vision.init::<TestBackend>(16, &device);
+        let y32 = learned.forward(images(1, 48), None); // off-resolution forward
+        let resized = learned.resize_image(48);
+        assert_eq!(resized.positional_embedding.dims(), [1 + 12 * 12, 64]);
+        let y48 = resized.forward(images(1, 48), None);
+        assert_close(
+            &y48.into_data(),
+            &y32.into_data(),
+            1e-6,
+            "resize = on-the-fly interpolation",
+        );
+    }
 }

@@ -39,7 +39,7 @@ impl AttentionConfig {
     /// Builds the layer with PyTorch's default (Kaiming-uniform) init.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Attention<B> {
         assert!(
-            self.heads > 0 && self.width % self.heads == 0,
+            self.heads > 0 && self.width.is_multiple_of(self.heads),
             "heads ({}) must divide width ({}); validated by model configs",
             self.heads,
             self.width

@@ -1,0 +1,344 @@
+//! OpenCLIP model-config JSON: parsing into a [`ClipConfig`] and writing
+//! it back. Unknown keys and unsupported values are errors that name them.
+
+use std::collections::BTreeSet;
+
+use serde_json::{Map, Value};
+
+use crate::model::{ClipConfig, PosEmbed, TextConfig, TextPool, VisionConfig, VisionPool};
+use crate::nn::Activation;
+use crate::{Error, Result};
+
+/// A parsed OpenCLIP model config.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpenClipConfig {
+    /// The equivalent clipa config.
+    pub clip: ClipConfig,
+    /// Whether the text tower is nested under `text.` (`custom_text`).
+    pub custom_text: bool,
+    /// `hf_tokenizer_name`, when the config names one.
+    pub hf_tokenizer: Option<String>,
+}
+
+fn unsupported(key: &str, value: &Value) -> Error {
+    Error::Config(format!(
+        "OpenCLIP config: unsupported value {value} for '{key}'"
+    ))
+}
+
+/// Reads typed values out of one JSON object, remembering which keys were
+/// used so that every unknown key can be reported.
+struct Fields<'a> {
+    section: &'a str,
+    map: &'a Map<String, Value>,
+    used: BTreeSet<&'static str>,
+}
+
+impl<'a> Fields<'a> {
+    fn new(section: &'a str, value: &'a Value) -> Result<Self> {
+        let map = value.as_object().ok_or_else(|| {
+            Error::Config(format!("OpenCLIP config: '{section}' must be an object"))
+        })?;
+        Ok(Self {
+            section,
+            map,
+            used: BTreeSet::new(),
+        })
+    }
+
+    fn key(&self, key: &str) -> String {
+        if self.section.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.section)
+        }
+    }
+
+    fn get(&mut self, key: &'static str) -> Option<&'a Value> {
+        self.used.insert(key);
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn usize(&mut self, key: &'static str, default: Option<usize>) -> Result<usize> {
+        match self.get(key) {
+            Some(v) => v
+                .as_u64()
+                .map(|x| x as usize)
+                .ok_or_else(|| unsupported(&self.key(key), v)),
+            None => default.ok_or_else(|| {
+                Error::Config(format!("OpenCLIP config: missing '{}'", self.key(key)))
+            }),
+        }
+    }
+
+    fn f64(&mut self, key: &'static str, default: f64) -> Result<f64> {
+        match self.get(key) {
+            Some(v) => v.as_f64().ok_or_else(|| unsupported(&self.key(key), v)),
+            None => Ok(default),
+        }
+    }
+
+    fn bool(&mut self, key: &'static str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            Some(v) => v.as_bool().ok_or_else(|| unsupported(&self.key(key), v)),
+            None => Ok(default),
+        }
+    }
+
+    fn str(&mut self, key: &'static str) -> Result<Option<&'a str>> {
+        match self.get(key) {
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| unsupported(&self.key(key), v)),
+            None => Ok(None),
+        }
+    }
+
+    /// A key accepted only at a value that changes nothing.
+    fn only(&mut self, key: &'static str, ok: impl Fn(&Value) -> bool) -> Result<()> {
+        match self.get(key) {
+            Some(v) if !ok(v) => Err(unsupported(&self.key(key), v)),
+            _ => Ok(()),
+        }
+    }
+
+    fn activation(&mut self, quick_gelu: bool) -> Result<Activation> {
+        let mut act = if quick_gelu {
+            Activation::QuickGelu
+        } else {
+            Activation::Gelu
+        };
+        if let Some(kwargs) = self.get("act_kwargs") {
+            let mut f = Fields::new("act_kwargs", kwargs)?;
+            match f.str("approximate")? {
+                Some("tanh") => act = Activation::GeluTanh,
+                None | Some("none") => {}
+                Some(other) => {
+                    return Err(unsupported(
+                        &self.key("act_kwargs.approximate"),
+                        &Value::from(other),
+                    ));
+                }
+            }
+            f.finish()?;
+        }
+        Ok(act)
+    }
+
+    fn ln_eps(&mut self) -> Result<f64> {
+        let mut eps = 1e-5;
+        if let Some(kwargs) = self.get("norm_kwargs") {
+            let mut f = Fields::new("norm_kwargs", kwargs)?;
+            eps = f.f64("eps", 1e-5)?;
+            f.finish()?;
+        }
+        Ok(eps)
+    }
+
+    fn finish(self) -> Result<()> {
+        let unknown: Vec<String> = self
+            .map
+            .keys()
+            .filter(|k| !self.used.contains(k.as_str()))
+            .map(|k| self.key(k))
+            .collect();
+        if unknown.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Config(format!(
+                "OpenCLIP config: unsupported key(s) {}",
+                unknown.join(", ")
+            )))
+        }
+    }
+}
+
+fn heads_from(f: &mut Fields<'_>, width: usize) -> Result<usize> {
+    if f.map.contains_key("heads") {
+        return f.usize("heads", None);
+    }
+    let head_width = f.usize("head_width", Some(64))?;
+    if head_width == 0 || !width.is_multiple_of(head_width) {
+        return Err(Error::Config(format!(
+            "OpenCLIP config: head_width {head_width} does not divide width {width}"
+        )));
+    }
+    Ok(width / head_width)
+}
+
+fn mlp_from(f: &mut Fields<'_>, width: usize) -> Result<usize> {
+    Ok((width as f64 * f.f64("mlp_ratio", 4.0)?) as usize)
+}
+
+/// Parses an OpenCLIP model-config JSON (`embed_dim`, `vision_cfg`,
+/// `text_cfg`). Keys clipa does not model are errors that name them; keys
+/// that only matter to training or preprocessing are accepted at values
+/// that change nothing in the weights.
+pub fn parse_config(json: &str) -> Result<OpenClipConfig> {
+    let root: Value = serde_json::from_str(json)
+        .map_err(|e| Error::Config(format!("OpenCLIP config is not JSON: {e}")))?;
+    let mut top = Fields::new("", &root)?;
+    let embed_dim = top.usize("embed_dim", None)?;
+    let quick_gelu = top.bool("quick_gelu", false)?;
+    let custom_text = top.bool("custom_text", false)?;
+    let init_logit_scale = top.f64("init_logit_scale", (1.0f64 / 0.07).ln())?;
+    top.only("init_logit_bias", |_| false)?;
+    top.only("cast_dtype", |_| true)?;
+    let vision_value = top
+        .get("vision_cfg")
+        .ok_or_else(|| Error::Config("OpenCLIP config: missing 'vision_cfg'".into()))?;
+    let text_value = top
+        .get("text_cfg")
+        .ok_or_else(|| Error::Config("OpenCLIP config: missing 'text_cfg'".into()))?;
+    top.finish()?;
+
+    let mut v = Fields::new("vision_cfg", vision_value)?;
+    let width = v.usize("width", Some(768))?;
+    let vision = VisionConfig {
+        image_size: v.usize("image_size", Some(224))?,
+        patch_size: v.usize("patch_size", Some(16))?,
+        width,
+        layers: v.usize("layers", Some(12))?,
+        heads: heads_from(&mut v, width)?,
+        mlp_width: mlp_from(&mut v, width)?,
+        pos_embed: match v.str("pos_embed_type")? {
+            None | Some("learnable") => PosEmbed::Learnable,
+            Some("sin_cos_2d") => PosEmbed::SinCos2d,
+            Some(other) => {
+                return Err(unsupported(
+                    "vision_cfg.pos_embed_type",
+                    &Value::from(other),
+                ));
+            }
+        },
+        ln_pre: !v.bool("no_ln_pre", false)? && v.bool("ln_pre", true)?,
+        pool: match (v.str("pool_type")?, v.bool("global_average_pool", false)?) {
+            (None | Some("tok"), false) => VisionPool::Cls,
+            (Some("avg"), _) | (None, true) => VisionPool::AvgPatches,
+            (Some(other), _) => {
+                return Err(unsupported("vision_cfg.pool_type", &Value::from(other)));
+            }
+        },
+        final_ln_after_pool: v.bool("final_ln_after_pool", false)?,
+        activation: v.activation(quick_gelu)?,
+        ln_eps: v.ln_eps()?,
+    };
+    v.only("ls_init_value", |_| false)?;
+    v.only("patch_dropout", |x| x.as_f64() == Some(0.0))?;
+    v.only("attentional_pool", |x| x == &Value::Bool(false))?;
+    v.only("input_patchnorm", |x| x == &Value::Bool(false))?;
+    v.only("output_tokens", |x| x == &Value::Bool(false))?;
+    v.only("timm_model_name", |_| false)?;
+    for preprocessing in ["image_mean", "image_std", "interpolation", "resize_mode"] {
+        v.only(preprocessing, |_| true)?;
+    }
+    let (mean, std) = (
+        v.map.get("image_mean").cloned(),
+        v.map.get("image_std").cloned(),
+    );
+    v.finish()?;
+
+    let mut t = Fields::new("text_cfg", text_value)?;
+    let width = t.usize("width", Some(512))?;
+    let text = TextConfig {
+        context_length: t.usize("context_length", Some(77))?,
+        vocab_size: t.usize("vocab_size", Some(49_408))?,
+        width,
+        layers: t.usize("layers", Some(12))?,
+        heads: t.usize("heads", Some(8))?,
+        mlp_width: mlp_from(&mut t, width)?,
+        causal: !t.bool("no_causal_mask", false)?,
+        pool: match t.str("pool_type")? {
+            None | Some("argmax") => TextPool::Argmax,
+            Some("last") => TextPool::Last,
+            Some("first") => TextPool::First,
+            Some(other) => return Err(unsupported("text_cfg.pool_type", &Value::from(other))),
+        },
+        activation: t.activation(quick_gelu)?,
+        ln_eps: t.ln_eps()?,
+    };
+    let hf_tokenizer = t.str("hf_tokenizer_name")?.map(str::to_string);
+    t.only("tokenizer_kwargs", |_| true)?;
+    t.only("pad_id", |_| true)?;
+    t.only("ls_init_value", |_| false)?;
+    t.only("embed_cls", |x| x == &Value::Bool(false))?;
+    t.only("proj_bias", |x| x == &Value::Bool(false))?;
+    t.only("proj_type", |x| x.as_str() == Some("linear"))?;
+    t.only("final_ln_after_pool", |x| x == &Value::Bool(false))?;
+    t.only("output_tokens", |x| x == &Value::Bool(false))?;
+    t.only("hf_model_name", |_| false)?;
+    t.finish()?;
+
+    let mut clip = ClipConfig::new(embed_dim, vision, text).with_init_logit_scale(init_logit_scale);
+    if let (Some(mean), Some(std)) = (mean, std) {
+        let triple = |x: &Value, key: &str| -> Result<[f32; 3]> {
+            serde_json::from_value(x.clone()).map_err(|_| unsupported(key, x))
+        };
+        clip.normalization.mean = triple(&mean, "vision_cfg.image_mean")?;
+        clip.normalization.std = triple(&std, "vision_cfg.image_std")?;
+    }
+    clip.validate()?;
+    Ok(OpenClipConfig {
+        clip,
+        custom_text,
+        hf_tokenizer,
+    })
+}
+
+/// Writes an OpenCLIP model-config JSON for `cfg` (the inverse of
+/// [`parse_config`]). A model OpenCLIP cannot express (the CLIPA-v1 mean
+/// over CLS and patches) is an error.
+pub fn config_json(cfg: &ClipConfig, custom_text: bool) -> Result<Value> {
+    if cfg.vision.pool == VisionPool::AvgAll {
+        return Err(Error::Config(
+            "OpenCLIP has no pool over CLS and patch tokens (CLIPA-v1 avg_all); this model cannot be exported".into(),
+        ));
+    }
+    let act = |a: Activation| match a {
+        Activation::GeluTanh => serde_json::json!({"approximate": "tanh"}),
+        _ => serde_json::json!({}),
+    };
+    let v = &cfg.vision;
+    let t = &cfg.text;
+    let vision = serde_json::json!({
+        "image_size": v.image_size,
+        "layers": v.layers,
+        "width": v.width,
+        "head_width": v.width / v.heads,
+        "mlp_ratio": v.mlp_width as f64 / v.width as f64,
+        "patch_size": v.patch_size,
+        "no_ln_pre": !v.ln_pre,
+        "pool_type": if v.pool == VisionPool::Cls { "tok" } else { "avg" },
+        "final_ln_after_pool": v.final_ln_after_pool,
+        "pos_embed_type": if v.pos_embed == PosEmbed::SinCos2d { "sin_cos_2d" } else { "learnable" },
+        "act_kwargs": act(v.activation),
+        "norm_kwargs": {"eps": v.ln_eps},
+        "image_mean": cfg.normalization.mean,
+        "image_std": cfg.normalization.std,
+    });
+    let text = serde_json::json!({
+        "context_length": t.context_length,
+        "vocab_size": t.vocab_size,
+        "width": t.width,
+        "heads": t.heads,
+        "layers": t.layers,
+        "mlp_ratio": t.mlp_width as f64 / t.width as f64,
+        "no_causal_mask": !t.causal,
+        "pool_type": match t.pool { TextPool::Argmax => "argmax", TextPool::Last => "last", TextPool::First => "first" },
+        "act_kwargs": act(t.activation),
+        "norm_kwargs": {"eps": t.ln_eps},
+    });
+    let mut root = serde_json::json!({
+        "embed_dim": cfg.embed_dim,
+        "vision_cfg": vision,
+        "text_cfg": text,
+    });
+    if v.activation == Activation::QuickGelu {
+        root["quick_gelu"] = Value::Bool(true);
+    }
+    if custom_text {
+        root["custom_text"] = Value::Bool(true);
+    }
+    Ok(root)
+}

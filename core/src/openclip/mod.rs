@@ -1,0 +1,152 @@
+//! OpenCLIP interoperability: model-config JSON and state-dict key mapping,
+//! both directions.
+//!
+//! Key layout follows OpenCLIP's `CLIP` (and `CustomTextCLIP` when
+//! `custom_text` is set, which nests the text tower under `text.`).
+//! Differences handled here:
+//! - `attn.in_proj_weight` `[3w, w]` is split into clipa's q/k/v weights;
+//! - every `nn.Linear` weight is `[out, in]` in PyTorch and `[in, out]` in
+//!   clipa, so it is transposed; `visual.proj` and `text_projection` are
+//!   plain `[in, out]` matrices in both;
+//! - `logit_scale` is 0-d in OpenCLIP and `[1]` in clipa.
+//!
+//! Every transform is a pure data movement, so import then export gives back
+//! the same tensors bit for bit.
+
+mod config;
+mod keys;
+
+pub use config::{OpenClipConfig, config_json, parse_config};
+pub use keys::{clipa_shapes, export_state, import_state};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ClipConfig;
+    use crate::model::{PosEmbed, TextPool, VisionPool};
+    use crate::nn::Activation;
+    use crate::numeric::normal_data;
+    use crate::state::StateDict;
+    use burn::tensor::TensorData;
+
+    const CLIPA_STYLE: &str = r#"{"embed_dim": 64,
+      "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 4,
+        "no_ln_pre": true, "pool_type": "avg", "final_ln_after_pool": true,
+        "pos_embed_type": "sin_cos_2d", "act_kwargs": {"approximate": "tanh"}},
+      "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
+        "no_causal_mask": true, "pool_type": "last", "act_kwargs": {"approximate": "tanh"}}}"#;
+
+    #[test]
+    fn parses_the_clipa_style_fixture_config() {
+        let cfg = parse_config(CLIPA_STYLE).unwrap().clip;
+        assert_eq!(cfg.vision.heads, 2);
+        assert_eq!(cfg.vision.mlp_width, 256);
+        assert!(!cfg.vision.ln_pre);
+        assert_eq!(cfg.vision.pool, VisionPool::AvgPatches);
+        assert_eq!(cfg.vision.pos_embed, PosEmbed::SinCos2d);
+        assert_eq!(cfg.vision.activation, Activation::GeluTanh);
+        assert!(!cfg.text.causal);
+        assert_eq!(cfg.text.pool, TextPool::Last);
+        // what we write parses back to the same model
+        let json = config_json(&cfg, false).unwrap().to_string();
+        assert_eq!(parse_config(&json).unwrap().clip, cfg);
+        let mut v1 = cfg.clone();
+        v1.vision.pool = VisionPool::AvgAll;
+        let err = config_json(&v1, false).unwrap_err().to_string();
+        assert!(err.contains("avg_all"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_and_values_are_named() {
+        let bad = CLIPA_STYLE.replace("\"no_ln_pre\": true", "\"no_ln_pre\": true, \"rope\": true");
+        let err = parse_config(&bad).unwrap_err().to_string();
+        assert!(err.contains("unsupported key(s) vision_cfg.rope"), "{err}");
+        let bad = CLIPA_STYLE.replace("\"pool_type\": \"last\"", "\"pool_type\": \"mean\"");
+        let err = parse_config(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("unsupported value \"mean\" for 'text_cfg.pool_type'"),
+            "{err}"
+        );
+        let bad = CLIPA_STYLE.replace(
+            "\"embed_dim\": 64,",
+            "\"embed_dim\": 64, \"init_logit_bias\": -10,",
+        );
+        assert!(
+            parse_config(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("init_logit_bias")
+        );
+    }
+
+    #[test]
+    fn export_inverts_import_bit_for_bit() {
+        let cfg = ClipConfig::tiny();
+        let clipa: StateDict = clipa_shapes(&cfg)
+            .into_iter()
+            .enumerate()
+            .map(|(i, (k, s))| (k, normal_data(s, i as u64, 1.0)))
+            .collect();
+        for custom_text in [false, true] {
+            let oc = export_state(&clipa, &cfg, custom_text);
+            assert_eq!(oc["logit_scale"].shape.as_slice(), &[] as &[usize]);
+            assert_eq!(
+                oc["visual.transformer.resblocks.1.attn.in_proj_weight"]
+                    .shape
+                    .as_slice(),
+                &[192, 64]
+            );
+            let back = import_state(&oc, &cfg, custom_text).unwrap();
+            assert_eq!(back, clipa);
+        }
+    }
+
+    #[test]
+    fn in_proj_rows_are_q_then_k_then_v() {
+        let cfg = ClipConfig::tiny();
+        let mut oc = export_state(
+            &clipa_shapes(&cfg)
+                .into_iter()
+                .map(|(k, s)| (k, normal_data(s, 0, 1.0)))
+                .collect(),
+            &cfg,
+            false,
+        );
+        // in_proj_weight[64 + 3][5] is Wk[3][5] (out 3, in 5) = clipa key.weight[5][3].
+        let key = "visual.transformer.resblocks.0.attn.in_proj_weight";
+        let mut values = oc[key].to_vec::<f32>().unwrap();
+        values[(64 + 3) * 64 + 5] = 42.0;
+        oc.insert(key.to_string(), TensorData::new(values, [192, 64]));
+        let clipa = import_state(&oc, &cfg, false).unwrap();
+        let k = clipa["visual.blocks.0.attn.key.weight"]
+            .to_vec::<f32>()
+            .unwrap();
+        assert_eq!(k[5 * 64 + 3], 42.0);
+    }
+
+    #[test]
+    fn import_names_bad_tensors() {
+        let cfg = ClipConfig::tiny();
+        let mut oc = export_state(
+            &clipa_shapes(&cfg)
+                .into_iter()
+                .map(|(k, s)| (k, normal_data(s, 0, 1.0)))
+                .collect(),
+            &cfg,
+            false,
+        );
+        oc.remove("ln_final.bias");
+        oc.insert(
+            "visual.proj".into(),
+            TensorData::new(vec![0f32; 64 * 32], [64, 32]),
+        );
+        oc.insert("visual.extra".into(), TensorData::new(vec![0f32], [1]));
+        let err = import_state(&oc, &cfg, false).unwrap_err().to_string();
+        assert!(err.contains("missing tensor ln_final.bias"), "{err}");
+        assert!(
+            err.contains("tensor visual.proj has shape [64, 32], the config expects [64, 64]"),
+            "{err}"
+        );
+        assert!(err.contains("unexpected tensor(s) visual.extra"), "{err}");
+    }
+}
