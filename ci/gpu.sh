@@ -5,10 +5,15 @@
 # toolchain, so the release binary is built on the development machine and
 # carried:
 #   cargo build --release -p clipa-cli --features cuda
-#   mkdir -p .gpu && cp "$CARGO_TARGET_DIR/release/clipa" .gpu/ && strip .gpu/clipa
+#   cargo bench -p clipa-cli --bench clipa --features cuda --no-run   # prints the bench binary
+#   mkdir -p .gpu && cp "$CARGO_TARGET_DIR/release/clipa" .gpu/clipa && cp BENCH .gpu/clipa-bench
+#   strip .gpu/* && gzip -9 .gpu/*          # the carried tree is limited to 64 MiB
 # then run `bash ci/gpu.sh` there with `.gpu` carried.
 set -uo pipefail
+for f in .gpu/*.gz; do [ -e "$f" ] && gunzip -kf "$f"; done
+chmod +x .gpu/clipa .gpu/clipa-bench 2>/dev/null
 BIN="${CLIPA_BIN:-.gpu/clipa}"
+BENCH="${CLIPA_BENCH:-.gpu/clipa-bench}"
 status=0
 run() {
     printf '\n$ %s\n' "$*"
@@ -26,4 +31,9 @@ run "$BIN" --backend cpu check --batch 32 --tokens 197 --width 768 --heads 12
 # Errors stay one line with exit code 2.
 printf '\n$ %s\n' "$BIN --backend cuda --device 7 check"
 "$BIN" --backend cuda --device 7 check; echo "exit code $?"
+# The transformer fwd+bwd bench on CUDA and, for the ratio, both CPU backends
+# on this machine's 16 cores.
+if [ -x "$BENCH" ]; then
+    run "$BENCH" --bench transformer_fwd_bwd
+fi
 exit $status

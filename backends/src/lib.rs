@@ -160,10 +160,10 @@ pub fn run<J: BackendJob>(
 #[cfg(feature = "cpu")]
 pub type CpuBackend = cpu::Backend;
 
-/// Burn's ndarray backend with autodiff, compiled only for the CPU backend
-/// comparison (`--features ndarray`).
-#[cfg(feature = "ndarray")]
-pub type NdArrayBackend = burn::backend::Autodiff<burn::backend::NdArray>;
+/// Burn's flex backend with autodiff, compiled only for the CPU backend
+/// comparison bench (`--features flex`).
+#[cfg(feature = "flex")]
+pub type FlexBackend = burn::backend::Autodiff<burn::backend::Flex>;
 
 /// The WGPU backend type.
 #[cfg(feature = "wgpu")]
