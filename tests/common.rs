@@ -27,6 +27,19 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
+/// Called when the OpenCLIP fixtures (`shared/fixtures/openclip` beside
+/// the checkout, or `CLIPA_FIXTURES`) are missing: a failure under CI,
+/// unless `CLIPA_FIXTURES_OPTIONAL=1` says the CI host has no copy of them
+/// (GitHub Actions), in which case the tests print why they skipped.
+pub fn missing_fixtures(test: &str) {
+    let reason = "OpenCLIP fixtures not found (set CLIPA_FIXTURES)";
+    if std::env::var("CLIPA_FIXTURES_OPTIONAL").is_ok_and(|v| v == "1") {
+        eprintln!("SKIPPED {test}: {reason}");
+    } else {
+        skip_or_fail(test, reason);
+    }
+}
+
 /// Called when a test needs a device that is not there: panics in CI,
 /// prints the reason and returns elsewhere.
 pub fn skip_or_fail(test: &str, reason: &str) {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use clipa_core::io::read_safetensors;
 
-use crate::common::{clipa, skip_or_fail, text};
+use crate::common::{clipa, missing_fixtures, text};
 
 fn fixture_dir(name: &str) -> Option<PathBuf> {
     let root = std::env::var_os("CLIPA_FIXTURES")
@@ -17,7 +17,7 @@ fn fixture_dir(name: &str) -> Option<PathBuf> {
     if dir.is_dir() {
         Some(dir)
     } else {
-        skip_or_fail(name, "OpenCLIP fixtures not found (set CLIPA_FIXTURES)");
+        missing_fixtures(name);
         None
     }
 }

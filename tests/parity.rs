@@ -15,7 +15,7 @@ use clipa_core::numeric::{compare_sets, relative_error};
 use clipa_core::openclip::{export_state, import_state, parse_config};
 use clipa_core::state::{StateDict, grads_dict, load_state_dict};
 
-use crate::common::skip_or_fail;
+use crate::common::{missing_fixtures, skip_or_fail};
 
 /// `CLIPA_FIXTURES`, else `shared/fixtures/openclip` beside the checkout.
 fn fixtures() -> Option<PathBuf> {
@@ -36,7 +36,7 @@ struct Fixture {
 
 fn load(name: &'static str) -> Option<Fixture> {
     let Some(root) = fixtures() else {
-        skip_or_fail(name, "OpenCLIP fixtures not found (set CLIPA_FIXTURES)");
+        missing_fixtures(name);
         return None;
     };
     let dir = root.join(name);

@@ -1,6 +1,7 @@
 //! clipa checkpoint folders: `config.json` (the resolved [`ClipConfig`]) and
-//! `model.safetensors` (parameters under clipa's paths). Both files are
-//! written atomically, so a crash leaves the previous version intact.
+//! `model.safetensors` (parameters under clipa's paths). Each file is
+//! written atomically (temporary file, then rename), so neither is ever
+//! half-written; loading checks that the two describe the same model.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -46,8 +47,43 @@ pub fn load(dir: &Path) -> Result<(ClipConfig, StateDict)> {
         reason: format!("not a clipa model config: {e}"),
     })?;
     config.validate()?;
-    let weights = read_safetensors(&dir.join(WEIGHTS_FILE))?;
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let weights = read_safetensors(&weights_path)?;
+    check_against_config(&config, &weights.tensors).map_err(|reason| Error::Format {
+        path: weights_path,
+        reason,
+    })?;
     Ok((config, weights.tensors))
+}
+
+/// Every parameter the config implies is present with its shape, and
+/// nothing else is.
+fn check_against_config(config: &ClipConfig, state: &StateDict) -> std::result::Result<(), String> {
+    let want = crate::openclip::clipa_shapes(config);
+    let mut problems = Vec::new();
+    for (name, shape) in &want {
+        match state.get(name) {
+            None => problems.push(format!("missing tensor {name}")),
+            Some(t) if t.shape.as_slice() != shape.as_slice() => problems.push(format!(
+                "tensor {name} has shape {:?}, config.json expects {shape:?}",
+                t.shape.as_slice()
+            )),
+            Some(_) => {}
+        }
+    }
+    let extra: Vec<&str> = state
+        .keys()
+        .filter(|k| !want.contains_key(*k))
+        .map(String::as_str)
+        .collect();
+    if !extra.is_empty() {
+        problems.push(format!("unexpected tensor(s) {}", extra.join(", ")));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
 }
 
 /// Builds the model of checkpoint `dir` on `device`.
@@ -73,5 +109,20 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
         let err = load(&dir).unwrap_err().to_string();
         assert!(err.contains("does not exist"), "{err}");
+        // Weights that do not fit the config are named, not a panic later.
+        let mut state = state_dict(&model);
+        state.remove("text.ln_final.beta");
+        state.insert(
+            "visual.proj".into(),
+            burn::tensor::TensorData::new(vec![0f32; 64], [64, 1]),
+        );
+        save(&dir, &model.config, &state).unwrap();
+        let err = load(&dir).unwrap_err().to_string();
+        assert!(err.contains("missing tensor text.ln_final.beta"), "{err}");
+        assert!(
+            err.contains("tensor visual.proj has shape [64, 1]"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -26,20 +26,22 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
 
 /// Resize-shorter-side + centre crop to `size`², then normalised CHW
 /// floats `[3, size, size]`.
+///
+/// The centre square is cut from the source first and then resized, which
+/// is the same region as torchvision's resize-then-crop; it differs only in
+/// how the bicubic filter treats the crop border, and it never allocates a
+/// resized copy of the whole image (a 1×60000 strip stays cheap).
 pub fn center_crop_normalized(img: &RgbImage, size: usize, norm: &Normalization) -> Vec<f32> {
     let (w, h) = img.dimensions();
-    let scale = size as f64 / w.min(h) as f64;
-    // Round as torchvision's Resize does (int(short·scale) on the long side).
-    let (nw, nh) = (
-        ((w as f64 * scale) as u32).max(size as u32),
-        ((h as f64 * scale) as u32).max(size as u32),
-    );
-    let resized = image::imageops::resize(img, nw, nh, FilterType::CatmullRom);
-    let (x0, y0) = ((nw - size as u32) / 2, (nh - size as u32) / 2);
+    let side = w.min(h);
+    let (cx, cy) = ((w - side) / 2, (h - side) / 2);
+    let square = image::imageops::crop_imm(img, cx, cy, side, side).to_image();
+    let resized =
+        image::imageops::resize(&square, size as u32, size as u32, FilterType::CatmullRom);
     let mut out = vec![0f32; 3 * size * size];
     for y in 0..size {
         for x in 0..size {
-            let p = resized.get_pixel(x0 + x as u32, y0 + y as u32);
+            let p = resized.get_pixel(x as u32, y as u32);
             for (c, ((&v, mean), std)) in p.0.iter().zip(norm.mean).zip(norm.std).enumerate() {
                 out[c * size * size + y * size + x] = (v as f32 / 255.0 - mean) / std;
             }
@@ -51,6 +53,35 @@ pub fn center_crop_normalized(img: &RgbImage, size: usize, norm: &Normalization)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn downscales_the_centre_square() {
+        // 30×20: the centre 20×20 square is x ∈ [5, 25); paint x < 5 red so
+        // a correct crop never sees it, and check a 10×10 output.
+        let img = RgbImage::from_fn(30, 20, |x, _| {
+            if x < 5 {
+                image::Rgb([255, 0, 0])
+            } else {
+                image::Rgb([0, 0, 255])
+            }
+        });
+        let norm = Normalization {
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        };
+        let out = center_crop_normalized(&img, 10, &norm);
+        assert_eq!(out.len(), 3 * 100);
+        assert!(
+            out[..100].iter().all(|&r| r < 1e-6),
+            "no red inside the crop"
+        );
+        assert!(
+            out[200..].iter().all(|&b| (b - 1.0).abs() < 1e-6),
+            "all blue"
+        );
+        let tall = RgbImage::new(1, 5000);
+        assert_eq!(center_crop_normalized(&tall, 4, &norm).len(), 48);
+    }
 
     #[test]
     fn crops_the_centre_and_normalises() {

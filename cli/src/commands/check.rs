@@ -28,7 +28,7 @@ impl BackendJob for SelfTest {
 /// Runs the self-test on `kind` and the CPU reference and compares.
 pub fn run(kind: BackendKind, device: Option<usize>, args: &CheckArgs) -> anyhow::Result<()> {
     ensure!(
-        args.heads > 0 && args.width.is_multiple_of(args.heads),
+        args.width > 0 && args.heads > 0 && args.width.is_multiple_of(args.heads),
         "--width {} is not a multiple of --heads {}",
         args.width,
         args.heads

@@ -11,11 +11,14 @@ pub fn run(args: &ModelsArgs) -> anyhow::Result<()> {
     for name in PRESETS {
         let cfg = ClipConfig::preset(name)?;
         let image = args.image_size.unwrap_or(cfg.vision.image_size);
-        anyhow::ensure!(
-            image.is_multiple_of(cfg.vision.patch_size),
-            "--image-size {image} is not a multiple of {name}'s patch size {}",
-            cfg.vision.patch_size
-        );
+        if image == 0 || !image.is_multiple_of(cfg.vision.patch_size) {
+            // Not every preset fits every size (patch 4, 14, 16, 32).
+            eprintln!(
+                "{name}: skipped, {image} px is not a multiple of its patch size {}",
+                cfg.vision.patch_size
+            );
+            continue;
+        }
         let text = args.text_len.unwrap_or(cfg.text.context_length);
         let patches = (image / cfg.vision.patch_size).pow(2);
         let f = cfg.flops(patches, text);
@@ -32,6 +35,11 @@ pub fn run(args: &ModelsArgs) -> anyhow::Result<()> {
             "train_gflops": f.train() as f64 / 1e9,
         }));
     }
+    anyhow::ensure!(
+        !rows.is_empty(),
+        "no preset fits --image-size {:?}",
+        args.image_size
+    );
     if args.json {
         println!("{}", serde_json::json!({ "models": rows }));
         return Ok(());

@@ -239,7 +239,8 @@ impl TextConfig {
 
 /// CLIP BPE vocabulary size.
 pub const CLIP_VOCAB: usize = 49_408;
-/// BERT uncased WordPiece vocabulary size (CLIPA JAX text tower).
+/// Text vocabulary of CLIPA's JAX towers: BERT uncased WordPiece (30,522
+/// entries) padded to 32,000 rows, as OpenCLIP's `*-CLIPA.json` declare.
 pub const BERT_VOCAB: usize = 32_000;
 
 impl ClipConfig {
@@ -374,6 +375,20 @@ impl ClipConfig {
             return bad(format!(
                 "vision: sin-cos positions need width % 4 == 0, got {}",
                 v.width
+            ));
+        }
+        for (name, eps) in [("vision", v.ln_eps), ("text", t.ln_eps)] {
+            if !(eps.is_finite() && eps > 0.0) {
+                return bad(format!(
+                    "{name}: LayerNorm epsilon must be positive, got {eps}"
+                ));
+            }
+        }
+        let n = &self.normalization;
+        if !n.std.iter().all(|s| s.is_finite() && *s > 0.0) || !n.mean.iter().all(|m| m.is_finite())
+        {
+            return bad(format!(
+                "image normalisation must be finite with positive std, got {n:?}"
             ));
         }
         if t.context_length == 0 || t.vocab_size == 0 {

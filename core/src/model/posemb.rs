@@ -4,7 +4,10 @@
 //! f32 where possible:
 //! - sin-cos: OpenCLIP `pos_embed.py::get_2d_sincos_pos_embed` (MAE layout);
 //! - images: OpenCLIP `resize_pos_embed`, bicubic (A = −0.75),
-//!   `align_corners=False`, no antialias;
+//!   `align_corners=False`, without antialias. OpenCLIP passes
+//!   `antialias=True`, which PyTorch applies only when shrinking: growing the
+//!   grid (fine-tuning at a higher resolution) is identical, shrinking a
+//!   learned table differs slightly;
 //! - text: OpenCLIP `resize_text_pos_embed`, linear, `align_corners=False`.
 
 /// The 2-D sin-cos table `[1 + gh·gw, width]` with a zero CLS row.

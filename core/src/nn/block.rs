@@ -70,6 +70,8 @@ pub struct Mlp<B: Backend> {
 }
 
 impl<B: Backend> Mlp<B> {
+    /// Expands, applies the activation, contracts.
+    ///
     /// # Shapes
     /// `[batch, tokens, width]` → `[batch, tokens, width]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -113,6 +115,9 @@ impl ResidualBlockConfig {
 }
 
 impl<B: Backend> ResidualBlock<B> {
+    /// Attention then MLP, each on a LayerNormed copy added back to `x`;
+    /// `causal` masks attention to earlier tokens.
+    ///
     /// # Shapes
     /// `[batch, tokens, width]` → `[batch, tokens, width]`
     pub fn forward(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {

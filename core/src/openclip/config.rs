@@ -167,6 +167,15 @@ fn heads_from(f: &mut Fields<'_>, width: usize) -> Result<usize> {
     Ok(width / head_width)
 }
 
+/// The ratio OpenCLIP turns back into `mlp` with `int(width · ratio)`.
+fn mlp_ratio(width: usize, mlp: usize) -> f64 {
+    let mut r = mlp as f64 / width as f64;
+    while ((width as f64 * r) as usize) < mlp {
+        r = r.next_up();
+    }
+    r
+}
+
 fn mlp_from(f: &mut Fields<'_>, width: usize) -> Result<usize> {
     Ok((width as f64 * f.f64("mlp_ratio", 4.0)?) as usize)
 }
@@ -213,14 +222,18 @@ pub fn parse_config(json: &str) -> Result<OpenClipConfig> {
             }
         },
         ln_pre: !v.bool("no_ln_pre", false)? && v.bool("ln_pre", true)?,
+        // Legacy `global_average_pool` means the mean over CLS and patches,
+        // then `ln_post` (OpenCLIP `_global_pool` before `pool_type`).
         pool: match (v.str("pool_type")?, v.bool("global_average_pool", false)?) {
             (None | Some("tok"), false) => VisionPool::Cls,
-            (Some("avg"), _) | (None, true) => VisionPool::AvgPatches,
+            (None, true) => VisionPool::AvgAll,
+            (Some("avg"), _) => VisionPool::AvgPatches,
             (Some(other), _) => {
                 return Err(unsupported("vision_cfg.pool_type", &Value::from(other)));
             }
         },
-        final_ln_after_pool: v.bool("final_ln_after_pool", false)?,
+        final_ln_after_pool: v.bool("final_ln_after_pool", false)?
+            || v.map.get("global_average_pool") == Some(&Value::Bool(true)),
         activation: v.activation(quick_gelu)?,
         ln_eps: v.ln_eps()?,
     };
@@ -230,9 +243,13 @@ pub fn parse_config(json: &str) -> Result<OpenClipConfig> {
     v.only("input_patchnorm", |x| x == &Value::Bool(false))?;
     v.only("output_tokens", |x| x == &Value::Bool(false))?;
     v.only("timm_model_name", |_| false)?;
-    for preprocessing in ["image_mean", "image_std", "interpolation", "resize_mode"] {
-        v.only(preprocessing, |_| true)?;
+    for stats in ["image_mean", "image_std"] {
+        v.only(stats, |_| true)?;
     }
+    // clipa's evaluation transform is OpenCLIP's default: bicubic resize of
+    // the shorter side, then a centre crop. Other transforms are refused.
+    v.only("interpolation", |x| x.as_str() == Some("bicubic"))?;
+    v.only("resize_mode", |x| x.as_str() == Some("shortest"))?;
     let (mean, std) = (
         v.map.get("image_mean").cloned(),
         v.map.get("image_std").cloned(),
@@ -306,7 +323,7 @@ pub fn config_json(cfg: &ClipConfig, custom_text: bool) -> Result<Value> {
         "layers": v.layers,
         "width": v.width,
         "head_width": v.width / v.heads,
-        "mlp_ratio": v.mlp_width as f64 / v.width as f64,
+        "mlp_ratio": mlp_ratio(v.width, v.mlp_width),
         "patch_size": v.patch_size,
         "no_ln_pre": !v.ln_pre,
         "pool_type": if v.pool == VisionPool::Cls { "tok" } else { "avg" },
@@ -323,7 +340,7 @@ pub fn config_json(cfg: &ClipConfig, custom_text: bool) -> Result<Value> {
         "width": t.width,
         "heads": t.heads,
         "layers": t.layers,
-        "mlp_ratio": t.mlp_width as f64 / t.width as f64,
+        "mlp_ratio": mlp_ratio(t.width, t.mlp_width),
         "no_causal_mask": !t.causal,
         "pool_type": match t.pool { TextPool::Argmax => "argmax", TextPool::Last => "last", TextPool::First => "first" },
         "act_kwargs": act(t.activation),

@@ -57,6 +57,29 @@ mod tests {
     }
 
     #[test]
+    fn odd_mlp_widths_and_legacy_pooling_round_trip() {
+        let mut cfg = ClipConfig::tiny();
+        cfg.vision.width = 88;
+        cfg.vision.heads = 2;
+        cfg.vision.mlp_width = 120; // 120/88 is not exact in binary
+        let json = config_json(&cfg, false).unwrap().to_string();
+        assert_eq!(parse_config(&json).unwrap().clip.vision.mlp_width, 120);
+        let legacy = CLIPA_STYLE.replace(
+            "\"pool_type\": \"avg\", \"final_ln_after_pool\": true,",
+            "\"global_average_pool\": true,",
+        );
+        let v = parse_config(&legacy).unwrap().clip.vision;
+        assert_eq!(v.pool, VisionPool::AvgAll);
+        assert!(v.final_ln_after_pool);
+        let squash = CLIPA_STYLE.replace(
+            "\"no_ln_pre\": true",
+            "\"no_ln_pre\": true, \"resize_mode\": \"squash\"",
+        );
+        let err = parse_config(&squash).unwrap_err().to_string();
+        assert!(err.contains("vision_cfg.resize_mode"), "{err}");
+    }
+
+    #[test]
     fn unknown_keys_and_values_are_named() {
         let bad = CLIPA_STYLE.replace("\"no_ln_pre\": true", "\"no_ln_pre\": true, \"rope\": true");
         let err = parse_config(&bad).unwrap_err().to_string();
