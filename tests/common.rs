@@ -27,6 +27,25 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
+/// The folder of OpenCLIP fixture `name` (`CLIPA_FIXTURES`, else
+/// `shared/fixtures/openclip` beside the checkout), or `None` after
+/// [`missing_fixtures`] has reported its absence.
+pub fn fixture_dir(name: &str) -> Option<std::path::PathBuf> {
+    let root = std::env::var_os("CLIPA_FIXTURES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../shared/fixtures/openclip")
+        });
+    let dir = root.join(name);
+    if dir.is_dir() {
+        Some(dir)
+    } else {
+        missing_fixtures(name);
+        None
+    }
+}
+
 /// Called when the OpenCLIP fixtures (`shared/fixtures/openclip` beside
 /// the checkout, or `CLIPA_FIXTURES`) are missing: a failure under CI,
 /// unless `CLIPA_FIXTURES_OPTIONAL=1` says the CI host has no copy of them

@@ -5,21 +5,24 @@ use std::path::{Path, PathBuf};
 
 use clipa_core::io::read_safetensors;
 
-use crate::common::{clipa, missing_fixtures, text};
+use crate::common::{clipa, fixture_dir, text};
 
-fn fixture_dir(name: &str) -> Option<PathBuf> {
-    let root = std::env::var_os("CLIPA_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/openclip")
-        });
-    let dir = root.join(name);
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        missing_fixtures(name);
-        None
-    }
+/// Imports fixture folder `fx` into checkpoint `ckpt` through the binary;
+/// returns the fixture's weights file.
+fn import_fixture(fx: &Path, ckpt: &Path) -> PathBuf {
+    let weights = fx.join("openclip_tiny_weights.safetensors");
+    let config = fx.join("model_cfg/CLIPA-tiny-ref.json");
+    let out = clipa(&[
+        "import-openclip",
+        "--weights",
+        s(&weights),
+        "--config",
+        s(&config),
+        "--out",
+        s(ckpt),
+    ]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    weights
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -39,18 +42,7 @@ fn import_then_export_is_bit_exact() {
         let Some(fx) = fixture_dir(name) else { return };
         let tmp = scratch(name);
         let (ckpt, exported) = (tmp.join("ckpt"), tmp.join("back.safetensors"));
-        let weights = fx.join("openclip_tiny_weights.safetensors");
-        let config = fx.join("model_cfg/CLIPA-tiny-ref.json");
-        let out = clipa(&[
-            "import-openclip",
-            "--weights",
-            s(&weights),
-            "--config",
-            s(&config),
-            "--out",
-            s(&ckpt),
-        ]);
-        assert!(out.status.success(), "{:?}", text(&out));
+        let weights = import_fixture(&fx, &ckpt);
         let out = clipa(&[
             "export-openclip",
             "--checkpoint",
@@ -126,18 +118,7 @@ fn embed_writes_unit_features_in_input_order() {
     };
     let tmp = scratch("embed");
     let ckpt = tmp.join("ckpt");
-    let weights = fx.join("openclip_tiny_weights.safetensors");
-    let config = fx.join("model_cfg/CLIPA-tiny-ref.json");
-    let out = clipa(&[
-        "import-openclip",
-        "--weights",
-        s(&weights),
-        "--config",
-        s(&config),
-        "--out",
-        s(&ckpt),
-    ]);
-    assert!(out.status.success(), "{:?}", text(&out));
+    import_fixture(&fx, &ckpt);
     let images = tmp.join("images");
     std::fs::create_dir_all(&images).unwrap();
     for (i, colour) in [[255u8, 0, 0], [0, 255, 0], [0, 0, 255]].iter().enumerate() {

@@ -4,8 +4,6 @@
 //! match OpenCLIP's features, logits, every per-block activation, the loss
 //! and every parameter gradient.
 
-use std::path::PathBuf;
-
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use clipa_core::io::read_safetensors;
@@ -15,17 +13,7 @@ use clipa_core::numeric::{compare_sets, relative_error};
 use clipa_core::openclip::{export_state, import_state, parse_config};
 use clipa_core::state::{StateDict, grads_dict, load_state_dict};
 
-use crate::common::{missing_fixtures, skip_or_fail};
-
-/// `CLIPA_FIXTURES`, else `shared/fixtures/openclip` beside the checkout.
-fn fixtures() -> Option<PathBuf> {
-    let dir = std::env::var_os("CLIPA_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/openclip")
-        });
-    dir.join("openai_style").is_dir().then_some(dir)
-}
+use crate::common::{fixture_dir, skip_or_fail};
 
 struct Fixture {
     name: &'static str,
@@ -35,11 +23,7 @@ struct Fixture {
 }
 
 fn load(name: &'static str) -> Option<Fixture> {
-    let Some(root) = fixtures() else {
-        missing_fixtures(name);
-        return None;
-    };
-    let dir = root.join(name);
+    let dir = fixture_dir(name)?;
     Some(Fixture {
         name,
         config_json: std::fs::read_to_string(dir.join("model_cfg/CLIPA-tiny-ref.json"))

@@ -105,11 +105,7 @@ mod tests {
     #[test]
     fn export_inverts_import_bit_for_bit() {
         let cfg = ClipConfig::tiny();
-        let clipa: StateDict = clipa_shapes(&cfg)
-            .into_iter()
-            .enumerate()
-            .map(|(i, (k, s))| (k, normal_data(s, i as u64, 1.0)))
-            .collect();
+        let clipa = random_state(&cfg);
         for custom_text in [false, true] {
             let oc = export_state(&clipa, &cfg, custom_text);
             assert_eq!(oc["logit_scale"].shape.as_slice(), &[] as &[usize]);
@@ -124,17 +120,19 @@ mod tests {
         }
     }
 
+    /// Every clipa parameter of `cfg`, filled with seeded noise.
+    fn random_state(cfg: &ClipConfig) -> StateDict {
+        clipa_shapes(cfg)
+            .into_iter()
+            .enumerate()
+            .map(|(i, (k, s))| (k, normal_data(s, i as u64, 1.0)))
+            .collect()
+    }
+
     #[test]
     fn in_proj_rows_are_q_then_k_then_v() {
         let cfg = ClipConfig::tiny();
-        let mut oc = export_state(
-            &clipa_shapes(&cfg)
-                .into_iter()
-                .map(|(k, s)| (k, normal_data(s, 0, 1.0)))
-                .collect(),
-            &cfg,
-            false,
-        );
+        let mut oc = export_state(&random_state(&cfg), &cfg, false);
         // in_proj_weight[64 + 3][5] is Wk[3][5] (out 3, in 5) = clipa key.weight[5][3].
         let key = "visual.transformer.resblocks.0.attn.in_proj_weight";
         let mut values = oc[key].to_vec::<f32>().unwrap();
@@ -150,14 +148,7 @@ mod tests {
     #[test]
     fn import_names_bad_tensors() {
         let cfg = ClipConfig::tiny();
-        let mut oc = export_state(
-            &clipa_shapes(&cfg)
-                .into_iter()
-                .map(|(k, s)| (k, normal_data(s, 0, 1.0)))
-                .collect(),
-            &cfg,
-            false,
-        );
+        let mut oc = export_state(&random_state(&cfg), &cfg, false);
         oc.remove("ln_final.bias");
         oc.insert(
             "visual.proj".into(),
