@@ -6,3 +6,4 @@ mod cli; // the binary: help, version, exit codes, `backends`, `check`
 mod common; // shared helpers: running the binary, GPU-or-skip policy
 mod interop; // import-openclip / export-openclip / embed / models through the binary
 mod parity; // OpenCLIP fixtures: features, logits, activations, loss, gradients
+mod train; // `clipa train`/`eval`: run folder, kill-and-resume, one-line errors

@@ -44,6 +44,153 @@ pub enum Command {
     ExportOpenclip(ExportArgs),
     /// Compute L2-normalised image embeddings with a checkpoint.
     Embed(EmbedArgs),
+    /// Train a CLIP model (default: the `demo` preset on the built-in
+    /// synthetic data, on the CPU).
+    Train(Box<TrainArgs>),
+    /// Zero-shot classification accuracy of a checkpoint on an image folder.
+    Eval(EvalArgs),
+    /// Prepare datasets.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+/// Flags of `clipa train`. Flags override the preset or config file; on a
+/// multi-stage preset the image and text flags apply to the first stage.
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// Run config (TOML, as written to `RUN/run.toml`).
+    #[arg(long, conflicts_with = "preset")]
+    pub config: Option<PathBuf>,
+    /// Training preset (demo, tiny, fmnist, clipa-b16-i112-t16, …).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Model preset, overriding the training preset's (see `clipa models`).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Training data: WebDataset shards (`/data/{00000..00099}.tar`, sources
+    /// joined by `::`) or a CSV/TSV file. Default: built-in synthetic data.
+    #[arg(long)]
+    pub train_data: Option<String>,
+    /// Weights of `::`-joined sources (`1::0.5`).
+    #[arg(long)]
+    pub train_data_upsampling_factors: Option<String>,
+    /// Draw shards with replacement.
+    #[arg(long)]
+    pub dataset_resampled: bool,
+    /// CSV column with image paths.
+    #[arg(long)]
+    pub csv_img_key: Option<String>,
+    /// CSV column with captions.
+    #[arg(long)]
+    pub csv_caption_key: Option<String>,
+    /// Image folder (`root/<class>/*`) for zero-shot evaluation.
+    #[arg(long)]
+    pub zeroshot_data: Option<PathBuf>,
+    /// Class names for --zeroshot-data, one per line in folder order.
+    #[arg(long)]
+    pub classnames: Option<PathBuf>,
+    /// Run folder (default: runs/<preset>-<UTC time>).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Total optimiser steps, split across stages in the preset's proportions.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Global batch size (every stage).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per step (cached-feature accumulation; every stage).
+    #[arg(long)]
+    pub accum_steps: Option<usize>,
+    /// Image size in pixels (first stage).
+    #[arg(long)]
+    pub image_size: Option<u32>,
+    /// Image token reduction (first stage): none | resize:PX | random:RATIO |
+    /// grid:K[:KEPT] | block:RATIO.
+    #[arg(long)]
+    pub image_reduction: Option<String>,
+    /// Text length in tokens (first stage).
+    #[arg(long)]
+    pub text_length: Option<usize>,
+    /// Text token reduction (first stage): truncate | random | block | syntax.
+    #[arg(long)]
+    pub text_reduction: Option<String>,
+    /// Word → part-of-speech lexicon for syntax masking (default: shipped).
+    #[arg(long)]
+    pub lexicon: Option<PathBuf>,
+    /// Loss: softmax (CLIP) or sigmoid (SigLIP).
+    #[arg(long)]
+    pub loss: Option<String>,
+    /// Master seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Log every N steps.
+    #[arg(long)]
+    pub log_every: Option<u64>,
+    /// Checkpoint every N steps.
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Zero-shot evaluation every N steps (always at the end of a stage).
+    #[arg(long)]
+    pub eval_every: Option<u64>,
+    /// Clip the gradient norm.
+    #[arg(long)]
+    pub grad_clip: Option<f64>,
+    /// Skip up to N non-finite steps instead of stopping.
+    #[arg(long)]
+    pub skip_nonfinite: Option<u32>,
+    /// Continue a run: `latest` (newest checkpoint in --output) or a
+    /// checkpoint folder.
+    #[arg(long)]
+    pub resume: Option<String>,
+    /// Data-loading threads (default: all cores).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Start from the weights of a clipa checkpoint folder (e.g. one made by
+    /// `import-openclip`) instead of a random init.
+    #[arg(long, conflicts_with = "resume")]
+    pub init_from: Option<PathBuf>,
+    /// Print the resolved config and exit.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Flags of `clipa eval`.
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// A checkpoint folder, or a run folder (its latest checkpoint).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Image folder (`root/<class>/*`). Default: the synthetic held-out set.
+    #[arg(long)]
+    pub zeroshot_data: Option<PathBuf>,
+    /// Class names, one per line in folder order.
+    #[arg(long)]
+    pub classnames: Option<PathBuf>,
+}
+
+/// `clipa data …`.
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Convert Debian's `dataset-fashion-mnist` IDX files into WebDataset
+    /// training shards and a test image folder.
+    FashionMnist(FashionMnistArgs),
+}
+
+/// Flags of `clipa data fashion-mnist`.
+#[derive(Debug, clap::Args)]
+pub struct FashionMnistArgs {
+    /// Output folder (gets `train/` shards and a `test/` image folder).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Folder with the IDX files.
+    #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
+    pub input: PathBuf,
+    /// Samples per training shard.
+    #[arg(long, default_value_t = 10_000)]
+    pub samples_per_shard: usize,
+    /// Seed of the caption templates.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 /// Flags of `clipa models`.

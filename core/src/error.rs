@@ -29,6 +29,9 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// Training cannot continue (a non-finite loss, too much bad data).
+    #[error("training stopped: {0}")]
+    Training(String),
     /// The backend failed while running a computation.
     #[error("backend error: {0}")]
     Backend(String),

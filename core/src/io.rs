@@ -100,8 +100,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    // Data reaches the disk before the rename makes it visible, and the
+    // rename itself is made durable by syncing the folder: after a crash the
+    // file is either the old one or the complete new one.
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    sync_dir(dir)
+}
+
+/// Makes renames inside `dir` durable (a no-op where folders cannot be
+/// opened, as on Windows).
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    if let Ok(d) = std::fs::File::open(dir) {
+        d.sync_all().or_else(|e| if cfg!(unix) { Err(Error::io(dir, e)) } else { Ok(()) })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,7 +5,9 @@
 //! "An Inverse Scaling Law for CLIP Training" (Li, Wang, Xie, NeurIPS 2023).
 
 pub mod checkpoint;
+pub mod data;
 pub mod error;
+pub mod eval;
 pub mod io;
 pub mod loss;
 pub mod model;
@@ -13,7 +15,10 @@ pub mod nn;
 pub mod numeric;
 pub mod openclip;
 pub mod preprocess;
+pub mod reduce;
+pub mod rng;
 pub mod selftest;
 pub mod state;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -4,6 +4,8 @@
 
 use std::path::Path;
 
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use image::imageops::FilterType;
 use image::{DynamicImage, RgbImage};
 
@@ -48,6 +50,29 @@ pub fn center_crop_normalized(img: &RgbImage, size: usize, norm: &Normalization)
         }
     }
     out
+}
+
+/// Uploads a batch of u8 HWC images and normalises it on the device.
+///
+/// The bytes cross to the device as u8, a quarter of the f32 traffic
+/// (it matters at 32k-image batches); the cast, scaling, channel move and
+/// normalisation run there.
+///
+/// # Shapes
+/// `bytes`: `[batch, size, size, 3]` → `[batch, 3, size, size]`
+pub fn u8_batch_to_tensor<B: Backend>(
+    bytes: &[u8],
+    batch: usize,
+    size: usize,
+    norm: &Normalization,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let data = TensorData::new(bytes.to_vec(), [batch, size, size, 3]);
+    let x = Tensor::<B, 4, Int>::from_data(data, (device, DType::U8)).float(); // [batch, h, w, 3]
+    let x = x.permute([0, 3, 1, 2]) / 255.0; // [batch, 3, h, w]
+    let mean = Tensor::<B, 1>::from_floats(norm.mean, device).reshape([1, 3, 1, 1]);
+    let std = Tensor::<B, 1>::from_floats(norm.std, device).reshape([1, 3, 1, 1]);
+    (x - mean) / std
 }
 
 #[cfg(test)]
@@ -110,5 +135,21 @@ mod tests {
             "right edge white → +1, got {}",
             out[3]
         );
+    }
+
+    #[test]
+    fn device_normalisation_matches_the_host_formula() {
+        let device = Default::default();
+        // Two 1×1 images: (255, 0, 128) and (10, 20, 30).
+        let bytes = [255u8, 0, 128, 10, 20, 30];
+        let norm = Normalization::IMAGENET;
+        let x = u8_batch_to_tensor::<crate::numeric::TestBackend>(&bytes, 2, 1, &norm, &device);
+        assert_eq!(x.dims(), [2, 3, 1, 1]);
+        let got = x.into_data().to_vec::<f32>().unwrap();
+        for (i, (&g, &b)) in got.iter().zip(&bytes).enumerate() {
+            let c = i % 3;
+            let want = (b as f32 / 255.0 - norm.mean[c]) / norm.std[c];
+            assert!((g - want).abs() < 1e-6, "{i}: {g} vs {want}");
+        }
     }
 }

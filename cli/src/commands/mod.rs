@@ -3,9 +3,11 @@
 
 mod backends;
 mod check;
+mod data;
 mod embed;
 mod interop;
 mod models;
+mod train;
 
 use crate::args::{Args, Command};
 
@@ -18,5 +20,8 @@ pub fn dispatch(args: &Args) -> anyhow::Result<()> {
         Command::ImportOpenclip(import) => interop::import(import),
         Command::ExportOpenclip(export) => interop::export(export),
         Command::Embed(embed) => embed::run(args.backend, args.device, embed),
+        Command::Train(train) => train::run(args.backend, args.device, train),
+        Command::Eval(eval) => train::eval(args.backend, args.device, eval),
+        Command::Data(data) => data::run(data),
     }
 }

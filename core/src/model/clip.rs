@@ -19,6 +19,8 @@ pub struct ClipModel<B: Backend> {
     pub text: TextTransformer<B>,
     /// Log temperature `[1]`; logits are scaled by its exponential.
     pub logit_scale: Param<Tensor<B, 1>>,
+    /// Logit bias `[1]` of the sigmoid loss; absent for softmax models.
+    pub logit_bias: Option<Param<Tensor<B, 1>>>,
     /// The architecture.
     #[module(skip)]
     pub config: ClipConfig,
@@ -34,6 +36,9 @@ impl ClipConfig {
                 [self.init_logit_scale as f32],
                 device,
             )),
+            logit_bias: self
+                .init_logit_bias
+                .map(|b| Param::from_tensor(Tensor::from_floats([b as f32], device))),
             config: self.clone(),
         }
     }
@@ -62,6 +67,11 @@ impl<B: Backend> ClipModel<B> {
     /// Raw text embeddings `[batch, embed_dim]`.
     pub fn encode_text(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
         self.text.forward(ids)
+    }
+
+    /// The sigmoid loss's logit bias `[1]`, if the model has one.
+    pub fn bias(&self) -> Option<Tensor<B, 1>> {
+        self.logit_bias.as_ref().map(|b| b.val())
     }
 
     /// `exp(logit_scale)` as a `[1]` tensor.

@@ -142,6 +142,10 @@ pub struct ClipConfig {
     /// Initial value of the learned log temperature, ln(1/0.07).
     #[config(default = 2.659_260_036_932_778)]
     pub init_logit_scale: f64,
+    /// Initial logit bias of the sigmoid (SigLIP) loss, −10; `None` for
+    /// models trained with the softmax loss, which have no bias.
+    #[config(default = "None")]
+    pub init_logit_bias: Option<f64>,
     /// Image normalisation the model was trained with.
     #[config(default = "Normalization::OPENAI")]
     pub normalization: Normalization,
@@ -195,12 +199,14 @@ pub mod sizes {
     pub const TEXT_G: Size = size(1280, 32, 5120, 20);
     /// The benchmark model's towers.
     pub const BENCH_TINY: Size = size(256, 4, 1024, 4);
+    /// The demo model's towers (`clipa train` on the CPU in minutes).
+    pub const DEMO: Size = size(128, 3, 512, 4);
     /// The unit-test model's towers.
     pub const TINY: Size = size(64, 2, 256, 2);
 }
 
 /// The names `--model` accepts, in the order `clipa models` lists them.
-pub const PRESETS: [&str; 10] = [
+pub const PRESETS: [&str; 11] = [
     "clipa-s16",
     "clipa-b16",
     "clipa-l16",
@@ -210,6 +216,7 @@ pub const PRESETS: [&str; 10] = [
     "vit-b16",
     "vit-l14",
     "bench-tiny",
+    "demo",
     "tiny",
 ];
 
@@ -317,6 +324,14 @@ impl ClipConfig {
     pub fn bench_tiny() -> Self {
         Self::openai(256, sizes::BENCH_TINY, 4, 32, sizes::BENCH_TINY, 32)
     }
+    /// The demo model of `clipa train`: width 128, 3 layers, 4 heads, patch 4
+    /// at 32 px, global average pooling and ImageNet statistics as CLIPA.
+    pub fn demo() -> Self {
+        let mut cfg = Self::openai(128, sizes::DEMO, 4, 32, sizes::DEMO, 16);
+        cfg.vision.pool = VisionPool::AvgPatches;
+        cfg.normalization = Normalization::IMAGENET;
+        cfg
+    }
     /// The test model: width 64, 2 layers, 2 heads, patch 4 at 32 px.
     pub fn tiny() -> Self {
         Self::openai(64, sizes::TINY, 4, 32, sizes::TINY, 32)
@@ -334,6 +349,7 @@ impl ClipConfig {
             "vit-b16" => Self::vit_b16(),
             "vit-l14" => Self::vit_l14(),
             "bench-tiny" => Self::bench_tiny(),
+            "demo" => Self::demo(),
             "tiny" => Self::tiny(),
             other => {
                 return Err(Error::Config(format!(

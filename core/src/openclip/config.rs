@@ -192,7 +192,10 @@ pub fn parse_config(json: &str) -> Result<OpenClipConfig> {
     let quick_gelu = top.bool("quick_gelu", false)?;
     let custom_text = top.bool("custom_text", false)?;
     let init_logit_scale = top.f64("init_logit_scale", (1.0f64 / 0.07).ln())?;
-    top.only("init_logit_bias", |_| false)?;
+    let init_logit_bias = match top.get("init_logit_bias") {
+        Some(v) => Some(v.as_f64().ok_or_else(|| unsupported("init_logit_bias", v))?),
+        None => None,
+    };
     top.only("cast_dtype", |_| true)?;
     let vision_value = top
         .get("vision_cfg")
@@ -287,7 +290,9 @@ pub fn parse_config(json: &str) -> Result<OpenClipConfig> {
     t.only("hf_model_name", |_| false)?;
     t.finish()?;
 
-    let mut clip = ClipConfig::new(embed_dim, vision, text).with_init_logit_scale(init_logit_scale);
+    let mut clip = ClipConfig::new(embed_dim, vision, text)
+        .with_init_logit_scale(init_logit_scale)
+        .with_init_logit_bias(init_logit_bias);
     if let (Some(mean), Some(std)) = (mean, std) {
         let triple = |x: &Value, key: &str| -> Result<[f32; 3]> {
             serde_json::from_value(x.clone()).map_err(|_| unsupported(key, x))

@@ -225,6 +225,10 @@ fn rules(cfg: &ClipConfig, custom_text: bool) -> Vec<Rule> {
         Layout::Scalar,
         vec![1],
     );
+    if cfg.init_logit_bias.is_some() {
+        // SigLIP-trained models (OpenCLIP `CustomTextCLIP` with `init_logit_bias`).
+        add(&mut r, "logit_bias", "logit_bias", Layout::Scalar, vec![1]);
+    }
     r
 }
 

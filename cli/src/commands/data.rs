@@ -1,0 +1,31 @@
+//! `clipa data`: dataset converters.
+
+use clipa_core::data::fmnist::{FashionMnistOptions, convert};
+
+use crate::args::DataCommand;
+
+/// Runs a data subcommand.
+pub fn run(cmd: &DataCommand) -> anyhow::Result<()> {
+    match cmd {
+        DataCommand::FashionMnist(a) => {
+            let summary = convert(&FashionMnistOptions {
+                input: a.input.clone(),
+                out: a.out.clone(),
+                samples_per_shard: a.samples_per_shard,
+                seed: a.seed,
+                limit_train: None,
+                limit_test: None,
+            })?;
+            println!(
+                "wrote {} training samples in {} shards and {} test images\n\ntrain with:\n  clipa train --preset fmnist --train-data '{}' --zeroshot-data {} --classnames {}",
+                summary.train_samples,
+                summary.train_shards,
+                summary.test_samples,
+                summary.train_pattern,
+                summary.test_dir.display(),
+                summary.classnames.display()
+            );
+            Ok(())
+        }
+    }
+}

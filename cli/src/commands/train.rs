@@ -1,0 +1,341 @@
+//! `clipa train` and `clipa eval`: flags → resolved config → the core
+//! trainer on the chosen backend, with a progress bar and a final report.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use burn::tensor::backend::AutodiffBackend;
+use clipa_backends::{BackendJob, BackendKind, DeviceInfo};
+use clipa_core::data::tokenizer::Tokenizer;
+use clipa_core::eval::ZeroShotResult;
+use clipa_core::train::runstate;
+use clipa_core::train::{
+    self, LossKind, Observer, Resume, RunOptions, StageConfig, StepMetrics, TrainConfig, TrainSummary,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::args::{EvalArgs, TrainArgs};
+
+/// Preset (or config file) → flag overrides → validated config.
+fn resolve(args: &TrainArgs, output: &Path) -> anyhow::Result<TrainConfig> {
+    let mut cfg = match (&args.config, &args.preset) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            TrainConfig::from_toml(&text, path)?
+        }
+        (None, Some(name)) => TrainConfig::preset(name)?,
+        // Resuming without a config continues the run with its own.
+        (None, None) if args.resume.is_some() && output.join("run.toml").is_file() => {
+            let path = output.join("run.toml");
+            let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            TrainConfig::from_toml(&text, &path)?
+        }
+        (None, None) => TrainConfig::preset("demo")?,
+    };
+    if let Some(m) = &args.model {
+        cfg.model = m.clone();
+    }
+    if let Some(seed) = args.seed {
+        cfg.seed = seed;
+    }
+    if let Some(loss) = &args.loss {
+        cfg.loss = match loss.as_str() {
+            "softmax" => LossKind::Softmax,
+            "sigmoid" => LossKind::Sigmoid,
+            other => bail!("--loss {other}: expected softmax or sigmoid"),
+        };
+    }
+    let d = &mut cfg.data;
+    if args.train_data.is_some() {
+        d.train_data = args.train_data.clone();
+    }
+    if args.train_data_upsampling_factors.is_some() {
+        d.train_data_weights = args.train_data_upsampling_factors.clone();
+    }
+    d.dataset_resampled |= args.dataset_resampled;
+    if let Some(k) = &args.csv_img_key {
+        d.csv_img_key = k.clone();
+    }
+    if let Some(k) = &args.csv_caption_key {
+        d.csv_caption_key = k.clone();
+    }
+    if args.zeroshot_data.is_some() {
+        d.zeroshot_data = args.zeroshot_data.clone();
+    }
+    if args.classnames.is_some() {
+        d.classnames = args.classnames.clone();
+    }
+    if let Some(w) = args.workers {
+        d.workers = w;
+    }
+    if let Some(n) = args.steps {
+        cfg.set_total_steps(n);
+    }
+    for s in &mut cfg.stages {
+        if let Some(b) = args.batch_size {
+            s.batch_size = b;
+        }
+        if let Some(a) = args.accum_steps {
+            s.accum_steps = a;
+        }
+    }
+    let first: &mut StageConfig = &mut cfg.stages[0];
+    if let Some(px) = args.image_size {
+        first.image_size = px;
+    }
+    if let Some(r) = &args.image_reduction {
+        first.image_reduction = r.parse()?;
+    }
+    if let Some(t) = args.text_length {
+        first.text_length = t;
+    }
+    if let Some(r) = &args.text_reduction {
+        first.text_reduction = r.parse()?;
+    }
+    if let Some(n) = args.log_every {
+        cfg.log_every = n;
+    }
+    if let Some(n) = args.checkpoint_every {
+        cfg.checkpoint_every = n;
+    }
+    if let Some(n) = args.eval_every {
+        cfg.eval_every = n;
+    }
+    if args.grad_clip.is_some() {
+        cfg.grad_clip = args.grad_clip;
+    }
+    if let Some(n) = args.skip_nonfinite {
+        cfg.skip_nonfinite = n;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// `runs/<preset>-<UTC yyyymmdd-hhmmss>`.
+fn default_output(args: &TrainArgs) -> PathBuf {
+    let name = args
+        .preset
+        .clone()
+        .or_else(|| args.config.as_ref().and_then(|p| p.file_stem()).map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "demo".into());
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    PathBuf::from("runs").join(format!(
+        "{name}-{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    ))
+}
+
+/// Draws the progress bar and prints events above it.
+struct Progress {
+    bar: ProgressBar,
+    stages: usize,
+}
+
+impl Observer for Progress {
+    fn stage_start(&mut self, index: usize, stage: &StageConfig, first_step: u64) {
+        self.bar.finish_and_clear();
+        self.bar = ProgressBar::new(stage.steps).with_position(first_step);
+        self.bar.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        self.bar.set_prefix(format!("stage {}/{} {}", index + 1, self.stages, stage.name));
+        self.bar.println(format!(
+            "stage {}/{} {}: {} px, image {}, text {} tokens {}, batch {}, {} steps",
+            index + 1,
+            self.stages,
+            stage.name,
+            stage.image_size,
+            stage.image_reduction,
+            stage.text_length,
+            stage.text_reduction,
+            stage.batch_size,
+            stage.steps
+        ));
+    }
+
+    fn log(&mut self, m: &StepMetrics, stage_step: u64) {
+        self.bar.set_position(stage_step);
+        self.bar.set_message(format!(
+            "loss {:.4} lr {:.2e} T {:.1} {:.0} img/s wait {:.0}%",
+            m.loss,
+            m.lr,
+            m.temperature,
+            m.images_per_sec,
+            100.0 * m.data_wait
+        ));
+        if !self.bar.is_hidden() {
+            return;
+        }
+        // No terminal (CI, pipes): one line per log step instead.
+        eprintln!(
+            "step {} stage {} loss {:.4} lr {:.2e} T {:.1} {:.0} img/s wait {:.0}%",
+            m.step,
+            m.stage + 1,
+            m.loss,
+            m.lr,
+            m.temperature,
+            m.images_per_sec,
+            100.0 * m.data_wait
+        );
+    }
+
+    fn message(&mut self, text: &str) {
+        if self.bar.is_hidden() {
+            eprintln!("{text}");
+        } else {
+            self.bar.println(text);
+        }
+    }
+}
+
+struct TrainJob {
+    cfg: TrainConfig,
+    opts: RunOptions,
+}
+
+impl BackendJob for TrainJob {
+    type Output = TrainSummary;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device, info: &DeviceInfo) -> clipa_core::Result<TrainSummary> {
+        eprintln!("training on {info}; run folder {}", self.opts.output.display());
+        let mut progress = Progress { bar: ProgressBar::hidden(), stages: self.cfg.stages.len() };
+        let summary = train::train::<B>(self.cfg, &self.opts, &device, &mut progress);
+        progress.bar.finish_and_clear();
+        summary
+    }
+}
+
+/// Installs SIGINT/SIGTERM handling: the first signal asks the trainer to
+/// checkpoint and stop; a second one exits at once.
+fn interrupt_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let installed = ctrlc::set_handler(move || {
+        if f.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping: writing a checkpoint (press Ctrl-C again to quit now)");
+    });
+    if let Err(e) = installed {
+        tracing::warn!("cannot install the Ctrl-C handler: {e}");
+    }
+    flag
+}
+
+fn print_report(s: &TrainSummary) {
+    println!("\nrun finished{}: {} steps", if s.interrupted { " early (interrupted)" } else { "" }, s.steps);
+    for st in &s.stages {
+        let zs = st.zeroshot.map(|z: ZeroShotResult| {
+            format!(
+                ", zero-shot top-1 {:.1}% (top-5 {:.1}%, chance {:.1}%, {} images)",
+                100.0 * z.top1,
+                100.0 * z.top5,
+                100.0 * z.chance,
+                z.samples
+            )
+        });
+        println!("  {}: {:.0} s{}", st.name, st.seconds, zs.unwrap_or_default());
+    }
+    let d = s.data;
+    if d.bad_images + d.bad_captions + d.bad_shards > 0 {
+        println!(
+            "  skipped data: {} bad images, {} bad captions, {} bad shards (of {} samples)",
+            d.bad_images, d.bad_captions, d.bad_shards, d.samples
+        );
+    }
+    if s.nonfinite_skipped > 0 {
+        println!("  non-finite steps skipped: {}", s.nonfinite_skipped);
+    }
+    println!("  run folder: {}", s.run_dir.display());
+    if let Some(c) = &s.checkpoint {
+        println!("  checkpoint: {}", c.display());
+    }
+}
+
+/// `clipa train`.
+pub fn run(kind: BackendKind, device: Option<usize>, args: &TrainArgs) -> anyhow::Result<()> {
+    let output = args.output.clone().unwrap_or_else(|| default_output(args));
+    let cfg = resolve(args, &output)?;
+    if args.dry_run {
+        print!("{}", cfg.to_toml());
+        return Ok(());
+    }
+    let resume = match args.resume.as_deref() {
+        None => None,
+        Some("latest") => {
+            if args.output.is_none() {
+                bail!("--resume latest needs the --output of the run to continue");
+            }
+            Some(Resume::Latest)
+        }
+        Some(dir) => Some(Resume::Dir(dir.into())),
+    };
+    let opts = RunOptions {
+        output,
+        resume,
+        interrupt: interrupt_flag(),
+        lexicon: args.lexicon.clone(),
+        init_from: args.init_from.clone(),
+    };
+    let summary = clipa_backends::run(kind, device, TrainJob { cfg, opts })?;
+    print_report(&summary);
+    Ok(())
+}
+
+struct EvalJob<'a> {
+    checkpoint: PathBuf,
+    args: &'a EvalArgs,
+}
+
+impl BackendJob for EvalJob<'_> {
+    type Output = ZeroShotResult;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device, info: &DeviceInfo) -> clipa_core::Result<ZeroShotResult> {
+        let model = clipa_core::checkpoint::load_model::<B::InnerBackend>(&self.checkpoint, &device)?;
+        eprintln!("evaluating {} on {info}", self.checkpoint.display());
+        let mut cfg = TrainConfig::preset("tiny")?;
+        cfg.data.zeroshot_data = self.args.zeroshot_data.clone();
+        cfg.data.classnames = self.args.classnames.clone();
+        let tokenizer = Tokenizer::clip();
+        train::data::zeroshot_eval(&cfg, &model, &tokenizer, &device)?
+            .ok_or_else(|| clipa_core::Error::Config("nothing to evaluate".into()))
+    }
+}
+
+/// `clipa eval`.
+pub fn eval(kind: BackendKind, device: Option<usize>, args: &EvalArgs) -> anyhow::Result<()> {
+    // A run folder means its newest checkpoint.
+    let checkpoint = if args.checkpoint.join("checkpoints").is_dir() {
+        runstate::latest(&args.checkpoint)?
+            .with_context(|| format!("{} holds no checkpoint yet", args.checkpoint.display()))?
+    } else {
+        args.checkpoint.clone()
+    };
+    let r = clipa_backends::run(kind, device, EvalJob { checkpoint, args })?;
+    println!(
+        "zero-shot top-1 {:.2}%  top-5 {:.2}%  ({} images, chance {:.2}%)",
+        100.0 * r.top1,
+        100.0 * r.top5,
+        r.samples,
+        100.0 * r.chance
+    );
+    Ok(())
+}

@@ -1,0 +1,502 @@
+//! Decoding and augmentation of one image, ending as `u8` HWC pixels in a
+//! slot of a batch buffer (normalisation happens on the device).
+//!
+//! Training follows torchvision on PIL images, which is what OpenCLIP and
+//! the CLIPA torch code run (CLIPA-FACTS §1.6): `RandomResizedCrop(size,
+//! scale=(0.4, 1), interpolation=BILINEAR)` with PIL's antialiased filter and
+//! no flip, then optionally `RandomApply([ColorJitter(.32, .32, .32, .08)],
+//! p=0.8)` and `RandomGrayscale(0.2)`. Crop sampling is
+//! `RandomResizedCrop.get_params` draw for draw; the colour ops are
+//! `torchvision/transforms/_functional_pil.py` over `PIL.ImageEnhance`.
+//! Evaluation is OpenCLIP's default: bicubic resize of the shorter side and
+//! a centre crop, or a squash resize.
+
+use fast_image_resize::images::{CroppedImage, Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use crate::data::ImagePayload;
+
+mod color;
+pub use color::{ColorJitter, to_grayscale};
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// Decodes encoded bytes (JPEG, PNG, WebP; the format is sniffed) to RGB;
+/// grey and RGBA become RGB. `key` names the sample in the error.
+pub fn decode_rgb(bytes: &[u8], key: &str) -> Result<RgbImage> {
+    let bad = |reason: String| Error::Format {
+        path: key.into(),
+        reason,
+    };
+    let img = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| bad(format!("cannot read image: {e}")))?
+        .decode()
+        .map_err(|e| bad(format!("cannot decode image: {e}")))?;
+    let rgb = img.into_rgb8();
+    if rgb.width() == 0 || rgb.height() == 0 {
+        return Err(bad("empty image".into()));
+    }
+    Ok(rgb)
+}
+
+/// The RGB pixels of a payload: decodes encoded bytes, passes pixels on.
+pub fn payload_rgb(payload: ImagePayload, key: &str) -> Result<RgbImage> {
+    match payload {
+        ImagePayload::Encoded(bytes) => decode_rgb(&bytes, key),
+        ImagePayload::Decoded(img) if img.width() == 0 || img.height() == 0 => Err(Error::Format {
+            path: key.into(),
+            reason: "empty image".into(),
+        }),
+        ImagePayload::Decoded(img) => Ok(img),
+    }
+}
+
+/// An integer crop of the source image, as torchvision's `(i, j, h, w)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CropBox {
+    /// First column.
+    pub left: u32,
+    /// First row.
+    pub top: u32,
+    /// Columns kept.
+    pub width: u32,
+    /// Rows kept.
+    pub height: u32,
+}
+
+/// Training augmentation: random resized crop and optional SimCLR colour
+/// ops. The default is CLIPA's (crop only); see [`TrainAugment::clipa_strong`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainAugment {
+    /// Range of the crop's share of the image area (CLIPA: 0.4..1.0).
+    pub scale: (f32, f32),
+    /// Range of the crop's width/height, sampled log-uniformly (3/4..4/3).
+    pub ratio: (f32, f32),
+    /// Colour-jitter strength `s`: brightness, contrast and saturation
+    /// factors in `1 ± 0.8s`, hue shift in `±0.2s`, applied with p = 0.8.
+    pub color_jitter: Option<f32>,
+    /// Probability of turning the image grey (0.2 when enabled).
+    pub grayscale_p: f32,
+}
+
+impl Default for TrainAugment {
+    fn default() -> Self {
+        Self {
+            scale: (0.4, 1.0),
+            ratio: (3.0 / 4.0, 4.0 / 3.0),
+            color_jitter: None,
+            grayscale_p: 0.0,
+        }
+    }
+}
+
+/// torchvision `RandomApply` probability of the colour jitter in SimCLR.
+const JITTER_P: f64 = 0.8;
+
+impl TrainAugment {
+    /// CLIPA's H/G (JAX) and L/16 (torch) recipe: jitter 0.4, grayscale 0.2.
+    pub fn clipa_strong() -> Self {
+        Self {
+            color_jitter: Some(0.4),
+            grayscale_p: 0.2,
+            ..Self::default()
+        }
+    }
+
+    /// Checks the ranges a config file may get wrong.
+    pub fn validate(&self) -> Result<()> {
+        let (s0, s1) = self.scale;
+        let (r0, r1) = self.ratio;
+        if !(s0 > 0.0 && s0 <= s1 && s1 <= 1.0) {
+            return Err(Error::Config(format!(
+                "augment scale {s0}..{s1} must satisfy 0 < lo <= hi <= 1"
+            )));
+        }
+        if !(r0 > 0.0 && r0 <= r1 && r1.is_finite()) {
+            return Err(Error::Config(format!(
+                "augment ratio {r0}..{r1} must satisfy 0 < lo <= hi"
+            )));
+        }
+        if let Some(s) = self.color_jitter
+            && !(0.0..=1.0).contains(&s)
+        {
+            return Err(Error::Config(format!(
+                "color jitter strength {s} must lie in 0..=1"
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.grayscale_p) {
+            return Err(Error::Config(format!(
+                "grayscale_p {} must lie in 0..=1",
+                self.grayscale_p
+            )));
+        }
+        Ok(())
+    }
+
+    /// `RandomResizedCrop.get_params`: ten tries of area × log-uniform
+    /// ratio, then the central crop clamped to the ratio range.
+    pub fn sample_crop(&self, width: u32, height: u32, rng: &mut Rng) -> CropBox {
+        let area = f64::from(width) * f64::from(height);
+        let (lr0, lr1) = (f64::from(self.ratio.0).ln(), f64::from(self.ratio.1).ln());
+        for _ in 0..10 {
+            let target = area * rng.range(f64::from(self.scale.0), f64::from(self.scale.1));
+            let aspect = rng.range(lr0, lr1).exp();
+            // Python's round() is round-half-even.
+            let w = (target * aspect).sqrt().round_ties_even();
+            let h = (target / aspect).sqrt().round_ties_even();
+            if w > 0.0 && h > 0.0 && w <= f64::from(width) && h <= f64::from(height) {
+                let (w, h) = (w as u32, h as u32);
+                let top = rng.below((height - h + 1) as usize) as u32;
+                let left = rng.below((width - w + 1) as usize) as u32;
+                return CropBox {
+                    left,
+                    top,
+                    width: w,
+                    height: h,
+                };
+            }
+        }
+        let in_ratio = f64::from(width) / f64::from(height);
+        let (w, h) = if in_ratio < f64::from(self.ratio.0) {
+            (
+                width,
+                ((f64::from(width) / f64::from(self.ratio.0)).round_ties_even() as u32)
+                    .clamp(1, height),
+            )
+        } else if in_ratio > f64::from(self.ratio.1) {
+            (
+                ((f64::from(height) * f64::from(self.ratio.1)).round_ties_even() as u32)
+                    .clamp(1, width),
+                height,
+            )
+        } else {
+            (width, height)
+        };
+        CropBox {
+            left: (width - w) / 2,
+            top: (height - h) / 2,
+            width: w,
+            height: h,
+        }
+    }
+}
+
+/// How a decoded image becomes a `size`² training or evaluation input.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum ImageTransform {
+    /// Random resized crop (bilinear, antialiased) and optional colour ops.
+    Train(TrainAugment),
+    /// Bicubic resize of the shorter side to `size`, then the centre square
+    /// (OpenCLIP's default eval transform).
+    EvalCenterCrop,
+    /// Bicubic resize of the whole image to `size`² (OpenCLIP `squash`).
+    EvalSquash,
+}
+
+impl ImageTransform {
+    /// One-off convenience around [`Augmenter`]; loaders keep an
+    /// [`Augmenter`] per worker so that the resizer's buffers are reused.
+    pub fn apply(&self, img: &RgbImage, size: u32, rng: &mut Rng) -> Result<RgbImage> {
+        let mut out = vec![0u8; (size as usize).pow(2) * 3];
+        Augmenter::new(*self, size).apply_into(img, rng, &mut out)?;
+        RgbImage::from_raw(size, size, out)
+            .ok_or_else(|| Error::Config("output buffer size".into()))
+    }
+}
+
+/// A transform bound to an output size, with the resizer's scratch
+/// buffers it reuses from image to image.
+#[derive(Debug, Clone)]
+pub struct Augmenter {
+    transform: ImageTransform,
+    size: u32,
+    resizer: Resizer,
+}
+
+impl Augmenter {
+    /// An augmenter producing `size`² RGB images.
+    pub fn new(transform: ImageTransform, size: u32) -> Self {
+        Self {
+            transform,
+            size,
+            resizer: Resizer::new(),
+        }
+    }
+
+    /// Bytes of one output image: `size · size · 3`.
+    pub fn output_len(&self) -> usize {
+        (self.size as usize).pow(2) * 3
+    }
+
+    /// Transforms `img` into `out`, `[size, size, 3]` u8, drawing from
+    /// `rng`. Errs on an empty image or a wrong `out` length.
+    pub fn apply_into(&mut self, img: &RgbImage, rng: &mut Rng, out: &mut [u8]) -> Result<()> {
+        let (w, h) = img.dimensions();
+        let bad = |reason: String| Error::Format {
+            path: "image".into(),
+            reason,
+        };
+        if w == 0 || h == 0 || self.size == 0 || out.len() != self.output_len() {
+            return Err(bad(format!(
+                "cannot map a {w}x{h} image to {}² in {} bytes",
+                self.size,
+                out.len()
+            )));
+        }
+        let src =
+            ImageRef::new(w, h, img.as_raw(), PixelType::U8x3).map_err(|e| bad(e.to_string()))?;
+        let mut dst = Image::from_slice_u8(self.size, self.size, out, PixelType::U8x3)
+            .map_err(|e| bad(e.to_string()))?;
+        let resized = match self.transform {
+            ImageTransform::Train(aug) => {
+                let c = aug.sample_crop(w, h, rng);
+                // Crop first so the filter stops at the crop border, as
+                // torchvision's `img.crop(box).resize(...)` does.
+                let view = CroppedImage::new(&src, c.left, c.top, c.width, c.height)
+                    .map_err(|e| bad(e.to_string()))?;
+                let opts =
+                    ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+                self.resizer.resize(&view, &mut dst, &opts)
+            }
+            ImageTransform::EvalCenterCrop => {
+                // The source region that Resize(size) + CenterCrop(size)
+                // shows; a fractional box over the whole image gives the
+                // very same filter taps as resizing everything first.
+                let (short, long) = (w.min(h), w.max(h));
+                let new_long =
+                    (u64::from(self.size) * u64::from(long) / u64::from(short)).max(1) as f64;
+                let (nw, nh) = if w <= h {
+                    (f64::from(self.size), new_long)
+                } else {
+                    (new_long, f64::from(self.size))
+                };
+                let s = f64::from(self.size);
+                let left = ((nw - s) / 2.0).round_ties_even();
+                let top = ((nh - s) / 2.0).round_ties_even();
+                let (sx, sy) = (f64::from(w) / nw, f64::from(h) / nh);
+                let opts = ResizeOptions::new()
+                    .resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom))
+                    .crop(left * sx, top * sy, s * sx, s * sy);
+                self.resizer.resize(&src, &mut dst, &opts)
+            }
+            ImageTransform::EvalSquash => {
+                let opts =
+                    ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
+                self.resizer.resize(&src, &mut dst, &opts)
+            }
+        };
+        resized.map_err(|e| bad(format!("resize failed: {e}")))?;
+        if let ImageTransform::Train(aug) = self.transform {
+            if let Some(s) = aug.color_jitter
+                && rng.bernoulli(JITTER_P)
+            {
+                ColorJitter::simclr(s).apply(out, rng);
+            }
+            if aug.grayscale_p > 0.0 && rng.bernoulli(f64::from(aug.grayscale_p)) {
+                to_grayscale(out);
+            }
+        }
+        Ok(())
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use image::{DynamicImage, ImageFormat, Rgb};
+
+    use super::*;
+
+    fn noise(w: u32, h: u32, seed: u64) -> RgbImage {
+        let mut rng = Rng::new(seed);
+        RgbImage::from_fn(w, h, |_, _| {
+            Rgb([
+                rng.below(256) as u8,
+                rng.below(256) as u8,
+                rng.below(256) as u8,
+            ])
+        })
+    }
+
+    fn encode(img: DynamicImage, format: ImageFormat) -> Vec<u8> {
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut bytes, format).expect("encode test image");
+        bytes.into_inner()
+    }
+
+    #[test]
+    fn crop_stays_inside_with_area_and_ratio_in_range() {
+        let aug = TrainAugment::default();
+        let mut rng = Rng::new(1);
+        let (w, h) = (640u32, 480u32);
+        let mut mean_area = 0.0;
+        for _ in 0..2000 {
+            let c = aug.sample_crop(w, h, &mut rng);
+            assert!(
+                c.width > 0 && c.height > 0 && c.left + c.width <= w && c.top + c.height <= h,
+                "{c:?}"
+            );
+            let area = f64::from(c.width * c.height) / f64::from(w * h);
+            let ratio = f64::from(c.width) / f64::from(c.height);
+            // Rounding w and h to integers moves area and ratio by < 1 %.
+            assert!((0.39..=1.0).contains(&area), "{area}");
+            assert!((0.74..=1.345).contains(&ratio), "{ratio}");
+            mean_area += area / 2000.0;
+        }
+        // 0.6031 by simulating torchvision's get_params in Python (2e5
+        // draws); uniform 0.4..1 would be 0.7, rejections trim large crops.
+        assert!((0.59..0.615).contains(&mean_area), "{mean_area}");
+    }
+
+    #[test]
+    fn crop_falls_back_to_the_central_ratio_clamped_box() {
+        // No crop of >= 40 % area fits a 10x1000 strip at ratio >= 3/4.
+        let c = TrainAugment::default().sample_crop(10, 1000, &mut Rng::new(2));
+        assert_eq!(
+            c,
+            CropBox {
+                left: 0,
+                top: 493,
+                width: 10,
+                height: 13
+            }
+        );
+    }
+
+    #[test]
+    fn uniform_colour_survives_every_transform() {
+        let img = RgbImage::from_pixel(50, 40, Rgb([200, 100, 50]));
+        let modes = [
+            ImageTransform::Train(TrainAugment::default()),
+            ImageTransform::EvalCenterCrop,
+            ImageTransform::EvalSquash,
+        ];
+        for mode in modes {
+            let out = mode.apply(&img, 16, &mut Rng::new(3)).expect("transform");
+            assert_eq!(out.dimensions(), (16, 16));
+            assert!(out.pixels().all(|p| p.0 == [200, 100, 50]), "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn full_crop_without_jitter_is_the_identity() {
+        let img = noise(24, 24, 4);
+        let aug = TrainAugment {
+            scale: (1.0, 1.0),
+            ratio: (1.0, 1.0),
+            ..TrainAugment::default()
+        };
+        let out = ImageTransform::Train(aug)
+            .apply(&img, 24, &mut Rng::new(5))
+            .expect("transform");
+        assert_eq!(out.as_raw(), img.as_raw());
+    }
+
+    #[test]
+    fn strong_augment_is_seeded_and_changes_pixels() {
+        let img = noise(40, 30, 9);
+        let strong = ImageTransform::Train(TrainAugment::clipa_strong());
+        let plain = ImageTransform::Train(TrainAugment::default());
+        let a = strong
+            .apply(&img, 16, &mut Rng::new(10))
+            .expect("transform");
+        assert_eq!(
+            a,
+            strong
+                .apply(&img, 16, &mut Rng::new(10))
+                .expect("transform")
+        );
+        let changed = (0..20u64)
+            .filter(|&s| {
+                strong.apply(&img, 16, &mut Rng::new(s)).ok()
+                    != plain.apply(&img, 16, &mut Rng::new(s)).ok()
+            })
+            .count();
+        // Jitter (p 0.8) or grey (p 0.2) fires unless both miss (p 0.16).
+        assert!((10..=20).contains(&changed), "{changed}");
+        assert!(TrainAugment::clipa_strong().validate().is_ok());
+        assert!(
+            TrainAugment {
+                scale: (0.0, 1.0),
+                ..TrainAugment::default()
+            }
+            .validate()
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn eval_center_crop_shows_the_middle() {
+        // 40x20: red left half, blue right half. Centre crop to 10 keeps
+        // source columns 10..30: red on the left, blue on the right.
+        let img = RgbImage::from_fn(40, 20, |x, _| {
+            if x < 20 {
+                Rgb([255, 0, 0])
+            } else {
+                Rgb([0, 0, 255])
+            }
+        });
+        let out = ImageTransform::EvalCenterCrop
+            .apply(&img, 10, &mut Rng::new(0))
+            .expect("transform");
+        assert_eq!(out.get_pixel(0, 5).0, [255, 0, 0]);
+        assert_eq!(out.get_pixel(9, 5).0, [0, 0, 255]);
+        let squashed = ImageTransform::EvalSquash
+            .apply(&img, 10, &mut Rng::new(0))
+            .expect("transform");
+        assert_eq!(squashed.get_pixel(0, 5).0, [255, 0, 0]);
+        assert_eq!(squashed.get_pixel(2, 5).0, [255, 0, 0]);
+    }
+
+    #[test]
+    fn decodes_png_jpeg_webp_grey_and_rgba_to_rgb() {
+        let rgb = RgbImage::from_pixel(8, 6, Rgb([10, 120, 240]));
+        let png = decode_rgb(
+            &encode(DynamicImage::ImageRgb8(rgb.clone()), ImageFormat::Png),
+            "a",
+        )
+        .expect("png");
+        assert_eq!(png, rgb);
+        let webp = decode_rgb(
+            &encode(DynamicImage::ImageRgb8(rgb.clone()), ImageFormat::WebP),
+            "b",
+        )
+        .expect("webp");
+        assert_eq!(webp, rgb);
+        let jpeg = decode_rgb(
+            &encode(DynamicImage::ImageRgb8(rgb), ImageFormat::Jpeg),
+            "c",
+        )
+        .expect("jpeg");
+        assert!(
+            jpeg.pixels().all(|p| p
+                .0
+                .iter()
+                .zip([10, 120, 240])
+                .all(|(&a, b)| a.abs_diff(b) <= 4)),
+            "{:?}",
+            jpeg.get_pixel(0, 0)
+        );
+        let grey = image::GrayImage::from_pixel(5, 5, image::Luma([77]));
+        let g = decode_rgb(
+            &encode(DynamicImage::ImageLuma8(grey), ImageFormat::Png),
+            "d",
+        )
+        .expect("grey");
+        assert!(g.pixels().all(|p| p.0 == [77, 77, 77]));
+        let rgba = image::RgbaImage::from_pixel(5, 5, image::Rgba([1, 2, 3, 100]));
+        let c = decode_rgb(
+            &encode(DynamicImage::ImageRgba8(rgba), ImageFormat::Png),
+            "e",
+        )
+        .expect("rgba");
+        assert!(c.pixels().all(|p| p.0 == [1, 2, 3]));
+        let err = decode_rgb(b"not an image", "shard-3/000007").expect_err("garbage");
+        assert!(err.to_string().starts_with("shard-3/000007: "), "{err}");
+        assert!(payload_rgb(ImagePayload::Decoded(RgbImage::new(0, 4)), "z").is_err());
+    }
+}

@@ -1,0 +1,256 @@
+//! Image folders for classification, ImageNet-val style:
+//! `root/<class>/*.{jpg,jpeg,png,webp}`.
+//!
+//! Follows torchvision's `ImageFolder` (`find_classes`): classes are the
+//! sorted subfolder names and labels index that order. The names used for
+//! captions and zero-shot prompts come from an optional class-names file
+//! (one per line, in sorted-folder order, as OpenCLIP's
+//! `zero_shot_metadata.py` lists them) or else from the folder names with
+//! `_` read as a space.
+
+use std::path::{Path, PathBuf};
+
+use super::{DataStats, ImagePayload, RawSample, ShardSource};
+use crate::{Error, Result};
+
+/// Images per shard.
+pub const FILES_PER_SHARD: usize = 1000;
+
+/// A class-per-subfolder image dataset.
+#[derive(Debug, Clone)]
+pub struct ImageFolder {
+    /// Human-readable class names, indexed by label.
+    pub classes: Vec<String>,
+    /// Every image with its label, sorted by class folder then file name.
+    files: Vec<(PathBuf, usize)>,
+    files_per_shard: usize,
+}
+
+/// Opens `root`, naming classes from `classnames` if given.
+pub fn open(root: &Path, classnames: Option<&Path>) -> Result<ImageFolder> {
+    ImageFolder::open(root, classnames)
+}
+
+impl ImageFolder {
+    /// Scans `root` (one level of class folders, one of images in each).
+    ///
+    /// Errors if `root` is missing, has no class folders or no images, or
+    /// the class-names file does not have one line per class.
+    pub fn open(root: &Path, classnames: Option<&Path>) -> Result<Self> {
+        let mut folders: Vec<(String, PathBuf)> = Vec::new();
+        for entry in std::fs::read_dir(root).map_err(|e| Error::io(root, e))? {
+            let entry = entry.map_err(|e| Error::io(root, e))?;
+            if entry.path().is_dir() {
+                folders.push((
+                    entry.file_name().to_string_lossy().into_owned(),
+                    entry.path(),
+                ));
+            }
+        }
+        if folders.is_empty() {
+            return Err(Error::Format {
+                path: root.into(),
+                reason: "no class subfolders".into(),
+            });
+        }
+        folders.sort();
+        let mut files = Vec::new();
+        for (label, (_, folder)) in folders.iter().enumerate() {
+            let mut images: Vec<PathBuf> = Vec::new();
+            for entry in std::fs::read_dir(folder).map_err(|e| Error::io(folder, e))? {
+                let path = entry.map_err(|e| Error::io(folder, e))?.path();
+                if path.is_file() && is_image(&path) {
+                    images.push(path);
+                }
+            }
+            images.sort();
+            files.extend(images.into_iter().map(|p| (p, label)));
+        }
+        if files.is_empty() {
+            return Err(Error::Format {
+                path: root.into(),
+                reason: "no images in the class subfolders".into(),
+            });
+        }
+        let classes = match classnames {
+            Some(path) => read_classnames(path, folders.len())?,
+            None => folders
+                .iter()
+                .map(|(name, _)| name.replace('_', " "))
+                .collect(),
+        };
+        Ok(Self {
+            classes,
+            files,
+            files_per_shard: FILES_PER_SHARD,
+        })
+    }
+
+    /// The same dataset cut into shards of `n` images (at least one).
+    pub fn with_files_per_shard(mut self, n: usize) -> Self {
+        self.files_per_shard = n.max(1);
+        self
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Whether there are no images (never true after [`Self::open`]).
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// Every image path with its label, in shard order.
+    pub fn files(&self) -> &[(PathBuf, usize)] {
+        &self.files
+    }
+}
+
+fn is_image(path: &Path) -> bool {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    ["jpg", "jpeg", "png", "webp"]
+        .iter()
+        .any(|x| ext.eq_ignore_ascii_case(x))
+}
+
+/// One name per non-empty line; exactly `n` of them.
+fn read_classnames(path: &Path, n: usize) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let names: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    if names.len() != n {
+        return Err(Error::Format {
+            path: path.into(),
+            reason: format!("{} class names for {n} class folders", names.len()),
+        });
+    }
+    Ok(names)
+}
+
+impl ShardSource for ImageFolder {
+    fn num_shards(&self) -> usize {
+        self.files.len().div_ceil(self.files_per_shard)
+    }
+
+    fn shard_name(&self, i: usize) -> String {
+        match self.files.get(i * self.files_per_shard) {
+            Some((p, _)) => format!("{} (+{} more)", p.display(), self.files_per_shard - 1),
+            None => format!("<shard {i}>"),
+        }
+    }
+
+    fn open<'a>(
+        &'a self,
+        i: usize,
+        stats: &'a DataStats,
+    ) -> Result<Box<dyn Iterator<Item = RawSample> + Send + 'a>> {
+        let start = i * self.files_per_shard;
+        if start >= self.files.len() {
+            return Err(Error::Config(format!(
+                "shard {i} out of range ({} shards)",
+                self.num_shards()
+            )));
+        }
+        let chunk = &self.files[start..(start + self.files_per_shard).min(self.files.len())];
+        Ok(Box::new(chunk.iter().filter_map(
+            move |(path, label)| match std::fs::read(path) {
+                Ok(bytes) => Some(RawSample {
+                    key: path.display().to_string(),
+                    image: ImagePayload::Encoded(bytes),
+                    caption: self.classes[*label].clone(),
+                    label: Some(*label),
+                }),
+                Err(_) => {
+                    DataStats::bump(&stats.bad_images);
+                    None
+                }
+            },
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    fn tree(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("clipa-folder-{name}-{}", std::process::id()));
+        for (class, files) in [
+            ("n02_golden_retriever", &["b.JPG", "a.png", "notes.txt"][..]),
+            ("n01_tench", &["z.webp"]),
+        ] {
+            std::fs::create_dir_all(d.join(class)).unwrap();
+            for f in files {
+                std::fs::write(d.join(class).join(f), f.as_bytes()).unwrap();
+            }
+        }
+        std::fs::write(d.join("README"), b"not a class").unwrap();
+        d
+    }
+
+    #[test]
+    fn labels_follow_sorted_folders() {
+        let d = tree("labels");
+        let ds = open(&d, None).unwrap().with_files_per_shard(2);
+        assert_eq!(ds.classes, ["n01 tench", "n02 golden retriever"]);
+        assert_eq!((ds.len(), ds.num_shards()), (3, 2));
+        let stats = DataStats::default();
+        let got: Vec<(Option<usize>, String, String)> = (0..2)
+            .flat_map(|i| ds.open(i, &stats).unwrap().collect::<Vec<_>>())
+            .map(|s| {
+                (
+                    s.label,
+                    s.caption,
+                    s.key.rsplit('/').next().unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got[0],
+            (Some(0), "n01 tench".to_string(), "z.webp".to_string())
+        );
+        assert_eq!(got[1].2, "a.png");
+        assert_eq!(
+            got[2],
+            (
+                Some(1),
+                "n02 golden retriever".to_string(),
+                "b.JPG".to_string()
+            )
+        );
+        // A file that vanished after the scan is a bad image, not an error.
+        std::fs::remove_file(d.join("n01_tench/z.webp")).unwrap();
+        assert_eq!(ds.open(0, &stats).unwrap().count(), 1);
+        assert_eq!(stats.bad_images.load(Relaxed), 1);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn classnames_file_and_errors() {
+        let d = tree("names");
+        let names = d.join("names.txt");
+        std::fs::write(&names, "tench\ngolden retriever\n\n").unwrap();
+        assert_eq!(
+            open(&d, Some(&names)).unwrap().classes,
+            ["tench", "golden retriever"]
+        );
+        std::fs::write(&names, "tench\n").unwrap();
+        let e = open(&d, Some(&names)).unwrap_err().to_string();
+        assert!(e.contains("1 class names for 2 class folders"), "{e}");
+        assert!(matches!(
+            open(&d.join("missing"), None),
+            Err(Error::Io { .. })
+        ));
+        let empty = d.join("n01_tench");
+        let e = open(&empty, None).unwrap_err().to_string();
+        assert!(e.contains("no class subfolders"), "{e}");
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}

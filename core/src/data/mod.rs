@@ -1,0 +1,111 @@
+//! Data: sources (WebDataset shards, CSV/TSV, image folders, the built-in
+//! synthetic set), decoding and augmentation, the CLIP and WordPiece
+//! tokenizers, and the parallel loader that feeds training.
+//!
+//! The pieces meet at two types: a [`ShardSource`] splits a dataset into
+//! shards that workers open independently, and each shard yields
+//! [`RawSample`]s. Bad data never stops a run: it is skipped and counted in
+//! [`DataStats`].
+
+pub mod augment;
+pub mod brace;
+pub mod csv;
+pub mod fmnist;
+pub mod folder;
+pub mod loader;
+pub mod shards;
+pub mod synthetic;
+pub mod tokenizer;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::Result;
+
+/// The image of a [`RawSample`] as its source delivers it.
+#[derive(Debug, Clone)]
+pub enum ImagePayload {
+    /// Encoded file bytes (JPEG, PNG, WebP), decoded by a loader worker.
+    Encoded(Vec<u8>),
+    /// Pixels a source generated itself (the synthetic set, IDX files).
+    Decoded(image::RgbImage),
+}
+
+/// One image–caption pair before decoding and augmentation.
+#[derive(Debug, Clone)]
+pub struct RawSample {
+    /// Where the sample came from (`shard.tar/000123`, a file path), for
+    /// bad-data reports.
+    pub key: String,
+    /// The image.
+    pub image: ImagePayload,
+    /// The caption, or the class name for classification folders.
+    pub caption: String,
+    /// The class index for classification data, `None` for captions.
+    pub label: Option<usize>,
+}
+
+/// A dataset divided into shards that loader workers open independently.
+///
+/// Shard `i` must yield the same samples in the same order every time it is
+/// opened: determinism and resume rest on it.
+pub trait ShardSource: Send + Sync {
+    /// Number of shards in one pass over the data.
+    fn num_shards(&self) -> usize;
+    /// A short name of shard `i` for logs and error messages.
+    fn shard_name(&self, i: usize) -> String;
+    /// Opens shard `i`. Bad samples inside it are skipped and counted in
+    /// `stats`; an unreadable shard is an `Err`, which the loader counts and
+    /// skips. The iterator borrows `stats` too, because bad samples are
+    /// only found (and counted) as it advances; an implementation that does
+    /// not need `stats` may still write the elided `-> ... + '_` form.
+    fn open<'a>(
+        &'a self,
+        i: usize,
+        stats: &'a DataStats,
+    ) -> Result<Box<dyn Iterator<Item = RawSample> + Send + 'a>>;
+}
+
+/// Counters of good and bad data, shared by all loader workers.
+#[derive(Debug, Default)]
+pub struct DataStats {
+    /// Samples delivered.
+    pub samples: AtomicU64,
+    /// Images that failed to decode.
+    pub bad_images: AtomicU64,
+    /// Samples with an empty or missing caption, or missing image.
+    pub bad_captions: AtomicU64,
+    /// Shards that could not be opened or ended early (truncated tar).
+    pub bad_shards: AtomicU64,
+}
+
+/// A plain copy of [`DataStats`] for reports and the run summary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataStatsSnapshot {
+    /// Samples delivered.
+    pub samples: u64,
+    /// Images that failed to decode.
+    pub bad_images: u64,
+    /// Samples with an empty or missing caption, or missing image.
+    pub bad_captions: u64,
+    /// Shards that could not be opened or ended early.
+    pub bad_shards: u64,
+}
+
+impl DataStats {
+    /// Adds one to `counter` (one of this struct's fields).
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The current counts.
+    pub fn snapshot(&self) -> DataStatsSnapshot {
+        DataStatsSnapshot {
+            samples: self.samples.load(Ordering::Relaxed),
+            bad_images: self.bad_images.load(Ordering::Relaxed),
+            bad_captions: self.bad_captions.load(Ordering::Relaxed),
+            bad_shards: self.bad_shards.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,412 @@
+//! The training configuration: a run is a list of stages (CLIPA's
+//! pre-train at few tokens, then a short fine-tune at full length), each
+//! with its own image size and reduction, text length and reduction, batch,
+//! learning rate and length. Presets carry the budget in their name, as
+//! CLIPA's `configs/model_h/84_8_pre_training.py` does.
+//!
+//! Config flows one way: preset or `--config run.toml` → CLI overrides →
+//! [`TrainConfig::validate`]. Unknown keys are errors.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::optim::AdamWConfig;
+use crate::model::ClipConfig;
+use crate::reduce::{ImageReduction, TextReduction};
+use crate::{Error, Result};
+
+/// The contrastive loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossKind {
+    /// Softmax CLIP loss (OpenCLIP `ClipLoss`).
+    Softmax,
+    /// Sigmoid loss (SigLIP; OpenCLIP `SigLipLoss`).
+    Sigmoid,
+}
+
+/// One training stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    /// A short name for logs ("pretrain-i112-t16", "unmask-tune-224").
+    pub name: String,
+    /// The model's image side for this stage, before any `resize:` reduction.
+    pub image_size: u32,
+    /// How image tokens are reduced.
+    pub image_reduction: ImageReduction,
+    /// Text context length (tokens, specials included).
+    pub text_length: usize,
+    /// How captions are cut to `text_length`.
+    pub text_reduction: TextReduction,
+    /// Optimiser steps in this stage.
+    pub steps: u64,
+    /// Global batch size (samples per optimiser step).
+    pub batch_size: usize,
+    /// Micro-batches per step (cached-feature gradient accumulation).
+    #[serde(default = "one")]
+    pub accum_steps: usize,
+    /// Learning rate per 256 samples; the peak is `base_lr × batch / 256`.
+    pub base_lr: f64,
+    /// Linear warmup steps.
+    pub warmup_steps: u64,
+    /// Learning rate at the end of the cosine, per 256 samples.
+    #[serde(default)]
+    pub end_base_lr: f64,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Where the training data comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// WebDataset shards (`/data/{00000..00099}.tar`, sources joined by
+    /// `::`) or a `.csv`/`.tsv` file; `None` uses the built-in synthetic set.
+    #[serde(default)]
+    pub train_data: Option<String>,
+    /// Per-source weights for `::`-joined sources (`1::0.5`).
+    #[serde(default)]
+    pub train_data_weights: Option<String>,
+    /// Draw shards with replacement (restarts cleanly).
+    #[serde(default)]
+    pub dataset_resampled: bool,
+    /// CSV column holding image paths.
+    #[serde(default = "default_img_key")]
+    pub csv_img_key: String,
+    /// CSV column holding captions.
+    #[serde(default = "default_caption_key")]
+    pub csv_caption_key: String,
+    /// Image folder for zero-shot evaluation (`root/<class>/*.png`).
+    #[serde(default)]
+    pub zeroshot_data: Option<PathBuf>,
+    /// Class-names file for `zeroshot_data`.
+    #[serde(default)]
+    pub classnames: Option<PathBuf>,
+    /// Loader threads (0 = all cores).
+    #[serde(default)]
+    pub workers: usize,
+    /// Share of bad samples tolerated before the run stops.
+    #[serde(default = "default_bad_fraction")]
+    pub max_bad_fraction: f64,
+    /// CLIPA's strong augmentation (colour jitter 0.4, grayscale 0.2).
+    #[serde(default)]
+    pub color_jitter: bool,
+}
+
+fn default_img_key() -> String {
+    "filepath".into()
+}
+fn default_caption_key() -> String {
+    "title".into()
+}
+fn default_bad_fraction() -> f64 {
+    0.1
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            train_data: None,
+            train_data_weights: None,
+            dataset_resampled: false,
+            csv_img_key: default_img_key(),
+            csv_caption_key: default_caption_key(),
+            zeroshot_data: None,
+            classnames: None,
+            workers: 0,
+            max_bad_fraction: default_bad_fraction(),
+            color_jitter: false,
+        }
+    }
+}
+
+/// A whole run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Model preset name (`clipa-b16`, `tiny`, …; see `clipa models`).
+    pub model: String,
+    /// Master seed: weights, data order, augmentation and masks.
+    pub seed: u64,
+    /// The loss.
+    pub loss: LossKind,
+    /// Optimiser hyper-parameters.
+    pub optimizer: AdamWConfig,
+    /// Clip the global gradient norm to this value.
+    #[serde(default)]
+    pub grad_clip: Option<f64>,
+    /// Non-finite steps skipped before the run stops (0: stop at the first).
+    #[serde(default)]
+    pub skip_nonfinite: u32,
+    /// Log every N steps.
+    pub log_every: u64,
+    /// Checkpoint every N steps (and at the end of every stage).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (oldest deleted first).
+    pub keep_checkpoints: usize,
+    /// Zero-shot evaluation every N steps (0: only at the end of a stage).
+    #[serde(default)]
+    pub eval_every: u64,
+    /// Data.
+    #[serde(default)]
+    pub data: DataConfig,
+    /// The stages, run in order.
+    pub stages: Vec<StageConfig>,
+}
+
+/// Names accepted by [`TrainConfig::preset`].
+pub const PRESETS: [&str; 6] = ["demo", "tiny", "fmnist", "clipa-b16-i112-t16", "clipa-l16-i96-t8", "clipa-v2-h14-84-224-336"];
+
+#[allow(clippy::too_many_arguments)]
+fn stage(
+    name: &str,
+    image_size: u32,
+    image_reduction: &str,
+    text_length: usize,
+    text_reduction: &str,
+    steps: u64,
+    batch_size: usize,
+    base_lr: f64,
+    warmup_steps: u64,
+) -> StageConfig {
+    StageConfig {
+        name: name.into(),
+        image_size,
+        image_reduction: image_reduction.parse().expect("preset reductions are valid"),
+        text_length,
+        text_reduction: text_reduction.parse().expect("preset reductions are valid"),
+        steps,
+        batch_size,
+        accum_steps: 1,
+        base_lr,
+        warmup_steps,
+        end_base_lr: 0.0,
+    }
+}
+
+/// Steps needed to see `samples` samples at `batch` per step.
+fn steps_for(samples: u64, batch: usize) -> u64 {
+    samples.div_ceil(batch as u64)
+}
+
+impl TrainConfig {
+    fn base(model: &str, stages: Vec<StageConfig>) -> Self {
+        Self {
+            model: model.into(),
+            seed: 0,
+            loss: LossKind::Softmax,
+            optimizer: AdamWConfig::default(),
+            grad_clip: None,
+            skip_nonfinite: 0,
+            log_every: 10,
+            checkpoint_every: 1000,
+            keep_checkpoints: 3,
+            eval_every: 0,
+            data: DataConfig::default(),
+            stages,
+        }
+    }
+
+    /// The named preset.
+    ///
+    /// - `demo` (default of `clipa train`): the `demo` model on the built-in
+    ///   synthetic set, pre-trained at 16 px (16 patches) with 8 syntax-masked
+    ///   text tokens, then fine-tuned at 32 px and 16 tokens.
+    /// - `tiny`: one short stage of the `tiny` model, for tests.
+    /// - `fmnist`: two stages for Fashion-MNIST shards at 28 px (patch 4):
+    ///   random 50 % masking, then unmasked.
+    /// - The paper's recipes (CLIPA-FACTS §1.6), names carrying the budget:
+    ///   `clipa-b16-i112-t16` then `unmask-tune-224`; `clipa-l16-i96-t8`;
+    ///   CLIPA-v2 `clipa-v2-h14-84-224-336`.
+    pub fn preset(name: &str) -> Result<Self> {
+        const LAION400M_6EP: u64 = 6 * 400_000_000;
+        Ok(match name {
+            "demo" => Self {
+                log_every: 20,
+                checkpoint_every: 500,
+                ..Self::base(
+                    "demo",
+                    vec![
+                        stage("pretrain-i16-t8", 32, "resize:16", 8, "syntax", 1200, 128, 1e-3, 100),
+                        stage("finetune-i32-t16", 32, "none", 16, "truncate", 300, 128, 3e-4, 30),
+                    ],
+                )
+            },
+            "tiny" => Self {
+                log_every: 1,
+                ..Self::base("tiny", vec![stage("tiny", 32, "none", 16, "truncate", 20, 16, 1e-3, 2)])
+            },
+            "fmnist" => Self::base(
+                "demo",
+                vec![
+                    stage("pretrain-i28-random50-t8", 28, "random:0.5", 8, "truncate", 1500, 128, 1e-3, 100),
+                    stage("finetune-i28-t16", 28, "none", 16, "truncate", 300, 128, 3e-4, 30),
+                ],
+            ),
+            "clipa-b16-i112-t16" => Self::base(
+                "clipa-b16",
+                vec![
+                    stage("i112-t16", 224, "resize:112", 16, "truncate", steps_for(LAION400M_6EP, 65_536), 65_536, 8e-6, 782),
+                    stage("unmask-tune-224", 224, "none", 32, "truncate", steps_for(131_072_000, 8192), 8192, 8e-7, 3072),
+                ],
+            ),
+            "clipa-l16-i96-t8" => Self::base(
+                "clipa-l16",
+                vec![
+                    stage("i96-t8", 224, "resize:96", 8, "syntax", steps_for(LAION400M_6EP, 32_768), 32_768, 8e-6, 1563),
+                    stage("unmask-tune-224", 224, "none", 32, "truncate", steps_for(131_072_000, 7168), 7168, 8e-7, 3571),
+                ],
+            ),
+            "clipa-v2-h14-84-224-336" => Self::base(
+                "clipa-h14",
+                vec![
+                    stage("i84-t8", 224, "resize:84", 8, "syntax", steps_for(12_800_000_000, 65_536), 65_536, 8e-6, 3200),
+                    stage("unmask-tune-224", 224, "random:0.3", 32, "truncate", steps_for(524_288_000, 32_768), 32_768, 4e-7, 800),
+                    stage("unmask-tune-336", 336, "random:0.4", 32, "truncate", steps_for(131_072_000, 16_384), 16_384, 1e-7, 1600),
+                ],
+            ),
+            other => {
+                return Err(Error::Config(format!(
+                    "unknown training preset '{other}'; presets: {}",
+                    PRESETS.join(", ")
+                )));
+            }
+        })
+    }
+
+    /// Reads a TOML run file (unknown keys are errors).
+    pub fn from_toml(text: &str, path: &std::path::Path) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::Format {
+            path: path.to_path_buf(),
+            reason: e.message().to_string(),
+        })
+    }
+
+    /// The config as TOML, as written to the run folder.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a TrainConfig always serialises")
+    }
+
+    /// The model architecture at stage 0's sizes.
+    pub fn model_config(&self) -> Result<ClipConfig> {
+        ClipConfig::preset(&self.model)
+    }
+
+    /// Total steps over all stages.
+    pub fn total_steps(&self) -> u64 {
+        self.stages.iter().map(|s| s.steps).sum()
+    }
+
+    /// Sets the total number of steps, split across stages in the preset's
+    /// proportions (each stage gets at least one step; warmups shrink with
+    /// their stage).
+    pub fn set_total_steps(&mut self, total: u64) {
+        let old = self.total_steps().max(1) as f64;
+        let n = self.stages.len() as u64;
+        let mut left = total.max(n);
+        for (i, s) in self.stages.iter_mut().enumerate() {
+            let share = if i as u64 == n - 1 {
+                left
+            } else {
+                ((s.steps as f64 / old * total as f64).round() as u64).clamp(1, left - (n - 1 - i as u64))
+            };
+            s.warmup_steps = ((s.warmup_steps as f64 * share as f64 / s.steps.max(1) as f64).round() as u64).min(share);
+            s.steps = share;
+            left -= share;
+        }
+    }
+
+    /// Checks every value; call after overrides.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        let model = self.model_config()?;
+        if self.stages.is_empty() {
+            return bad("a run needs at least one stage".into());
+        }
+        if self.log_every == 0 || self.checkpoint_every == 0 || self.keep_checkpoints == 0 {
+            return bad("log_every, checkpoint_every and keep_checkpoints must be positive".into());
+        }
+        for s in &self.stages {
+            s.image_reduction.validate()?;
+            let px = s.image_reduction.image_size(s.image_size) as usize;
+            let patch = model.vision.patch_size;
+            let tag = format!("stage '{}'", s.name);
+            if px == 0 || px % patch != 0 {
+                return bad(format!("{tag}: image size {px} is not a multiple of the patch size {patch}"));
+            }
+            if s.steps == 0 || s.batch_size == 0 || s.accum_steps == 0 {
+                return bad(format!("{tag}: steps, batch_size and accum_steps must be positive"));
+            }
+            if s.batch_size % s.accum_steps != 0 {
+                return bad(format!("{tag}: batch_size {} is not divisible by accum_steps {}", s.batch_size, s.accum_steps));
+            }
+            if s.text_length < 3 {
+                return bad(format!("{tag}: text_length must be at least 3"));
+            }
+            if !(s.base_lr > 0.0) || s.end_base_lr < 0.0 {
+                return bad(format!("{tag}: base_lr must be positive and end_base_lr not negative"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_validates_and_round_trips_through_toml() {
+        for name in PRESETS {
+            let cfg = TrainConfig::preset(name).unwrap();
+            cfg.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+            let back = TrainConfig::from_toml(&cfg.to_toml(), "x.toml".as_ref()).unwrap();
+            assert_eq!(back, cfg, "{name}");
+        }
+        assert!(TrainConfig::preset("nope").is_err());
+    }
+
+    #[test]
+    fn paper_presets_carry_the_paper_numbers() {
+        let b = TrainConfig::preset("clipa-b16-i112-t16").unwrap();
+        assert_eq!(b.stages[0].image_reduction, ImageReduction::Resize { size: 112 });
+        assert_eq!(b.stages[0].steps, 36_622); // 2.4B samples / 65 536
+        assert!((super::super::schedule::scaled_lr(b.stages[0].base_lr, 65_536) - 2.048e-3).abs() < 1e-12);
+        let h = TrainConfig::preset("clipa-v2-h14-84-224-336").unwrap();
+        assert_eq!(h.stages.len(), 3);
+        assert_eq!(h.stages[1].image_reduction.to_string(), "random:0.3");
+        assert_eq!(h.stages[0].text_reduction, TextReduction::Syntax);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let mut text = TrainConfig::preset("tiny").unwrap().to_toml();
+        text = text.replace("seed = 0", "seed = 0\nsede = 1");
+        let err = TrainConfig::from_toml(&text, "run.toml".as_ref()).unwrap_err().to_string();
+        assert!(err.contains("sede"), "{err}");
+    }
+
+    #[test]
+    fn total_steps_split_in_proportion() {
+        let mut cfg = TrainConfig::preset("demo").unwrap();
+        cfg.set_total_steps(150);
+        assert_eq!(cfg.total_steps(), 150);
+        assert_eq!(cfg.stages[0].steps, 120);
+        assert_eq!(cfg.stages[1].steps, 30);
+        assert_eq!(cfg.stages[0].warmup_steps, 10);
+        cfg.set_total_steps(1);
+        assert_eq!(cfg.stages.iter().map(|s| s.steps).collect::<Vec<_>>(), [1, 1]);
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let mut cfg = TrainConfig::preset("tiny").unwrap();
+        cfg.stages[0].image_size = 30;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("multiple of the patch size 4"), "{err}");
+    }
+}

@@ -1,0 +1,223 @@
+//! The data side of a training stage: which source (built-in synthetic set,
+//! WebDataset shards or CSV), the loader at the stage's image size, text
+//! reduction of each batch, and the zero-shot evaluation set.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use burn::tensor::backend::Backend;
+
+use super::config::{StageConfig, TrainConfig};
+use crate::data::augment::{Augmenter, ImageTransform, TrainAugment, payload_rgb};
+use crate::data::csv::{CsvDataset, CsvOptions};
+use crate::data::folder::ImageFolder;
+use crate::data::loader::{Loader, LoaderConfig, LoaderState};
+use crate::data::shards::WebDataset;
+use crate::data::synthetic::{self, Split, SyntheticCaptions};
+use crate::data::tokenizer::Tokenizer;
+use crate::data::{DataStats, DataStatsSnapshot, ShardSource};
+use crate::eval::zeroshot::{Accuracy, PHOTO_TEMPLATES};
+use crate::eval::{ZeroShotResult, ZeroShotTask};
+use crate::model::ClipModel;
+use crate::reduce::syntax::Lexicon;
+use crate::reduce::TextReducer;
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// Samples in one pass of the built-in synthetic training set.
+pub const SYNTHETIC_TRAIN_LEN: usize = 1 << 20;
+/// Held-out images the synthetic zero-shot evaluation scores.
+pub const SYNTHETIC_EVAL_LEN: usize = 480;
+
+/// A batch ready for the device.
+pub struct StageBatch {
+    /// `[batch, px, px, 3]` u8.
+    pub images: Vec<u8>,
+    /// `[batch, context]` token ids.
+    pub ids: Vec<i64>,
+    /// The loader position after this batch.
+    pub state: LoaderState,
+}
+
+/// The loader and text reducer of one stage.
+pub struct StageData {
+    loader: Loader,
+    reducer: TextReducer,
+    tokenizer: Tokenizer,
+    seed: u64,
+    batch_size: usize,
+}
+
+/// The training source a config names.
+pub fn train_source(cfg: &TrainConfig, px: u32) -> Result<Arc<dyn ShardSource>> {
+    let d = &cfg.data;
+    Ok(match &d.train_data {
+        None => Arc::new(SyntheticCaptions::new(Split::Train, SYNTHETIC_TRAIN_LEN, px, cfg.seed)),
+        Some(spec) if is_csv(spec) => Arc::new(CsvDataset::open(
+            Path::new(spec),
+            &CsvOptions { img_key: d.csv_img_key.clone(), caption_key: d.csv_caption_key.clone(), ..CsvOptions::default() },
+        )?),
+        Some(spec) => Arc::new(WebDataset::from_spec(spec, d.train_data_weights.as_deref())?),
+    })
+}
+
+fn is_csv(spec: &str) -> bool {
+    let s = spec.to_ascii_lowercase();
+    s.ends_with(".csv") || s.ends_with(".tsv")
+}
+
+impl StageData {
+    /// Starts the stage's loader, at `resume` when continuing mid-stage.
+    pub fn start(
+        cfg: &TrainConfig,
+        stage: &StageConfig,
+        resume: Option<LoaderState>,
+        tokenizer: &Tokenizer,
+        lexicon: Option<Arc<Lexicon>>,
+    ) -> Result<Self> {
+        let px = stage.image_reduction.image_size(stage.image_size);
+        let source = train_source(cfg, px)?;
+        // The synthetic set is rendered at the stage's size and its captions
+        // name positions, so it is only resized (a random crop would move the
+        // shape away from the place its caption names).
+        let transform = if cfg.data.train_data.is_none() {
+            ImageTransform::EvalSquash
+        } else if cfg.data.color_jitter {
+            ImageTransform::Train(TrainAugment::clipa_strong())
+        } else {
+            ImageTransform::Train(TrainAugment::default())
+        };
+        let workers = match cfg.data.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let loader = Loader::start(
+            source,
+            LoaderConfig {
+                batch_size: stage.batch_size,
+                image_size: px,
+                workers,
+                prefetch: 4,
+                shuffle_buffer: if cfg.data.train_data.is_none() { 0 } else { 2048 },
+                seed: cfg.seed,
+                resampled: cfg.data.dataset_resampled,
+                transform,
+                max_bad_fraction: cfg.data.max_bad_fraction,
+            },
+            resume,
+        )?;
+        let mut reducer = TextReducer::new(stage.text_reduction, stage.text_length);
+        if let Some(lex) = lexicon {
+            reducer = reducer.with_lexicon(lex);
+        }
+        Ok(Self { loader, reducer, tokenizer: tokenizer.clone(), seed: cfg.seed, batch_size: stage.batch_size })
+    }
+
+    /// The batch of global step `step`, its captions reduced to the stage's
+    /// text length with masks keyed by `(seed, step, sample)`.
+    pub fn next(&mut self, step: u64) -> Result<StageBatch> {
+        let batch = self.loader.next_batch()?;
+        let first = step * self.batch_size as u64;
+        let ids = self
+            .reducer
+            .apply_batch(&self.tokenizer, &batch.captions, self.seed, step, first)
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        Ok(StageBatch { images: batch.images, ids, state: batch.state })
+    }
+
+    /// Good and bad data so far.
+    pub fn stats(&self) -> DataStatsSnapshot {
+        self.loader.stats()
+    }
+}
+
+/// Zero-shot evaluation of `model` at its current image size and context:
+/// the held-out pairs of the synthetic set when training on it, or the
+/// `zeroshot_data` image folder. `None` when there is nothing to evaluate.
+pub fn zeroshot_eval<B: Backend>(
+    cfg: &TrainConfig,
+    model: &ClipModel<B>,
+    tokenizer: &Tokenizer,
+    device: &B::Device,
+) -> Result<Option<ZeroShotResult>> {
+    let px = model.config.vision.image_size as u32;
+    let (source, task, transform): (Box<dyn ShardSource>, ZeroShotTask, ImageTransform) =
+        match (&cfg.data.zeroshot_data, &cfg.data.train_data) {
+            (Some(root), _) => {
+                let folder = ImageFolder::open(root, cfg.data.classnames.as_deref())?;
+                let task = ZeroShotTask {
+                    classnames: folder.classes.clone(),
+                    templates: PHOTO_TEMPLATES.iter().map(|s| s.to_string()).collect(),
+                };
+                (Box::new(folder), task, ImageTransform::EvalCenterCrop)
+            }
+            (None, None) => {
+                let held = SyntheticCaptions::new(Split::HeldOut, SYNTHETIC_EVAL_LEN, px, cfg.seed ^ 0xE7A1);
+                let task = ZeroShotTask { classnames: synthetic::class_names(), templates: synthetic::templates() };
+                (Box::new(held), task, ImageTransform::EvalSquash)
+            }
+            (None, Some(_)) => return Ok(None),
+        };
+    evaluate_source(model, &task, source.as_ref(), transform, tokenizer, device).map(Some)
+}
+
+/// Scores every sample of `source` (which must carry labels) against the
+/// task's classifier.
+pub fn evaluate_source<B: Backend>(
+    model: &ClipModel<B>,
+    task: &ZeroShotTask,
+    source: &dyn ShardSource,
+    transform: ImageTransform,
+    tokenizer: &Tokenizer,
+    device: &B::Device,
+) -> Result<ZeroShotResult> {
+    const BATCH: usize = 256;
+    let px = model.config.vision.image_size;
+    let classifier = task.classifier(model, tokenizer, model.config.text.context_length, device);
+    let stats = DataStats::default();
+    let mut aug = Augmenter::new(transform, px as u32);
+    let mut acc = Accuracy::default();
+    let (mut images, mut labels) = (Vec::with_capacity(BATCH * px * px * 3), Vec::with_capacity(BATCH));
+    let mut rng = Rng::new(0); // eval transforms draw nothing
+    for shard in 0..source.num_shards() {
+        let samples = match source.open(shard, &stats) {
+            Ok(s) => s,
+            Err(_) => {
+                DataStats::bump(&stats.bad_shards);
+                continue;
+            }
+        };
+        for sample in samples {
+            let Some(label) = sample.label else {
+                return Err(Error::Config(format!("{}: evaluation data needs class labels", sample.key)));
+            };
+            let Ok(img) = payload_rgb(sample.image, &sample.key) else {
+                DataStats::bump(&stats.bad_images);
+                continue;
+            };
+            let start = images.len();
+            images.resize(start + aug.output_len(), 0);
+            if aug.apply_into(&img, &mut rng, &mut images[start..]).is_err() {
+                images.truncate(start);
+                DataStats::bump(&stats.bad_images);
+                continue;
+            }
+            labels.push(label);
+            if labels.len() == BATCH {
+                acc.add_batch(model, &classifier, &images, &labels, px);
+                images.clear();
+                labels.clear();
+            }
+        }
+    }
+    if !labels.is_empty() {
+        acc.add_batch(model, &classifier, &images, &labels, px);
+    }
+    let result = acc.result(task.classnames.len());
+    if result.samples == 0 {
+        return Err(Error::Config("the evaluation set yielded no readable image".into()));
+    }
+    Ok(result)
+}

@@ -1,0 +1,545 @@
+//! Training: the CLIPA two-stage recipe as a list of stages, the contrastive
+//! step, checkpoints that never lose work, and the metrics a user watches.
+//!
+//! The loop reads top to bottom (burn `custom-training-loop`, nanoGPT
+//! `train.py`): for each stage, resize the model to the stage's image size
+//! and text length, restart the optimiser and schedule (as CLIPA's
+//! fine-tuning does), then step: lr → batch → reduce → forward → loss →
+//! finite check → backward → optimiser → stats.
+
+pub mod config;
+pub mod data;
+pub mod optim;
+pub mod runstate;
+pub mod schedule;
+pub mod step;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+pub use config::{DataConfig, LossKind, StageConfig, TrainConfig};
+
+use self::data::{StageData, zeroshot_eval};
+use self::optim::{AdamW, clip_factor, grad_norm};
+use self::runstate::Manifest;
+use self::step::{DeviceBatch, loss_and_grads};
+use crate::data::DataStatsSnapshot;
+use crate::data::tokenizer::Tokenizer;
+use crate::eval::ZeroShotResult;
+use crate::model::ClipModel;
+use crate::preprocess::u8_batch_to_tensor;
+use crate::state::{load_state_dict, state_dict};
+use crate::{Error, Result};
+
+/// How a run is launched (what is not part of the resolved config).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The run folder: `run.toml`, `metrics.jsonl`, `checkpoints/`.
+    pub output: PathBuf,
+    /// Continue from a checkpoint.
+    pub resume: Option<Resume>,
+    /// Set by a SIGINT/SIGTERM handler: checkpoint and stop.
+    pub interrupt: Arc<AtomicBool>,
+    /// A user lexicon for syntax masking instead of the shipped one.
+    pub lexicon: Option<PathBuf>,
+    /// Start from the weights of this clipa checkpoint folder instead of a
+    /// random init (fine-tuning a pre-trained or imported model).
+    pub init_from: Option<PathBuf>,
+}
+
+/// Which checkpoint a run continues from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// The newest checkpoint in the run folder.
+    Latest,
+    /// A given checkpoint folder.
+    Dir(PathBuf),
+}
+
+/// One logged step, also one line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Steps completed in the run.
+    pub step: u64,
+    /// Stage index.
+    pub stage: usize,
+    /// Mean loss since the last log line.
+    pub loss: f64,
+    /// Learning rate of the last step.
+    pub lr: f64,
+    /// `exp(logit_scale)` after the last step.
+    pub temperature: f64,
+    /// Global gradient norm of the last step (before clipping).
+    pub grad_norm: f64,
+    /// Training images per second since the last log line.
+    pub images_per_sec: f64,
+    /// Share of wall time spent waiting for data since the last log line.
+    pub data_wait: f64,
+    /// Zero-shot top-1, on the lines where an evaluation ran.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub zeroshot_top1: Option<f64>,
+}
+
+/// What a user watches; the CLI draws a progress bar from it.
+pub trait Observer {
+    /// A stage begins (`first_step` is where it resumes).
+    fn stage_start(&mut self, index: usize, stage: &StageConfig, first_step: u64);
+    /// A log line.
+    fn log(&mut self, metrics: &StepMetrics, stage_step: u64);
+    /// A notable event (checkpoint written, evaluation result, skipped step).
+    fn message(&mut self, text: &str);
+}
+
+/// Per-stage outcome for the final report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageReport {
+    /// Stage name.
+    pub name: String,
+    /// Training seconds in this session.
+    pub seconds: f64,
+    /// Zero-shot result at the end of the stage, if evaluated.
+    pub zeroshot: Option<ZeroShotResult>,
+}
+
+/// The run summary (also written to `summary.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainSummary {
+    /// The run folder.
+    pub run_dir: PathBuf,
+    /// Steps completed.
+    pub steps: u64,
+    /// Whether the run stopped early on a signal.
+    pub interrupted: bool,
+    /// Per stage.
+    pub stages: Vec<StageReport>,
+    /// Good and bad data.
+    pub data: DataStatsSnapshot,
+    /// Non-finite steps skipped.
+    pub nonfinite_skipped: u32,
+    /// The newest checkpoint.
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// `true` every `n` steps (big_vision `itstime`).
+pub fn every(step: u64, n: u64) -> bool {
+    n > 0 && step % n == 0
+}
+
+/// Runs (or resumes) a training run on `device`.
+pub fn train<B: AutodiffBackend>(
+    cfg: TrainConfig,
+    opts: &RunOptions,
+    device: &B::Device,
+    observer: &mut dyn Observer,
+) -> Result<TrainSummary> {
+    cfg.validate()?;
+    let run = opts.output.as_path();
+    std::fs::create_dir_all(run).map_err(|e| Error::io(run, e))?;
+    let resume_from = match &opts.resume {
+        None => None,
+        Some(Resume::Latest) => runstate::latest(run)?,
+        Some(Resume::Dir(d)) => Some(d.clone()),
+    };
+    let (mut model, mut manifest, mut optim_state) = match &resume_from {
+        Some(dir) => {
+            let (manifest, model_cfg, weights, optim) = runstate::load(dir)?;
+            runstate::check_resumable(&manifest.config, &cfg)?;
+            let model: ClipModel<B> = model_cfg.init(device);
+            let model = load_state_dict(model, &weights)?;
+            observer.message(&format!("resuming from {} (step {})", dir.display(), manifest.step));
+            (model, manifest, Some(optim))
+        }
+        None => {
+            if opts.resume.is_some() {
+                observer.message("no checkpoint in the run folder yet: starting fresh");
+            }
+            if !runstate::list(run)?.is_empty() {
+                return Err(Error::Config(format!(
+                    "{} already holds checkpoints: pass --resume latest to continue it, or choose another --output",
+                    run.display()
+                )));
+            }
+            let mut model_cfg = cfg.model_config()?;
+            if cfg.loss == LossKind::Sigmoid {
+                // SigLIP init: t' = ln 10, b = −10.
+                model_cfg.init_logit_scale = 10f64.ln();
+                model_cfg.init_logit_bias = Some(-10.0);
+            }
+            let model = match &opts.init_from {
+                Some(dir) => {
+                    let model = crate::checkpoint::load_model::<B>(dir, device)?;
+                    observer.message(&format!("initialised from {}", dir.display()));
+                    model
+                }
+                None => {
+                    B::seed(device, cfg.seed);
+                    model_cfg.init(device)
+                }
+            };
+            let manifest = Manifest {
+                version: runstate::MANIFEST_VERSION,
+                step: 0,
+                stage: 0,
+                stage_step: 0,
+                loader: None,
+                data: DataStatsSnapshot::default(),
+                nonfinite_skipped: 0,
+                train_seconds: 0.0,
+                config: cfg.clone(),
+            };
+            (model, manifest, None)
+        }
+    };
+    // The settings that may change on resume come from the new config.
+    manifest.config = cfg.clone();
+    crate::io::write_atomic(&run.join("run.toml"), cfg.to_toml().as_bytes())?;
+    let mut metrics = open_metrics(run, manifest.step)?;
+    let tokenizer = Tokenizer::clip();
+    let lexicon = match &opts.lexicon {
+        Some(p) => Some(Arc::new(crate::reduce::syntax::Lexicon::from_file(p)?)),
+        None => None,
+    };
+    let mut reports = Vec::new();
+    let mut last_checkpoint = resume_from.clone();
+    let mut interrupted = false;
+
+    for (si, stage) in cfg.stages.iter().enumerate().skip(manifest.stage) {
+        let px = stage.image_reduction.image_size(stage.image_size) as usize;
+        model = model.resize(px, stage.text_length);
+        let mut opt = match optim_state.take() {
+            Some(state) if manifest.stage_step > 0 => AdamW::load_state_dict(cfg.optimizer, &state, device)?,
+            _ => AdamW::new(cfg.optimizer),
+        };
+        let mut data = StageData::start(&cfg, stage, manifest.loader.take(), &tokenizer, lexicon.clone())?;
+        observer.stage_start(si, stage, manifest.stage_step);
+        let started = Instant::now();
+        let (mut loss_sum, mut loss_n, mut wait, mut window, mut images) = (0.0, 0u64, 0.0, Instant::now(), 0usize);
+        let grid = (px / model.config.vision.patch_size, px / model.config.vision.patch_size);
+        let peak = schedule::scaled_lr(stage.base_lr, stage.batch_size);
+        let end = schedule::scaled_lr(stage.end_base_lr, stage.batch_size);
+
+        while manifest.stage_step < stage.steps {
+            // lr → batch → reduce
+            let lr = schedule::lr_at(manifest.stage_step, stage.steps, stage.warmup_steps, peak, end);
+            let t0 = Instant::now();
+            let batch = data.next(manifest.step)?;
+            wait += t0.elapsed().as_secs_f64();
+            let first = manifest.step * stage.batch_size as u64;
+            let keep = stage.image_reduction.keep_indices(grid, stage.batch_size, cfg.seed, manifest.step, first);
+            let device_batch = DeviceBatch::<B> {
+                images: u8_batch_to_tensor(&batch.images, stage.batch_size, px, &model.config.normalization, device),
+                keep: keep.map(|(kept, idx)| {
+                    Tensor::<B, 2, Int>::from_data(TensorData::new(idx, [stage.batch_size, kept]), device)
+                }),
+                ids: Tensor::<B, 2, Int>::from_data(TensorData::new(batch.ids, [stage.batch_size, stage.text_length]), device),
+            };
+            // forward → loss → backward
+            let (loss, grads) = loss_and_grads(&model, &device_batch, cfg.loss, stage.accum_steps);
+            let norm = grad_norm(&model, &grads);
+            // finite check → optimiser
+            if !loss.is_finite() || !norm.is_finite() {
+                manifest.nonfinite_skipped += 1;
+                let what = format!("non-finite loss {loss} / gradient norm {norm} at step {}", manifest.step + 1);
+                if manifest.nonfinite_skipped > cfg.skip_nonfinite {
+                    return Err(Error::Training(format!(
+                        "{what}; stopping (the last good checkpoint is kept; --skip-nonfinite N skips such steps)"
+                    )));
+                }
+                observer.message(&format!("{what}: step skipped"));
+            } else {
+                model = opt.step(lr, model, grads, clip_factor(norm, cfg.grad_clip));
+                model = clamp_logit_scale(model);
+                loss_sum += loss;
+                loss_n += 1;
+            }
+            manifest.step += 1;
+            manifest.stage_step += 1;
+            manifest.loader = Some(batch.state);
+            images += stage.batch_size;
+            // stats
+            let stage_done = manifest.stage_step == stage.steps;
+            let eval_now = cfg.eval_every > 0 && every(manifest.step, cfg.eval_every);
+            if every(manifest.step, cfg.log_every) || stage_done || eval_now {
+                let secs = window.elapsed().as_secs_f64().max(1e-9);
+                let mut m = StepMetrics {
+                    step: manifest.step,
+                    stage: si,
+                    loss: loss_sum / loss_n.max(1) as f64,
+                    lr,
+                    temperature: model.temperature().into_scalar().elem::<f64>(),
+                    grad_norm: norm,
+                    images_per_sec: images as f64 / secs,
+                    data_wait: wait / secs,
+                    zeroshot_top1: None,
+                };
+                if eval_now || stage_done {
+                    if let Some(r) = zeroshot_eval(&cfg, &model.valid(), &tokenizer, device)? {
+                        observer.message(&format!(
+                            "step {}: zero-shot top-1 {:.1}% (top-5 {:.1}%, chance {:.1}%, {} images)",
+                            manifest.step, 100.0 * r.top1, 100.0 * r.top5, 100.0 * r.chance, r.samples
+                        ));
+                        m.zeroshot_top1 = Some(r.top1);
+                        if stage_done {
+                            reports.push(StageReport { name: stage.name.clone(), seconds: 0.0, zeroshot: Some(r) });
+                        }
+                    }
+                }
+                writeln!(metrics, "{}", serde_json::to_string(&m).expect("metrics serialise"))
+                    .and_then(|_| metrics.flush())
+                    .map_err(|e| Error::io(run.join("metrics.jsonl"), e))?;
+                observer.log(&m, manifest.stage_step);
+                (loss_sum, loss_n, wait, images, window) = (0.0, 0, 0.0, 0, Instant::now());
+            }
+            interrupted = opts.interrupt.load(Ordering::SeqCst);
+            if every(manifest.step, cfg.checkpoint_every) || stage_done || interrupted {
+                if stage_done {
+                    // The next stage starts fresh: new loader, new optimiser.
+                    manifest.stage = si + 1;
+                    manifest.stage_step = 0;
+                    manifest.loader = None;
+                }
+                manifest.data = data.stats();
+                let dir = runstate::save(
+                    run,
+                    &manifest,
+                    &model.config,
+                    &state_dict(&model),
+                    &opt.state_dict(),
+                    cfg.keep_checkpoints,
+                )?;
+                last_checkpoint = Some(dir);
+            }
+            if interrupted {
+                observer.message(&format!("interrupted: checkpoint written at step {}", manifest.step));
+                break;
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        manifest.train_seconds += secs;
+        match reports.last_mut() {
+            Some(r) if r.name == stage.name => r.seconds = secs,
+            _ => reports.push(StageReport { name: stage.name.clone(), seconds: secs, zeroshot: None }),
+        }
+        manifest.data = data.stats();
+        if interrupted {
+            break;
+        }
+        if manifest.stage == si {
+            // Resumed exactly at a stage end that was already checkpointed.
+            manifest.stage = si + 1;
+            manifest.stage_step = 0;
+        }
+    }
+    let summary = TrainSummary {
+        run_dir: run.to_path_buf(),
+        steps: manifest.step,
+        interrupted,
+        stages: reports,
+        data: manifest.data,
+        nonfinite_skipped: manifest.nonfinite_skipped,
+        checkpoint: last_checkpoint,
+    };
+    let json = serde_json::to_string_pretty(&summary).expect("summaries serialise");
+    crate::io::write_atomic(&run.join("summary.json"), json.as_bytes())?;
+    Ok(summary)
+}
+
+/// Keeps the temperature at most 100 (OpenCLIP clamps `logit_scale` to
+/// `[0, ln 100]` after every step).
+fn clamp_logit_scale<B: AutodiffBackend>(mut model: ClipModel<B>) -> ClipModel<B> {
+    model.logit_scale = model.logit_scale.map(|t| {
+        Tensor::from_inner(t.inner().clamp(0.0, 100f32.ln())).require_grad()
+    });
+    model
+}
+
+/// Opens `metrics.jsonl` for appending, first dropping lines past `step`
+/// (written after the checkpoint a resumed run starts from), so every step
+/// appears exactly once.
+fn open_metrics(run: &Path, step: u64) -> Result<std::fs::File> {
+    let path = run.join("metrics.jsonl");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                    .is_some_and(|s| s <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        crate::io::write_atomic(&path, kept.as_bytes())?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))
+}
+
+use burn::tensor::ElementConversion;
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::numeric::TestBackend;
+    use crate::reduce::{ImageReduction, TextReduction};
+
+    struct Stopper {
+        at: Option<u64>,
+        flag: Arc<AtomicBool>,
+        stages: Vec<usize>,
+    }
+
+    impl Observer for Stopper {
+        fn stage_start(&mut self, index: usize, _stage: &StageConfig, _first: u64) {
+            self.stages.push(index);
+        }
+        fn log(&mut self, m: &StepMetrics, _stage_step: u64) {
+            if Some(m.step) == self.at {
+                self.flag.store(true, Ordering::SeqCst);
+            }
+        }
+        fn message(&mut self, _text: &str) {}
+    }
+
+    fn two_stage() -> TrainConfig {
+        let mut cfg = TrainConfig::preset("tiny").unwrap();
+        let first = StageConfig {
+            name: "pre".into(),
+            image_reduction: ImageReduction::Resize { size: 16 },
+            text_length: 8,
+            text_reduction: TextReduction::Syntax,
+            steps: 3,
+            batch_size: 8,
+            ..cfg.stages[0].clone()
+        };
+        let second = StageConfig {
+            name: "tune".into(),
+            image_reduction: "random:0.5".parse().unwrap(),
+            text_length: 16,
+            steps: 3,
+            batch_size: 8,
+            ..cfg.stages[0].clone()
+        };
+        cfg.stages = vec![first, second];
+        cfg.checkpoint_every = 2;
+        cfg.keep_checkpoints = 10;
+        cfg.data.workers = 2;
+        cfg
+    }
+
+    fn run_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("clipa-train-{name}-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        dir
+    }
+
+    fn losses(dir: &Path) -> Vec<(u64, f64)> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let m: StepMetrics = serde_json::from_str(l).unwrap();
+                (m.step, m.loss)
+            })
+            .collect()
+    }
+
+    /// Two stages on the synthetic set (16 px with 8 syntax-masked tokens,
+    /// then 32 px with half the patches and 16 tokens): the stage switch
+    /// resizes the position tables, and a run interrupted at step 4 and
+    /// resumed reproduces the uninterrupted loss curve exactly.
+    #[test]
+    fn stages_resize_and_an_interrupted_run_resumes_exactly() {
+        let device = Default::default();
+        let cfg = two_stage();
+        // Both runs start from the same weights, whatever else draws from
+        // the backend's global RNG while tests run in parallel.
+        let init = run_dir("init");
+        let mut model_cfg = cfg.model_config().unwrap();
+        model_cfg.text.context_length = 16;
+        crate::checkpoint::save_model(&init, &model_cfg.init::<TestBackend>(&device)).unwrap();
+        let opts = |name: &str, resume| RunOptions {
+            output: run_dir(name),
+            resume,
+            interrupt: Arc::new(AtomicBool::new(false)),
+            lexicon: None,
+            init_from: Some(init.clone()),
+        };
+        let full = opts("full", None);
+        let mut obs = Stopper { at: None, flag: full.interrupt.clone(), stages: vec![] };
+        let summary = train::<TestBackend>(cfg.clone(), &full, &device, &mut obs).unwrap();
+        assert_eq!(summary.steps, 6);
+        assert_eq!(obs.stages, [0, 1]);
+        let (_, last_cfg, weights, _) = runstate::load(summary.checkpoint.as_ref().unwrap()).unwrap();
+        assert_eq!((last_cfg.vision.image_size, last_cfg.text.context_length), (32, 16));
+        assert_eq!(weights["visual.positional_embedding"].shape.to_vec(), [1 + 64, 64]);
+        assert_eq!(weights["text.positional_embedding"].shape.to_vec(), [16, 64]);
+
+        let cut = opts("cut", None);
+        let mut obs = Stopper { at: Some(4), flag: cut.interrupt.clone(), stages: vec![] };
+        let partial = train::<TestBackend>(cfg.clone(), &cut, &device, &mut obs).unwrap();
+        assert!(partial.interrupted);
+        assert_eq!(partial.steps, 4);
+        let resumed = RunOptions { resume: Some(Resume::Latest), interrupt: Arc::new(AtomicBool::new(false)), ..cut };
+        let mut obs = Stopper { at: None, flag: resumed.interrupt.clone(), stages: vec![] };
+        let done = train::<TestBackend>(cfg.clone(), &resumed, &device, &mut obs).unwrap();
+        assert_eq!(done.steps, 6);
+        assert_eq!(obs.stages, [1], "resumes inside the second stage");
+        let (a, b) = (losses(&full.output), losses(&resumed.output));
+        assert_eq!(a.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
+        assert_eq!(b.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6], "no step repeated or lost");
+        for ((s, x), (_, y)) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-6, "step {s}: {x} vs {y}");
+        }
+
+        // A different config is refused, naming the setting.
+        let mut other = cfg.clone();
+        other.stages[1].batch_size = 4;
+        let err = train::<TestBackend>(other, &RunOptions { resume: Some(Resume::Latest), ..resumed.clone() }, &device, &mut obs)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("stages[1].batch_size"), "{err}");
+        for d in [&init, &full.output, &resumed.output] {
+            std::fs::remove_dir_all(d).ok();
+        }
+    }
+
+    #[test]
+    fn a_non_finite_loss_stops_the_run_and_names_the_step() {
+        let device = Default::default();
+        let mut cfg = TrainConfig::preset("tiny").unwrap();
+        cfg.stages[0].steps = 4;
+        cfg.stages[0].batch_size = 4;
+        cfg.stages[0].warmup_steps = 0;
+        cfg.stages[0].base_lr = 1e35; // the first update overflows the weights
+        cfg.data.workers = 1;
+        let opts = RunOptions {
+            output: run_dir("nan"),
+            resume: None,
+            interrupt: Arc::new(AtomicBool::new(false)),
+            lexicon: None,
+            init_from: None,
+        };
+        let mut obs = Stopper { at: None, flag: opts.interrupt.clone(), stages: vec![] };
+        let err = train::<TestBackend>(cfg.clone(), &opts, &device, &mut obs).unwrap_err().to_string();
+        assert!(err.contains("non-finite") && err.contains("at step 2"), "{err}");
+        // With --skip-nonfinite the run goes on and counts the skipped steps.
+        cfg.skip_nonfinite = 10;
+        let opts = RunOptions { output: run_dir("nan-skip"), ..opts };
+        let s = train::<TestBackend>(cfg, &opts, &device, &mut obs).unwrap();
+        assert_eq!(s.nonfinite_skipped, 3);
+        std::fs::remove_dir_all(&opts.output).ok();
+    }
+}

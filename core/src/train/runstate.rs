@@ -1,0 +1,213 @@
+//! Run checkpoints: everything a killed run needs to continue as if it had
+//! never stopped — weights, optimiser moments, step, stage, data-loader
+//! position and the resolved config.
+//!
+//! A checkpoint is a folder `RUN/checkpoints/step-00001234/` holding
+//! `config.json` + `model.safetensors` (a plain model checkpoint, so `clipa
+//! eval --checkpoint` and `export-openclip` read it as is),
+//! `optimizer.safetensors` and `manifest.json`. It is assembled in a hidden
+//! temporary folder, every file fsynced, then renamed into place: a crash at
+//! any moment leaves either no checkpoint or a complete one.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::config::TrainConfig;
+use crate::data::DataStatsSnapshot;
+use crate::data::loader::LoaderState;
+use crate::io::{read_safetensors, sync_dir, write_atomic, write_safetensors};
+use crate::model::ClipConfig;
+use crate::state::StateDict;
+use crate::{Error, Result};
+
+/// Manifest format version.
+pub const MANIFEST_VERSION: u32 = 1;
+/// Optimiser state file inside a checkpoint.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Manifest file inside a checkpoint.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// Where a run stands, stored in every checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`MANIFEST_VERSION`].
+    pub version: u32,
+    /// Optimiser steps completed over the whole run.
+    pub step: u64,
+    /// The stage the next step belongs to.
+    pub stage: usize,
+    /// Steps completed inside that stage.
+    pub stage_step: u64,
+    /// The loader position after the last consumed batch (`None` at a stage
+    /// boundary: the next stage starts a fresh loader).
+    pub loader: Option<LoaderState>,
+    /// Good and bad data seen so far.
+    pub data: DataStatsSnapshot,
+    /// Non-finite steps skipped so far.
+    pub nonfinite_skipped: u32,
+    /// Training seconds so far (excluding evaluation and checkpoints).
+    pub train_seconds: f64,
+    /// The resolved run config.
+    pub config: TrainConfig,
+}
+
+/// The checkpoints folder of a run.
+pub fn checkpoints_dir(run: &Path) -> PathBuf {
+    run.join("checkpoints")
+}
+
+/// Writes a checkpoint for `manifest.step` and keeps the newest `keep`.
+pub fn save(
+    run: &Path,
+    manifest: &Manifest,
+    model_config: &ClipConfig,
+    model: &StateDict,
+    optimizer: &StateDict,
+    keep: usize,
+) -> Result<PathBuf> {
+    let root = checkpoints_dir(run);
+    let name = format!("step-{:08}", manifest.step);
+    let dir = root.join(&name);
+    let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    crate::checkpoint::save(&tmp, model_config, model)?;
+    write_safetensors(&tmp.join(OPTIMIZER_FILE), optimizer, HashMap::new())?;
+    let json = serde_json::to_string_pretty(manifest).expect("manifests serialise");
+    write_atomic(&tmp.join(MANIFEST_FILE), json.as_bytes())?;
+    if dir.exists() {
+        // The same step saved twice (a periodic save that is also a stage
+        // end): the older copy goes.
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    }
+    std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
+    sync_dir(&root)?;
+    let all = list(run)?;
+    for (_, old) in all.iter().rev().skip(keep) {
+        std::fs::remove_dir_all(old).map_err(|e| Error::io(old, e))?;
+    }
+    Ok(dir)
+}
+
+/// Complete checkpoints of a run as `(step, folder)`, oldest first.
+/// Leftover temporary folders of a killed save are ignored.
+pub fn list(run: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let root = checkpoints_dir(run);
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(&root, e))?.path();
+        let step = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("step-"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(step) = step
+            && path.join(MANIFEST_FILE).is_file()
+        {
+            out.push((step, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The newest checkpoint of a run, if any.
+pub fn latest(run: &Path) -> Result<Option<PathBuf>> {
+    Ok(list(run)?.pop().map(|(_, p)| p))
+}
+
+/// Reads a checkpoint folder: manifest, model config, weights and
+/// optimiser state.
+pub fn load(dir: &Path) -> Result<(Manifest, ClipConfig, StateDict, StateDict)> {
+    let path = dir.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let manifest: Manifest = serde_json::from_str(&text).map_err(|e| Error::Format {
+        path: path.clone(),
+        reason: format!("not a clipa run manifest: {e}"),
+    })?;
+    if manifest.version != MANIFEST_VERSION {
+        return Err(Error::Format {
+            path,
+            reason: format!("manifest version {} (this clipa reads {MANIFEST_VERSION})", manifest.version),
+        });
+    }
+    let (model_config, weights) = crate::checkpoint::load(dir)?;
+    let optimizer = read_safetensors(&dir.join(OPTIMIZER_FILE))?.tensors;
+    Ok((manifest, model_config, weights, optimizer))
+}
+
+/// The settings that may change between a run and its resumption; every
+/// other difference makes the resume refuse.
+const MUTABLE: [&str; 8] = [
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "eval_every",
+    "data.workers",
+    "data.zeroshot_data",
+    "data.classnames",
+    "skip_nonfinite",
+];
+
+/// Checks that `now` may continue a run saved with `saved`; the error names
+/// every differing setting.
+pub fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
+    let a = serde_json::to_value(saved).expect("configs serialise");
+    let b = serde_json::to_value(now).expect("configs serialise");
+    let mut diffs = Vec::new();
+    diff("", &a, &b, &mut diffs);
+    diffs.retain(|d| !MUTABLE.contains(&d.as_str()));
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "cannot resume: the checkpoint was trained with different settings ({})",
+            diffs.join(", ")
+        )))
+    }
+}
+
+fn diff(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                diff(&p, x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null), out);
+            }
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (u, v)) in x.iter().zip(y).enumerate() {
+                diff(&format!("{path}[{i}]"), u, v, out);
+            }
+        }
+        _ if a != b => out.push(path.to_string()),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_check_names_the_mismatch_and_allows_logging_changes() {
+        let a = TrainConfig::preset("tiny").unwrap();
+        let mut b = a.clone();
+        b.log_every = 7;
+        b.data.workers = 3;
+        check_resumable(&a, &b).unwrap();
+        b.stages[0].batch_size = 99;
+        b.model = "demo".into();
+        let err = check_resumable(&a, &b).unwrap_err().to_string();
+        assert!(err.contains("stages[0].batch_size") && err.contains("model"), "{err}");
+    }
+}
