@@ -10,6 +10,7 @@
 use criterion::{Criterion, criterion_group, criterion_main};
 
 mod block;
+mod reduce;
 
 fn config() -> Criterion {
     // Shared 2-core machines: few samples, short windows, medians quoted.
@@ -22,6 +23,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = block::bench
+    targets = block::bench, reduce::bench
 }
 criterion_main!(benches);

@@ -52,7 +52,8 @@ pub fn benches(c: &mut Criterion) {
     for side in [256u32, 512] {
         let bytes = jpeg(side);
         for size in [112u32, 224] {
-            let mut augmenter = Augmenter::new(ImageTransform::Train(TrainAugment::default()), size);
+            let mut augmenter =
+                Augmenter::new(ImageTransform::Train(TrainAugment::default()), size);
             let mut out = vec![0u8; augmenter.output_len()];
             let mut key = 0u64;
             group.bench_function(format!("jpeg{side}_to{size}"), |b| {

@@ -95,3 +95,97 @@ fn activations_match_cpu_on_wgpu() {
         );
     }
 }
+
+/// One training step's loss and gradients with each image and text
+/// reduction, on wgpu against cpu, from identical weights and batches
+/// (the masks come from the same keyed draws on both).
+#[cfg(feature = "wgpu")]
+#[test]
+fn reduced_train_steps_match_cpu_on_wgpu() {
+    use burn::module::AutodiffModule;
+    use burn::optim::GradientsParams;
+    use burn::tensor::backend::AutodiffBackend;
+    use burn::tensor::{Int, Tensor, TensorData};
+    use clipa_backends::{CpuBackend, WgpuBackend, wgpu_device};
+    use clipa_core::data::synthetic::{Split, SyntheticCaptions};
+    use clipa_core::data::tokenizer::Tokenizer;
+    use clipa_core::model::{ClipConfig, ClipModel};
+    use clipa_core::numeric::{compare_sets, normal_data};
+    use clipa_core::reduce::{ImageReduction, TextReducer, TextReduction};
+    use clipa_core::state::{StateDict, load_state_dict, state_dict};
+    use clipa_core::train::LossKind;
+    use clipa_core::train::step::{DeviceBatch, loss_and_grads};
+
+    use crate::common::skip_or_fail;
+
+    const N: usize = 8;
+
+    fn grads_by_path<B: AutodiffBackend>(model: &ClipModel<B>, g: &GradientsParams) -> StateDict {
+        // Rebuild the path → gradient map via a model whose parameters are
+        // the gradients (same ids and paths).
+        struct Swap<'a>(&'a GradientsParams);
+        impl<B: AutodiffBackend> burn::module::ModuleMapper<B> for Swap<'_> {
+            fn map_float<const D: usize>(
+                &mut self,
+                p: burn::module::Param<Tensor<B, D>>,
+            ) -> burn::module::Param<Tensor<B, D>> {
+                let (id, t, mapper) = p.consume();
+                let v = match self.0.get::<B::InnerBackend, D>(id) {
+                    Some(g) => Tensor::from_inner(g),
+                    None => t.zeros_like(),
+                };
+                burn::module::Param::from_mapped_value(id, v, mapper)
+            }
+        }
+        state_dict(&burn::module::Module::map(model.clone(), &mut Swap(g)))
+    }
+
+    fn step<B: AutodiffBackend>(
+        weights: &StateDict,
+        cfg: &ClipConfig,
+        image: ImageReduction,
+        ids: &[i64],
+        device: &B::Device,
+    ) -> (f64, StateDict) {
+        let model = load_state_dict(cfg.init::<B>(device), weights).expect("same architecture");
+        let keep = image.keep_indices((8, 8), N, 3, 7, 0).map(|(kept, idx)| {
+            Tensor::<B, 2, Int>::from_data(TensorData::new(idx, [N, kept]), device)
+        });
+        let batch = DeviceBatch {
+            images: Tensor::from_data(normal_data([N, 3, 32, 32], 9, 1.0), device),
+            keep,
+            ids: Tensor::from_data(TensorData::new(ids.to_vec(), [N, 16]), device),
+        };
+        let (loss, grads) = loss_and_grads(&model, &batch, LossKind::Softmax, 2);
+        let _ = model.valid();
+        (loss, grads_by_path(&model, &grads))
+    }
+
+    let (device, _) = match wgpu_device(None) {
+        Ok(found) => found,
+        Err(err) => return skip_or_fail("reduced_train_steps_match_cpu_on_wgpu", &err.to_string()),
+    };
+    let mut cfg = ClipConfig::tiny();
+    cfg.text.context_length = 16;
+    let weights = state_dict(&cfg.init::<CpuBackend>(&Default::default()));
+    let data = SyntheticCaptions::new(Split::Train, N, 8, 0);
+    let captions: Vec<String> = (0..N as u64).map(|i| data.sample(i).caption).collect();
+    let tokenizer = Tokenizer::clip();
+    let images = ["none", "random:0.75", "grid:2", "block:0.5"];
+    for (image, text) in images.iter().zip(TextReduction::ALL) {
+        let image: ImageReduction = image.parse().unwrap();
+        // Six content tokens of each ~10-word caption survive.
+        let ids: Vec<i64> = TextReducer::new(text, 8)
+            .apply_batch(&tokenizer, &captions, 3, 7, 0)
+            .chunks(8)
+            .flat_map(|row| row.iter().map(|&t| t as i64).chain([0i64; 8]))
+            .collect();
+        let (lc, gc) = step::<CpuBackend>(&weights, &cfg, image, &ids, &Default::default());
+        let (lw, gw) = step::<WgpuBackend>(&weights, &cfg, image, &ids, &device);
+        assert!((lc - lw).abs() <= 1e-4 * lc.abs(), "{image}/{text}: loss {lc} vs {lw}");
+        for (name, e) in compare_sets(&gw, &gc).expect("same parameters") {
+            assert!(e <= 1e-3, "{image}/{text}: grad {name} differs by {e:.2e}");
+        }
+        eprintln!("{image} + {text}: loss {lc:.5} on both, gradients within 1e-3");
+    }
+}

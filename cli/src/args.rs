@@ -52,6 +52,15 @@ pub enum Command {
     /// Prepare datasets.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Draw the training curves of a run folder into RUN_DIR/plots/.
+    Plot(PlotArgs),
+}
+
+/// Arguments of `clipa plot`.
+#[derive(Debug, clap::Args)]
+pub struct PlotArgs {
+    /// The run folder holding metrics.jsonl.
+    pub run_dir: PathBuf,
 }
 
 /// Flags of `clipa train`. Flags override the preset or config file; on a

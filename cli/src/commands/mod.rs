@@ -7,6 +7,7 @@ mod data;
 mod embed;
 mod interop;
 mod models;
+mod plot;
 mod train;
 
 use crate::args::{Args, Command};
@@ -23,5 +24,6 @@ pub fn dispatch(args: &Args) -> anyhow::Result<()> {
         Command::Train(train) => train::run(args.backend, args.device, train),
         Command::Eval(eval) => train::eval(args.backend, args.device, eval),
         Command::Data(data) => data::run(data),
+        Command::Plot(plot_args) => plot::run(&plot_args.run_dir),
     }
 }

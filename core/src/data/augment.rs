@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 use crate::data::ImagePayload;
 
 mod color;
-pub use color::{ColorJitter, to_grayscale};
 use crate::rng::Rng;
 use crate::{Error, Result};
+pub use color::{ColorJitter, to_grayscale};
 
 /// Decodes encoded bytes (JPEG, PNG, WebP; the format is sniffed) to RGB;
 /// grey and RGBA become RGB. `key` names the sample in the error.
@@ -303,7 +303,6 @@ impl Augmenter {
         Ok(())
     }
 }
-
 
 #[cfg(test)]
 mod tests {

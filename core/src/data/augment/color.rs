@@ -148,6 +148,17 @@ mod tests {
     use super::*;
     use crate::data::augment::{ImageTransform, TrainAugment};
 
+    fn noise(w: u32, h: u32, seed: u64) -> RgbImage {
+        let mut rng = Rng::new(seed);
+        RgbImage::from_fn(w, h, |_, _| {
+            Rgb([
+                rng.below(256) as u8,
+                rng.below(256) as u8,
+                rng.below(256) as u8,
+            ])
+        })
+    }
+
     #[test]
     fn grayscale_sets_equal_channels_to_pil_luma() {
         let mut px = vec![255, 0, 0, 0, 255, 0, 0, 0, 255, 10, 200, 30];
@@ -190,5 +201,4 @@ mod tests {
         shift_hue(&mut red, 0.33);
         assert_eq!(red, [6, 255, 0]);
     }
-
 }
