@@ -10,6 +10,7 @@
 use criterion::{Criterion, criterion_group, criterion_main};
 
 mod block;
+mod loader;
 mod reduce;
 
 fn config() -> Criterion {
@@ -23,6 +24,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = block::bench, reduce::bench
+    targets = block::bench, loader::benches, reduce::bench
 }
 criterion_main!(benches);

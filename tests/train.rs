@@ -26,7 +26,7 @@ fn curve(dir: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
-const TINY: [&str; 10] = ["train", "--preset", "tiny", "--steps", "12", "--log-every", "1", "--checkpoint-every", "2", "--workers=1"];
+const TINY: [&str; 8] = ["train", "--preset", "tiny", "--log-every", "1", "--checkpoint-every", "2", "--workers=1"];
 
 #[test]
 fn tiny_run_writes_config_metrics_checkpoints_and_evaluates() {
@@ -51,7 +51,7 @@ fn tiny_run_writes_config_metrics_checkpoints_and_evaluates() {
 #[test]
 fn a_killed_run_resumes_to_the_same_loss_curve() {
     let full = run_dir("full");
-    let out = clipa(&[&TINY[..], &["--output", full.to_str().unwrap()]].concat());
+    let out = clipa(&[&TINY[..], &["--steps", "12", "--output", full.to_str().unwrap()]].concat());
     assert!(out.status.success(), "{}", text(&out).1);
     let want = curve(&full);
     assert_eq!(want.len(), 12);
@@ -60,7 +60,7 @@ fn a_killed_run_resumes_to_the_same_loss_curve() {
     // A kill point drawn from the clock: after 3..=9 logged steps.
     let kill_after = 3 + (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() % 7) as usize;
     let mut child = Command::new(env!("CARGO_BIN_EXE_clipa"))
-        .args([&TINY[..], &["--output", cut.to_str().unwrap()]].concat())
+        .args([&TINY[..], &["--steps", "12", "--output", cut.to_str().unwrap()]].concat())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -74,7 +74,7 @@ fn a_killed_run_resumes_to_the_same_loss_curve() {
     }
     child.kill().ok(); // SIGKILL
     child.wait().unwrap();
-    let out = clipa(&[&TINY[..], &["--output", cut.to_str().unwrap(), "--resume", "latest"]].concat());
+    let out = clipa(&[&TINY[..], &["--steps", "12", "--output", cut.to_str().unwrap(), "--resume", "latest"]].concat());
     assert!(out.status.success(), "{}", text(&out).1);
     let got = curve(&cut);
     assert_eq!(got.iter().map(|c| c.0).collect::<Vec<_>>(), (1..=12).collect::<Vec<_>>(), "killed after {kill_after}");
@@ -83,7 +83,7 @@ fn a_killed_run_resumes_to_the_same_loss_curve() {
     }
 
     // Resuming with another model is refused, naming the setting.
-    let out = clipa(&[&TINY[..], &["--output", cut.to_str().unwrap(), "--resume", "latest", "--model", "demo"]].concat());
+    let out = clipa(&[&TINY[..], &["--steps", "12", "--output", cut.to_str().unwrap(), "--resume", "latest", "--model", "demo"]].concat());
     assert_eq!(out.status.code(), Some(2));
     let (_, stderr) = text(&out);
     assert!(stderr.contains("cannot resume") && stderr.contains("model"), "{stderr}");

@@ -65,6 +65,12 @@ pub trait ShardSource: Send + Sync {
         i: usize,
         stats: &'a DataStats,
     ) -> Result<Box<dyn Iterator<Item = RawSample> + Send + 'a>>;
+
+    /// One shard drawn with replacement (`--dataset-resampled`); uniform
+    /// unless a source weights its shards.
+    fn draw_shard(&self, rng: &mut crate::rng::Rng) -> usize {
+        rng.below(self.num_shards())
+    }
 }
 
 /// Counters of good and bad data, shared by all loader workers.

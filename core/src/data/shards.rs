@@ -112,6 +112,10 @@ impl ShardSource for WebDataset {
         self.files.len()
     }
 
+    fn draw_shard(&self, rng: &mut Rng) -> usize {
+        WebDataset::draw_shard(self, rng)
+    }
+
     fn shard_name(&self, i: usize) -> String {
         self.files
             .get(i)

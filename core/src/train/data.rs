@@ -98,7 +98,7 @@ impl StageData {
                 image_size: px,
                 workers,
                 prefetch: 4,
-                shuffle_buffer: if cfg.data.train_data.is_none() { 0 } else { 2048 },
+                shuffle_buffer: if cfg.data.train_data.is_none() { 1 } else { 2048 },
                 seed: cfg.seed,
                 resampled: cfg.data.dataset_resampled,
                 transform,

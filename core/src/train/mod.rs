@@ -319,6 +319,9 @@ pub fn train<B: AutodiffBackend>(
             }
             if interrupted {
                 observer.message(&format!("interrupted: checkpoint written at step {}", manifest.step));
+            }
+            if interrupted || stage_done {
+                // `stage_step` was reset for the checkpoint: leave by hand.
                 break;
             }
         }

@@ -159,10 +159,16 @@ mod tests {
             let (a, c) = (grads_of(&model, &g1), grads_of(&model, &g4));
             assert_eq!(a.len(), c.len());
             assert!(a.len() > 20, "every parameter has a gradient");
-            for (x, y) in a.iter().zip(&c) {
-                let num: f32 = x.iter().zip(y).map(|(p, q)| (p - q).powi(2)).sum::<f32>().sqrt();
-                let den: f32 = x.iter().map(|p| p * p).sum::<f32>().sqrt().max(1e-8);
-                assert!(num / den < 1e-4, "relative gradient error {}", num / den);
+            // Some gradients are zero in exact arithmetic (attention key
+            // biases: softmax ignores a shift shared by all keys) and only
+            // float noise here, so errors are relative to the larger of the
+            // tensor's norm and 1e-4 of the largest gradient norm.
+            let norm = |v: &[f32]| v.iter().map(|p| p * p).sum::<f32>().sqrt();
+            let floor = a.iter().map(|x| norm(x)).fold(0.0f32, f32::max) * 1e-4;
+            for (i, (x, y)) in a.iter().zip(&c).enumerate() {
+                let diff: Vec<f32> = x.iter().zip(y).map(|(p, q)| p - q).collect();
+                let err = norm(&diff) / norm(x).max(floor);
+                assert!(err < 1e-4, "parameter #{i}: relative gradient error {err}");
             }
         }
     }

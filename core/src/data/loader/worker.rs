@@ -38,10 +38,10 @@ impl Plan {
         (self.worker + self.workers * slot) / self.shards
     }
 
-    fn shard(&mut self, slot: u64) -> usize {
+    fn shard(&mut self, slot: u64, source: &dyn ShardSource) -> usize {
         let g = self.worker + self.workers * slot;
         if self.resampled {
-            return Rng::keyed(&[self.seed, g, DRAW_KEY]).below(self.shards as usize);
+            return source.draw_shard(&mut Rng::keyed(&[self.seed, g, DRAW_KEY]));
         }
         let epoch = g / self.shards;
         if self.order.0 != epoch || self.order.1.is_empty() {
@@ -107,7 +107,7 @@ impl Reader<'_> {
                     if self.shared.stopping() || self.nothing_in_a_pass(epoch) {
                         return Next::Stop;
                     }
-                    let shard = self.plan.shard(self.slot);
+                    let shard = self.plan.shard(self.slot, self.source);
                     self.open = match self.source.open(shard, &self.shared.stats) {
                         Ok(mut samples) => {
                             // Resume: what the last run consumed is read, not decoded.
