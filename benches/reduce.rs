@@ -42,7 +42,10 @@ pub fn bench(c: &mut Criterion) {
     let captions: Vec<String> = (0..BATCH as u64)
         .map(|i| {
             let c = data.sample(i).caption;
-            format!("{c} next to a {} on a sunny day, photographed from above by someone", data.sample(i + 1).caption)
+            format!(
+                "{c} next to a {} on a sunny day, photographed from above by someone",
+                data.sample(i + 1).caption
+            )
         })
         .collect();
     for kind in TextReduction::ALL {
@@ -75,7 +78,10 @@ pub fn bench(c: &mut Criterion) {
     let batch = DeviceBatch::<CpuBackend> {
         images: Tensor::from_data(normal_data([BATCH, 3, 32, 32], 1, 1.0), &device),
         keep: None,
-        ids: Tensor::<CpuBackend, 2, Int>::from_data(TensorData::new(ids, [BATCH, CONTEXT]), &device),
+        ids: Tensor::<CpuBackend, 2, Int>::from_data(
+            TensorData::new(ids, [BATCH, CONTEXT]),
+            &device,
+        ),
     };
     group.bench_function("bench-tiny_b64_i32_t32", |b| {
         b.iter(|| {

@@ -182,7 +182,10 @@ fn reduced_train_steps_match_cpu_on_wgpu() {
             .collect();
         let (lc, gc) = step::<CpuBackend>(&weights, &cfg, image, &ids, &Default::default());
         let (lw, gw) = step::<WgpuBackend>(&weights, &cfg, image, &ids, &device);
-        assert!((lc - lw).abs() <= 1e-4 * lc.abs(), "{image}/{text}: loss {lc} vs {lw}");
+        assert!(
+            (lc - lw).abs() <= 1e-4 * lc.abs(),
+            "{image}/{text}: loss {lc} vs {lw}"
+        );
         for (name, e) in compare_sets(&gw, &gc).expect("same parameters") {
             assert!(e <= 1e-3, "{image}/{text}: grad {name} differs by {e:.2e}");
         }

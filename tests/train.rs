@@ -26,17 +26,35 @@ fn curve(dir: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
-const TINY: [&str; 8] = ["train", "--preset", "tiny", "--log-every", "1", "--checkpoint-every", "2", "--workers=1"];
+const TINY: [&str; 8] = [
+    "train",
+    "--preset",
+    "tiny",
+    "--log-every",
+    "1",
+    "--checkpoint-every",
+    "2",
+    "--workers=1",
+];
 
 #[test]
 fn tiny_run_writes_config_metrics_checkpoints_and_evaluates() {
     let dir = run_dir("tiny");
-    let out = clipa(&[&TINY[..], &["--output", dir.to_str().unwrap(), "--steps", "4"]].concat());
+    let out = clipa(
+        &[
+            &TINY[..],
+            &["--output", dir.to_str().unwrap(), "--steps", "4"],
+        ]
+        .concat(),
+    );
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("zero-shot top-1"), "{stdout}");
     assert!(dir.join("run.toml").is_file());
-    assert_eq!(curve(&dir).iter().map(|c| c.0).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert_eq!(
+        curve(&dir).iter().map(|c| c.0).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
     let out = clipa(&["eval", "--checkpoint", dir.to_str().unwrap()]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
@@ -51,16 +69,33 @@ fn tiny_run_writes_config_metrics_checkpoints_and_evaluates() {
 #[test]
 fn a_killed_run_resumes_to_the_same_loss_curve() {
     let full = run_dir("full");
-    let out = clipa(&[&TINY[..], &["--steps", "12", "--output", full.to_str().unwrap()]].concat());
+    let out = clipa(
+        &[
+            &TINY[..],
+            &["--steps", "12", "--output", full.to_str().unwrap()],
+        ]
+        .concat(),
+    );
     assert!(out.status.success(), "{}", text(&out).1);
     let want = curve(&full);
     assert_eq!(want.len(), 12);
 
     let cut = run_dir("cut");
     // A kill point drawn from the clock: after 3..=9 logged steps.
-    let kill_after = 3 + (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() % 7) as usize;
+    let kill_after = 3
+        + (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+            % 7) as usize;
     let mut child = Command::new(env!("CARGO_BIN_EXE_clipa"))
-        .args([&TINY[..], &["--steps", "12", "--output", cut.to_str().unwrap()]].concat())
+        .args(
+            [
+                &TINY[..],
+                &["--steps", "12", "--output", cut.to_str().unwrap()],
+            ]
+            .concat(),
+        )
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -74,19 +109,57 @@ fn a_killed_run_resumes_to_the_same_loss_curve() {
     }
     child.kill().ok(); // SIGKILL
     child.wait().unwrap();
-    let out = clipa(&[&TINY[..], &["--steps", "12", "--output", cut.to_str().unwrap(), "--resume", "latest"]].concat());
+    let out = clipa(
+        &[
+            &TINY[..],
+            &[
+                "--steps",
+                "12",
+                "--output",
+                cut.to_str().unwrap(),
+                "--resume",
+                "latest",
+            ],
+        ]
+        .concat(),
+    );
     assert!(out.status.success(), "{}", text(&out).1);
     let got = curve(&cut);
-    assert_eq!(got.iter().map(|c| c.0).collect::<Vec<_>>(), (1..=12).collect::<Vec<_>>(), "killed after {kill_after}");
+    assert_eq!(
+        got.iter().map(|c| c.0).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>(),
+        "killed after {kill_after}"
+    );
     for ((s, a), (_, b)) in want.iter().zip(&got) {
-        assert!((a - b).abs() <= 1e-6, "step {s}: {a} vs {b} (killed after {kill_after})");
+        assert!(
+            (a - b).abs() <= 1e-6,
+            "step {s}: {a} vs {b} (killed after {kill_after})"
+        );
     }
 
     // Resuming with another model is refused, naming the setting.
-    let out = clipa(&[&TINY[..], &["--steps", "12", "--output", cut.to_str().unwrap(), "--resume", "latest", "--model", "demo"]].concat());
+    let out = clipa(
+        &[
+            &TINY[..],
+            &[
+                "--steps",
+                "12",
+                "--output",
+                cut.to_str().unwrap(),
+                "--resume",
+                "latest",
+                "--model",
+                "demo",
+            ],
+        ]
+        .concat(),
+    );
     assert_eq!(out.status.code(), Some(2));
     let (_, stderr) = text(&out);
-    assert!(stderr.contains("cannot resume") && stderr.contains("model"), "{stderr}");
+    assert!(
+        stderr.contains("cannot resume") && stderr.contains("model"),
+        "{stderr}"
+    );
     std::fs::remove_dir_all(full).ok();
     std::fs::remove_dir_all(cut).ok();
 }
@@ -94,17 +167,56 @@ fn a_killed_run_resumes_to_the_same_loss_curve() {
 #[test]
 fn user_mistakes_are_one_line_errors() {
     for (args, needle) in [
-        (vec!["train", "--image-reduction", "random:1.5", "--dry-run"], "mask ratio"),
-        (vec!["train", "--text-reduction", "nouns", "--dry-run"], "truncate | random | block | syntax"),
-        (vec!["train", "--preset", "huge", "--dry-run"], "unknown training preset"),
-        (vec!["train", "--preset", "tiny", "--image-size", "30", "--dry-run"], "multiple of the patch size"),
-        (vec!["train", "--train-data", "/nonexistent/{000..009}.tar", "--steps", "1"], "/nonexistent/{000..009}.tar"),
-        (vec!["train", "--config", "/nonexistent/run.toml"], "/nonexistent/run.toml"),
+        (
+            vec!["train", "--image-reduction", "random:1.5", "--dry-run"],
+            "mask ratio",
+        ),
+        (
+            vec!["train", "--text-reduction", "nouns", "--dry-run"],
+            "truncate | random | block | syntax",
+        ),
+        (
+            vec!["train", "--preset", "huge", "--dry-run"],
+            "unknown training preset",
+        ),
+        (
+            vec![
+                "train",
+                "--preset",
+                "tiny",
+                "--image-size",
+                "30",
+                "--dry-run",
+            ],
+            "multiple of the patch size",
+        ),
+        (
+            vec![
+                "train",
+                "--train-data",
+                "/nonexistent/{000..009}.tar",
+                "--steps",
+                "1",
+            ],
+            "/nonexistent/{000..009}.tar",
+        ),
+        (
+            vec!["train", "--config", "/nonexistent/run.toml"],
+            "/nonexistent/run.toml",
+        ),
     ] {
         let out = clipa(&args);
         let (_, stderr) = text(&out);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-        assert_eq!(stderr.trim().lines().filter(|l| l.starts_with("error")).count(), 1, "{args:?}: {stderr}");
+        assert_eq!(
+            stderr
+                .trim()
+                .lines()
+                .filter(|l| l.starts_with("error"))
+                .count(),
+            1,
+            "{args:?}: {stderr}"
+        );
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
@@ -112,11 +224,31 @@ fn user_mistakes_are_one_line_errors() {
 
 #[test]
 fn every_reduction_is_reachable_from_the_flags() {
-    for (img, txt) in [("resize:16", "truncate"), ("random:0.75", "random"), ("grid:2", "block"), ("block:0.5", "syntax")] {
-        let out = clipa(&["train", "--preset", "tiny", "--image-reduction", img, "--text-reduction", txt, "--dry-run"]);
+    for (img, txt) in [
+        ("resize:16", "truncate"),
+        ("random:0.75", "random"),
+        ("grid:2", "block"),
+        ("block:0.5", "syntax"),
+    ] {
+        let out = clipa(&[
+            "train",
+            "--preset",
+            "tiny",
+            "--image-reduction",
+            img,
+            "--text-reduction",
+            txt,
+            "--dry-run",
+        ]);
         let (stdout, stderr) = text(&out);
         assert!(out.status.success(), "{stderr}");
-        assert!(stdout.contains(&format!("image_reduction = \"{img}\"")), "{stdout}");
-        assert!(stdout.contains(&format!("text_reduction = \"{txt}\"")), "{stdout}");
+        assert!(
+            stdout.contains(&format!("image_reduction = \"{img}\"")),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains(&format!("text_reduction = \"{txt}\"")),
+            "{stdout}"
+        );
     }
 }

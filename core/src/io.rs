@@ -117,7 +117,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// opened, as on Windows).
 pub fn sync_dir(dir: &Path) -> Result<()> {
     if let Ok(d) = std::fs::File::open(dir) {
-        d.sync_all().or_else(|e| if cfg!(unix) { Err(Error::io(dir, e)) } else { Ok(()) })?;
+        d.sync_all().or_else(|e| {
+            if cfg!(unix) {
+                Err(Error::io(dir, e))
+            } else {
+                Ok(())
+            }
+        })?;
     }
     Ok(())
 }

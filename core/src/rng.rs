@@ -105,8 +105,14 @@ mod tests {
     fn keyed_streams_are_reproducible_and_distinct() {
         let a: Vec<u64> = (0..4).map(|_| Rng::keyed(&[1, 2, 3]).next_u64()).collect();
         assert!(a.windows(2).all(|w| w[0] == w[1]));
-        assert_ne!(Rng::keyed(&[1, 2, 3]).next_u64(), Rng::keyed(&[1, 2, 4]).next_u64());
-        assert_ne!(Rng::keyed(&[1, 2]).next_u64(), Rng::keyed(&[2, 1]).next_u64());
+        assert_ne!(
+            Rng::keyed(&[1, 2, 3]).next_u64(),
+            Rng::keyed(&[1, 2, 4]).next_u64()
+        );
+        assert_ne!(
+            Rng::keyed(&[1, 2]).next_u64(),
+            Rng::keyed(&[2, 1]).next_u64()
+        );
     }
 
     #[test]
@@ -144,7 +150,11 @@ mod tests {
     #[test]
     fn uniform_is_in_unit_interval() {
         let mut rng = Rng::new(1);
-        let mean = (0..10_000).map(|_| rng.uniform()).inspect(|u| assert!((0.0..1.0).contains(u))).sum::<f64>() / 10_000.0;
+        let mean = (0..10_000)
+            .map(|_| rng.uniform())
+            .inspect(|u| assert!((0.0..1.0).contains(u)))
+            .sum::<f64>()
+            / 10_000.0;
         assert!((mean - 0.5).abs() < 0.02, "{mean}");
     }
 }

@@ -13,7 +13,8 @@ use clipa_core::data::tokenizer::Tokenizer;
 use clipa_core::eval::ZeroShotResult;
 use clipa_core::train::runstate;
 use clipa_core::train::{
-    self, LossKind, Observer, Resume, RunOptions, StageConfig, StepMetrics, TrainConfig, TrainSummary,
+    self, LossKind, Observer, Resume, RunOptions, StageConfig, StepMetrics, TrainConfig,
+    TrainSummary,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -23,14 +24,16 @@ use crate::args::{EvalArgs, TrainArgs};
 fn resolve(args: &TrainArgs, output: &Path) -> anyhow::Result<TrainConfig> {
     let mut cfg = match (&args.config, &args.preset) {
         (Some(path), _) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
             TrainConfig::from_toml(&text, path)?
         }
         (None, Some(name)) => TrainConfig::preset(name)?,
         // Resuming without a config continues the run with its own.
         (None, None) if args.resume.is_some() && output.join("run.toml").is_file() => {
             let path = output.join("run.toml");
-            let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
             TrainConfig::from_toml(&text, &path)?
         }
         (None, None) => TrainConfig::preset("demo")?,
@@ -119,9 +122,16 @@ fn default_output(args: &TrainArgs) -> PathBuf {
     let name = args
         .preset
         .clone()
-        .or_else(|| args.config.as_ref().and_then(|p| p.file_stem()).map(|s| s.to_string_lossy().into_owned()))
+        .or_else(|| {
+            args.config
+                .as_ref()
+                .and_then(|p| p.file_stem())
+                .map(|s| s.to_string_lossy().into_owned())
+        })
         .unwrap_or_else(|| "demo".into());
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days as i64 + 719_468;
@@ -156,7 +166,12 @@ impl Observer for Progress {
                 .expect("valid template")
                 .progress_chars("=> "),
         );
-        self.bar.set_prefix(format!("stage {}/{} {}", index + 1, self.stages, stage.name));
+        self.bar.set_prefix(format!(
+            "stage {}/{} {}",
+            index + 1,
+            self.stages,
+            stage.name
+        ));
         self.bar.println(format!(
             "stage {}/{} {}: {} px, image {}, text {} tokens {}, batch {}, {} steps",
             index + 1,
@@ -214,9 +229,19 @@ struct TrainJob {
 impl BackendJob for TrainJob {
     type Output = TrainSummary;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device, info: &DeviceInfo) -> clipa_core::Result<TrainSummary> {
-        eprintln!("training on {info}; run folder {}", self.opts.output.display());
-        let mut progress = Progress { bar: ProgressBar::hidden(), stages: self.cfg.stages.len() };
+    fn run<B: AutodiffBackend>(
+        self,
+        device: B::Device,
+        info: &DeviceInfo,
+    ) -> clipa_core::Result<TrainSummary> {
+        eprintln!(
+            "training on {info}; run folder {}",
+            self.opts.output.display()
+        );
+        let mut progress = Progress {
+            bar: ProgressBar::hidden(),
+            stages: self.cfg.stages.len(),
+        };
         let summary = train::train::<B>(self.cfg, &self.opts, &device, &mut progress);
         progress.bar.finish_and_clear();
         summary
@@ -241,7 +266,15 @@ fn interrupt_flag() -> Arc<AtomicBool> {
 }
 
 fn print_report(s: &TrainSummary) {
-    println!("\nrun finished{}: {} steps", if s.interrupted { " early (interrupted)" } else { "" }, s.steps);
+    println!(
+        "\nrun finished{}: {} steps",
+        if s.interrupted {
+            " early (interrupted)"
+        } else {
+            ""
+        },
+        s.steps
+    );
     for st in &s.stages {
         let zs = st.zeroshot.map(|z: ZeroShotResult| {
             format!(
@@ -252,7 +285,12 @@ fn print_report(s: &TrainSummary) {
                 z.samples
             )
         });
-        println!("  {}: {:.0} s{}", st.name, st.seconds, zs.unwrap_or_default());
+        println!(
+            "  {}: {:.0} s{}",
+            st.name,
+            st.seconds,
+            zs.unwrap_or_default()
+        );
     }
     let d = s.data;
     if d.bad_images + d.bad_captions + d.bad_shards > 0 {
@@ -308,8 +346,13 @@ struct EvalJob<'a> {
 impl BackendJob for EvalJob<'_> {
     type Output = ZeroShotResult;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device, info: &DeviceInfo) -> clipa_core::Result<ZeroShotResult> {
-        let model = clipa_core::checkpoint::load_model::<B::InnerBackend>(&self.checkpoint, &device)?;
+    fn run<B: AutodiffBackend>(
+        self,
+        device: B::Device,
+        info: &DeviceInfo,
+    ) -> clipa_core::Result<ZeroShotResult> {
+        let model =
+            clipa_core::checkpoint::load_model::<B::InnerBackend>(&self.checkpoint, &device)?;
         eprintln!("evaluating {} on {info}", self.checkpoint.display());
         let mut cfg = TrainConfig::preset("tiny")?;
         cfg.data.zeroshot_data = self.args.zeroshot_data.clone();

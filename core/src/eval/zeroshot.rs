@@ -64,7 +64,8 @@ impl ZeroShotTask {
                     .flat_map(|tpl| tokenizer.tokenize(&tpl.replace("{}", name), context))
                     .map(i64::from)
                     .collect();
-                let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [t, context]), device);
+                let ids =
+                    Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [t, context]), device);
                 let emb = l2_normalize(model.encode_text(ids)); // [templates, dim]
                 l2_normalize(emb.mean_dim(0)) // [1, dim]
             })
@@ -92,13 +93,23 @@ impl Accuracy {
         size: usize,
     ) {
         let device = classifier.device();
-        let x = u8_batch_to_tensor::<B>(images, labels.len(), size, &model.config.normalization, &device);
+        let x = u8_batch_to_tensor::<B>(
+            images,
+            labels.len(),
+            size,
+            &model.config.normalization,
+            &device,
+        );
         let feats = l2_normalize(model.encode_image(x, None)); // [batch, dim]
         let scores = feats.matmul(classifier.clone().transpose()); // [batch, classes]
         let classes = classifier.dims()[0];
         let k = classes.min(5);
         let top = scores.argsort_descending(1).narrow(1, 0, k); // [batch, k]
-        let top: Vec<i64> = top.into_data().convert::<i64>().to_vec().expect("int indices");
+        let top: Vec<i64> = top
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .expect("int indices");
         for (row, &label) in top.chunks(k).zip(labels) {
             self.seen += 1;
             self.hits1 += (row[0] as usize == label) as usize;

@@ -193,7 +193,10 @@ pub fn parse_config(json: &str) -> Result<OpenClipConfig> {
     let custom_text = top.bool("custom_text", false)?;
     let init_logit_scale = top.f64("init_logit_scale", (1.0f64 / 0.07).ln())?;
     let init_logit_bias = match top.get("init_logit_bias") {
-        Some(v) => Some(v.as_f64().ok_or_else(|| unsupported("init_logit_bias", v))?),
+        Some(v) => Some(
+            v.as_f64()
+                .ok_or_else(|| unsupported("init_logit_bias", v))?,
+        ),
         None => None,
     };
     top.only("cast_dtype", |_| true)?;

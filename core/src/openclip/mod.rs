@@ -95,7 +95,10 @@ mod tests {
             "\"embed_dim\": 64, \"init_logit_bias\": -10,",
         );
         // SigLIP models carry their bias init.
-        assert_eq!(parse_config(&bad).unwrap().clip.init_logit_bias, Some(-10.0));
+        assert_eq!(
+            parse_config(&bad).unwrap().clip.init_logit_bias,
+            Some(-10.0)
+        );
     }
 
     #[test]

@@ -68,7 +68,10 @@ pub struct GridMask {
 
 impl GridMask {
     /// The windows as `(row0, col0, rows, cols)`, row-major.
-    fn windows(&self, (h, w): (usize, usize)) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+    fn windows(
+        &self,
+        (h, w): (usize, usize),
+    ) -> impl Iterator<Item = (usize, usize, usize, usize)> {
         let k = self.window;
         (0..h.div_ceil(k)).flat_map(move |i| {
             (0..w.div_ceil(k)).map(move |j| {
@@ -84,7 +87,9 @@ impl GridMask {
         if area == k2 {
             self.per_window
         } else {
-            ((self.per_window * area) as f64 / k2 as f64).round().max(1.0) as usize
+            ((self.per_window * area) as f64 / k2 as f64)
+                .round()
+                .max(1.0) as usize
         }
         .min(area)
     }
@@ -92,7 +97,9 @@ impl GridMask {
 
 impl PatchMask for GridMask {
     fn kept(&self, grid: (usize, usize)) -> usize {
-        self.windows(grid).map(|(_, _, r, c)| self.keep_in(r * c)).sum()
+        self.windows(grid)
+            .map(|(_, _, r, c)| self.keep_in(r * c))
+            .sum()
     }
 
     fn draw(&self, grid: (usize, usize), rng: &mut Rng) -> Vec<usize> {
@@ -133,7 +140,8 @@ impl BlockMask {
                 let squareness = bh.abs_diff(bw);
                 let cand = (key, squareness, usize::MAX - bw);
                 if cand.0 < best_key.0 - 1e-9
-                    || ((cand.0 - best_key.0).abs() <= 1e-9 && (cand.1, cand.2) < (best_key.1, best_key.2))
+                    || ((cand.0 - best_key.0).abs() <= 1e-9
+                        && (cand.1, cand.2) < (best_key.1, best_key.2))
                 {
                     best = (bh, bw);
                     best_key = cand;
@@ -242,7 +250,10 @@ impl ImageReduction {
             Self::Grid(GridMask { window, per_window })
                 if window < 2 || per_window == 0 || per_window >= window * window =>
             {
-                bad(format!("needs window ≥ 2 and 1 ≤ kept per window < {}", window * window))
+                bad(format!(
+                    "needs window ≥ 2 and 1 ≤ kept per window < {}",
+                    window * window
+                ))
             }
             _ => Ok(()),
         }
@@ -255,7 +266,10 @@ impl fmt::Display for ImageReduction {
             Self::None => write!(f, "none"),
             Self::Resize { size } => write!(f, "resize:{size}"),
             Self::Random(m) => write!(f, "random:{}", m.ratio),
-            Self::Grid(GridMask { window, per_window: 1 }) => write!(f, "grid:{window}"),
+            Self::Grid(GridMask {
+                window,
+                per_window: 1,
+            }) => write!(f, "grid:{window}"),
             Self::Grid(m) => write!(f, "grid:{}:{}", m.window, m.per_window),
             Self::Block(m) => write!(f, "block:{}", m.ratio),
         }
@@ -274,15 +288,27 @@ impl FromStr for ImageReduction {
         let mut parts = s.trim().split(':');
         let kind = parts.next().unwrap_or_default();
         let args: Vec<&str> = parts.collect();
-        let num = |i: usize| -> Result<f64> { args.get(i).and_then(|a| a.parse().ok()).ok_or_else(usage) };
-        let int = |i: usize| -> Result<usize> { args.get(i).and_then(|a| a.parse().ok()).ok_or_else(usage) };
+        let num = |i: usize| -> Result<f64> {
+            args.get(i).and_then(|a| a.parse().ok()).ok_or_else(usage)
+        };
+        let int = |i: usize| -> Result<usize> {
+            args.get(i).and_then(|a| a.parse().ok()).ok_or_else(usage)
+        };
         let parsed = match (kind, args.len()) {
             ("none" | "full", 0) => Self::None,
-            ("resize", 1) => Self::Resize { size: int(0)? as u32 },
+            ("resize", 1) => Self::Resize {
+                size: int(0)? as u32,
+            },
             ("random", 1) => Self::Random(RandomMask { ratio: num(0)? }),
             ("block", 1) => Self::Block(BlockMask { ratio: num(0)? }),
-            ("grid", 1) => Self::Grid(GridMask { window: int(0)?, per_window: 1 }),
-            ("grid", 2) => Self::Grid(GridMask { window: int(0)?, per_window: int(1)? }),
+            ("grid", 1) => Self::Grid(GridMask {
+                window: int(0)?,
+                per_window: 1,
+            }),
+            ("grid", 2) => Self::Grid(GridMask {
+                window: int(0)?,
+                per_window: int(1)?,
+            }),
             _ => return Err(usage()),
         };
         parsed.validate()?;
@@ -308,7 +334,9 @@ mod tests {
     use super::*;
 
     fn draws(mask: &dyn PatchMask, grid: (usize, usize), n: u64) -> Vec<Vec<usize>> {
-        (0..n).map(|i| mask.draw(grid, &mut Rng::keyed(&[7, i]))).collect()
+        (0..n)
+            .map(|i| mask.draw(grid, &mut Rng::keyed(&[7, i])))
+            .collect()
     }
 
     fn assert_sorted_distinct_in_range(kept: &[usize], l: usize) {
@@ -337,19 +365,26 @@ mod tests {
 
     #[test]
     fn grid_keeps_one_per_window_and_covers_the_image() {
-        let mask = GridMask { window: 2, per_window: 1 };
+        let mask = GridMask {
+            window: 2,
+            per_window: 1,
+        };
         assert_eq!(mask.kept((14, 14)), 49);
         let mut hits = vec![0usize; 16];
         for kept in draws(&mask, (4, 4), 4000) {
             assert_eq!(kept.len(), 4);
             assert_sorted_distinct_in_range(&kept, 16);
-            let mut windows: Vec<(usize, usize)> = kept.iter().map(|p| (p / 4 / 2, p % 4 / 2)).collect();
+            let mut windows: Vec<(usize, usize)> =
+                kept.iter().map(|p| (p / 4 / 2, p % 4 / 2)).collect();
             windows.sort_unstable();
             assert_eq!(windows, [(0, 0), (0, 1), (1, 0), (1, 1)]);
             kept.iter().for_each(|&p| hits[p] += 1);
         }
         for h in hits {
-            assert!((h as i64 - 1000).abs() < 140, "position in window not uniform: {h}");
+            assert!(
+                (h as i64 - 1000).abs() < 140,
+                "position in window not uniform: {h}"
+            );
         }
     }
 
@@ -357,13 +392,22 @@ mod tests {
     fn grid_handles_partial_windows_and_more_per_window() {
         // 5×5 with k=2: 4 full windows (1 each), 4 edge windows of area 2
         // (round(0.5) = 1 → rounds half away from zero), 1 corner of area 1.
-        let mask = GridMask { window: 2, per_window: 1 };
+        let mask = GridMask {
+            window: 2,
+            per_window: 1,
+        };
         assert_eq!(mask.kept((5, 5)), 9);
         for kept in draws(&mask, (5, 5), 200) {
             assert_eq!(kept.len(), 9);
-            assert!(kept.contains(&24), "the 1×1 corner window must keep its only patch");
+            assert!(
+                kept.contains(&24),
+                "the 1×1 corner window must keep its only patch"
+            );
         }
-        let half = GridMask { window: 2, per_window: 2 };
+        let half = GridMask {
+            window: 2,
+            per_window: 2,
+        };
         assert_eq!(half.kept((4, 6)), 12);
         for kept in draws(&half, (4, 6), 100) {
             assert_eq!(kept.len(), 12);
@@ -381,7 +425,9 @@ mod tests {
         for kept in draws(&BlockMask { ratio: 0.75 }, (4, 4), 4000) {
             assert_eq!(kept.len(), 4);
             let (r0, c0) = (kept[0] / 4, kept[0] % 4);
-            let want: Vec<usize> = (r0..r0 + 2).flat_map(|r| (c0..c0 + 2).map(move |c| r * 4 + c)).collect();
+            let want: Vec<usize> = (r0..r0 + 2)
+                .flat_map(|r| (c0..c0 + 2).map(move |c| r * 4 + c))
+                .collect();
             assert_eq!(kept, want, "not one contiguous 2×2 block");
             if r0 % 2 == 0 && c0 % 2 == 0 {
                 corners[r0 + c0 / 2] += 1; // (0,0)→0 (0,2)→1 (2,0)→2 (2,2)→3
@@ -399,21 +445,54 @@ mod tests {
         let (kept, a) = red.keep_indices((8, 8), 4, 1, 10, 0).unwrap();
         assert_eq!(kept, 32);
         assert_eq!(a.len(), 4 * 32);
-        assert_eq!(Some((kept, a.clone())), red.keep_indices((8, 8), 4, 1, 10, 0));
+        assert_eq!(
+            Some((kept, a.clone())),
+            red.keep_indices((8, 8), 4, 1, 10, 0)
+        );
         let rows: Vec<&[i64]> = a.chunks(kept).collect();
-        assert!(rows.windows(2).all(|w| w[0] != w[1]), "samples share a mask");
-        assert_ne!(a, red.keep_indices((8, 8), 4, 1, 11, 0).unwrap().1, "steps share masks");
-        assert_ne!(a, red.keep_indices((8, 8), 4, 2, 10, 0).unwrap().1, "seeds share masks");
-        assert_eq!(ImageReduction::Resize { size: 112 }.keep_indices((7, 7), 2, 0, 0, 0), None);
+        assert!(
+            rows.windows(2).all(|w| w[0] != w[1]),
+            "samples share a mask"
+        );
+        assert_ne!(
+            a,
+            red.keep_indices((8, 8), 4, 1, 11, 0).unwrap().1,
+            "steps share masks"
+        );
+        assert_ne!(
+            a,
+            red.keep_indices((8, 8), 4, 2, 10, 0).unwrap().1,
+            "seeds share masks"
+        );
+        assert_eq!(
+            ImageReduction::Resize { size: 112 }.keep_indices((7, 7), 2, 0, 0, 0),
+            None
+        );
     }
 
     #[test]
     fn parses_and_prints_the_cli_spelling() {
-        for s in ["none", "resize:112", "random:0.75", "grid:2", "grid:2:3", "block:0.5"] {
+        for s in [
+            "none",
+            "resize:112",
+            "random:0.75",
+            "grid:2",
+            "grid:2:3",
+            "block:0.5",
+        ] {
             let r: ImageReduction = s.parse().unwrap();
             assert_eq!(r.to_string(), s);
         }
-        for bad in ["", "random", "random:1.0", "grid:1", "grid:2:4", "block:x", "resize:0", "mask:0.5"] {
+        for bad in [
+            "",
+            "random",
+            "random:1.0",
+            "grid:1",
+            "grid:2:4",
+            "block:x",
+            "resize:0",
+            "mask:0.5",
+        ] {
             assert!(bad.parse::<ImageReduction>().is_err(), "{bad} parsed");
         }
         assert_eq!(ImageReduction::Resize { size: 112 }.image_size(224), 112);

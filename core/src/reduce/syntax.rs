@@ -95,7 +95,9 @@ impl Lexicon {
             .get_or_init(|| {
                 let path = Path::new("<shipped lexicon.tsv.gz>");
                 let lexicon = gunzip(SHIPPED, path).and_then(|text| Self::parse(&text, path));
-                Arc::new(lexicon.expect("the shipped lexicon is valid (checked by the lexicon tests)"))
+                Arc::new(
+                    lexicon.expect("the shipped lexicon is valid (checked by the lexicon tests)"),
+                )
             })
             .clone()
     }
@@ -124,8 +126,12 @@ impl Lexicon {
                 continue;
             }
             let mut fields = line.split_whitespace();
-            let (Some(word), Some(class), None) = (fields.next(), fields.next(), fields.next()) else {
-                return Err(format_error(origin, format!("line {}: expected `word<TAB>class`", n + 1)));
+            let (Some(word), Some(class), None) = (fields.next(), fields.next(), fields.next())
+            else {
+                return Err(format_error(
+                    origin,
+                    format!("line {}: expected `word<TAB>class`", n + 1),
+                ));
             };
             let class = class
                 .parse()
@@ -158,7 +164,10 @@ impl Lexicon {
 }
 
 fn format_error(path: &Path, reason: String) -> Error {
-    Error::Format { path: path.to_path_buf(), reason }
+    Error::Format {
+        path: path.to_path_buf(),
+        reason,
+    }
 }
 
 fn gunzip(bytes: &[u8], path: &Path) -> Result<String> {
@@ -242,14 +251,18 @@ fn split_chunk<'a>(chunk: &'a str, out: &mut Vec<&'a str>) {
 }
 
 /// English clitics that NLTK's Treebank rules split off a word's end.
-const CLITICS: [&str; 14] =
-    ["n't", "n’t", "'s", "’s", "'m", "’m", "'d", "’d", "'re", "’re", "'ve", "’ve", "'ll", "’ll"];
+const CLITICS: [&str; 14] = [
+    "n't", "n’t", "'s", "’s", "'m", "’m", "'d", "’d", "'re", "’re", "'ve", "’ve", "'ll", "’ll",
+];
 
 /// Pushes a word, splitting an English clitic off its end.
 fn push_word<'a>(word: &'a str, out: &mut Vec<&'a str>) {
     // ASCII lowercasing keeps byte offsets, so a cut in `lower` is a cut in `word`.
     let lower = word.to_ascii_lowercase();
-    match CLITICS.iter().find(|c| lower.len() > c.len() && lower.ends_with(*c)) {
+    match CLITICS
+        .iter()
+        .find(|c| lower.len() > c.len() && lower.ends_with(*c))
+    {
         Some(clitic) => {
             let cut = word.len() - clitic.len();
             out.extend([&word[..cut], &word[cut..]]);
@@ -312,26 +325,43 @@ mod tests {
             assert_eq!(lex.get("dog"), Other);
         }
         std::fs::write(&plain, "cat\tnoun\ndog\tanimal\n").expect("write");
-        let err = Lexicon::from_file(&plain).expect_err("bad class").to_string();
+        let err = Lexicon::from_file(&plain)
+            .expect_err("bad class")
+            .to_string();
         assert!(err.contains("line 2") && err.contains("animal"), "{err}");
         std::fs::write(&plain, "cat\n").expect("write");
         assert!(Lexicon::from_file(&plain).is_err());
-        assert!(matches!(Lexicon::from_file(dir.join("missing")), Err(Error::Io { .. })));
+        assert!(matches!(
+            Lexicon::from_file(dir.join("missing")),
+            Err(Error::Io { .. })
+        ));
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[test]
     fn splits_like_nltk_word_tokenize() {
         let cases: [(&str, &[&str]); 7] = [
-            ("a small brown dog runs across the green field.", &[
-                "a", "small", "brown", "dog", "runs", "across", "the", "green", "field", ".",
-            ]),
-            ("A dog's t-shirt, (red)!", &["A", "dog", "'s", "t-shirt", ",", "(", "red", ")", "!"]),
+            (
+                "a small brown dog runs across the green field.",
+                &[
+                    "a", "small", "brown", "dog", "runs", "across", "the", "green", "field", ".",
+                ],
+            ),
+            (
+                "A dog's t-shirt, (red)!",
+                &["A", "dog", "'s", "t-shirt", ",", "(", "red", ")", "!"],
+            ),
             ("I don't know...", &["I", "do", "n't", "know", "..."]),
-            ("U.S. flag: 1,000 stars, 3.5.", &["U.S.", "flag", ":", "1,000", "stars", ",", "3.5", "."]),
+            (
+                "U.S. flag: 1,000 stars, 3.5.",
+                &["U.S.", "flag", ":", "1,000", "stars", ",", "3.5", "."],
+            ),
             ("they're here", &["they", "'re", "here"]),
             ("  ", &[]),
-            ("\"quoted\" AT&T—done", &["\"", "quoted", "\"", "AT", "&", "T", "—", "done"]),
+            (
+                "\"quoted\" AT&T—done",
+                &["\"", "quoted", "\"", "AT", "&", "T", "—", "done"],
+            ),
         ];
         for (text, words) in cases {
             assert_eq!(split_words(text), words, "{text}");

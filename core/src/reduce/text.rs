@@ -29,7 +29,13 @@ pub const TEXT_STREAM: u64 = 0x7E27;
 /// One text-reduction strategy: `context` ids for one caption.
 pub trait TextMask {
     /// Exactly `context` ids for `caption`; `rng` is the sample's own stream.
-    fn reduce(&self, tokenizer: &Tokenizer, caption: &str, context: usize, rng: &mut Rng) -> Vec<u32>;
+    fn reduce(
+        &self,
+        tokenizer: &Tokenizer,
+        caption: &str,
+        context: usize,
+        rng: &mut Rng,
+    ) -> Vec<u32>;
 }
 
 /// Content ids that fit next to the special tokens.
@@ -57,16 +63,28 @@ mod test_support {
     pub fn content(row: &[u32]) -> Vec<u32> {
         assert_eq!(row[0], SOT, "{row:?}");
         let end = row.iter().position(|&t| t == EOT).expect("EOT present");
-        assert!(row[end + 1..].iter().all(|&t| t == 0), "only pads after EOT: {row:?}");
+        assert!(
+            row[end + 1..].iter().all(|&t| t == 0),
+            "only pads after EOT: {row:?}"
+        );
         row[1..end].to_vec()
     }
 
     /// Positions of `kept` in `all` (whose ids are distinct), asserting
     /// each is found and they ascend.
     pub fn positions(kept: &[u32], all: &[u32]) -> Vec<usize> {
-        assert!(all.iter().enumerate().all(|(i, a)| !all[..i].contains(a)), "distinct ids: {all:?}");
-        let pos: Vec<usize> =
-            kept.iter().map(|k| all.iter().position(|a| a == k).expect("kept id is from the caption")).collect();
+        assert!(
+            all.iter().enumerate().all(|(i, a)| !all[..i].contains(a)),
+            "distinct ids: {all:?}"
+        );
+        let pos: Vec<usize> = kept
+            .iter()
+            .map(|k| {
+                all.iter()
+                    .position(|a| a == k)
+                    .expect("kept id is from the caption")
+            })
+            .collect();
         assert!(pos.windows(2).all(|w| w[0] < w[1]), "order kept: {pos:?}");
         pos
     }
@@ -74,13 +92,20 @@ mod test_support {
     /// Pearson's chi-square of `counts` against equal expected counts.
     pub fn chi_square(counts: &[usize]) -> f64 {
         let mean = counts.iter().sum::<usize>() as f64 / counts.len() as f64;
-        counts.iter().map(|&c| (c as f64 - mean).powi(2) / mean).sum()
+        counts
+            .iter()
+            .map(|&c| (c as f64 - mean).powi(2) / mean)
+            .sum()
     }
 
     /// A WordPiece tokenizer over `[PAD] [UNK] [CLS] [SEP] a b c d e f g h`.
     pub fn wordpiece() -> Tokenizer {
-        let vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "b", "c", "d", "e", "f", "g", "h"];
-        Tokenizer::WordPiece(WordPieceTokenizer::from_tokens(vocab.map(String::from).to_vec()).expect("valid vocab"))
+        let vocab = [
+            "[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "b", "c", "d", "e", "f", "g", "h",
+        ];
+        Tokenizer::WordPiece(
+            WordPieceTokenizer::from_tokens(vocab.map(String::from).to_vec()).expect("valid vocab"),
+        )
     }
 }
 
@@ -90,7 +115,13 @@ mod test_support {
 pub struct Truncate;
 
 impl TextMask for Truncate {
-    fn reduce(&self, tokenizer: &Tokenizer, caption: &str, context: usize, _rng: &mut Rng) -> Vec<u32> {
+    fn reduce(
+        &self,
+        tokenizer: &Tokenizer,
+        caption: &str,
+        context: usize,
+        _rng: &mut Rng,
+    ) -> Vec<u32> {
         tokenizer.tokenize(caption, context)
     }
 }
@@ -124,13 +155,23 @@ mod truncate_tests {
 pub struct RandomKeep;
 
 impl TextMask for RandomKeep {
-    fn reduce(&self, tokenizer: &Tokenizer, caption: &str, context: usize, rng: &mut Rng) -> Vec<u32> {
+    fn reduce(
+        &self,
+        tokenizer: &Tokenizer,
+        caption: &str,
+        context: usize,
+        rng: &mut Rng,
+    ) -> Vec<u32> {
         let ids = tokenizer.encode(caption);
         let keep = budget(tokenizer, context);
         if ids.len() <= keep {
             return tokenizer.wrap(&ids, context);
         }
-        let kept: Vec<u32> = rng.choose_sorted(ids.len(), keep).into_iter().map(|i| ids[i]).collect();
+        let kept: Vec<u32> = rng
+            .choose_sorted(ids.len(), keep)
+            .into_iter()
+            .map(|i| ids[i])
+            .collect();
         tokenizer.wrap(&kept, context)
     }
 }
@@ -171,13 +212,19 @@ mod random_tests {
         let t = clip();
         let a = RandomKeep.reduce(&t, LONG, 8, &mut Rng::keyed(&[5, 6]));
         assert_eq!(a, RandomKeep.reduce(&t, LONG, 8, &mut Rng::keyed(&[5, 6])));
-        let differ = (0..20).filter(|&k| RandomKeep.reduce(&t, LONG, 8, &mut Rng::keyed(&[k, 7])) != a).count();
+        let differ = (0..20)
+            .filter(|&k| RandomKeep.reduce(&t, LONG, 8, &mut Rng::keyed(&[k, 7])) != a)
+            .count();
         assert!(differ >= 19, "{differ}");
         let wp = wordpiece();
         let row = RandomKeep.reduce(&wp, "a b c d e f g h", 4, &mut Rng::new(3));
         assert_eq!(row.len(), 4);
         assert_eq!(row[0], 2, "[CLS] first");
-        assert!(row[1..].windows(2).all(|w| w[0] < w[1]) && row[1..].iter().all(|id| (4..12).contains(id)), "{row:?}");
+        assert!(
+            row[1..].windows(2).all(|w| w[0] < w[1])
+                && row[1..].iter().all(|id| (4..12).contains(id)),
+            "{row:?}"
+        );
     }
 }
 
@@ -188,7 +235,13 @@ mod random_tests {
 pub struct BlockKeep;
 
 impl TextMask for BlockKeep {
-    fn reduce(&self, tokenizer: &Tokenizer, caption: &str, context: usize, rng: &mut Rng) -> Vec<u32> {
+    fn reduce(
+        &self,
+        tokenizer: &Tokenizer,
+        caption: &str,
+        context: usize,
+        rng: &mut Rng,
+    ) -> Vec<u32> {
         let ids = tokenizer.encode(caption);
         let keep = budget(tokenizer, context);
         if ids.len() <= keep {
@@ -226,14 +279,20 @@ mod block_tests {
         }
         // 15 degrees of freedom: P(chi² > 40) < 5e-4.
         assert!(chi_square(&starts) < 40.0, "{starts:?}");
-        assert!(starts[0] > 0 && starts[15] > 0, "both ends reachable: {starts:?}");
+        assert!(
+            starts[0] > 0 && starts[15] > 0,
+            "both ends reachable: {starts:?}"
+        );
     }
 
     #[test]
     fn same_key_same_window() {
         let t = clip();
         let a = BlockKeep.reduce(&t, LONG, 6, &mut Rng::keyed(&[1, 2, 3]));
-        assert_eq!(a, BlockKeep.reduce(&t, LONG, 6, &mut Rng::keyed(&[1, 2, 3])));
+        assert_eq!(
+            a,
+            BlockKeep.reduce(&t, LONG, 6, &mut Rng::keyed(&[1, 2, 3]))
+        );
         assert_eq!(content(&a).len(), 4);
     }
 }
@@ -266,13 +325,23 @@ impl SyntaxKeep<'_> {
 }
 
 impl TextMask for SyntaxKeep<'_> {
-    fn reduce(&self, tokenizer: &Tokenizer, caption: &str, context: usize, _rng: &mut Rng) -> Vec<u32> {
+    fn reduce(
+        &self,
+        tokenizer: &Tokenizer,
+        caption: &str,
+        context: usize,
+        _rng: &mut Rng,
+    ) -> Vec<u32> {
         let words = split_words(caption);
         let keep = budget(tokenizer, context);
         if words.len() <= keep {
             return tokenizer.tokenize(caption, context);
         }
-        let kept: Vec<&str> = self.keep_indices(&words, keep).into_iter().map(|i| words[i]).collect();
+        let kept: Vec<&str> = self
+            .keep_indices(&words, keep)
+            .into_iter()
+            .map(|i| words[i])
+            .collect();
         tokenizer.tokenize(&kept.join(" "), context)
     }
 }
@@ -281,8 +350,8 @@ impl TextMask for SyntaxKeep<'_> {
 mod syntax_tests {
     use super::test_support::*;
     use super::*;
-    use crate::rng::Rng;
     use crate::reduce::syntax::PartOfSpeech;
+    use crate::rng::Rng;
 
     #[test]
     fn example_caption_keeps_nouns_first() {
@@ -305,7 +374,9 @@ mod syntax_tests {
     fn no_word_is_dropped_while_a_lower_class_is_kept() {
         let lexicon = Lexicon::shipped();
         let syntax = SyntaxKeep { lexicon: &lexicon };
-        let pool = ["dog", "field", "small", "green", "runs", "sits", "the", "on", "cat", "red", "quickly"];
+        let pool = [
+            "dog", "field", "small", "green", "runs", "sits", "the", "on", "cat", "red", "quickly",
+        ];
         let mut rng = Rng::new(11);
         for _ in 0..300 {
             let n = 1 + rng.below(12);
@@ -315,12 +386,25 @@ mod syntax_tests {
             assert_eq!(kept.len(), keep);
             assert!(kept.windows(2).all(|w| w[0] < w[1]), "{kept:?}");
             let class = |i: usize| lexicon.get(words[i]);
-            let worst_kept = kept.iter().map(|&i| class(i)).max().unwrap_or(PartOfSpeech::Noun);
+            let worst_kept = kept
+                .iter()
+                .map(|&i| class(i))
+                .max()
+                .unwrap_or(PartOfSpeech::Noun);
             for i in (0..n).filter(|i| !kept.contains(i)) {
-                assert!(class(i) >= worst_kept, "{words:?} kept {kept:?}: dropped {} before a {worst_kept}", words[i]);
+                assert!(
+                    class(i) >= worst_kept,
+                    "{words:?} kept {kept:?}: dropped {} before a {worst_kept}",
+                    words[i]
+                );
                 // Ties keep the earlier word.
                 if class(i) == worst_kept {
-                    assert!(kept.iter().filter(|&&k| class(k) == worst_kept).all(|&k| k < i), "{words:?} {kept:?}");
+                    assert!(
+                        kept.iter()
+                            .filter(|&&k| class(k) == worst_kept)
+                            .all(|&k| k < i),
+                        "{words:?} {kept:?}"
+                    );
                 }
             }
         }
@@ -338,7 +422,10 @@ mod syntax_tests {
         assert_eq!(row, [SOT, 41744, 1364, 1299, EOT]);
         // Four words (today is a noun too): 11 tokens for 4 content slots.
         let row = SyntaxKeep { lexicon: &lexicon }.reduce(&t, caption, 6, &mut Rng::new(0));
-        assert_eq!(row, t.tokenize("rhinoceros xylophone chrysanthemums today", 6));
+        assert_eq!(
+            row,
+            t.tokenize("rhinoceros xylophone chrysanthemums today", 6)
+        );
         assert_eq!(row, [SOT, 41744, 1364, 1299, 20023, EOT]);
     }
 }
@@ -384,9 +471,14 @@ impl FromStr for TextReduction {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        Self::ALL.into_iter().find(|r| r.as_str() == s.trim()).ok_or_else(|| {
-            Error::Config(format!("text reduction `{s}`: expected truncate | random | block | syntax"))
-        })
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s.trim())
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "text reduction `{s}`: expected truncate | random | block | syntax"
+                ))
+            })
     }
 }
 
@@ -408,7 +500,11 @@ impl TextReducer {
             TextReduction::Syntax => Lexicon::shipped(),
             _ => Arc::new(Lexicon::default()),
         };
-        Self { kind, context, lexicon }
+        Self {
+            kind,
+            context,
+            lexicon,
+        }
     }
 
     /// The same reducer with the user's lexicon (see [`Lexicon::from_file`]).
@@ -440,7 +536,10 @@ impl TextReducer {
             TextReduction::Truncate => Truncate.reduce(tokenizer, caption, c, rng),
             TextReduction::Random => RandomKeep.reduce(tokenizer, caption, c, rng),
             TextReduction::Block => BlockKeep.reduce(tokenizer, caption, c, rng),
-            TextReduction::Syntax => SyntaxKeep { lexicon: &self.lexicon }.reduce(tokenizer, caption, c, rng),
+            TextReduction::Syntax => SyntaxKeep {
+                lexicon: &self.lexicon,
+            }
+            .reduce(tokenizer, caption, c, rng),
         }
     }
 
@@ -473,11 +572,20 @@ mod reducer_tests {
     #[test]
     fn parses_and_prints_the_cli_spelling() {
         for r in TextReduction::ALL {
-            assert_eq!(r.to_string().parse::<TextReduction>().expect("round trip"), r);
+            assert_eq!(
+                r.to_string().parse::<TextReduction>().expect("round trip"),
+                r
+            );
             assert_eq!(serde_json::to_string(&r).expect("json"), format!("\"{r}\""));
         }
-        assert_eq!(serde_json::from_str::<TextReduction>("\"syntax\"").expect("json"), TextReduction::Syntax);
-        let err = "nouns".parse::<TextReduction>().expect_err("not a choice").to_string();
+        assert_eq!(
+            serde_json::from_str::<TextReduction>("\"syntax\"").expect("json"),
+            TextReduction::Syntax
+        );
+        let err = "nouns"
+            .parse::<TextReduction>()
+            .expect_err("not a choice")
+            .to_string();
         assert!(err.contains("truncate | random | block | syntax"), "{err}");
         assert!(serde_json::from_str::<TextReduction>("\"Syntax\"").is_err());
     }
@@ -489,12 +597,20 @@ mod reducer_tests {
             let expect = t.tokenize(caption, 16);
             for kind in TextReduction::ALL {
                 let reducer = TextReducer::new(kind, 16);
-                assert_eq!(reducer.apply(&t, caption, &mut Rng::new(4)), expect, "{kind} {caption:?}");
+                assert_eq!(
+                    reducer.apply(&t, caption, &mut Rng::new(4)),
+                    expect,
+                    "{kind} {caption:?}"
+                );
             }
         }
         // Exactly at the budget (9 words, 9 tokens, 11 slots) nothing changes either.
         for kind in TextReduction::ALL {
-            assert_eq!(TextReducer::new(kind, 11).apply(&t, DOG, &mut Rng::new(4)), t.tokenize(DOG, 11), "{kind}");
+            assert_eq!(
+                TextReducer::new(kind, 11).apply(&t, DOG, &mut Rng::new(4)),
+                t.tokenize(DOG, 11),
+                "{kind}"
+            );
         }
     }
 
@@ -506,27 +622,49 @@ mod reducer_tests {
             let reducer = TextReducer::new(kind, 8);
             let batch = reducer.apply_batch(&t, &captions, 7, 3, 100);
             assert_eq!(batch.len(), 6 * 8);
-            assert!(batch.iter().all(|&id| id != 0), "long captions fill every slot");
-            assert_eq!(batch, reducer.apply_batch(&t, &captions, 7, 3, 100), "{kind}");
+            assert!(
+                batch.iter().all(|&id| id != 0),
+                "long captions fill every slot"
+            );
+            assert_eq!(
+                batch,
+                reducer.apply_batch(&t, &captions, 7, 3, 100),
+                "{kind}"
+            );
             let rows: Vec<&[u32]> = batch.chunks(8).collect();
             let distinct = rows.iter().filter(|r| **r != rows[0]).count();
-            assert!(distinct >= 4, "{kind}: samples draw different masks: {rows:?}");
+            assert!(
+                distinct >= 4,
+                "{kind}: samples draw different masks: {rows:?}"
+            );
             // Sample 101 alone draws what it drew as the second row of the batch.
             let one = reducer.apply_batch(&t, &captions[..1], 7, 3, 101);
             assert_eq!(one, rows[1], "{kind}");
-            assert_ne!(batch, reducer.apply_batch(&t, &captions, 7, 4, 100), "{kind}: the step changes the draw");
-            assert_eq!(one, reducer.apply(&t, LONG, &mut Rng::keyed(&[7, 3, 101, TEXT_STREAM])));
+            assert_ne!(
+                batch,
+                reducer.apply_batch(&t, &captions, 7, 4, 100),
+                "{kind}: the step changes the draw"
+            );
+            assert_eq!(
+                one,
+                reducer.apply(&t, LONG, &mut Rng::keyed(&[7, 3, 101, TEXT_STREAM]))
+            );
         }
-        let syntax = TextReducer::new(TextReduction::Syntax, 5).apply_batch(&t, &[DOG.to_string()], 1, 2, 3);
+        let syntax =
+            TextReducer::new(TextReduction::Syntax, 5).apply_batch(&t, &[DOG.to_string()], 1, 2, 3);
         assert_eq!(syntax, t.tokenize("small dog field", 5));
     }
 
     #[test]
     fn user_lexicon_replaces_the_shipped_one() {
         let t = clip();
-        let mine = Lexicon::parse("runs\tnoun\nacross\tnoun\n", std::path::Path::new("mine")).expect("valid");
+        let mine = Lexicon::parse("runs\tnoun\nacross\tnoun\n", std::path::Path::new("mine"))
+            .expect("valid");
         let reducer = TextReducer::new(TextReduction::Syntax, 4).with_lexicon(Arc::new(mine));
         assert_eq!(reducer.lexicon().len(), 2);
-        assert_eq!(reducer.apply(&t, DOG, &mut Rng::new(0)), t.tokenize("runs across", 4));
+        assert_eq!(
+            reducer.apply(&t, DOG, &mut Rng::new(0)),
+            t.tokenize("runs across", 4)
+        );
     }
 }

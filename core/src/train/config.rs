@@ -159,7 +159,14 @@ pub struct TrainConfig {
 }
 
 /// Names accepted by [`TrainConfig::preset`].
-pub const PRESETS: [&str; 6] = ["demo", "tiny", "fmnist", "clipa-b16-i112-t16", "clipa-l16-i96-t8", "clipa-v2-h14-84-224-336"];
+pub const PRESETS: [&str; 6] = [
+    "demo",
+    "tiny",
+    "fmnist",
+    "clipa-b16-i112-t16",
+    "clipa-l16-i96-t8",
+    "clipa-v2-h14-84-224-336",
+];
 
 #[allow(clippy::too_many_arguments)]
 fn stage(
@@ -176,7 +183,9 @@ fn stage(
     StageConfig {
         name: name.into(),
         image_size,
-        image_reduction: image_reduction.parse().expect("preset reductions are valid"),
+        image_reduction: image_reduction
+            .parse()
+            .expect("preset reductions are valid"),
         text_length,
         text_reduction: text_reduction.parse().expect("preset reductions are valid"),
         steps,
@@ -231,42 +240,155 @@ impl TrainConfig {
                 ..Self::base(
                     "demo",
                     vec![
-                        stage("pretrain-i16-t8", 32, "resize:16", 8, "syntax", 1200, 128, 1e-3, 100),
-                        stage("finetune-i32-t16", 32, "none", 16, "truncate", 300, 128, 3e-4, 30),
+                        stage(
+                            "pretrain-i16-t8",
+                            32,
+                            "resize:16",
+                            8,
+                            "syntax",
+                            1000,
+                            128,
+                            1e-3,
+                            100,
+                        ),
+                        stage(
+                            "finetune-i32-t16",
+                            32,
+                            "none",
+                            16,
+                            "truncate",
+                            250,
+                            128,
+                            3e-4,
+                            25,
+                        ),
                     ],
                 )
             },
             "tiny" => Self {
                 log_every: 1,
-                ..Self::base("tiny", vec![stage("tiny", 32, "none", 16, "truncate", 20, 16, 1e-3, 2)])
+                ..Self::base(
+                    "tiny",
+                    vec![stage("tiny", 32, "none", 16, "truncate", 20, 16, 1e-3, 2)],
+                )
             },
             "fmnist" => Self::base(
                 "demo",
                 vec![
-                    stage("pretrain-i28-random50-t8", 28, "random:0.5", 8, "truncate", 1500, 128, 1e-3, 100),
-                    stage("finetune-i28-t16", 28, "none", 16, "truncate", 300, 128, 3e-4, 30),
+                    stage(
+                        "pretrain-i28-random50-t8",
+                        28,
+                        "random:0.5",
+                        8,
+                        "truncate",
+                        1500,
+                        128,
+                        1e-3,
+                        100,
+                    ),
+                    stage(
+                        "finetune-i28-t16",
+                        28,
+                        "none",
+                        16,
+                        "truncate",
+                        300,
+                        128,
+                        3e-4,
+                        30,
+                    ),
                 ],
             ),
             "clipa-b16-i112-t16" => Self::base(
                 "clipa-b16",
                 vec![
-                    stage("i112-t16", 224, "resize:112", 16, "truncate", steps_for(LAION400M_6EP, 65_536), 65_536, 8e-6, 782),
-                    stage("unmask-tune-224", 224, "none", 32, "truncate", steps_for(131_072_000, 8192), 8192, 8e-7, 3072),
+                    stage(
+                        "i112-t16",
+                        224,
+                        "resize:112",
+                        16,
+                        "truncate",
+                        steps_for(LAION400M_6EP, 65_536),
+                        65_536,
+                        8e-6,
+                        782,
+                    ),
+                    stage(
+                        "unmask-tune-224",
+                        224,
+                        "none",
+                        32,
+                        "truncate",
+                        steps_for(131_072_000, 8192),
+                        8192,
+                        8e-7,
+                        3072,
+                    ),
                 ],
             ),
             "clipa-l16-i96-t8" => Self::base(
                 "clipa-l16",
                 vec![
-                    stage("i96-t8", 224, "resize:96", 8, "syntax", steps_for(LAION400M_6EP, 32_768), 32_768, 8e-6, 1563),
-                    stage("unmask-tune-224", 224, "none", 32, "truncate", steps_for(131_072_000, 7168), 7168, 8e-7, 3571),
+                    stage(
+                        "i96-t8",
+                        224,
+                        "resize:96",
+                        8,
+                        "syntax",
+                        steps_for(LAION400M_6EP, 32_768),
+                        32_768,
+                        8e-6,
+                        1563,
+                    ),
+                    stage(
+                        "unmask-tune-224",
+                        224,
+                        "none",
+                        32,
+                        "truncate",
+                        steps_for(131_072_000, 7168),
+                        7168,
+                        8e-7,
+                        3571,
+                    ),
                 ],
             ),
             "clipa-v2-h14-84-224-336" => Self::base(
                 "clipa-h14",
                 vec![
-                    stage("i84-t8", 224, "resize:84", 8, "syntax", steps_for(12_800_000_000, 65_536), 65_536, 8e-6, 3200),
-                    stage("unmask-tune-224", 224, "random:0.3", 32, "truncate", steps_for(524_288_000, 32_768), 32_768, 4e-7, 800),
-                    stage("unmask-tune-336", 336, "random:0.4", 32, "truncate", steps_for(131_072_000, 16_384), 16_384, 1e-7, 1600),
+                    stage(
+                        "i84-t8",
+                        224,
+                        "resize:84",
+                        8,
+                        "syntax",
+                        steps_for(12_800_000_000, 65_536),
+                        65_536,
+                        8e-6,
+                        3200,
+                    ),
+                    stage(
+                        "unmask-tune-224",
+                        224,
+                        "random:0.3",
+                        32,
+                        "truncate",
+                        steps_for(524_288_000, 32_768),
+                        32_768,
+                        4e-7,
+                        800,
+                    ),
+                    stage(
+                        "unmask-tune-336",
+                        336,
+                        "random:0.4",
+                        32,
+                        "truncate",
+                        steps_for(131_072_000, 16_384),
+                        16_384,
+                        1e-7,
+                        1600,
+                    ),
                 ],
             ),
             other => {
@@ -312,9 +434,12 @@ impl TrainConfig {
             let share = if i as u64 == n - 1 {
                 left
             } else {
-                ((s.steps as f64 / old * total as f64).round() as u64).clamp(1, left - (n - 1 - i as u64))
+                ((s.steps as f64 / old * total as f64).round() as u64)
+                    .clamp(1, left - (n - 1 - i as u64))
             };
-            s.warmup_steps = ((s.warmup_steps as f64 * share as f64 / s.steps.max(1) as f64).round() as u64).min(share);
+            s.warmup_steps =
+                ((s.warmup_steps as f64 * share as f64 / s.steps.max(1) as f64).round() as u64)
+                    .min(share);
             s.steps = share;
             left -= share;
         }
@@ -336,19 +461,28 @@ impl TrainConfig {
             let patch = model.vision.patch_size;
             let tag = format!("stage '{}'", s.name);
             if px == 0 || px % patch != 0 {
-                return bad(format!("{tag}: image size {px} is not a multiple of the patch size {patch}"));
+                return bad(format!(
+                    "{tag}: image size {px} is not a multiple of the patch size {patch}"
+                ));
             }
             if s.steps == 0 || s.batch_size == 0 || s.accum_steps == 0 {
-                return bad(format!("{tag}: steps, batch_size and accum_steps must be positive"));
+                return bad(format!(
+                    "{tag}: steps, batch_size and accum_steps must be positive"
+                ));
             }
             if s.batch_size % s.accum_steps != 0 {
-                return bad(format!("{tag}: batch_size {} is not divisible by accum_steps {}", s.batch_size, s.accum_steps));
+                return bad(format!(
+                    "{tag}: batch_size {} is not divisible by accum_steps {}",
+                    s.batch_size, s.accum_steps
+                ));
             }
             if s.text_length < 3 {
                 return bad(format!("{tag}: text_length must be at least 3"));
             }
             if !(s.base_lr > 0.0) || s.end_base_lr < 0.0 {
-                return bad(format!("{tag}: base_lr must be positive and end_base_lr not negative"));
+                return bad(format!(
+                    "{tag}: base_lr must be positive and end_base_lr not negative"
+                ));
             }
         }
         Ok(())
@@ -373,9 +507,15 @@ mod tests {
     #[test]
     fn paper_presets_carry_the_paper_numbers() {
         let b = TrainConfig::preset("clipa-b16-i112-t16").unwrap();
-        assert_eq!(b.stages[0].image_reduction, ImageReduction::Resize { size: 112 });
+        assert_eq!(
+            b.stages[0].image_reduction,
+            ImageReduction::Resize { size: 112 }
+        );
         assert_eq!(b.stages[0].steps, 36_622); // 2.4B samples / 65 536
-        assert!((super::super::schedule::scaled_lr(b.stages[0].base_lr, 65_536) - 2.048e-3).abs() < 1e-12);
+        assert!(
+            (super::super::schedule::scaled_lr(b.stages[0].base_lr, 65_536) - 2.048e-3).abs()
+                < 1e-12
+        );
         let h = TrainConfig::preset("clipa-v2-h14-84-224-336").unwrap();
         assert_eq!(h.stages.len(), 3);
         assert_eq!(h.stages[1].image_reduction.to_string(), "random:0.3");
@@ -386,20 +526,25 @@ mod tests {
     fn unknown_keys_are_errors() {
         let mut text = TrainConfig::preset("tiny").unwrap().to_toml();
         text = text.replace("seed = 0", "seed = 0\nsede = 1");
-        let err = TrainConfig::from_toml(&text, "run.toml".as_ref()).unwrap_err().to_string();
+        let err = TrainConfig::from_toml(&text, "run.toml".as_ref())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("sede"), "{err}");
     }
 
     #[test]
     fn total_steps_split_in_proportion() {
         let mut cfg = TrainConfig::preset("demo").unwrap();
-        cfg.set_total_steps(150);
-        assert_eq!(cfg.total_steps(), 150);
-        assert_eq!(cfg.stages[0].steps, 120);
-        assert_eq!(cfg.stages[1].steps, 30);
+        cfg.set_total_steps(125);
+        assert_eq!(cfg.total_steps(), 125);
+        assert_eq!(cfg.stages[0].steps, 100);
+        assert_eq!(cfg.stages[1].steps, 25);
         assert_eq!(cfg.stages[0].warmup_steps, 10);
         cfg.set_total_steps(1);
-        assert_eq!(cfg.stages.iter().map(|s| s.steps).collect::<Vec<_>>(), [1, 1]);
+        assert_eq!(
+            cfg.stages.iter().map(|s| s.steps).collect::<Vec<_>>(),
+            [1, 1]
+        );
     }
 
     #[test]

@@ -19,8 +19,8 @@ use crate::data::{DataStats, DataStatsSnapshot, ShardSource};
 use crate::eval::zeroshot::{Accuracy, PHOTO_TEMPLATES};
 use crate::eval::{ZeroShotResult, ZeroShotTask};
 use crate::model::ClipModel;
-use crate::reduce::syntax::Lexicon;
 use crate::reduce::TextReducer;
+use crate::reduce::syntax::Lexicon;
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -52,12 +52,24 @@ pub struct StageData {
 pub fn train_source(cfg: &TrainConfig, px: u32) -> Result<Arc<dyn ShardSource>> {
     let d = &cfg.data;
     Ok(match &d.train_data {
-        None => Arc::new(SyntheticCaptions::new(Split::Train, SYNTHETIC_TRAIN_LEN, px, cfg.seed)),
+        None => Arc::new(SyntheticCaptions::new(
+            Split::Train,
+            SYNTHETIC_TRAIN_LEN,
+            px,
+            cfg.seed,
+        )),
         Some(spec) if is_csv(spec) => Arc::new(CsvDataset::open(
             Path::new(spec),
-            &CsvOptions { img_key: d.csv_img_key.clone(), caption_key: d.csv_caption_key.clone(), ..CsvOptions::default() },
+            &CsvOptions {
+                img_key: d.csv_img_key.clone(),
+                caption_key: d.csv_caption_key.clone(),
+                ..CsvOptions::default()
+            },
         )?),
-        Some(spec) => Arc::new(WebDataset::from_spec(spec, d.train_data_weights.as_deref())?),
+        Some(spec) => Arc::new(WebDataset::from_spec(
+            spec,
+            d.train_data_weights.as_deref(),
+        )?),
     })
 }
 
@@ -98,7 +110,11 @@ impl StageData {
                 image_size: px,
                 workers,
                 prefetch: 4,
-                shuffle_buffer: if cfg.data.train_data.is_none() { 1 } else { 2048 },
+                shuffle_buffer: if cfg.data.train_data.is_none() {
+                    1
+                } else {
+                    2048
+                },
                 seed: cfg.seed,
                 resampled: cfg.data.dataset_resampled,
                 transform,
@@ -110,7 +126,13 @@ impl StageData {
         if let Some(lex) = lexicon {
             reducer = reducer.with_lexicon(lex);
         }
-        Ok(Self { loader, reducer, tokenizer: tokenizer.clone(), seed: cfg.seed, batch_size: stage.batch_size })
+        Ok(Self {
+            loader,
+            reducer,
+            tokenizer: tokenizer.clone(),
+            seed: cfg.seed,
+            batch_size: stage.batch_size,
+        })
     }
 
     /// The batch of global step `step`, its captions reduced to the stage's
@@ -124,7 +146,11 @@ impl StageData {
             .into_iter()
             .map(i64::from)
             .collect();
-        Ok(StageBatch { images: batch.images, ids, state: batch.state })
+        Ok(StageBatch {
+            images: batch.images,
+            ids,
+            state: batch.state,
+        })
     }
 
     /// Good and bad data so far.
@@ -154,8 +180,16 @@ pub fn zeroshot_eval<B: Backend>(
                 (Box::new(folder), task, ImageTransform::EvalCenterCrop)
             }
             (None, None) => {
-                let held = SyntheticCaptions::new(Split::HeldOut, SYNTHETIC_EVAL_LEN, px, cfg.seed ^ 0xE7A1);
-                let task = ZeroShotTask { classnames: synthetic::class_names(), templates: synthetic::templates() };
+                let held = SyntheticCaptions::new(
+                    Split::HeldOut,
+                    SYNTHETIC_EVAL_LEN,
+                    px,
+                    cfg.seed ^ 0xE7A1,
+                );
+                let task = ZeroShotTask {
+                    classnames: synthetic::class_names(),
+                    templates: synthetic::templates(),
+                };
                 (Box::new(held), task, ImageTransform::EvalSquash)
             }
             (None, Some(_)) => return Ok(None),
@@ -179,7 +213,10 @@ pub fn evaluate_source<B: Backend>(
     let stats = DataStats::default();
     let mut aug = Augmenter::new(transform, px as u32);
     let mut acc = Accuracy::default();
-    let (mut images, mut labels) = (Vec::with_capacity(BATCH * px * px * 3), Vec::with_capacity(BATCH));
+    let (mut images, mut labels) = (
+        Vec::with_capacity(BATCH * px * px * 3),
+        Vec::with_capacity(BATCH),
+    );
     let mut rng = Rng::new(0); // eval transforms draw nothing
     for shard in 0..source.num_shards() {
         let samples = match source.open(shard, &stats) {
@@ -191,7 +228,10 @@ pub fn evaluate_source<B: Backend>(
         };
         for sample in samples {
             let Some(label) = sample.label else {
-                return Err(Error::Config(format!("{}: evaluation data needs class labels", sample.key)));
+                return Err(Error::Config(format!(
+                    "{}: evaluation data needs class labels",
+                    sample.key
+                )));
             };
             let Ok(img) = payload_rgb(sample.image, &sample.key) else {
                 DataStats::bump(&stats.bad_images);
@@ -199,7 +239,10 @@ pub fn evaluate_source<B: Backend>(
             };
             let start = images.len();
             images.resize(start + aug.output_len(), 0);
-            if aug.apply_into(&img, &mut rng, &mut images[start..]).is_err() {
+            if aug
+                .apply_into(&img, &mut rng, &mut images[start..])
+                .is_err()
+            {
                 images.truncate(start);
                 DataStats::bump(&stats.bad_images);
                 continue;
@@ -217,7 +260,9 @@ pub fn evaluate_source<B: Backend>(
     }
     let result = acc.result(task.classnames.len());
     if result.samples == 0 {
-        return Err(Error::Config("the evaluation set yielded no readable image".into()));
+        return Err(Error::Config(
+            "the evaluation set yielded no readable image".into(),
+        ));
     }
     Ok(result)
 }

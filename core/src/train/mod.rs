@@ -154,7 +154,11 @@ pub fn train<B: AutodiffBackend>(
             runstate::check_resumable(&manifest.config, &cfg)?;
             let model: ClipModel<B> = model_cfg.init(device);
             let model = load_state_dict(model, &weights)?;
-            observer.message(&format!("resuming from {} (step {})", dir.display(), manifest.step));
+            observer.message(&format!(
+                "resuming from {} (step {})",
+                dir.display(),
+                manifest.step
+            ));
             (model, manifest, Some(optim))
         }
         None => {
@@ -215,31 +219,67 @@ pub fn train<B: AutodiffBackend>(
         let px = stage.image_reduction.image_size(stage.image_size) as usize;
         model = model.resize(px, stage.text_length);
         let mut opt = match optim_state.take() {
-            Some(state) if manifest.stage_step > 0 => AdamW::load_state_dict(cfg.optimizer, &state, device)?,
+            Some(state) if manifest.stage_step > 0 => {
+                AdamW::load_state_dict(cfg.optimizer, &state, device)?
+            }
             _ => AdamW::new(cfg.optimizer),
         };
-        let mut data = StageData::start(&cfg, stage, manifest.loader.take(), &tokenizer, lexicon.clone())?;
+        let mut data = StageData::start(
+            &cfg,
+            stage,
+            manifest.loader.take(),
+            &tokenizer,
+            lexicon.clone(),
+        )?;
         observer.stage_start(si, stage, manifest.stage_step);
         let started = Instant::now();
-        let (mut loss_sum, mut loss_n, mut wait, mut window, mut images) = (0.0, 0u64, 0.0, Instant::now(), 0usize);
-        let grid = (px / model.config.vision.patch_size, px / model.config.vision.patch_size);
+        let (mut loss_sum, mut loss_n, mut wait, mut window, mut images) =
+            (0.0, 0u64, 0.0, Instant::now(), 0usize);
+        let grid = (
+            px / model.config.vision.patch_size,
+            px / model.config.vision.patch_size,
+        );
         let peak = schedule::scaled_lr(stage.base_lr, stage.batch_size);
         let end = schedule::scaled_lr(stage.end_base_lr, stage.batch_size);
 
         while manifest.stage_step < stage.steps {
             // lr → batch → reduce
-            let lr = schedule::lr_at(manifest.stage_step, stage.steps, stage.warmup_steps, peak, end);
+            let lr = schedule::lr_at(
+                manifest.stage_step,
+                stage.steps,
+                stage.warmup_steps,
+                peak,
+                end,
+            );
             let t0 = Instant::now();
             let batch = data.next(manifest.step)?;
             wait += t0.elapsed().as_secs_f64();
             let first = manifest.step * stage.batch_size as u64;
-            let keep = stage.image_reduction.keep_indices(grid, stage.batch_size, cfg.seed, manifest.step, first);
+            let keep = stage.image_reduction.keep_indices(
+                grid,
+                stage.batch_size,
+                cfg.seed,
+                manifest.step,
+                first,
+            );
             let device_batch = DeviceBatch::<B> {
-                images: u8_batch_to_tensor(&batch.images, stage.batch_size, px, &model.config.normalization, device),
+                images: u8_batch_to_tensor(
+                    &batch.images,
+                    stage.batch_size,
+                    px,
+                    &model.config.normalization,
+                    device,
+                ),
                 keep: keep.map(|(kept, idx)| {
-                    Tensor::<B, 2, Int>::from_data(TensorData::new(idx, [stage.batch_size, kept]), device)
+                    Tensor::<B, 2, Int>::from_data(
+                        TensorData::new(idx, [stage.batch_size, kept]),
+                        device,
+                    )
                 }),
-                ids: Tensor::<B, 2, Int>::from_data(TensorData::new(batch.ids, [stage.batch_size, stage.text_length]), device),
+                ids: Tensor::<B, 2, Int>::from_data(
+                    TensorData::new(batch.ids, [stage.batch_size, stage.text_length]),
+                    device,
+                ),
             };
             // forward → loss → backward
             let (loss, grads) = loss_and_grads(&model, &device_batch, cfg.loss, stage.accum_steps);
@@ -247,7 +287,10 @@ pub fn train<B: AutodiffBackend>(
             // finite check → optimiser
             if !loss.is_finite() || !norm.is_finite() {
                 manifest.nonfinite_skipped += 1;
-                let what = format!("non-finite loss {loss} / gradient norm {norm} at step {}", manifest.step + 1);
+                let what = format!(
+                    "non-finite loss {loss} / gradient norm {norm} at step {}",
+                    manifest.step + 1
+                );
                 if manifest.nonfinite_skipped > cfg.skip_nonfinite {
                     return Err(Error::Training(format!(
                         "{what}; stopping (the last good checkpoint is kept; --skip-nonfinite N skips such steps)"
@@ -288,13 +331,21 @@ pub fn train<B: AutodiffBackend>(
                         ));
                         m.zeroshot_top1 = Some(r.top1);
                         if stage_done {
-                            reports.push(StageReport { name: stage.name.clone(), seconds: 0.0, zeroshot: Some(r) });
+                            reports.push(StageReport {
+                                name: stage.name.clone(),
+                                seconds: 0.0,
+                                zeroshot: Some(r),
+                            });
                         }
                     }
                 }
-                writeln!(metrics, "{}", serde_json::to_string(&m).expect("metrics serialise"))
-                    .and_then(|_| metrics.flush())
-                    .map_err(|e| Error::io(run.join("metrics.jsonl"), e))?;
+                writeln!(
+                    metrics,
+                    "{}",
+                    serde_json::to_string(&m).expect("metrics serialise")
+                )
+                .and_then(|_| metrics.flush())
+                .map_err(|e| Error::io(run.join("metrics.jsonl"), e))?;
                 observer.log(&m, manifest.stage_step);
                 (loss_sum, loss_n, wait, images, window) = (0.0, 0, 0.0, 0, Instant::now());
             }
@@ -318,7 +369,10 @@ pub fn train<B: AutodiffBackend>(
                 last_checkpoint = Some(dir);
             }
             if interrupted {
-                observer.message(&format!("interrupted: checkpoint written at step {}", manifest.step));
+                observer.message(&format!(
+                    "interrupted: checkpoint written at step {}",
+                    manifest.step
+                ));
             }
             if interrupted || stage_done {
                 // `stage_step` was reset for the checkpoint: leave by hand.
@@ -329,7 +383,11 @@ pub fn train<B: AutodiffBackend>(
         manifest.train_seconds += secs;
         match reports.last_mut() {
             Some(r) if r.name == stage.name => r.seconds = secs,
-            _ => reports.push(StageReport { name: stage.name.clone(), seconds: secs, zeroshot: None }),
+            _ => reports.push(StageReport {
+                name: stage.name.clone(),
+                seconds: secs,
+                zeroshot: None,
+            }),
         }
         manifest.data = data.stats();
         if interrupted {
@@ -358,9 +416,9 @@ pub fn train<B: AutodiffBackend>(
 /// Keeps the temperature at most 100 (OpenCLIP clamps `logit_scale` to
 /// `[0, ln 100]` after every step).
 fn clamp_logit_scale<B: AutodiffBackend>(mut model: ClipModel<B>) -> ClipModel<B> {
-    model.logit_scale = model.logit_scale.map(|t| {
-        Tensor::from_inner(t.inner().clamp(0.0, 100f32.ln())).require_grad()
-    });
+    model.logit_scale = model
+        .logit_scale
+        .map(|t| Tensor::from_inner(t.inner().clamp(0.0, 100f32.ln())).require_grad());
     model
 }
 
@@ -390,7 +448,6 @@ fn open_metrics(run: &Path, step: u64) -> Result<std::fs::File> {
 }
 
 use burn::tensor::ElementConversion;
-
 
 #[cfg(test)]
 mod tests {
@@ -481,28 +538,61 @@ mod tests {
             init_from: Some(init.clone()),
         };
         let full = opts("full", None);
-        let mut obs = Stopper { at: None, flag: full.interrupt.clone(), stages: vec![] };
+        let mut obs = Stopper {
+            at: None,
+            flag: full.interrupt.clone(),
+            stages: vec![],
+        };
         let summary = train::<TestBackend>(cfg.clone(), &full, &device, &mut obs).unwrap();
         assert_eq!(summary.steps, 6);
         assert_eq!(obs.stages, [0, 1]);
-        let (_, last_cfg, weights, _) = runstate::load(summary.checkpoint.as_ref().unwrap()).unwrap();
-        assert_eq!((last_cfg.vision.image_size, last_cfg.text.context_length), (32, 16));
-        assert_eq!(weights["visual.positional_embedding"].shape.to_vec(), [1 + 64, 64]);
-        assert_eq!(weights["text.positional_embedding"].shape.to_vec(), [16, 64]);
+        let (_, last_cfg, weights, _) =
+            runstate::load(summary.checkpoint.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            (last_cfg.vision.image_size, last_cfg.text.context_length),
+            (32, 16)
+        );
+        assert_eq!(
+            weights["visual.positional_embedding"].shape.to_vec(),
+            [1 + 64, 64]
+        );
+        assert_eq!(
+            weights["text.positional_embedding"].shape.to_vec(),
+            [16, 64]
+        );
 
         let cut = opts("cut", None);
-        let mut obs = Stopper { at: Some(4), flag: cut.interrupt.clone(), stages: vec![] };
+        let mut obs = Stopper {
+            at: Some(4),
+            flag: cut.interrupt.clone(),
+            stages: vec![],
+        };
         let partial = train::<TestBackend>(cfg.clone(), &cut, &device, &mut obs).unwrap();
         assert!(partial.interrupted);
         assert_eq!(partial.steps, 4);
-        let resumed = RunOptions { resume: Some(Resume::Latest), interrupt: Arc::new(AtomicBool::new(false)), ..cut };
-        let mut obs = Stopper { at: None, flag: resumed.interrupt.clone(), stages: vec![] };
+        let resumed = RunOptions {
+            resume: Some(Resume::Latest),
+            interrupt: Arc::new(AtomicBool::new(false)),
+            ..cut
+        };
+        let mut obs = Stopper {
+            at: None,
+            flag: resumed.interrupt.clone(),
+            stages: vec![],
+        };
         let done = train::<TestBackend>(cfg.clone(), &resumed, &device, &mut obs).unwrap();
         assert_eq!(done.steps, 6);
         assert_eq!(obs.stages, [1], "resumes inside the second stage");
         let (a, b) = (losses(&full.output), losses(&resumed.output));
-        assert_eq!(a.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
-        assert_eq!(b.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6], "no step repeated or lost");
+        assert_eq!(
+            a.iter().map(|x| x.0).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5, 6]
+        );
+        assert_eq!(
+            b.iter().map(|x| x.0).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5, 6],
+            "no step repeated or lost"
+        );
         for ((s, x), (_, y)) in a.iter().zip(&b) {
             assert!((x - y).abs() <= 1e-6, "step {s}: {x} vs {y}");
         }
@@ -510,9 +600,17 @@ mod tests {
         // A different config is refused, naming the setting.
         let mut other = cfg.clone();
         other.stages[1].batch_size = 4;
-        let err = train::<TestBackend>(other, &RunOptions { resume: Some(Resume::Latest), ..resumed.clone() }, &device, &mut obs)
-            .unwrap_err()
-            .to_string();
+        let err = train::<TestBackend>(
+            other,
+            &RunOptions {
+                resume: Some(Resume::Latest),
+                ..resumed.clone()
+            },
+            &device,
+            &mut obs,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("stages[1].batch_size"), "{err}");
         for d in [&init, &full.output, &resumed.output] {
             std::fs::remove_dir_all(d).ok();
@@ -535,12 +633,24 @@ mod tests {
             lexicon: None,
             init_from: None,
         };
-        let mut obs = Stopper { at: None, flag: opts.interrupt.clone(), stages: vec![] };
-        let err = train::<TestBackend>(cfg.clone(), &opts, &device, &mut obs).unwrap_err().to_string();
-        assert!(err.contains("non-finite") && err.contains("at step 2"), "{err}");
+        let mut obs = Stopper {
+            at: None,
+            flag: opts.interrupt.clone(),
+            stages: vec![],
+        };
+        let err = train::<TestBackend>(cfg.clone(), &opts, &device, &mut obs)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("non-finite") && err.contains("at step 2"),
+            "{err}"
+        );
         // With --skip-nonfinite the run goes on and counts the skipped steps.
         cfg.skip_nonfinite = 10;
-        let opts = RunOptions { output: run_dir("nan-skip"), ..opts };
+        let opts = RunOptions {
+            output: run_dir("nan-skip"),
+            ..opts
+        };
         let s = train::<TestBackend>(cfg, &opts, &device, &mut obs).unwrap();
         assert_eq!(s.nonfinite_skipped, 3);
         std::fs::remove_dir_all(&opts.output).ok();

@@ -35,7 +35,12 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     /// CLIPA's settings: β = (0.9, 0.95), ε = 1e-8, weight decay 0.2.
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.2 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.2,
+        }
     }
 }
 
@@ -58,7 +63,11 @@ pub struct AdamW<B: Backend> {
 impl<B: Backend> AdamW<B> {
     /// A fresh optimiser (zero moments).
     pub fn new(config: AdamWConfig) -> Self {
-        Self { config, step: 0, moments: BTreeMap::new() }
+        Self {
+            config,
+            step: 0,
+            moments: BTreeMap::new(),
+        }
     }
 
     /// Updates completed so far.
@@ -69,7 +78,13 @@ impl<B: Backend> AdamW<B> {
     /// One update of every parameter of `module` that has a gradient in
     /// `grads` (multiplied by `grad_scale`, the clipping factor), at
     /// learning rate `lr`.
-    pub fn step<AB, M>(&mut self, lr: f64, module: M, mut grads: GradientsParams, grad_scale: f64) -> M
+    pub fn step<AB, M>(
+        &mut self,
+        lr: f64,
+        module: M,
+        mut grads: GradientsParams,
+        grad_scale: f64,
+    ) -> M
     where
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
@@ -98,7 +113,11 @@ impl<B: Backend> AdamW<B> {
     }
 
     /// Restores [`AdamW::state_dict`] output onto `device`.
-    pub fn load_state_dict(config: AdamWConfig, state: &StateDict, device: &B::Device) -> Result<Self> {
+    pub fn load_state_dict(
+        config: AdamWConfig,
+        state: &StateDict,
+        device: &B::Device,
+    ) -> Result<Self> {
         let bad = |m: &str| Error::StateDict(format!("optimizer state: {m}"));
         let step = state
             .get("step")
@@ -107,14 +126,25 @@ impl<B: Backend> AdamW<B> {
             .ok_or_else(|| bad("missing `step`"))? as u64;
         let mut moments = BTreeMap::new();
         for (key, m) in state {
-            let Some(path) = key.strip_prefix("m.") else { continue };
-            let v = state.get(&format!("v.{path}")).ok_or_else(|| bad(&format!("missing v.{path}")))?;
+            let Some(path) = key.strip_prefix("m.") else {
+                continue;
+            };
+            let v = state
+                .get(&format!("v.{path}"))
+                .ok_or_else(|| bad(&format!("missing v.{path}")))?;
             moments.insert(
                 path.to_string(),
-                (Tensor::from_data(m.clone(), device), Tensor::from_data(v.clone(), device)),
+                (
+                    Tensor::from_data(m.clone(), device),
+                    Tensor::from_data(v.clone(), device),
+                ),
             );
         }
-        Ok(Self { config, step, moments })
+        Ok(Self {
+            config,
+            step,
+            moments,
+        })
     }
 }
 
@@ -157,7 +187,11 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Updater<'_, AB> {
         let t = self.opt.step as i32;
         let m_hat = m.clone() / (1.0 - c.beta1.powi(t));
         let v_hat = v.clone() / (1.0 - c.beta2.powi(t));
-        let decay = if decays(&path, D) { self.lr * c.weight_decay } else { 0.0 };
+        let decay = if decays(&path, D) {
+            self.lr * c.weight_decay
+        } else {
+            0.0
+        };
         // Decoupled decay first (torch.optim.AdamW order), then the Adam step.
         let w = w * (1.0 - decay) - m_hat / (v_hat.sqrt() + c.eps) * self.lr;
         self.opt.moments.insert(path, (m, v));
@@ -171,10 +205,16 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Updater<'_, AB> {
 
 /// The global L2 norm of all gradients of `module` in `grads` (one host
 /// read, so it also serves as the non-finite check).
-pub fn grad_norm<AB: AutodiffBackend, M: AutodiffModule<AB>>(module: &M, grads: &GradientsParams) -> f64 {
+pub fn grad_norm<AB: AutodiffBackend, M: AutodiffModule<AB>>(
+    module: &M,
+    grads: &GradientsParams,
+) -> f64 {
     let mut norm = NormVisitor::<AB> { grads, sum: None };
     module.visit(&mut norm);
-    norm.sum.map(|s| s.into_scalar().elem::<f64>()).unwrap_or(0.0).sqrt()
+    norm.sum
+        .map(|s| s.into_scalar().elem::<f64>())
+        .unwrap_or(0.0)
+        .sqrt()
 }
 
 /// The factor that scales gradients of norm `norm` down to `max_norm`
@@ -221,7 +261,10 @@ mod tests {
             weight: Param::from_tensor(Tensor::from_floats([[0.5], [-1.0]], device)),
             bias: Some(Param::from_tensor(Tensor::from_floats([0.25], device))),
         };
-        Net { fc, token_embedding: Param::from_tensor(Tensor::from_floats([[1.0, 2.0]], device)) }
+        Net {
+            fc,
+            token_embedding: Param::from_tensor(Tensor::from_floats([[1.0, 2.0]], device)),
+        }
     }
 
     #[test]
@@ -244,7 +287,12 @@ mod tests {
     #[test]
     fn matches_adamw_closed_form_and_skips_decay() {
         let device = Default::default();
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 0.0, weight_decay: 0.1 };
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 0.0,
+            weight_decay: 0.1,
+        };
         let mut opt = AdamW::new(cfg);
         let mut model = net(&device);
         let lr = 0.01;
@@ -260,11 +308,24 @@ mod tests {
         assert!((w[0] as f64 - decayed(0.5)).abs() < 1e-6, "{w:?}");
         assert!((w[1] as f64 - decayed(-1.0)).abs() < 1e-6, "{w:?}");
         let b = model.fc.bias.as_ref().unwrap().val().into_scalar() as f64;
-        assert!((b - (0.25 - 2.0 * lr)).abs() < 1e-6, "bias must not decay: {b}");
-        let e = model.token_embedding.val().into_data().to_vec::<f32>().unwrap();
-        assert!((e[0] as f64 - (1.0 - 2.0 * lr)).abs() < 1e-6, "embedding must not decay: {e:?}");
+        assert!(
+            (b - (0.25 - 2.0 * lr)).abs() < 1e-6,
+            "bias must not decay: {b}"
+        );
+        let e = model
+            .token_embedding
+            .val()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        assert!(
+            (e[0] as f64 - (1.0 - 2.0 * lr)).abs() < 1e-6,
+            "embedding must not decay: {e:?}"
+        );
         // The state round-trips through host tensors.
-        let restored = AdamW::<burn::backend::NdArray>::load_state_dict(cfg, &opt.state_dict(), &device).unwrap();
+        let restored =
+            AdamW::<burn::backend::NdArray>::load_state_dict(cfg, &opt.state_dict(), &device)
+                .unwrap();
         assert_eq!(restored.step_count(), 2);
         assert_eq!(restored.state_dict(), opt.state_dict());
     }

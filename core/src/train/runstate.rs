@@ -135,7 +135,10 @@ pub fn load(dir: &Path) -> Result<(Manifest, ClipConfig, StateDict, StateDict)> 
     if manifest.version != MANIFEST_VERSION {
         return Err(Error::Format {
             path,
-            reason: format!("manifest version {} (this clipa reads {MANIFEST_VERSION})", manifest.version),
+            reason: format!(
+                "manifest version {} (this clipa reads {MANIFEST_VERSION})",
+                manifest.version
+            ),
         });
     }
     let (model_config, weights) = crate::checkpoint::load(dir)?;
@@ -180,8 +183,17 @@ fn diff(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<
         (Value::Object(x), Value::Object(y)) => {
             let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
             for k in keys {
-                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
-                diff(&p, x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null), out);
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                diff(
+                    &p,
+                    x.get(k).unwrap_or(&Value::Null),
+                    y.get(k).unwrap_or(&Value::Null),
+                    out,
+                );
             }
         }
         (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
@@ -208,6 +220,9 @@ mod tests {
         b.stages[0].batch_size = 99;
         b.model = "demo".into();
         let err = check_resumable(&a, &b).unwrap_err().to_string();
-        assert!(err.contains("stages[0].batch_size") && err.contains("model"), "{err}");
+        assert!(
+            err.contains("stages[0].batch_size") && err.contains("model"),
+            "{err}"
+        );
     }
 }

@@ -34,7 +34,10 @@ mod tests {
     fn cosine_decays_to_the_end_value() {
         assert_eq!(lr_at(10, 110, 10, 1.0, 0.0), 1.0);
         assert!((lr_at(60, 110, 10, 1.0, 0.0) - 0.5).abs() < 1e-12); // halfway
-        assert!((lr_at(35, 110, 10, 2.0, 0.0) - (1.0 + (std::f64::consts::PI / 4.0).cos())).abs() < 1e-12);
+        assert!(
+            (lr_at(35, 110, 10, 2.0, 0.0) - (1.0 + (std::f64::consts::PI / 4.0).cos())).abs()
+                < 1e-12
+        );
         assert_eq!(lr_at(110, 110, 10, 1.0, 0.1), 0.1);
         assert_eq!(lr_at(500, 110, 10, 1.0, 0.1), 0.1); // past the end: stays
         assert_eq!(lr_at(0, 5, 0, 3.0, 0.0), 3.0); // no warmup

@@ -74,7 +74,10 @@ pub fn loss_and_grads<B: AutodiffBackend>(
     let inner = model.valid();
     let cached: Vec<(Tensor<B::InnerBackend, 2>, Tensor<B::InnerBackend, 2>)> = (0..micro)
         .map(|j| {
-            let img = inner.encode_image(slice4(&batch.images, j).inner(), batch.keep.as_ref().map(|k| slice2(k, j).inner()));
+            let img = inner.encode_image(
+                slice4(&batch.images, j).inner(),
+                batch.keep.as_ref().map(|k| slice2(k, j).inner()),
+            );
             let txt = inner.encode_text(slice2(&batch.ids, j).inner());
             (l2_normalize(img), l2_normalize(txt))
         })
@@ -82,7 +85,10 @@ pub fn loss_and_grads<B: AutodiffBackend>(
     let mut acc = GradientsAccumulator::<ClipModel<B>>::new();
     let mut value = 0.0;
     for j in 0..micro {
-        let fresh_img = l2_normalize(model.encode_image(slice4(&batch.images, j), batch.keep.as_ref().map(|k| slice2(k, j))));
+        let fresh_img = l2_normalize(model.encode_image(
+            slice4(&batch.images, j),
+            batch.keep.as_ref().map(|k| slice2(k, j)),
+        ));
         let fresh_txt = l2_normalize(model.encode_text(slice2(&batch.ids, j)));
         let (mut imgs, mut txts) = (Vec::with_capacity(micro), Vec::with_capacity(micro));
         for (i, (ci, ct)) in cached.iter().enumerate() {
@@ -97,9 +103,18 @@ pub fn loss_and_grads<B: AutodiffBackend>(
         let (scale, bias) = if j == 0 {
             (model.logit_scale.val(), model.bias())
         } else {
-            (model.logit_scale.val().detach(), model.bias().map(|b| b.detach()))
+            (
+                model.logit_scale.val().detach(),
+                model.bias().map(|b| b.detach()),
+            )
         };
-        let loss = contrastive_loss(kind, Tensor::cat(imgs, 0), Tensor::cat(txts, 0), scale, bias); // [1]
+        let loss = contrastive_loss(
+            kind,
+            Tensor::cat(imgs, 0),
+            Tensor::cat(txts, 0),
+            scale,
+            bias,
+        ); // [1]
         value = loss.clone().into_scalar().elem::<f64>();
         acc.accumulate(model, GradientsParams::from_grads(loss.backward(), model));
     }
@@ -137,12 +152,20 @@ mod tests {
 
     fn batch(device: &burn::tensor::Device<B>, n: usize, masked: bool) -> DeviceBatch<B> {
         let images = Tensor::from_data(normal_data([n, 3, 32, 32], 5, 1.0), device);
-        let ids: Vec<i64> = (0..n as i64).flat_map(|i| [49406, 100 + i, 200 + 2 * i, 49407, 0, 0, 0, 0]).collect();
+        let ids: Vec<i64> = (0..n as i64)
+            .flat_map(|i| [49406, 100 + i, 200 + 2 * i, 49407, 0, 0, 0, 0])
+            .collect();
         let keep = masked.then(|| {
-            let idx: Vec<i64> = (0..n as i64).flat_map(|i| (0..16).map(move |k| (k * 4 + i) % 64)).collect();
+            let idx: Vec<i64> = (0..n as i64)
+                .flat_map(|i| (0..16).map(move |k| (k * 4 + i) % 64))
+                .collect();
             Tensor::from_data(TensorData::new(idx, [n, 16]), device)
         });
-        DeviceBatch { images, keep, ids: Tensor::from_data(TensorData::new(ids, [n, 8]), device) }
+        DeviceBatch {
+            images,
+            keep,
+            ids: Tensor::from_data(TensorData::new(ids, [n, 8]), device),
+        }
     }
 
     #[test]
@@ -155,7 +178,10 @@ mod tests {
             let b = batch(&device, 8, masked);
             let (l1, g1) = loss_and_grads(&model, &b, kind, 1);
             let (l4, g4) = loss_and_grads(&model, &b, kind, 4);
-            assert!((l1 - l4).abs() < 1e-5 * l1.abs().max(1.0), "loss {l1} vs {l4}");
+            assert!(
+                (l1 - l4).abs() < 1e-5 * l1.abs().max(1.0),
+                "loss {l1} vs {l4}"
+            );
             let (a, c) = (grads_of(&model, &g1), grads_of(&model, &g4));
             assert_eq!(a.len(), c.len());
             assert!(a.len() > 20, "every parameter has a gradient");
@@ -186,7 +212,8 @@ mod tests {
         // With b = −10 every pair looks negative: the loss is about the 4
         // positives' −log σ(t·s − 10) ≈ 10 − t·s each, divided by 4.
         assert!(loss > 5.0 && loss < 25.0, "{loss}");
-        let bias_grad = g.get::<<B as AutodiffBackend>::InnerBackend, 1>(model.logit_bias.as_ref().unwrap().id);
+        let bias_grad =
+            g.get::<<B as AutodiffBackend>::InnerBackend, 1>(model.logit_bias.as_ref().unwrap().id);
         assert!(bias_grad.is_some(), "the bias learns");
     }
 }
