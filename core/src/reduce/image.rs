@@ -241,7 +241,7 @@ impl ImageReduction {
         let bad = |m: String| Err(Error::Config(format!("image reduction {self}: {m}")));
         match *self {
             Self::None => Ok(()),
-            Self::Resize { size } if size == 0 => bad("size must be positive".into()),
+            Self::Resize { size: 0 } => bad("size must be positive".into()),
             Self::Random(RandomMask { ratio }) | Self::Block(BlockMask { ratio })
                 if !(0.0..1.0).contains(&ratio) =>
             {

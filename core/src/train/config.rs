@@ -460,7 +460,7 @@ impl TrainConfig {
             let px = s.image_reduction.image_size(s.image_size) as usize;
             let patch = model.vision.patch_size;
             let tag = format!("stage '{}'", s.name);
-            if px == 0 || px % patch != 0 {
+            if px == 0 || !px.is_multiple_of(patch) {
                 return bad(format!(
                     "{tag}: image size {px} is not a multiple of the patch size {patch}"
                 ));
@@ -479,7 +479,11 @@ impl TrainConfig {
             if s.text_length < 3 {
                 return bad(format!("{tag}: text_length must be at least 3"));
             }
-            if !(s.base_lr > 0.0) || s.end_base_lr < 0.0 {
+            if s.base_lr.is_nan()
+                || s.base_lr <= 0.0
+                || s.end_base_lr.is_nan()
+                || s.end_base_lr < 0.0
+            {
                 return bad(format!(
                     "{tag}: base_lr must be positive and end_base_lr not negative"
                 ));

@@ -130,7 +130,7 @@ pub struct TrainSummary {
 
 /// `true` every `n` steps (big_vision `itstime`).
 pub fn every(step: u64, n: u64) -> bool {
-    n > 0 && step % n == 0
+    n > 0 && step.is_multiple_of(n)
 }
 
 /// Runs (or resumes) a training run on `device`.
@@ -323,20 +323,24 @@ pub fn train<B: AutodiffBackend>(
                     data_wait: wait / secs,
                     zeroshot_top1: None,
                 };
-                if eval_now || stage_done {
-                    if let Some(r) = zeroshot_eval(&cfg, &model.valid(), &tokenizer, device)? {
-                        observer.message(&format!(
-                            "step {}: zero-shot top-1 {:.1}% (top-5 {:.1}%, chance {:.1}%, {} images)",
-                            manifest.step, 100.0 * r.top1, 100.0 * r.top5, 100.0 * r.chance, r.samples
-                        ));
-                        m.zeroshot_top1 = Some(r.top1);
-                        if stage_done {
-                            reports.push(StageReport {
-                                name: stage.name.clone(),
-                                seconds: 0.0,
-                                zeroshot: Some(r),
-                            });
-                        }
+                if (eval_now || stage_done)
+                    && let Some(r) = zeroshot_eval(&cfg, &model.valid(), &tokenizer, device)?
+                {
+                    observer.message(&format!(
+                        "step {}: zero-shot top-1 {:.1}% (top-5 {:.1}%, chance {:.1}%, {} images)",
+                        manifest.step,
+                        100.0 * r.top1,
+                        100.0 * r.top5,
+                        100.0 * r.chance,
+                        r.samples
+                    ));
+                    m.zeroshot_top1 = Some(r.top1);
+                    if stage_done {
+                        reports.push(StageReport {
+                            name: stage.name.clone(),
+                            seconds: 0.0,
+                            zeroshot: Some(r),
+                        });
                     }
                 }
                 writeln!(

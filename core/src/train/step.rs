@@ -72,7 +72,9 @@ pub fn loss_and_grads<B: AutodiffBackend>(
     let slice4 = |t: &Tensor<B, 4>, j: usize| t.clone().narrow(0, j * size, size);
     let slice2 = |t: &Tensor<B, 2, Int>, j: usize| t.clone().narrow(0, j * size, size);
     let inner = model.valid();
-    let cached: Vec<(Tensor<B::InnerBackend, 2>, Tensor<B::InnerBackend, 2>)> = (0..micro)
+    // Per micro-batch: (image features, text features), no graph.
+    type Features<IB> = (Tensor<IB, 2>, Tensor<IB, 2>);
+    let cached: Vec<Features<B::InnerBackend>> = (0..micro)
         .map(|j| {
             let img = inner.encode_image(
                 slice4(&batch.images, j).inner(),
