@@ -26,6 +26,13 @@ if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
 fi
 ls /usr/share/vulkan/icd.d/
 
+step "Fashion-MNIST (the real-data converter test reads Debian's IDX files)"
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
+        || echo "dataset-fashion-mnist is not available here: its test prints SKIPPED"
+fi
+
 step "rustfmt"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 cargo fmt --all --check
