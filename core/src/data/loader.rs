@@ -6,7 +6,7 @@
 //! - Global shard slot `g = worker + workers·j` is worker `worker`'s `j`-th
 //!   slot. Slot `g` lies in epoch `g / num_shards` and reads shard
 //!   `perm_epoch[g % num_shards]` (a keyed shuffle per epoch, as
-//!   WebDataset's shard shuffle), or with `resampled` a keyed uniform draw.
+//!   WebDataset's shard shuffle), or with `resampled` a keyed draw weighted by the source.
 //! - Each worker streams its slots through a shuffle window of
 //!   `shuffle_buffer` samples (cut at epoch ends, so every epoch holds each
 //!   sample once), permuted by a keyed rng; sample `i` of window `k` is
