@@ -1,5 +1,6 @@
 //! Images per second per core through the training input pipeline: JPEG
-//! decode (zune-jpeg via `image`), RandomResizedCrop (area 0.4–1) and an
+//! decode (libjpeg-turbo via `mozjpeg`, DCT-downscaled where the crop
+//! allows, stopping below the crop), RandomResizedCrop (area 0.4–1) and an
 //! antialiased bilinear resize (`fast_image_resize`), single thread. The
 //! inputs are 256² and 512² JPEGs at quality 90 of a fixed pattern; the
 //! outputs are CLIPA's pre-training (112) and fine-tuning (224) sizes.
@@ -8,7 +9,8 @@
 use std::hint::black_box;
 use std::io::Cursor;
 
-use clipa_core::data::augment::{Augmenter, ImageTransform, TrainAugment, decode_rgb};
+use clipa_core::data::ImagePayload;
+use clipa_core::data::augment::{Augmenter, ImageTransform, TrainAugment};
 use clipa_core::rng::Rng;
 use criterion::{Criterion, Throughput};
 use image::codecs::jpeg::JpegEncoder;
@@ -37,12 +39,17 @@ pub fn jpeg(side: u32) -> Vec<u8> {
     bytes.into_inner()
 }
 
-/// One sample through decode + crop + resize into `out`.
+/// One sample through decode + crop + resize into `out`, as the loader's
+/// workers run it.
 pub fn pipeline(bytes: &[u8], augmenter: &mut Augmenter, key: u64, out: &mut [u8]) {
-    let img = decode_rgb(bytes, "bench").expect("the bench JPEG decodes");
     augmenter
-        .apply_into(&img, &mut Rng::keyed(&[key]), out)
-        .expect("the output buffer has the augmenter's size");
+        .apply_payload(
+            ImagePayload::Encoded(bytes.to_vec()),
+            "bench",
+            &mut Rng::keyed(&[key]),
+            out,
+        )
+        .expect("the bench JPEG decodes into the augmenter's buffer");
 }
 
 /// Registers `cpu/loader/jpeg{256,512}_to{112,224}`.

@@ -19,9 +19,11 @@ use serde::{Deserialize, Serialize};
 use crate::data::ImagePayload;
 
 mod color;
+mod jpeg;
 use crate::rng::Rng;
 use crate::{Error, Result};
 pub use color::{ColorJitter, to_grayscale};
+use jpeg::{JpegPlan, Outcome};
 
 /// Decodes encoded bytes (JPEG, PNG, WebP; the format is sniffed) to RGB;
 /// grey and RGBA become RGB. `key` names the sample in the error.
@@ -236,31 +238,91 @@ impl Augmenter {
     /// `rng`. Errs on an empty image or a wrong `out` length.
     pub fn apply_into(&mut self, img: &RgbImage, rng: &mut Rng, out: &mut [u8]) -> Result<()> {
         let (w, h) = img.dimensions();
-        let bad = |reason: String| Error::Format {
-            path: "image".into(),
-            reason,
-        };
-        if w == 0 || h == 0 || self.size == 0 || out.len() != self.output_len() {
-            return Err(bad(format!(
-                "cannot map a {w}x{h} image to {}² in {} bytes",
-                self.size,
-                out.len()
-            )));
+        self.check(w, h, out.len())?;
+        let region = self.region(w, h, rng);
+        self.render(img, region, rng, out)
+    }
+
+    /// Decodes `payload` and transforms it into `out`, drawing from `rng`
+    /// exactly as [`Augmenter::apply_into`] on the decoded image would.
+    /// JPEG bytes are decoded only as far down and as finely as the
+    /// output needs (see `augment/jpeg.rs`); other formats, and JPEGs that
+    /// libjpeg refuses, take the `image` crate's full decode. `key` names
+    /// the sample in the error.
+    pub fn apply_payload(
+        &mut self,
+        payload: ImagePayload,
+        key: &str,
+        rng: &mut Rng,
+        out: &mut [u8],
+    ) -> Result<()> {
+        if let ImagePayload::Encoded(bytes) = &payload
+            && jpeg::is_jpeg(bytes)
+            && self.size > 0
+            && out.len() == self.output_len()
+        {
+            let size = self.size;
+            let (decoded, region) = jpeg::decode(bytes, |w, h| {
+                let region = self.region(w, h, rng);
+                // Training crops are drawn with a border that stops at the
+                // crop; the eval filters may read a few rows below it.
+                let rows = match self.transform {
+                    ImageTransform::Train(_) => (region.top + region.height).ceil() as u32,
+                    _ => h,
+                };
+                let plan = JpegPlan::for_region(region.width, region.height, size, rows);
+                (plan, region)
+            });
+            match (decoded, region) {
+                (Outcome::Decoded(d), Some(region)) => {
+                    return self.render(&d.image, region.scaled(d.scale), rng, out);
+                }
+                (Outcome::Truncated, _) => {
+                    return Err(Error::Format {
+                        path: key.into(),
+                        reason: "truncated JPEG".into(),
+                    });
+                }
+                // Same region, so the draws from `rng` are not repeated.
+                (Outcome::Refused, Some(region)) => {
+                    let img = decode_rgb(bytes, key)?;
+                    self.check(img.width(), img.height(), out.len())?;
+                    return self.render(&img, region, rng, out);
+                }
+                _ => {}
+            }
         }
-        let src =
-            ImageRef::new(w, h, img.as_raw(), PixelType::U8x3).map_err(|e| bad(e.to_string()))?;
-        let mut dst = Image::from_slice_u8(self.size, self.size, out, PixelType::U8x3)
-            .map_err(|e| bad(e.to_string()))?;
-        let resized = match self.transform {
+        let img = payload_rgb(payload, key)?;
+        self.apply_into(&img, rng, out)
+    }
+
+    /// Errs unless a `w`×`h` image can become this augmenter's output in
+    /// `out_len` bytes.
+    fn check(&self, w: u32, h: u32, out_len: usize) -> Result<()> {
+        if w == 0 || h == 0 || self.size == 0 || out_len != self.output_len() {
+            return Err(Error::Format {
+                path: "image".into(),
+                reason: format!(
+                    "cannot map a {w}x{h} image to {}² in {out_len} bytes",
+                    self.size
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The part of a `w`×`h` source the output shows; draws the random
+    /// crop for training.
+    fn region(&self, w: u32, h: u32, rng: &mut Rng) -> Region {
+        match self.transform {
             ImageTransform::Train(aug) => {
                 let c = aug.sample_crop(w, h, rng);
-                // Crop first so the filter stops at the crop border, as
-                // torchvision's `img.crop(box).resize(...)` does.
-                let view = CroppedImage::new(&src, c.left, c.top, c.width, c.height)
-                    .map_err(|e| bad(e.to_string()))?;
-                let opts =
-                    ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
-                self.resizer.resize(&view, &mut dst, &opts)
+                Region {
+                    left: f64::from(c.left),
+                    top: f64::from(c.top),
+                    width: f64::from(c.width),
+                    height: f64::from(c.height),
+                }
             }
             ImageTransform::EvalCenterCrop => {
                 // The source region that Resize(size) + CenterCrop(size)
@@ -278,14 +340,59 @@ impl Augmenter {
                 let left = ((nw - s) / 2.0).round_ties_even();
                 let top = ((nh - s) / 2.0).round_ties_even();
                 let (sx, sy) = (f64::from(w) / nw, f64::from(h) / nh);
+                Region {
+                    left: left * sx,
+                    top: top * sy,
+                    width: s * sx,
+                    height: s * sy,
+                }
+            }
+            ImageTransform::EvalSquash => Region {
+                left: 0.0,
+                top: 0.0,
+                width: f64::from(w),
+                height: f64::from(h),
+            },
+        }
+    }
+
+    /// Resizes `region` of `img` into `out`, then applies the colour ops.
+    fn render(
+        &mut self,
+        img: &RgbImage,
+        region: Region,
+        rng: &mut Rng,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let bad = |reason: String| Error::Format {
+            path: "image".into(),
+            reason,
+        };
+        let (w, h) = img.dimensions();
+        let src =
+            ImageRef::new(w, h, img.as_raw(), PixelType::U8x3).map_err(|e| bad(e.to_string()))?;
+        let mut dst = Image::from_slice_u8(self.size, self.size, out, PixelType::U8x3)
+            .map_err(|e| bad(e.to_string()))?;
+        let resized = match self.transform {
+            ImageTransform::Train(_) => {
+                // Crop first so the filter stops at the crop border, as
+                // torchvision's `img.crop(box).resize(...)` does. The box
+                // is whole pixels at full scale; on a DCT-downscaled decode
+                // it is rounded outwards (under one reduced pixel).
+                let x0 = (region.left.floor() as u32).min(w - 1);
+                let y0 = (region.top.floor() as u32).min(h - 1);
+                let x1 = ((region.left + region.width).ceil() as u32).clamp(x0 + 1, w);
+                let y1 = ((region.top + region.height).ceil() as u32).clamp(y0 + 1, h);
+                let view = CroppedImage::new(&src, x0, y0, x1 - x0, y1 - y0)
+                    .map_err(|e| bad(e.to_string()))?;
+                let opts =
+                    ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+                self.resizer.resize(&view, &mut dst, &opts)
+            }
+            ImageTransform::EvalCenterCrop | ImageTransform::EvalSquash => {
                 let opts = ResizeOptions::new()
                     .resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom))
-                    .crop(left * sx, top * sy, s * sx, s * sy);
-                self.resizer.resize(&src, &mut dst, &opts)
-            }
-            ImageTransform::EvalSquash => {
-                let opts =
-                    ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
+                    .crop(region.left, region.top, region.width, region.height);
                 self.resizer.resize(&src, &mut dst, &opts)
             }
         };
@@ -301,6 +408,27 @@ impl Augmenter {
             }
         }
         Ok(())
+    }
+}
+
+/// A box of the source image in (possibly fractional) pixels.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Region {
+    left: f64,
+    top: f64,
+    width: f64,
+    height: f64,
+}
+
+impl Region {
+    /// The same box on an image scaled by `s`.
+    fn scaled(self, s: f64) -> Self {
+        Self {
+            left: self.left * s,
+            top: self.top * s,
+            width: self.width * s,
+            height: self.height * s,
+        }
     }
 }
 
@@ -449,6 +577,73 @@ mod tests {
             .expect("transform");
         assert_eq!(squashed.get_pixel(0, 5).0, [255, 0, 0]);
         assert_eq!(squashed.get_pixel(2, 5).0, [255, 0, 0]);
+    }
+
+    #[test]
+    fn jpeg_payloads_match_the_decoded_path_and_draw_the_same_randomness() {
+        // Smooth content, so that a DCT-downscaled decode differs little.
+        let img = RgbImage::from_fn(512, 384, |x, y| {
+            Rgb([(x / 2) as u8, (y * 2 / 3) as u8, ((x + y) / 4) as u8])
+        });
+        let bytes = encode(DynamicImage::ImageRgb8(img), ImageFormat::Jpeg);
+        let decoded = decode_rgb(&bytes, "k").expect("decodes");
+        let transforms = [
+            ImageTransform::Train(TrainAugment::clipa_strong()),
+            ImageTransform::EvalCenterCrop,
+            ImageTransform::EvalSquash,
+        ];
+        for transform in transforms {
+            for size in [32u32, 112, 224] {
+                let mut aug = Augmenter::new(transform, size);
+                let (mut fast, mut slow) = (vec![0; aug.output_len()], vec![0; aug.output_len()]);
+                for seed in 0..4 {
+                    let (mut r1, mut r2) = (Rng::new(seed), Rng::new(seed));
+                    aug.apply_payload(
+                        ImagePayload::Encoded(bytes.clone()),
+                        "k",
+                        &mut r1,
+                        &mut fast,
+                    )
+                    .expect("jpeg path");
+                    aug.apply_into(&decoded, &mut r2, &mut slow)
+                        .expect("decoded path");
+                    assert_eq!(r1.below(1 << 30), r2.below(1 << 30), "same draws");
+                    let diffs: Vec<u8> = fast
+                        .iter()
+                        .zip(&slow)
+                        .map(|(a, b)| a.abs_diff(*b))
+                        .collect();
+                    let mean =
+                        diffs.iter().map(|&d| f64::from(d)).sum::<f64>() / diffs.len() as f64;
+                    let worst = diffs.iter().max().copied().unwrap_or(0);
+                    assert!(
+                        mean < 2.0 && worst < 24,
+                        "{transform:?} at {size}: mean {mean}, worst {worst}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_or_garbled_jpeg_payloads_are_errors() {
+        let bytes = encode(DynamicImage::ImageRgb8(noise(96, 64, 3)), ImageFormat::Jpeg);
+        let mut aug = Augmenter::new(ImageTransform::Train(TrainAugment::default()), 16);
+        let mut out = vec![0; aug.output_len()];
+        let mut rng = Rng::new(0);
+        aug.apply_payload(
+            ImagePayload::Encoded(bytes.clone()),
+            "ok",
+            &mut rng,
+            &mut out,
+        )
+        .expect("the intact JPEG decodes");
+        for broken in [bytes[..bytes.len() / 2].to_vec(), bytes[..40].to_vec()] {
+            let err = aug
+                .apply_payload(ImagePayload::Encoded(broken), "bad", &mut rng, &mut out)
+                .expect_err("a broken JPEG is a bad sample");
+            assert!(err.to_string().contains("bad"), "{err}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use burn::tensor::backend::Backend;
 
 use super::config::{StageConfig, TrainConfig};
-use crate::data::augment::{Augmenter, ImageTransform, TrainAugment, payload_rgb};
+use crate::data::augment::{Augmenter, ImageTransform, TrainAugment};
 use crate::data::csv::{CsvDataset, CsvOptions};
 use crate::data::folder::ImageFolder;
 use crate::data::loader::{Loader, LoaderConfig, LoaderState};
@@ -233,14 +233,10 @@ pub fn evaluate_source<B: Backend>(
                     sample.key
                 )));
             };
-            let Ok(img) = payload_rgb(sample.image, &sample.key) else {
-                DataStats::bump(&stats.bad_images);
-                continue;
-            };
             let start = images.len();
             images.resize(start + aug.output_len(), 0);
             if aug
-                .apply_into(&img, &mut rng, &mut images[start..])
+                .apply_payload(sample.image, &sample.key, &mut rng, &mut images[start..])
                 .is_err()
             {
                 images.truncate(start);

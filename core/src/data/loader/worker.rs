@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::mpsc::SyncSender;
 
 use super::{Item, LoaderConfig, Shared, WorkerCursor};
-use crate::data::augment::{Augmenter, payload_rgb};
+use crate::data::augment::Augmenter;
 use crate::data::{DataStats, RawSample, ShardSource};
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -311,9 +311,8 @@ fn prepare(
     cursor: WorkerCursor,
     rng: &mut Rng,
 ) -> Result<Item> {
-    let img = payload_rgb(sample.image, &sample.key)?;
     let mut pixels = vec![0u8; augmenter.output_len()];
-    augmenter.apply_into(&img, rng, &mut pixels)?;
+    augmenter.apply_payload(sample.image, &sample.key, rng, &mut pixels)?;
     Ok(Item {
         pixels,
         caption: sample.caption,
