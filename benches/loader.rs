@@ -30,8 +30,16 @@ pub fn pattern(side: u32) -> RgbImage {
 }
 
 /// [`pattern`] encoded as a quality-90 JPEG (the `image` encoder writes
-/// 4:4:4 chroma; the Pillow peer reads these very bytes).
+/// 4:4:4 chroma), or `$CLIPA_LOADER_INPUTS/pattern{side}.jpg` when that
+/// exists: `ci/peer_loader.py --write DIR` saves the files Pillow decodes,
+/// so that both sides can time identical bytes.
 pub fn jpeg(side: u32) -> Vec<u8> {
+    if let Some(dir) = std::env::var_os("CLIPA_LOADER_INPUTS")
+        && let Ok(bytes) =
+            std::fs::read(std::path::Path::new(&dir).join(format!("pattern{side}.jpg")))
+    {
+        return bytes;
+    }
     let mut bytes = Cursor::new(Vec::new());
     JpegEncoder::new_with_quality(&mut bytes, 90)
         .encode_image(&pattern(side))

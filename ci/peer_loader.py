@@ -12,7 +12,12 @@ bytes the Rust side encodes, so both sides decode the same files);
 otherwise the same pattern is drawn here and encoded by Pillow at quality
 90 with 4:4:4 chroma, as the `image` crate's encoder writes.
 
-Usage: peer_loader.py [--dir DIR] [--seconds S]
+With --write DIR it saves the Pillow-encoded files there and exits; point
+the Rust bench at the same files with CLIPA_LOADER_INPUTS=DIR, so that
+both sides decode identical bytes (JPEG encoders differ in entropy-coded
+size, and entropy decoding dominates at 512 px).
+
+Usage: peer_loader.py [--dir DIR] [--seconds S] [--write DIR]
 Needs only the standard library and Pillow.
 """
 
@@ -83,8 +88,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default="", help="folder with pattern256.jpg and pattern512.jpg")
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per case")
+    parser.add_argument("--write", default="", help="save pattern{256,512}.jpg here and exit")
     args = parser.parse_args()
     import PIL
+
+    if args.write:
+        os.makedirs(args.write, exist_ok=True)
+        for side in (256, 512):
+            data, _ = jpeg_bytes(side, "")
+            with open(os.path.join(args.write, f"pattern{side}.jpg"), "wb") as f:
+                f.write(data)
+        return
 
     print(f"Pillow {PIL.__version__}, single thread")
     for side in (256, 512):
