@@ -33,6 +33,13 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
         || echo "dataset-fashion-mnist is not available here: its test prints SKIPPED"
 fi
 
+step "NASM (libjpeg-turbo's SIMD in the loader's JPEG decoder; the build falls back to C without it)"
+if ! command -v nasm >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nasm >/dev/null \
+        || echo "nasm is not available here: JPEG decoding builds without SIMD"
+fi
+
 step "rustfmt"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 cargo fmt --all --check
