@@ -44,6 +44,7 @@ fn tiny_run_writes_config_metrics_checkpoints_and_evaluates() {
         &[
             &TINY[..],
             &["--output", dir.to_str().unwrap(), "--steps", "4"],
+            &["--batch-size", "8", "--train-num-samples", "20"],
         ]
         .concat(),
     );
@@ -55,6 +56,12 @@ fn tiny_run_writes_config_metrics_checkpoints_and_evaluates() {
         curve(&dir).iter().map(|c| c.0).collect::<Vec<_>>(),
         [1, 2, 3, 4]
     );
+    // 4 steps of 8 samples, with 20 samples to an epoch.
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("metrics");
+    let last: serde_json::Value =
+        serde_json::from_str(metrics.lines().last().expect("a line")).expect("JSON");
+    assert_eq!(last["samples"], 32);
+    assert_eq!(last["epoch"], 1.6);
     let out = clipa(&["eval", "--checkpoint", dir.to_str().unwrap()]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
@@ -220,6 +227,35 @@ fn user_mistakes_are_one_line_errors() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+}
+
+#[test]
+fn epochs_of_train_num_samples_set_the_steps() {
+    let out = clipa(&[
+        "train",
+        "--preset",
+        "demo",
+        "--batch-size",
+        "100",
+        "--train-num-samples",
+        "1000",
+        "--epochs",
+        "2.5",
+        "--dry-run",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    // demo splits its steps 4:1 at equal batches: 2500 samples → 20 + 5.
+    let steps: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("steps = "))
+        .collect();
+    assert_eq!(steps, ["steps = 20", "steps = 5"], "{stdout}");
+    assert!(stdout.contains("train_num_samples = 1000"), "{stdout}");
+    let out = clipa(&["train", "--epochs", "2", "--dry-run"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--train-num-samples"), "{stderr}");
 }
 
 #[test]

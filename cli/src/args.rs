@@ -86,6 +86,14 @@ pub struct TrainArgs {
     /// Draw shards with replacement.
     #[arg(long)]
     pub dataset_resampled: bool,
+    /// Samples in one epoch of --train-data (a WebDataset's size is not
+    /// known up front); the log then counts epochs.
+    #[arg(long)]
+    pub train_num_samples: Option<u64>,
+    /// Train this many epochs of --train-num-samples samples, split across
+    /// stages in the preset's proportions (instead of --steps).
+    #[arg(long, conflicts_with = "steps")]
+    pub epochs: Option<f64>,
     /// CSV column with image paths.
     #[arg(long)]
     pub csv_img_key: Option<String>,

@@ -74,6 +74,12 @@ fn resolve(args: &TrainArgs, output: &Path) -> anyhow::Result<TrainConfig> {
     if let Some(w) = args.workers {
         d.workers = w;
     }
+    if let Some(n) = args.train_num_samples {
+        if n == 0 {
+            bail!("--train-num-samples must be positive");
+        }
+        d.train_num_samples = Some(n);
+    }
     if let Some(n) = args.steps {
         cfg.set_total_steps(n);
     }
@@ -84,6 +90,15 @@ fn resolve(args: &TrainArgs, output: &Path) -> anyhow::Result<TrainConfig> {
         if let Some(a) = args.accum_steps {
             s.accum_steps = a;
         }
+    }
+    if let Some(e) = args.epochs {
+        let Some(per_epoch) = cfg.data.train_num_samples else {
+            bail!("--epochs needs --train-num-samples (or data.train_num_samples in the config)");
+        };
+        if !(e.is_finite() && e > 0.0) {
+            bail!("--epochs {e} must be positive");
+        }
+        cfg.set_total_samples((e * per_epoch as f64).round() as u64);
     }
     let first: &mut StageConfig = &mut cfg.stages[0];
     if let Some(px) = args.image_size {
@@ -188,8 +203,12 @@ impl Observer for Progress {
 
     fn log(&mut self, m: &StepMetrics, stage_step: u64) {
         self.bar.set_position(stage_step);
+        let epoch = m
+            .epoch
+            .map(|e| format!(" epoch {e:.2}"))
+            .unwrap_or_default();
         self.bar.set_message(format!(
-            "loss {:.4} lr {:.2e} T {:.1} {:.0} img/s wait {:.0}%",
+            "loss {:.4} lr {:.2e} T {:.1} {:.0} img/s wait {:.0}%{epoch}",
             m.loss,
             m.lr,
             m.temperature,
@@ -201,7 +220,7 @@ impl Observer for Progress {
         }
         // No terminal (CI, pipes): one line per log step instead.
         eprintln!(
-            "step {} stage {} loss {:.4} lr {:.2e} T {:.1} {:.0} img/s wait {:.0}%",
+            "step {} stage {} loss {:.4} lr {:.2e} T {:.1} {:.0} img/s wait {:.0}%{epoch}",
             m.step,
             m.stage + 1,
             m.loss,

@@ -62,49 +62,33 @@ fn one() -> usize {
 
 /// Where the training data comes from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
     /// WebDataset shards (`/data/{00000..00099}.tar`, sources joined by
     /// `::`) or a `.csv`/`.tsv` file; `None` uses the built-in synthetic set.
-    #[serde(default)]
     pub train_data: Option<String>,
     /// Per-source weights for `::`-joined sources (`1::0.5`).
-    #[serde(default)]
     pub train_data_weights: Option<String>,
     /// Draw shards with replacement (restarts cleanly).
-    #[serde(default)]
     pub dataset_resampled: bool,
+    /// Samples in one epoch (OpenCLIP `--train-num-samples`): a
+    /// WebDataset's size is not known up front. The log counts epochs in
+    /// it, and `clipa train --epochs E` trains `E` of them.
+    pub train_num_samples: Option<u64>,
     /// CSV column holding image paths.
-    #[serde(default = "default_img_key")]
     pub csv_img_key: String,
     /// CSV column holding captions.
-    #[serde(default = "default_caption_key")]
     pub csv_caption_key: String,
     /// Image folder for zero-shot evaluation (`root/<class>/*.png`).
-    #[serde(default)]
     pub zeroshot_data: Option<PathBuf>,
     /// Class-names file for `zeroshot_data`.
-    #[serde(default)]
     pub classnames: Option<PathBuf>,
     /// Loader threads (0 = all cores).
-    #[serde(default)]
     pub workers: usize,
     /// Share of bad samples tolerated before the run stops.
-    #[serde(default = "default_bad_fraction")]
     pub max_bad_fraction: f64,
     /// CLIPA's strong augmentation (colour jitter 0.4, grayscale 0.2).
-    #[serde(default)]
     pub color_jitter: bool,
-}
-
-fn default_img_key() -> String {
-    "filepath".into()
-}
-fn default_caption_key() -> String {
-    "title".into()
-}
-fn default_bad_fraction() -> f64 {
-    0.1
 }
 
 impl Default for DataConfig {
@@ -113,12 +97,13 @@ impl Default for DataConfig {
             train_data: None,
             train_data_weights: None,
             dataset_resampled: false,
-            csv_img_key: default_img_key(),
-            csv_caption_key: default_caption_key(),
+            train_num_samples: None,
+            csv_img_key: "filepath".into(),
+            csv_caption_key: "title".into(),
             zeroshot_data: None,
             classnames: None,
             workers: 0,
-            max_bad_fraction: default_bad_fraction(),
+            max_bad_fraction: 0.1,
             color_jitter: false,
         }
     }
@@ -423,6 +408,38 @@ impl TrainConfig {
         self.stages.iter().map(|s| s.steps).sum()
     }
 
+    /// Training samples over all stages: `Σ steps × batch`.
+    pub fn total_samples(&self) -> u64 {
+        self.stages
+            .iter()
+            .map(|s| s.steps * s.batch_size as u64)
+            .sum()
+    }
+
+    /// Samples trained before step `stage_step` of stage `stage`.
+    pub fn samples_before(&self, stage: usize, stage_step: u64) -> u64 {
+        let done: u64 = self.stages[..stage]
+            .iter()
+            .map(|s| s.steps * s.batch_size as u64)
+            .sum();
+        done + stage_step * self.stages[stage].batch_size as u64
+    }
+
+    /// Sets the training length to about `total` samples, split across
+    /// stages in the preset's proportions of samples; each stage's steps
+    /// are its share over its batch size, rounded, at least one.
+    pub fn set_total_samples(&mut self, total: u64) {
+        let old = self.total_samples().max(1) as f64;
+        for s in &mut self.stages {
+            let batch = s.batch_size.max(1) as f64;
+            let share = s.steps as f64 * batch / old;
+            let n = ((share * total as f64 / batch).round() as u64).max(1);
+            s.warmup_steps =
+                ((s.warmup_steps as f64 * n as f64 / s.steps.max(1) as f64).round() as u64).min(n);
+            s.steps = n;
+        }
+    }
+
     /// Sets the total number of steps, split across stages in the preset's
     /// proportions (each stage gets at least one step; warmups shrink with
     /// their stage).
@@ -545,6 +562,28 @@ mod tests {
         assert_eq!(cfg.stages[1].steps, 25);
         assert_eq!(cfg.stages[0].warmup_steps, 10);
         cfg.set_total_steps(1);
+        assert_eq!(
+            cfg.stages.iter().map(|s| s.steps).collect::<Vec<_>>(),
+            [1, 1]
+        );
+    }
+
+    #[test]
+    fn total_samples_split_by_samples_with_unequal_batches() {
+        let mut cfg = TrainConfig::preset("demo").unwrap();
+        cfg.stages[0].batch_size = 100;
+        cfg.stages[0].steps = 30; // 3000 samples
+        cfg.stages[1].batch_size = 50;
+        cfg.stages[1].steps = 20; // 1000 samples
+        assert_eq!(cfg.total_samples(), 4000);
+        assert_eq!(cfg.samples_before(1, 3), 3150);
+        cfg.set_total_samples(8000); // two epochs of 4000
+        assert_eq!(
+            cfg.stages.iter().map(|s| s.steps).collect::<Vec<_>>(),
+            [60, 40]
+        );
+        assert_eq!(cfg.total_samples(), 8000);
+        cfg.set_total_samples(10);
         assert_eq!(
             cfg.stages.iter().map(|s| s.steps).collect::<Vec<_>>(),
             [1, 1]

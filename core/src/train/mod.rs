@@ -83,6 +83,12 @@ pub struct StepMetrics {
     pub images_per_sec: f64,
     /// Share of wall time spent waiting for data since the last log line.
     pub data_wait: f64,
+    /// Training samples seen so far in the run.
+    #[serde(default)]
+    pub samples: u64,
+    /// `samples / train_num_samples`, when the config gives an epoch size.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub epoch: Option<f64>,
     /// Zero-shot top-1, on the lines where an evaluation ran.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub zeroshot_top1: Option<f64>,
@@ -312,6 +318,7 @@ pub fn train<B: AutodiffBackend>(
             let eval_now = cfg.eval_every > 0 && every(manifest.step, cfg.eval_every);
             if every(manifest.step, cfg.log_every) || stage_done || eval_now {
                 let secs = window.elapsed().as_secs_f64().max(1e-9);
+                let samples = cfg.samples_before(si, manifest.stage_step);
                 let mut m = StepMetrics {
                     step: manifest.step,
                     stage: si,
@@ -321,6 +328,11 @@ pub fn train<B: AutodiffBackend>(
                     grad_norm: norm,
                     images_per_sec: images as f64 / secs,
                     data_wait: wait / secs,
+                    samples,
+                    epoch: cfg
+                        .data
+                        .train_num_samples
+                        .map(|n| samples as f64 / n as f64),
                     zeroshot_top1: None,
                 };
                 if (eval_now || stage_done)
