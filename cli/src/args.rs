@@ -47,8 +47,11 @@ pub enum Command {
     /// Train a CLIP model (default: the `demo` preset on the built-in
     /// synthetic data, on the CPU).
     Train(Box<TrainArgs>),
-    /// Zero-shot classification accuracy of a checkpoint on an image folder.
+    /// Evaluate a checkpoint: zero-shot accuracy on an image folder,
+    /// image–text retrieval on a caption set.
     Eval(EvalArgs),
+    /// Classify images with a checkpoint against labels given as text.
+    Classify(ClassifyArgs),
     /// Prepare datasets.
     #[command(subcommand)]
     Data(DataCommand),
@@ -171,18 +174,60 @@ pub struct TrainArgs {
     pub dry_run: bool,
 }
 
-/// Flags of `clipa eval`.
+/// Flags of `clipa eval`. Without --zeroshot-data or --retrieval-data it
+/// scores the built-in synthetic held-out set.
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
     /// A checkpoint folder, or a run folder (its latest checkpoint).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Image folder (`root/<class>/*`). Default: the synthetic held-out set.
+    /// Image folder (`root/<class>/*`) for zero-shot classification.
     #[arg(long)]
     pub zeroshot_data: Option<PathBuf>,
-    /// Class names, one per line in folder order.
+    /// Class names, one per line in folder order (default: the bundled
+    /// ImageNet names for a 1,000-class folder, else the folder names).
     #[arg(long)]
     pub classnames: Option<PathBuf>,
+    /// Prompt templates: photo | simple | openai | FILE (one per line, `{}`
+    /// for the class). Default: openai for ImageNet, else photo.
+    #[arg(long)]
+    pub templates: Option<String>,
+    /// Image–caption set for retrieval: WebDataset shards (each `txt` line
+    /// a caption) or a CSV/TSV (several rows may name one image).
+    #[arg(long)]
+    pub retrieval_data: Option<String>,
+    /// CSV column with image paths (--retrieval-data).
+    #[arg(long, default_value = "filepath")]
+    pub csv_img_key: String,
+    /// CSV column with captions (--retrieval-data).
+    #[arg(long, default_value = "title")]
+    pub csv_caption_key: String,
+    /// Evaluation preprocessing: center-crop (OpenCLIP) or squash (CLIPA).
+    #[arg(long, default_value = "center-crop")]
+    pub resize: String,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `clipa classify`.
+#[derive(Debug, clap::Args)]
+pub struct ClassifyArgs {
+    /// A checkpoint folder, or a run folder (its latest checkpoint).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Comma-separated labels: `"cat,dog,car"`.
+    #[arg(long)]
+    pub labels: String,
+    /// Prompt templates: photo | simple | openai | FILE.
+    #[arg(long, default_value = "photo")]
+    pub templates: String,
+    /// Labels shown per image.
+    #[arg(long, default_value_t = 3)]
+    pub top: usize,
+    /// Image files or folders (their PNG/JPEG files).
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
 }
 
 /// `clipa data …`.
@@ -208,6 +253,12 @@ pub struct FashionMnistArgs {
     /// Seed of the caption templates.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Convert only the first N training images (a quick subset).
+    #[arg(long)]
+    pub limit_train: Option<usize>,
+    /// Convert only the first N test images.
+    #[arg(long)]
+    pub limit_test: Option<usize>,
 }
 
 /// Flags of `clipa models`.

@@ -13,8 +13,8 @@ pub fn run(cmd: &DataCommand) -> anyhow::Result<()> {
                 out: a.out.clone(),
                 samples_per_shard: a.samples_per_shard,
                 seed: a.seed,
-                limit_train: None,
-                limit_test: None,
+                limit_train: a.limit_train,
+                limit_test: a.limit_test,
             })?;
             println!(
                 "wrote {} training samples in {} shards and {} test images\n\ntrain with:\n  clipa train --preset fmnist --train-data '{}' --zeroshot-data {} --classnames {}",

@@ -14,7 +14,7 @@ use clipa_core::{checkpoint, io, preprocess};
 use crate::args::EmbedArgs;
 
 /// Expands folders into their PNG/JPEG files (sorted), keeps files as given.
-fn collect_images(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+pub(crate) fn collect_images(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for input in inputs {
         if input.is_dir() {

@@ -3,8 +3,10 @@
 
 mod backends;
 mod check;
+mod classify;
 mod data;
 mod embed;
+mod eval;
 mod interop;
 mod models;
 mod plot;
@@ -22,7 +24,8 @@ pub fn dispatch(args: &Args) -> anyhow::Result<()> {
         Command::ExportOpenclip(export) => interop::export(export),
         Command::Embed(embed) => embed::run(args.backend, args.device, embed),
         Command::Train(train) => train::run(args.backend, args.device, train),
-        Command::Eval(eval) => train::eval(args.backend, args.device, eval),
+        Command::Eval(eval_args) => eval::run(args.backend, args.device, eval_args),
+        Command::Classify(c) => classify::run(args.backend, args.device, c),
         Command::Data(data) => data::run(data),
         Command::Plot(plot_args) => plot::run(&plot_args.run_dir),
     }

@@ -9,16 +9,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use burn::tensor::backend::AutodiffBackend;
 use clipa_backends::{BackendJob, BackendKind, DeviceInfo};
-use clipa_core::data::tokenizer::Tokenizer;
 use clipa_core::eval::ZeroShotResult;
-use clipa_core::train::runstate;
 use clipa_core::train::{
     self, LossKind, Observer, Resume, RunOptions, StageConfig, StepMetrics, TrainConfig,
     TrainSummary,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::args::{EvalArgs, TrainArgs};
+use crate::args::TrainArgs;
 
 /// Preset (or config file) → flag overrides → validated config.
 fn resolve(args: &TrainArgs, output: &Path) -> anyhow::Result<TrainConfig> {
@@ -354,50 +352,5 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &TrainArgs) -> anyhow
     };
     let summary = clipa_backends::run(kind, device, TrainJob { cfg, opts })?;
     print_report(&summary);
-    Ok(())
-}
-
-struct EvalJob<'a> {
-    checkpoint: PathBuf,
-    args: &'a EvalArgs,
-}
-
-impl BackendJob for EvalJob<'_> {
-    type Output = ZeroShotResult;
-
-    fn run<B: AutodiffBackend>(
-        self,
-        device: B::Device,
-        info: &DeviceInfo,
-    ) -> clipa_core::Result<ZeroShotResult> {
-        let model =
-            clipa_core::checkpoint::load_model::<B::InnerBackend>(&self.checkpoint, &device)?;
-        eprintln!("evaluating {} on {info}", self.checkpoint.display());
-        let mut cfg = TrainConfig::preset("tiny")?;
-        cfg.data.zeroshot_data = self.args.zeroshot_data.clone();
-        cfg.data.classnames = self.args.classnames.clone();
-        let tokenizer = Tokenizer::clip();
-        train::data::zeroshot_eval(&cfg, &model, &tokenizer, &device)?
-            .ok_or_else(|| clipa_core::Error::Config("nothing to evaluate".into()))
-    }
-}
-
-/// `clipa eval`.
-pub fn eval(kind: BackendKind, device: Option<usize>, args: &EvalArgs) -> anyhow::Result<()> {
-    // A run folder means its newest checkpoint.
-    let checkpoint = if args.checkpoint.join("checkpoints").is_dir() {
-        runstate::latest(&args.checkpoint)?
-            .with_context(|| format!("{} holds no checkpoint yet", args.checkpoint.display()))?
-    } else {
-        args.checkpoint.clone()
-    };
-    let r = clipa_backends::run(kind, device, EvalJob { checkpoint, args })?;
-    println!(
-        "zero-shot top-1 {:.2}%  top-5 {:.2}%  ({} images, chance {:.2}%)",
-        100.0 * r.top1,
-        100.0 * r.top5,
-        r.samples,
-        100.0 * r.chance
-    );
     Ok(())
 }

@@ -17,11 +17,37 @@ pub mod shards;
 pub mod synthetic;
 pub mod tokenizer;
 
+use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
+
+/// Opens an image–caption dataset: a `.csv`/`.tsv` file (columns named by
+/// `img_key` and `caption_key`) or WebDataset shards (`/d/{000..009}.tar`,
+/// `::`-joined sources with optional `weights`).
+pub fn open_caption_source(
+    spec: &str,
+    weights: Option<&str>,
+    img_key: &str,
+    caption_key: &str,
+) -> Result<Arc<dyn ShardSource>> {
+    let lower = spec.to_ascii_lowercase();
+    Ok(if lower.ends_with(".csv") || lower.ends_with(".tsv") {
+        Arc::new(csv::CsvDataset::open(
+            Path::new(spec),
+            &csv::CsvOptions {
+                img_key: img_key.into(),
+                caption_key: caption_key.into(),
+                ..csv::CsvOptions::default()
+            },
+        )?)
+    } else {
+        Arc::new(shards::WebDataset::from_spec(spec, weights)?)
+    })
+}
 
 /// The image of a [`RawSample`] as its source delivers it.
 #[derive(Debug, Clone)]

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::optim::AdamWConfig;
+use crate::eval::{EvaluatorConfig, TemplateSet};
 use crate::model::ClipConfig;
 use crate::reduce::{ImageReduction, TextReduction};
 use crate::{Error, Result};
@@ -83,6 +84,9 @@ pub struct DataConfig {
     pub zeroshot_data: Option<PathBuf>,
     /// Class-names file for `zeroshot_data`.
     pub classnames: Option<PathBuf>,
+    /// Prompt templates for `zeroshot_data` (default: `photo`, or
+    /// `openai` for a 1,000-class ImageNet folder).
+    pub templates: Option<TemplateSet>,
     /// Loader threads (0 = all cores).
     pub workers: usize,
     /// Share of bad samples tolerated before the run stops.
@@ -102,6 +106,7 @@ impl Default for DataConfig {
             csv_caption_key: "title".into(),
             zeroshot_data: None,
             classnames: None,
+            templates: None,
             workers: 0,
             max_bad_fraction: 0.1,
             color_jitter: false,
@@ -141,6 +146,10 @@ pub struct TrainConfig {
     pub data: DataConfig,
     /// The stages, run in order.
     pub stages: Vec<StageConfig>,
+    /// Extra evaluations (zero-shot folders, retrieval sets), run with the
+    /// `zeroshot_data` one every `eval_every` steps and at each stage end.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evaluators: Vec<EvaluatorConfig>,
 }
 
 /// Names accepted by [`TrainConfig::preset`].
@@ -201,6 +210,7 @@ impl TrainConfig {
             keep_checkpoints: 3,
             eval_every: 0,
             data: DataConfig::default(),
+            evaluators: Vec::new(),
             stages,
         }
     }

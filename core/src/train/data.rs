@@ -2,27 +2,24 @@
 //! WebDataset shards or CSV), the loader at the stage's image size, text
 //! reduction of each batch, and the zero-shot evaluation set.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 
 use super::config::{StageConfig, TrainConfig};
-use crate::data::augment::{Augmenter, ImageTransform, TrainAugment};
-use crate::data::csv::{CsvDataset, CsvOptions};
-use crate::data::folder::ImageFolder;
+use crate::Result;
+use crate::data::augment::{ImageTransform, TrainAugment};
 use crate::data::loader::{Loader, LoaderConfig, LoaderState};
-use crate::data::shards::WebDataset;
 use crate::data::synthetic::{self, Split, SyntheticCaptions};
 use crate::data::tokenizer::Tokenizer;
-use crate::data::{DataStats, DataStatsSnapshot, ShardSource};
-use crate::eval::zeroshot::{Accuracy, PHOTO_TEMPLATES};
+use crate::data::{DataStatsSnapshot, ShardSource, open_caption_source};
+use crate::eval::evaluator::{
+    EvalResize, EvalResult, EvaluatorConfig, ZeroShotEval, score_labelled,
+};
 use crate::eval::{ZeroShotResult, ZeroShotTask};
 use crate::model::ClipModel;
 use crate::reduce::TextReducer;
 use crate::reduce::syntax::Lexicon;
-use crate::rng::Rng;
-use crate::{Error, Result};
 
 /// Samples in one pass of the built-in synthetic training set.
 pub const SYNTHETIC_TRAIN_LEN: usize = 1 << 20;
@@ -51,31 +48,20 @@ pub struct StageData {
 /// The training source a config names.
 pub fn train_source(cfg: &TrainConfig, px: u32) -> Result<Arc<dyn ShardSource>> {
     let d = &cfg.data;
-    Ok(match &d.train_data {
-        None => Arc::new(SyntheticCaptions::new(
+    match &d.train_data {
+        None => Ok(Arc::new(SyntheticCaptions::new(
             Split::Train,
             SYNTHETIC_TRAIN_LEN,
             px,
             cfg.seed,
-        )),
-        Some(spec) if is_csv(spec) => Arc::new(CsvDataset::open(
-            Path::new(spec),
-            &CsvOptions {
-                img_key: d.csv_img_key.clone(),
-                caption_key: d.csv_caption_key.clone(),
-                ..CsvOptions::default()
-            },
-        )?),
-        Some(spec) => Arc::new(WebDataset::from_spec(
+        ))),
+        Some(spec) => open_caption_source(
             spec,
             d.train_data_weights.as_deref(),
-        )?),
-    })
-}
-
-fn is_csv(spec: &str) -> bool {
-    let s = spec.to_ascii_lowercase();
-    s.ends_with(".csv") || s.ends_with(".tsv")
+            &d.csv_img_key,
+            &d.csv_caption_key,
+        ),
+    }
 }
 
 impl StageData {
@@ -169,96 +155,38 @@ pub fn zeroshot_eval<B: Backend>(
     device: &B::Device,
 ) -> Result<Option<ZeroShotResult>> {
     let px = model.config.vision.image_size as u32;
-    let (source, task, transform): (Box<dyn ShardSource>, ZeroShotTask, ImageTransform) =
-        match (&cfg.data.zeroshot_data, &cfg.data.train_data) {
-            (Some(root), _) => {
-                let folder = ImageFolder::open(root, cfg.data.classnames.as_deref())?;
-                let task = ZeroShotTask {
-                    classnames: folder.classes.clone(),
-                    templates: PHOTO_TEMPLATES.iter().map(|s| s.to_string()).collect(),
-                };
-                (Box::new(folder), task, ImageTransform::EvalCenterCrop)
-            }
-            (None, None) => {
-                let held = SyntheticCaptions::new(
-                    Split::HeldOut,
-                    SYNTHETIC_EVAL_LEN,
-                    px,
-                    cfg.seed ^ 0xE7A1,
-                );
-                let task = ZeroShotTask {
-                    classnames: synthetic::class_names(),
-                    templates: synthetic::templates(),
-                };
-                (Box::new(held), task, ImageTransform::EvalSquash)
-            }
-            (None, Some(_)) => return Ok(None),
-        };
-    evaluate_source(model, &task, source.as_ref(), transform, tokenizer, device).map(Some)
-}
-
-/// Scores every sample of `source` (which must carry labels) against the
-/// task's classifier.
-pub fn evaluate_source<B: Backend>(
-    model: &ClipModel<B>,
-    task: &ZeroShotTask,
-    source: &dyn ShardSource,
-    transform: ImageTransform,
-    tokenizer: &Tokenizer,
-    device: &B::Device,
-) -> Result<ZeroShotResult> {
-    const BATCH: usize = 256;
-    let px = model.config.vision.image_size;
-    let classifier = task.classifier(model, tokenizer, model.config.text.context_length, device);
-    let stats = DataStats::default();
-    let mut aug = Augmenter::new(transform, px as u32);
-    let mut acc = Accuracy::default();
-    let (mut images, mut labels) = (
-        Vec::with_capacity(BATCH * px * px * 3),
-        Vec::with_capacity(BATCH),
-    );
-    let mut rng = Rng::new(0); // eval transforms draw nothing
-    for shard in 0..source.num_shards() {
-        let samples = match source.open(shard, &stats) {
-            Ok(s) => s,
-            Err(_) => {
-                DataStats::bump(&stats.bad_shards);
-                continue;
-            }
-        };
-        for sample in samples {
-            let Some(label) = sample.label else {
-                return Err(Error::Config(format!(
-                    "{}: evaluation data needs class labels",
-                    sample.key
-                )));
-            };
-            let start = images.len();
-            images.resize(start + aug.output_len(), 0);
-            if aug
-                .apply_payload(sample.image, &sample.key, &mut rng, &mut images[start..])
-                .is_err()
-            {
-                images.truncate(start);
-                DataStats::bump(&stats.bad_images);
-                continue;
-            }
-            labels.push(label);
-            if labels.len() == BATCH {
-                acc.add_batch(model, &classifier, &images, &labels, px);
-                images.clear();
-                labels.clear();
+    match (&cfg.data.zeroshot_data, &cfg.data.train_data) {
+        (Some(root), _) => {
+            let eval = EvaluatorConfig::Zeroshot(ZeroShotEval {
+                name: "zeroshot".into(),
+                data: root.clone(),
+                classnames: cfg.data.classnames.clone(),
+                templates: cfg.data.templates.clone(),
+                resize: EvalResize::CenterCrop,
+            });
+            match eval.run(model, tokenizer, device, None, &mut |_| {})? {
+                EvalResult::Zeroshot(r) => Ok(Some(r)),
+                EvalResult::Retrieval(_) => unreachable!("a zero-shot evaluator"),
             }
         }
+        (None, None) => {
+            let held =
+                SyntheticCaptions::new(Split::HeldOut, SYNTHETIC_EVAL_LEN, px, cfg.seed ^ 0xE7A1);
+            let task = ZeroShotTask {
+                classnames: synthetic::class_names(),
+                templates: synthetic::templates(),
+            };
+            let classifier =
+                task.classifier(model, tokenizer, model.config.text.context_length, device);
+            score_labelled(
+                model,
+                &classifier,
+                &held,
+                ImageTransform::EvalSquash,
+                &mut |_| {},
+            )
+            .map(Some)
+        }
+        (None, Some(_)) => Ok(None),
     }
-    if !labels.is_empty() {
-        acc.add_batch(model, &classifier, &images, &labels, px);
-    }
-    let result = acc.result(task.classnames.len());
-    if result.samples == 0 {
-        return Err(Error::Config(
-            "the evaluation set yielded no readable image".into(),
-        ));
-    }
-    Ok(result)
 }

@@ -14,6 +14,7 @@ pub mod runstate;
 pub mod schedule;
 pub mod step;
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -92,6 +93,10 @@ pub struct StepMetrics {
     /// Zero-shot top-1, on the lines where an evaluation ran.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub zeroshot_top1: Option<f64>,
+    /// The `[[evaluators]]` metrics, as `name/metric`, on the lines where
+    /// they ran.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub evals: BTreeMap<String, f64>,
 }
 
 /// What a user watches; the CLI draws a progress bar from it.
@@ -334,6 +339,7 @@ pub fn train<B: AutodiffBackend>(
                         .train_num_samples
                         .map(|n| samples as f64 / n as f64),
                     zeroshot_top1: None,
+                    evals: BTreeMap::new(),
                 };
                 if (eval_now || stage_done)
                     && let Some(r) = zeroshot_eval(&cfg, &model.valid(), &tokenizer, device)?
@@ -353,6 +359,33 @@ pub fn train<B: AutodiffBackend>(
                             seconds: 0.0,
                             zeroshot: Some(r),
                         });
+                    }
+                }
+                if eval_now || stage_done {
+                    // A failing extra evaluator is reported, never fatal:
+                    // the steps since the last checkpoint are not lost.
+                    let eval_model = model.valid();
+                    for e in &cfg.evaluators {
+                        match e.run(&eval_model, &tokenizer, device, None, &mut |_| {}) {
+                            Ok(r) => {
+                                let mut shown = Vec::new();
+                                for (k, v) in r.metrics() {
+                                    m.evals.insert(format!("{}/{k}", e.name()), v);
+                                    shown.push(format!("{k} {v:.4}"));
+                                }
+                                observer.message(&format!(
+                                    "step {}: {}: {}",
+                                    manifest.step,
+                                    e.name(),
+                                    shown.join(", ")
+                                ));
+                            }
+                            Err(err) => observer.message(&format!(
+                                "step {}: evaluator {} failed: {err}",
+                                manifest.step,
+                                e.name()
+                            )),
+                        }
                     }
                 }
                 writeln!(

@@ -1,0 +1,188 @@
+//! `clipa eval`: zero-shot accuracy and image–text retrieval of a
+//! checkpoint, batched on any backend, as a table or one JSON object.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use burn::tensor::backend::AutodiffBackend;
+use clipa_backends::{BackendJob, BackendKind, DeviceInfo};
+use clipa_core::data::tokenizer::Tokenizer;
+use clipa_core::eval::{
+    EvalResize, EvalResult, EvaluatorConfig, RetrievalEval, RetrievalResult, TemplateSet,
+    ZeroShotEval, ZeroShotResult,
+};
+use clipa_core::train::{self, TrainConfig, runstate};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::args::EvalArgs;
+
+/// What `clipa eval --json` prints.
+#[derive(Debug, Serialize)]
+struct Report {
+    zeroshot: Option<ZeroShotResult>,
+    retrieval: Option<RetrievalResult>,
+    /// Images scored over all evaluations.
+    samples: usize,
+}
+
+/// A checkpoint folder, or the newest checkpoint of a run folder.
+pub(crate) fn resolve_checkpoint(path: &Path) -> anyhow::Result<PathBuf> {
+    if path.join("checkpoints").is_dir() {
+        runstate::latest(path)?
+            .with_context(|| format!("{} holds no checkpoint yet", path.display()))
+    } else {
+        Ok(path.to_path_buf())
+    }
+}
+
+/// `center-crop | squash`.
+pub(crate) fn parse_resize(s: &str) -> anyhow::Result<EvalResize> {
+    Ok(match s {
+        "center-crop" => EvalResize::CenterCrop,
+        "squash" => EvalResize::Squash,
+        other => bail!("--resize {other}: expected center-crop or squash"),
+    })
+}
+
+struct EvalJob {
+    checkpoint: PathBuf,
+    evaluators: Vec<EvaluatorConfig>,
+    quiet: bool,
+}
+
+impl BackendJob for EvalJob {
+    type Output = Report;
+
+    fn run<B: AutodiffBackend>(
+        self,
+        device: B::Device,
+        info: &DeviceInfo,
+    ) -> clipa_core::Result<Report> {
+        let model =
+            clipa_core::checkpoint::load_model::<B::InnerBackend>(&self.checkpoint, &device)?;
+        eprintln!("evaluating {} on {info}", self.checkpoint.display());
+        let tokenizer = Tokenizer::clip();
+        let mut report = Report {
+            zeroshot: None,
+            retrieval: None,
+            samples: 0,
+        };
+        if self.evaluators.is_empty() {
+            // The synthetic held-out colour–shape pairs.
+            let cfg = TrainConfig::preset("tiny")?;
+            let r = train::data::zeroshot_eval(&cfg, &model, &tokenizer, &device)?
+                .ok_or_else(|| clipa_core::Error::Config("nothing to evaluate".into()))?;
+            report.samples = r.samples;
+            report.zeroshot = Some(r);
+            return Ok(report);
+        }
+        for e in &self.evaluators {
+            let bar = if self.quiet {
+                ProgressBar::hidden()
+            } else {
+                ProgressBar::new_spinner()
+            };
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {msg} {pos} images ({per_sec})")
+                    .expect("a valid template"),
+            );
+            bar.set_message(e.name().to_string());
+            let result = e.run(
+                &model,
+                &tokenizer,
+                &device,
+                Some(&self.checkpoint),
+                &mut |n| bar.set_position(n as u64),
+            );
+            bar.finish_and_clear();
+            match result? {
+                EvalResult::Zeroshot(r) => {
+                    report.samples += r.samples;
+                    report.zeroshot = Some(r);
+                }
+                EvalResult::Retrieval(r) => {
+                    report.samples += r.images;
+                    report.retrieval = Some(r);
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// `clipa eval`.
+pub fn run(kind: BackendKind, device: Option<usize>, args: &EvalArgs) -> anyhow::Result<()> {
+    let checkpoint = resolve_checkpoint(&args.checkpoint)?;
+    let resize = parse_resize(&args.resize)?;
+    let templates = args
+        .templates
+        .as_deref()
+        .map(str::parse::<TemplateSet>)
+        .transpose()?;
+    if templates.is_some() && args.zeroshot_data.is_none() {
+        bail!("--templates applies to --zeroshot-data, which is not given");
+    }
+    let mut evaluators = Vec::new();
+    if let Some(data) = &args.zeroshot_data {
+        evaluators.push(EvaluatorConfig::Zeroshot(ZeroShotEval {
+            name: "zeroshot".into(),
+            data: data.clone(),
+            classnames: args.classnames.clone(),
+            templates,
+            resize,
+        }));
+    }
+    if let Some(data) = &args.retrieval_data {
+        evaluators.push(EvaluatorConfig::Retrieval(RetrievalEval {
+            name: "retrieval".into(),
+            data: data.clone(),
+            csv_img_key: args.csv_img_key.clone(),
+            csv_caption_key: args.csv_caption_key.clone(),
+            resize,
+        }));
+    }
+    let report = clipa_backends::run(
+        kind,
+        device,
+        EvalJob {
+            checkpoint,
+            evaluators,
+            quiet: args.json,
+        },
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    if let Some(r) = &report.zeroshot {
+        println!(
+            "zero-shot top-1 {:.2}%  top-5 {:.2}%  per-class recall {:.2}%  ({} images, chance {:.2}%)",
+            100.0 * r.top1,
+            100.0 * r.top5,
+            100.0 * r.per_class_recall,
+            r.samples,
+            100.0 * r.chance
+        );
+    }
+    if let Some(r) = &report.retrieval {
+        println!(
+            "retrieval ({} images, {} captions)   R@1     R@5     R@10    mean rank  median rank",
+            r.images, r.texts
+        );
+        for (name, k) in [
+            ("image → text", &r.image_to_text),
+            ("text → image", &r.text_to_image),
+        ] {
+            println!(
+                "  {name:<14} {:>6.2}% {:>6.2}% {:>6.2}%  {:>9.2}  {:>11.1}",
+                100.0 * k.r1,
+                100.0 * k.r5,
+                100.0 * k.r10,
+                k.mean_rank,
+                k.median_rank
+            );
+        }
+    }
+    Ok(())
+}

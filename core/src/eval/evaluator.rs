@@ -1,0 +1,412 @@
+//! Evaluators as data (big_vision style): each entry of a run config's
+//! `[[evaluators]]` names a dataset and a kind, and returns named metrics.
+//! The trainer runs them every `eval_every` steps and at the end of each
+//! stage; `clipa eval` builds the same values from its flags.
+//!
+//! ```toml
+//! [[evaluators]]
+//! kind = "zeroshot"
+//! name = "imagenet"
+//! data = "/data/imagenet/val"     # root/<class>/*.JPEG
+//! templates = "openai"            # photo | simple | openai | FILE
+//!
+//! [[evaluators]]
+//! kind = "retrieval"
+//! name = "coco"
+//! data = "/data/coco/test-{0..4}.tar"   # or captions.csv
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use super::retrieval::{DEFAULT_CHUNK, RetrievalResult, retrieval};
+use super::zeroshot::{Accuracy, TemplateSet, ZeroShotResult, ZeroShotTask, imagenet_classnames};
+use crate::data::augment::{Augmenter, ImageTransform};
+use crate::data::folder::ImageFolder;
+use crate::data::tokenizer::Tokenizer;
+use crate::data::{DataStats, ShardSource, open_caption_source};
+use crate::model::{ClipModel, l2_normalize};
+use crate::preprocess::u8_batch_to_tensor;
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// Images (and captions) per forward pass during evaluation.
+pub const EVAL_BATCH: usize = 256;
+
+/// How evaluation images become the model's input square.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EvalResize {
+    /// Resize the shorter side, then the centre square (OpenCLIP's default).
+    #[default]
+    CenterCrop,
+    /// Resize the whole image to a square (CLIPA's and OpenCLIP `squash`).
+    Squash,
+}
+
+impl EvalResize {
+    /// The image transform it stands for.
+    pub fn transform(self) -> ImageTransform {
+        match self {
+            Self::CenterCrop => ImageTransform::EvalCenterCrop,
+            Self::Squash => ImageTransform::EvalSquash,
+        }
+    }
+}
+
+/// Zero-shot classification over an image folder (`root/<class>/*`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZeroShotEval {
+    /// Metric prefix in logs (`imagenet` → `imagenet/top1`).
+    pub name: String,
+    /// The image folder.
+    pub data: PathBuf,
+    /// Class names, one per line in folder order. Default: the bundled
+    /// ImageNet names for a 1,000-class folder, else the folder names.
+    #[serde(default)]
+    pub classnames: Option<PathBuf>,
+    /// Prompt templates. Default: `openai` for ImageNet, else `photo`.
+    #[serde(default)]
+    pub templates: Option<TemplateSet>,
+    /// Preprocessing.
+    #[serde(default)]
+    pub resize: EvalResize,
+}
+
+/// Image–text retrieval over a caption set: WebDataset shards (each `txt`
+/// line is one caption) or a CSV/TSV (rows naming the same image in a row
+/// are one image with several captions).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrievalEval {
+    /// Metric prefix in logs (`coco` → `coco/i2t_r1`).
+    pub name: String,
+    /// Shard spec (`/data/{0..4}.tar`) or a `.csv`/`.tsv` file.
+    pub data: String,
+    /// CSV column with image paths.
+    #[serde(default = "default_img_key")]
+    pub csv_img_key: String,
+    /// CSV column with captions.
+    #[serde(default = "default_caption_key")]
+    pub csv_caption_key: String,
+    /// Preprocessing.
+    #[serde(default)]
+    pub resize: EvalResize,
+}
+
+fn default_img_key() -> String {
+    "filepath".into()
+}
+
+fn default_caption_key() -> String {
+    "title".into()
+}
+
+/// One evaluation: a kind with its data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum EvaluatorConfig {
+    /// Zero-shot classification.
+    Zeroshot(ZeroShotEval),
+    /// Image–text retrieval.
+    Retrieval(RetrievalEval),
+}
+
+/// What an evaluator found.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalResult {
+    /// Zero-shot accuracy.
+    Zeroshot(ZeroShotResult),
+    /// Retrieval recalls.
+    Retrieval(RetrievalResult),
+}
+
+impl EvalResult {
+    /// Flat named metrics, as logged: `top1`, `top5`, `per_class_recall`,
+    /// or `i2t_r1` … `t2i_median_rank`.
+    pub fn metrics(&self) -> Vec<(&'static str, f64)> {
+        match self {
+            Self::Zeroshot(z) => vec![
+                ("top1", z.top1),
+                ("top5", z.top5),
+                ("per_class_recall", z.per_class_recall),
+            ],
+            Self::Retrieval(r) => {
+                let (a, b) = (&r.image_to_text, &r.text_to_image);
+                vec![
+                    ("i2t_r1", a.r1),
+                    ("i2t_r5", a.r5),
+                    ("i2t_r10", a.r10),
+                    ("i2t_mean_rank", a.mean_rank),
+                    ("i2t_median_rank", a.median_rank),
+                    ("t2i_r1", b.r1),
+                    ("t2i_r5", b.r5),
+                    ("t2i_r10", b.r10),
+                    ("t2i_mean_rank", b.mean_rank),
+                    ("t2i_median_rank", b.median_rank),
+                ]
+            }
+        }
+    }
+}
+
+impl EvaluatorConfig {
+    /// The metric prefix.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Zeroshot(z) => &z.name,
+            Self::Retrieval(r) => &r.name,
+        }
+    }
+
+    /// Runs the evaluation. `cache_dir` keeps zero-shot classifiers (a
+    /// checkpoint folder); `progress` hears the images scored so far.
+    pub fn run<B: Backend>(
+        &self,
+        model: &ClipModel<B>,
+        tokenizer: &Tokenizer,
+        device: &B::Device,
+        cache_dir: Option<&Path>,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<EvalResult> {
+        match self {
+            Self::Zeroshot(z) => {
+                let folder = ImageFolder::open(&z.data, z.classnames.as_deref())?;
+                let imagenet = z.classnames.is_none() && folder.classes.len() == 1000;
+                let classnames = if imagenet {
+                    imagenet_classnames()
+                } else {
+                    folder.classes.clone()
+                };
+                let templates = z.templates.clone().unwrap_or(if imagenet {
+                    TemplateSet::Openai
+                } else {
+                    TemplateSet::Photo
+                });
+                let task = ZeroShotTask {
+                    classnames,
+                    templates: templates.load()?,
+                };
+                let context = model.config.text.context_length;
+                let classifier = match cache_dir {
+                    Some(dir) => task.classifier_cached(model, tokenizer, context, device, dir),
+                    None => task.classifier(model, tokenizer, context, device),
+                };
+                score_labelled(model, &classifier, &folder, z.resize.transform(), progress)
+                    .map(EvalResult::Zeroshot)
+            }
+            Self::Retrieval(r) => {
+                let source =
+                    open_caption_source(&r.data, None, &r.csv_img_key, &r.csv_caption_key)?;
+                retrieve(
+                    model,
+                    source.as_ref(),
+                    r.resize.transform(),
+                    tokenizer,
+                    device,
+                    progress,
+                )
+                .map(EvalResult::Retrieval)
+            }
+        }
+    }
+}
+
+/// Decodes and transforms every sample of `source`, calling `batch` with
+/// each full (and the last partial) batch of u8 images and their samples'
+/// keys, labels and captions. Bad images are counted and skipped.
+fn for_each_batch(
+    source: &dyn ShardSource,
+    transform: ImageTransform,
+    size: usize,
+    mut batch: impl FnMut(&[u8], &[(String, Option<usize>, String)]) -> Result<()>,
+) -> Result<DataStats> {
+    let stats = DataStats::default();
+    let mut aug = Augmenter::new(transform, size as u32);
+    let mut images = Vec::with_capacity(EVAL_BATCH * aug.output_len());
+    let mut meta = Vec::with_capacity(EVAL_BATCH);
+    let mut rng = Rng::new(0); // eval transforms draw nothing
+    for shard in 0..source.num_shards() {
+        let Ok(samples) = source.open(shard, &stats) else {
+            DataStats::bump(&stats.bad_shards);
+            continue;
+        };
+        for sample in samples {
+            let start = images.len();
+            images.resize(start + aug.output_len(), 0);
+            if aug
+                .apply_payload(sample.image, &sample.key, &mut rng, &mut images[start..])
+                .is_err()
+            {
+                images.truncate(start);
+                DataStats::bump(&stats.bad_images);
+                continue;
+            }
+            meta.push((sample.key, sample.label, sample.caption));
+            if meta.len() == EVAL_BATCH {
+                batch(&images, &meta)?;
+                images.clear();
+                meta.clear();
+            }
+        }
+    }
+    if !meta.is_empty() {
+        batch(&images, &meta)?;
+    }
+    Ok(stats)
+}
+
+/// Zero-shot accuracy of every labelled sample of `source` against
+/// `classifier` `[classes, dim]`.
+pub fn score_labelled<B: Backend>(
+    model: &ClipModel<B>,
+    classifier: &Tensor<B, 2>,
+    source: &dyn ShardSource,
+    transform: ImageTransform,
+    progress: &mut dyn FnMut(usize),
+) -> Result<ZeroShotResult> {
+    let px = model.config.vision.image_size;
+    let mut acc = Accuracy::default();
+    let mut done = 0;
+    for_each_batch(source, transform, px, |images, meta| {
+        let labels = meta
+            .iter()
+            .map(|(key, label, _)| {
+                label.ok_or_else(|| {
+                    Error::Config(format!("{key}: zero-shot data needs class labels"))
+                })
+            })
+            .collect::<Result<Vec<usize>>>()?;
+        acc.add_batch(model, classifier, images, &labels, px);
+        done += labels.len();
+        progress(done);
+        Ok(())
+    })?;
+    let result = acc.result(classifier.dims()[0]);
+    if result.samples == 0 {
+        return Err(Error::Config(
+            "the evaluation set yielded no readable image".into(),
+        ));
+    }
+    Ok(result)
+}
+
+/// Retrieval over every sample of a caption source.
+fn retrieve<B: Backend>(
+    model: &ClipModel<B>,
+    source: &dyn ShardSource,
+    transform: ImageTransform,
+    tokenizer: &Tokenizer,
+    device: &B::Device,
+    progress: &mut dyn FnMut(usize),
+) -> Result<RetrievalResult> {
+    let px = model.config.vision.image_size;
+    let context = model.config.text.context_length;
+    let mut image_feats: Vec<Tensor<B, 2>> = Vec::new();
+    let mut captions: Vec<String> = Vec::new();
+    let mut text_image: Vec<usize> = Vec::new();
+    let (mut images, mut last_key) = (0usize, None::<String>);
+    for_each_batch(source, transform, px, |pixels, meta| {
+        // Consecutive rows naming the same image (a CSV with one row per
+        // caption) are one image: keep its first rendering only.
+        let mut keep = Vec::with_capacity(meta.len());
+        for (i, (key, _, caption)) in meta.iter().enumerate() {
+            if last_key.as_deref() != Some(key.as_str()) {
+                keep.push(i);
+                images += 1;
+                last_key = Some(key.clone());
+            }
+            for line in caption.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                captions.push(line.to_string());
+                text_image.push(images - 1);
+            }
+        }
+        let len = pixels.len() / meta.len();
+        let kept: Vec<u8> = keep
+            .iter()
+            .flat_map(|&i| pixels[i * len..(i + 1) * len].iter().copied())
+            .collect();
+        if !keep.is_empty() {
+            let x =
+                u8_batch_to_tensor::<B>(&kept, keep.len(), px, &model.config.normalization, device);
+            image_feats.push(l2_normalize(model.encode_image(x, None))); // [kept, dim]
+        }
+        progress(images);
+        Ok(())
+    })?;
+    if images == 0 || captions.is_empty() {
+        return Err(Error::Config(
+            "the retrieval set yielded no readable image with a caption".into(),
+        ));
+    }
+    let mut text_feats = Vec::new();
+    for chunk in captions.chunks(EVAL_BATCH) {
+        let ids: Vec<i64> = chunk
+            .iter()
+            .flat_map(|c| tokenizer.tokenize(c, context))
+            .map(i64::from)
+            .collect();
+        let ids =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [chunk.len(), context]), device);
+        text_feats.push(l2_normalize(model.encode_text(ids))); // [chunk, dim]
+    }
+    Ok(retrieval(
+        Tensor::cat(image_feats, 0),
+        Tensor::cat(text_feats, 0),
+        &text_image,
+        DEFAULT_CHUNK,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evaluators_read_from_toml_with_defaults() {
+        #[derive(Deserialize)]
+        struct Doc {
+            evaluators: Vec<EvaluatorConfig>,
+        }
+        let doc: Doc = toml::from_str(
+            r#"
+            [[evaluators]]
+            kind = "zeroshot"
+            name = "in1k"
+            data = "/data/val"
+            templates = "openai"
+
+            [[evaluators]]
+            kind = "retrieval"
+            name = "coco"
+            data = "/data/coco-{0..4}.tar"
+            resize = "squash"
+            "#,
+        )
+        .expect("parses");
+        match &doc.evaluators[0] {
+            EvaluatorConfig::Zeroshot(z) => {
+                assert_eq!(z.templates, Some(TemplateSet::Openai));
+                assert_eq!(z.resize, EvalResize::CenterCrop);
+                assert_eq!(z.classnames, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        match &doc.evaluators[1] {
+            EvaluatorConfig::Retrieval(r) => {
+                assert_eq!((r.name.as_str(), r.resize), ("coco", EvalResize::Squash));
+                assert_eq!(r.csv_caption_key, "title");
+            }
+            other => panic!("{other:?}"),
+        }
+        let bad = toml::from_str::<Doc>(
+            "[[evaluators]]\nkind = \"linear-probe\"\nname = \"x\"\ndata = \"y\"\n",
+        );
+        assert!(bad.is_err());
+    }
+}

@@ -1,0 +1,278 @@
+//! `clipa eval` and `clipa classify` through the binary: the same JSON on
+//! cpu and wgpu for an imported OpenCLIP model (zero-shot and retrieval),
+//! classify's output, and a real-data run: a tiny model trained on
+//! Fashion-MNIST shards scores well above chance on the test split.
+
+use std::path::{Path, PathBuf};
+
+use image::{Rgb, RgbImage};
+
+use crate::common::{clipa, fixture_dir, skip_or_fail, text};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("clipa-it-{name}-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
+
+/// Imports the `openai_style` fixture; `None` when fixtures are absent.
+fn fixture_checkpoint(dir: &Path) -> Option<PathBuf> {
+    let fx = fixture_dir("openai_style")?;
+    let ckpt = dir.join("ckpt");
+    let out = clipa(&[
+        "import-openclip",
+        "--weights",
+        s(&fx.join("openclip_tiny_weights.safetensors")),
+        "--config",
+        s(&fx.join("model_cfg/CLIPA-tiny-ref.json")),
+        "--out",
+        s(&ckpt),
+    ]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    Some(ckpt)
+}
+
+/// A keyed 40×32 image: a colour with a gradient.
+fn picture(colour: [u8; 3], key: u32) -> RgbImage {
+    RgbImage::from_fn(40, 32, |x, y| {
+        Rgb([
+            colour[0] ^ (x * 3 + key) as u8,
+            colour[1] ^ (y * 5) as u8,
+            colour[2] ^ (key * 29) as u8,
+        ])
+    })
+}
+
+/// A 3-class image folder and a CSV of 6 images with 2 captions each.
+fn eval_sets(dir: &Path) -> (PathBuf, PathBuf) {
+    let colours = [
+        ("red", [230, 20, 20]),
+        ("green", [20, 200, 40]),
+        ("blue", [30, 30, 220]),
+    ];
+    let folder = dir.join("zs");
+    for (name, c) in colours {
+        std::fs::create_dir_all(folder.join(name)).unwrap();
+        for k in 0..4 {
+            picture(c, k)
+                .save(folder.join(name).join(format!("{k}.png")))
+                .unwrap();
+        }
+    }
+    let mut csv = String::from("filepath,title\n");
+    for (i, (name, c)) in colours.iter().cycle().take(6).enumerate() {
+        let path = dir.join(format!("r{i}.png"));
+        picture(*c, 10 + i as u32).save(&path).unwrap();
+        csv += &format!("{},a photo of something {name}\n", path.display());
+        csv += &format!("{},a {name} picture number {i}\n", path.display());
+    }
+    let csv_path = dir.join("captions.csv");
+    std::fs::write(&csv_path, csv).unwrap();
+    (folder, csv_path)
+}
+
+#[test]
+fn eval_json_is_the_same_on_cpu_and_wgpu() {
+    let dir = scratch("evaljson");
+    let Some(ckpt) = fixture_checkpoint(&dir) else {
+        return;
+    };
+    let (folder, csv) = eval_sets(&dir);
+    let args = |backend: &'static str| {
+        vec![
+            "--backend".to_string(),
+            backend.into(),
+            "eval".into(),
+            "--checkpoint".into(),
+            s(&ckpt).into(),
+            "--zeroshot-data".into(),
+            s(&folder).into(),
+            "--templates".into(),
+            "simple".into(),
+            "--retrieval-data".into(),
+            s(&csv).into(),
+            "--json".into(),
+        ]
+    };
+    let run = |backend: &'static str| -> serde_json::Value {
+        let a = args(backend);
+        let out = clipa(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{backend}: {stderr}");
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    };
+    let cpu = run("cpu");
+    assert_eq!(cpu["zeroshot"]["samples"], 12, "{cpu}");
+    assert_eq!(cpu["retrieval"]["images"], 6, "{cpu}");
+    assert_eq!(cpu["retrieval"]["texts"], 12, "{cpu}");
+    assert_eq!(cpu["samples"], 18, "{cpu}");
+    for key in ["top1", "top5", "per_class_recall"] {
+        let v = cpu["zeroshot"][key].as_f64().expect("a number");
+        assert!((0.0..=1.0).contains(&v), "{key} {v}");
+    }
+    let r1 = cpu["retrieval"]["text_to_image"]["r1"]
+        .as_f64()
+        .expect("a number");
+    assert!((0.0..=1.0).contains(&r1));
+    // The classifier was cached beside the checkpoint, and is reused.
+    let cached = std::fs::read_dir(&ckpt)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("zeroshot-classifier-")
+        })
+        .count();
+    assert_eq!(cached, 1);
+    assert_eq!(run("cpu"), cpu, "a second run reads the cache");
+    #[cfg(feature = "wgpu")]
+    {
+        if let Err(err) = clipa_backends::probe(clipa_backends::BackendKind::Wgpu, None) {
+            return skip_or_fail("eval_json_is_the_same_on_cpu_and_wgpu", &err.to_string());
+        }
+        // A fresh checkpoint copy, so that wgpu computes its own classifier.
+        let fresh = dir.join("ckpt-wgpu");
+        std::fs::create_dir_all(&fresh).unwrap();
+        for e in std::fs::read_dir(&ckpt).unwrap().filter_map(Result::ok) {
+            if !e
+                .file_name()
+                .to_string_lossy()
+                .starts_with("zeroshot-classifier-")
+            {
+                std::fs::copy(e.path(), fresh.join(e.file_name())).unwrap();
+            }
+        }
+        let mut a = args("wgpu");
+        a[4] = s(&fresh).into();
+        let out = clipa(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "wgpu: {stderr}");
+        let wgpu: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON");
+        assert_eq!(wgpu, cpu, "cpu and wgpu disagree");
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn classify_prints_each_images_top_labels() {
+    let dir = scratch("classify");
+    let Some(ckpt) = fixture_checkpoint(&dir) else {
+        return;
+    };
+    let (folder, _) = eval_sets(&dir);
+    let red = folder.join("red");
+    let out = clipa(&[
+        "classify",
+        "--checkpoint",
+        s(&ckpt),
+        "--labels",
+        "red,green, blue ,",
+        "--top",
+        "2",
+        s(&red),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    for line in lines {
+        let (path, labels) = line.split_once(": ").expect("path: labels");
+        assert!(path.ends_with(".png"), "{line}");
+        let probs: Vec<f64> = labels
+            .split(", ")
+            .map(|l| {
+                let (name, p) = l.rsplit_once(' ').expect("label p%");
+                assert!(["red", "green", "blue"].contains(&name), "{line}");
+                p.trim_end_matches('%').parse().expect("a percentage")
+            })
+            .collect();
+        assert_eq!(probs.len(), 2, "{line}");
+        assert!(
+            probs[0] >= probs[1] && probs[0] + probs[1] <= 100.05,
+            "{line}"
+        );
+    }
+    let out = clipa(&[
+        "classify",
+        "--checkpoint",
+        s(&ckpt),
+        "--labels",
+        "cat",
+        s(&red),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// Converts part of Debian's Fashion-MNIST, trains the `tiny` model on it
+/// for 300 steps, and evaluates on the test images with `clipa eval`.
+#[test]
+fn fashion_mnist_tiny_run_scores_well_above_chance() {
+    let idx = Path::new("/usr/share/datasets/fashion-mnist");
+    if !idx.is_dir() {
+        eprintln!(
+            "SKIPPED fashion_mnist_tiny_run_scores_well_above_chance: {} not found \
+             (apt-get install dataset-fashion-mnist)",
+            idx.display()
+        );
+        return;
+    }
+    let dir = scratch("fmnist-e2e");
+    let data = dir.join("data");
+    let out = clipa(&[
+        "data",
+        "fashion-mnist",
+        "--out",
+        s(&data),
+        "--limit-train",
+        "20000",
+        "--limit-test",
+        "2000",
+    ]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let run = dir.join("run");
+    let out = clipa(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--image-size",
+        "28",
+        "--text-length",
+        "16",
+        "--batch-size",
+        "64",
+        "--steps",
+        "300",
+        "--log-every",
+        "50",
+        "--train-data",
+        &format!("{}/train/shard-{{000000..000001}}.tar", data.display()),
+        "--output",
+        s(&run),
+    ]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let out = clipa(&[
+        "eval",
+        "--checkpoint",
+        s(&run),
+        "--zeroshot-data",
+        s(&data.join("test")),
+        "--classnames",
+        s(&data.join("test/classnames.txt")),
+        "--json",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON");
+    let top1 = v["zeroshot"]["top1"].as_f64().expect("top1");
+    eprintln!("fashion-mnist tiny run: zero-shot top-1 {top1:.3} (chance 0.1)");
+    assert_eq!(v["zeroshot"]["samples"], 2000, "{v}");
+    assert!(top1 > 0.35, "top-1 {top1} is not well above chance: {v}");
+    std::fs::remove_dir_all(dir).ok();
+}
