@@ -109,6 +109,9 @@ pub struct TrainArgs {
     /// Class names for --zeroshot-data, one per line in folder order.
     #[arg(long)]
     pub classnames: Option<PathBuf>,
+    /// Prompt templates for --zeroshot-data: photo | simple | openai | FILE.
+    #[arg(long)]
+    pub templates: Option<String>,
     /// Run folder (default: runs/<preset>-<UTC time>).
     #[arg(long)]
     pub output: Option<PathBuf>,

@@ -63,6 +63,9 @@ fn resolve(args: &TrainArgs, output: &Path) -> anyhow::Result<TrainConfig> {
     if let Some(k) = &args.csv_caption_key {
         d.csv_caption_key = k.clone();
     }
+    if let Some(t) = &args.templates {
+        d.templates = Some(t.parse()?);
+    }
     if args.zeroshot_data.is_some() {
         d.zeroshot_data = args.zeroshot_data.clone();
     }

@@ -99,6 +99,8 @@ pub struct FashionMnistSummary {
     pub test_dir: PathBuf,
     /// Its class-names file (`OUT/test/classnames.txt`).
     pub classnames: PathBuf,
+    /// `test/templates.txt`: the caption templates, for `--templates`.
+    pub templates: PathBuf,
 }
 
 /// Converts the training set to shards and the test set to a folder.
@@ -136,6 +138,13 @@ pub fn convert(opts: &FashionMnistOptions) -> Result<FashionMnistSummary> {
     write_atomic(&classnames, |w| {
         w.write_all(format!("{}\n", CLASS_NAMES.join("\n")).as_bytes())
     })?;
+    // The caption templates as zero-shot prompts (`{a}` becomes `a {}`):
+    // dataset-specific prompt ensembles are how CLIP evaluates zero-shot.
+    let templates = test_dir.join("templates.txt");
+    let lines: Vec<String> = TEMPLATES.iter().map(|t| t.replace("{a}", "a {}")).collect();
+    write_atomic(&templates, |w| {
+        w.write_all(format!("{}\n", lines.join("\n")).as_bytes())
+    })?;
 
     Ok(FashionMnistSummary {
         train_samples: train.len(),
@@ -148,6 +157,7 @@ pub fn convert(opts: &FashionMnistOptions) -> Result<FashionMnistSummary> {
         test_samples: test.len(),
         test_dir,
         classnames,
+        templates,
     })
 }
 
