@@ -62,6 +62,11 @@ pub struct RetrievalResult {
     pub texts: usize,
 }
 
+/// Cosine scores this close count as tied. Backends differ in float
+/// summation order by about 1e-6; with a tolerance, identical captions (an
+/// exact tie on one backend, a 1e-7 gap on another) rank the same on all.
+pub const TIE_TOLERANCE: f32 = 1e-5;
+
 /// Rows of the similarity matrix scored per chunk: 256 × 25k floats is
 /// 25 MB, whatever the set's size.
 pub const DEFAULT_CHUNK: usize = 256;
@@ -69,8 +74,8 @@ pub const DEFAULT_CHUNK: usize = 256;
 /// Retrieval metrics of unit image features `[images, dim]` against unit
 /// caption features `[texts, dim]`, where caption `t` belongs to image
 /// `text_image[t]`. Scores `chunk` rows at a time on the features' device.
-/// Ties count against the query: a wrong candidate scoring exactly as high
-/// as the best correct one ranks before it.
+/// Ties count against the query: a wrong candidate scoring within
+/// [`TIE_TOLERANCE`] of the best correct one ranks before it.
 pub fn retrieval<B: Backend>(
     image_features: Tensor<B, 2>,
     text_features: Tensor<B, 2>,
@@ -122,8 +127,8 @@ pub fn retrieval<B: Backend>(
 }
 
 /// 1-based rank of the best-scoring of `correct` in `row`: one plus the
-/// wrong candidates scoring at least as high. An image without captions
-/// ranks last.
+/// wrong candidates scoring at least as high, within [`TIE_TOLERANCE`]. An
+/// image without captions ranks last.
 fn rank_of_best(row: &[f32], correct: &[usize]) -> usize {
     let Some(best) = correct.iter().map(|&c| row[c]).reduce(f32::max) else {
         return row.len() + 1;
@@ -131,7 +136,7 @@ fn rank_of_best(row: &[f32], correct: &[usize]) -> usize {
     let above = row
         .iter()
         .enumerate()
-        .filter(|&(j, &s)| s >= best && !correct.contains(&j))
+        .filter(|&(j, &s)| s >= best - TIE_TOLERANCE && !correct.contains(&j))
         .count();
     above + 1
 }
@@ -238,5 +243,8 @@ mod tests {
         assert_eq!(rank_of_best(&[0.5, 0.9, 0.5, 0.1], &[0]), 3);
         assert_eq!(rank_of_best(&[0.5, 0.9, 0.5, 0.1], &[0, 1]), 1);
         assert_eq!(rank_of_best(&[0.5, 0.9], &[]), 3);
+        // Float noise below the tolerance is a tie, above it an order.
+        assert_eq!(rank_of_best(&[0.5, 0.500_001, 0.1], &[1]), 2);
+        assert_eq!(rank_of_best(&[0.5, 0.5001, 0.1], &[1]), 1);
     }
 }

@@ -277,19 +277,21 @@ impl Accuracy {
     }
 
     /// Scores `[batch, classes]` (row-major) of images with `labels`.
-    /// Ranks follow the scores, ties broken towards the lower class index.
+    /// Ranks follow the scores; scores within the retrieval
+    /// [`TIE_TOLERANCE`](super::retrieval::TIE_TOLERANCE) are ties, broken
+    /// towards the lower class index, so that backends agree.
     pub fn add_scores(&mut self, scores: &[f32], classes: usize, labels: &[usize]) {
         if self.per_class.len() < classes {
             self.per_class.resize(classes, (0, 0));
         }
         for (row, &label) in scores.chunks(classes).zip(labels) {
-            // Classes scoring above the label's score, or equal at a lower
-            // index: the label's 0-based rank.
-            let s = row[label];
+            // Classes scoring above the label's score, or tied with it at a
+            // lower index: the label's 0-based rank.
+            let (s, eps) = (row[label], super::retrieval::TIE_TOLERANCE);
             let rank = row
                 .iter()
                 .enumerate()
-                .filter(|&(c, &v)| v > s || (v == s && c < label))
+                .filter(|&(c, &v)| v > s + eps || (v >= s - eps && c < label))
                 .count();
             self.seen += 1;
             self.hits1 += usize::from(rank == 0);
