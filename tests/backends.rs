@@ -192,3 +192,45 @@ fn reduced_train_steps_match_cpu_on_wgpu() {
         eprintln!("{image} + {text}: loss {lc:.5} on both, gradients within 1e-3");
     }
 }
+
+/// The u8 image upload (four bytes packed per 32-bit word, unpacked on
+/// the device) gives the same normalised pixels on wgpu as on cpu, for
+/// every byte value and a length that is not a multiple of four. Guards
+/// the bug where a u8 tensor on WGPU read back garbage, so that wgpu
+/// training and evaluation saw noise.
+#[cfg(feature = "wgpu")]
+#[test]
+fn u8_image_upload_matches_cpu_on_wgpu() {
+    use clipa_backends::{CpuBackend, WgpuBackend, wgpu_device};
+    use clipa_core::model::Normalization;
+    use clipa_core::preprocess::u8_batch_to_tensor;
+
+    use crate::common::skip_or_fail;
+
+    let (device, _) = match wgpu_device(None) {
+        Ok(found) => found,
+        Err(err) => return skip_or_fail("u8_image_upload_matches_cpu_on_wgpu", &err.to_string()),
+    };
+    // 3 images of 7×7: 441 bytes, every value 0..=255 appears.
+    let bytes: Vec<u8> = (0..3 * 7 * 7 * 3).map(|i| (i * 37 % 256) as u8).collect();
+    let norm = Normalization::IMAGENET;
+    let get = |x: burn::tensor::Tensor<_, 4>| x.into_data().to_vec::<f32>().expect("f32");
+    let cpu: Vec<f32> = get(u8_batch_to_tensor::<CpuBackend>(
+        &bytes,
+        3,
+        7,
+        &norm,
+        &Default::default(),
+    ));
+    let wgpu: Vec<f32> = u8_batch_to_tensor::<WgpuBackend>(&bytes, 3, 7, &norm, &device)
+        .into_data()
+        .to_vec::<f32>()
+        .expect("f32");
+    assert_eq!(cpu.len(), wgpu.len());
+    for (i, (c, w)) in cpu.iter().zip(&wgpu).enumerate() {
+        assert!((c - w).abs() < 1e-5, "value {i}: cpu {c} vs wgpu {w}");
+    }
+    // And the host formula, channel-first: pixel 0 of image 0, channel 1.
+    let want = (f32::from(bytes[1]) / 255.0 - norm.mean[1]) / norm.std[1];
+    assert!((cpu[49] - want).abs() < 1e-6, "{} vs {want}", cpu[49]);
+}

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use image::imageops::FilterType;
 use image::{DynamicImage, RgbImage};
 
@@ -54,9 +54,11 @@ pub fn center_crop_normalized(img: &RgbImage, size: usize, norm: &Normalization)
 
 /// Uploads a batch of u8 HWC images and normalises it on the device.
 ///
-/// The bytes cross to the device as u8, a quarter of the f32 traffic
-/// (it matters at 32k-image batches); the cast, scaling, channel move and
-/// normalisation run there.
+/// The bytes cross to the device one byte per value, a quarter of the f32
+/// traffic (it matters at 32k-image batches): four bytes are packed into
+/// each 32-bit integer, because WGSL has no 8-bit type and a u8 tensor on
+/// the WGPU backend reads back wrong. The unpacking (shift and mask), the
+/// cast, scaling, channel move and normalisation run on the device.
 ///
 /// # Shapes
 /// `bytes`: `[batch, size, size, 3]` → `[batch, 3, size, size]`
@@ -67,8 +69,36 @@ pub fn u8_batch_to_tensor<B: Backend>(
     norm: &Normalization,
     device: &B::Device,
 ) -> Tensor<B, 4> {
-    let data = TensorData::new(bytes.to_vec(), [batch, size, size, 3]);
-    let x = Tensor::<B, 4, Int>::from_data(data, (device, DType::U8)).float(); // [batch, h, w, 3]
+    let n = bytes.len();
+    assert_eq!(
+        n,
+        batch * size * size * 3,
+        "bytes hold [batch, size, size, 3]"
+    );
+    // Little-endian words: byte k of a word is value 4·i + k.
+    let words: Vec<i32> = bytes
+        .chunks(4)
+        .map(|c| {
+            let mut w = [0u8; 4];
+            w[..c.len()].copy_from_slice(c);
+            i32::from_le_bytes(w)
+        })
+        .collect();
+    let m = words.len();
+    let packed = Tensor::<B, 1, Int>::from_data(TensorData::new(words, [m]), device); // [m]
+    let lanes: Vec<Tensor<B, 1, Int>> = (0..4)
+        .map(|k| {
+            packed
+                .clone()
+                .bitwise_right_shift_scalar((8 * k).elem())
+                .bitwise_and_scalar(255.elem())
+        })
+        .collect();
+    let x = Tensor::stack::<2>(lanes, 1) // [m, 4]
+        .reshape([4 * m])
+        .narrow(0, 0, n)
+        .reshape([batch, size, size, 3])
+        .float(); // [batch, h, w, 3]
     let x = x.permute([0, 3, 1, 2]) / 255.0; // [batch, 3, h, w]
     let mean = Tensor::<B, 1>::from_floats(norm.mean, device).reshape([1, 3, 1, 1]);
     let std = Tensor::<B, 1>::from_floats(norm.std, device).reshape([1, 3, 1, 1]);
