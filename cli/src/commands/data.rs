@@ -17,14 +17,13 @@ pub fn run(cmd: &DataCommand) -> anyhow::Result<()> {
                 limit_test: a.limit_test,
             })?;
             println!(
-                "wrote {} training samples in {} shards and {} test images\n\ntrain with:\n  clipa train --preset fmnist --train-data '{}' --zeroshot-data {} --classnames {} --templates {}",
+                "wrote {} training samples in {} shards and {} test images\n\ntrain with:\n  clipa train --preset fmnist --train-data '{}' --zeroshot-data {} --classnames {}",
                 summary.train_samples,
                 summary.train_shards,
                 summary.test_samples,
                 summary.train_pattern,
                 summary.test_dir.display(),
-                summary.classnames.display(),
-                summary.templates.display()
+                summary.classnames.display()
             );
             Ok(())
         }

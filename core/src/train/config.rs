@@ -270,16 +270,19 @@ impl TrainConfig {
             "fmnist" => Self::base(
                 "demo",
                 vec![
+                    // 16 text tokens in both stages: the converter's
+                    // templates put the class word last, past token 8, so
+                    // truncating to 8 deleted the label from most captions.
                     stage(
-                        "pretrain-i28-random50-t8",
+                        "pretrain-i28-random50-t16",
                         28,
                         "random:0.5",
-                        8,
+                        16,
                         "truncate",
-                        1500,
+                        2500,
                         128,
                         1e-3,
-                        100,
+                        167,
                     ),
                     stage(
                         "finetune-i28-t16",
@@ -287,10 +290,10 @@ impl TrainConfig {
                         "none",
                         16,
                         "truncate",
-                        300,
+                        500,
                         128,
                         3e-4,
-                        30,
+                        50,
                     ),
                 ],
             ),
