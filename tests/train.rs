@@ -288,3 +288,61 @@ fn every_reduction_is_reachable_from_the_flags() {
         );
     }
 }
+
+/// `[[evaluators]]` in a run config run at the end of the stage, and their
+/// metrics reach `metrics.jsonl` as `name/metric`; a broken evaluator is
+/// reported without stopping the run.
+#[test]
+fn config_evaluators_log_named_metrics() {
+    let dir = run_dir("evaluators");
+    let folder = dir.join("zs");
+    for (class, colour) in [("red", [220u8, 30, 30]), ("blue", [30, 30, 220])] {
+        std::fs::create_dir_all(folder.join(class)).unwrap();
+        for k in 0..3u8 {
+            let img = image::RgbImage::from_fn(32, 32, |x, _| {
+                image::Rgb([colour[0] ^ (x as u8 * k), colour[1], colour[2]])
+            });
+            img.save(folder.join(class).join(format!("{k}.png")))
+                .unwrap();
+        }
+    }
+    let out = clipa(&["train", "--preset", "tiny", "--steps", "2", "--dry-run"]);
+    let (toml, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let config = dir.join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{toml}\n[[evaluators]]\nkind = \"zeroshot\"\nname = \"colours\"\ndata = \"{}\"\n\n\
+             [[evaluators]]\nkind = \"zeroshot\"\nname = \"missing\"\ndata = \"{}\"\n",
+            folder.display(),
+            dir.join("nowhere").display()
+        ),
+    )
+    .unwrap();
+    let run = dir.join("run");
+    let out = clipa(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--output",
+        run.to_str().unwrap(),
+        "--workers=1",
+    ]);
+    let (_, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("colours: top1"), "{stderr}");
+    assert!(stderr.contains("evaluator missing failed"), "{stderr}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
+    let last: serde_json::Value =
+        serde_json::from_str(metrics.lines().last().expect("a line")).expect("JSON");
+    let top1 = last["evals"]["colours/top1"]
+        .as_f64()
+        .expect("colours/top1 logged");
+    assert!((0.0..=1.0).contains(&top1), "{last}");
+    assert!(
+        last["evals"]["colours/per_class_recall"].is_number(),
+        "{last}"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}

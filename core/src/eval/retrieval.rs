@@ -204,8 +204,7 @@ mod tests {
             .iter()
             .flat_map(|&i| {
                 img_host[i * dim..(i + 1) * dim]
-                    .to_vec()
-                    .into_iter()
+                    .iter()
                     .map(|x| x + 2.5 * (rng.uniform() as f32 - 0.5))
                     .collect::<Vec<_>>()
             })
