@@ -1,6 +1,38 @@
 //! Helpers shared by the integration tests.
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+/// A fresh, empty temporary folder for test `name` in this process.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("clipa-it-{name}-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// A temporary path as a command-line argument.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
+
+/// Imports fixture folder `fx` into checkpoint `ckpt` through the binary;
+/// returns the fixture's weights file.
+pub fn import_fixture(fx: &Path, ckpt: &Path) -> PathBuf {
+    let weights = fx.join("openclip_tiny_weights.safetensors");
+    let config = fx.join("model_cfg/CLIPA-tiny-ref.json");
+    let out = clipa(&[
+        "import-openclip",
+        "--weights",
+        s(&weights),
+        "--config",
+        s(&config),
+        "--out",
+        s(ckpt),
+    ]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    weights
+}
 
 /// Runs the `clipa` binary built for this test run.
 pub fn clipa(args: &[&str]) -> Output {

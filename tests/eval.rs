@@ -7,33 +7,13 @@ use std::path::{Path, PathBuf};
 
 use image::{Rgb, RgbImage};
 
-use crate::common::{clipa, fixture_dir, skip_or_fail, text};
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("clipa-it-{name}-{}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
+use crate::common::{clipa, fixture_dir, import_fixture, s, scratch, skip_or_fail, text};
 
 /// Imports the `openai_style` fixture; `None` when fixtures are absent.
 fn fixture_checkpoint(dir: &Path) -> Option<PathBuf> {
     let fx = fixture_dir("openai_style")?;
     let ckpt = dir.join("ckpt");
-    let out = clipa(&[
-        "import-openclip",
-        "--weights",
-        s(&fx.join("openclip_tiny_weights.safetensors")),
-        "--config",
-        s(&fx.join("model_cfg/CLIPA-tiny-ref.json")),
-        "--out",
-        s(&ckpt),
-    ]);
-    assert!(out.status.success(), "{:?}", text(&out));
+    import_fixture(&fx, &ckpt);
     Some(ckpt)
 }
 

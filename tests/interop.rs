@@ -1,40 +1,9 @@
 //! OpenCLIP weights through the binary: import, export bit for bit, embed,
 //! and the `models` table.
 
-use std::path::{Path, PathBuf};
-
 use clipa_core::io::read_safetensors;
 
-use crate::common::{clipa, fixture_dir, text};
-
-/// Imports fixture folder `fx` into checkpoint `ckpt` through the binary;
-/// returns the fixture's weights file.
-fn import_fixture(fx: &Path, ckpt: &Path) -> PathBuf {
-    let weights = fx.join("openclip_tiny_weights.safetensors");
-    let config = fx.join("model_cfg/CLIPA-tiny-ref.json");
-    let out = clipa(&[
-        "import-openclip",
-        "--weights",
-        s(&weights),
-        "--config",
-        s(&config),
-        "--out",
-        s(ckpt),
-    ]);
-    assert!(out.status.success(), "{:?}", text(&out));
-    weights
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("clipa-it-{name}-{}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
+use crate::common::{clipa, fixture_dir, import_fixture, s, scratch, text};
 
 #[test]
 fn import_then_export_is_bit_exact() {
