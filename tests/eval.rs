@@ -140,6 +140,90 @@ fn eval_json_is_the_same_on_cpu_and_wgpu() {
 }
 
 #[test]
+fn eval_uses_the_models_own_resize_unless_told() {
+    let dir = scratch("evalresize");
+    let Some(fx) = fixture_dir("openai_style") else {
+        return;
+    };
+    let crop = dir.join("crop");
+    import_fixture(&fx, &crop);
+    // The same weights with a CLIPA-style config: squash, bilinear.
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fx.join("model_cfg/CLIPA-tiny-ref.json")).unwrap(),
+    )
+    .unwrap();
+    cfg["vision_cfg"]["resize_mode"] = "squash".into();
+    cfg["vision_cfg"]["interpolation"] = "bilinear".into();
+    let cfg_path = dir.join("squash.json");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let squash = dir.join("squash");
+    let out = clipa(&[
+        "import-openclip",
+        "--weights",
+        s(&fx.join("openclip_tiny_weights.safetensors")),
+        "--config",
+        s(&cfg_path),
+        "--out",
+        s(&squash),
+    ]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    // Two 48×32 images with the same centre square and different 8-pixel
+    // edges. A centre crop sees the same pixels, so their features tie and
+    // every caption ranks its image second (ties count against the query);
+    // a squash sees the edges and breaks the tie.
+    let mut csv = String::from("filepath,title\n");
+    for (name, edge) in [("red", [230u8, 20, 20]), ("blue", [30, 30, 220])] {
+        let img = RgbImage::from_fn(48, 32, |x, y| {
+            if (8..40).contains(&x) {
+                Rgb([(x * 5) as u8, (y * 7) as u8, 90])
+            } else {
+                Rgb(edge)
+            }
+        });
+        let path = dir.join(format!("{name}.png"));
+        img.save(&path).unwrap();
+        csv += &format!("{},a {name} frame\n", path.display());
+    }
+    let csv_path = dir.join("frames.csv");
+    std::fs::write(&csv_path, csv).unwrap();
+    let eval = |ckpt: &Path, resize: Option<&str>| -> serde_json::Value {
+        let mut a = vec![
+            "eval",
+            "--checkpoint",
+            s(ckpt),
+            "--retrieval-data",
+            s(&csv_path),
+            "--json",
+        ];
+        if let Some(r) = resize {
+            a.extend(["--resize", r]);
+        }
+        let out = clipa(&a);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{stderr}");
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    };
+    let by_crop = eval(&crop, None);
+    let by_squash = eval(&squash, None);
+    let t2i = |v: &serde_json::Value| {
+        v["retrieval"]["text_to_image"]["mean_rank"]
+            .as_f64()
+            .expect("a mean rank")
+    };
+    assert_eq!(t2i(&by_crop), 2.0, "tied features: {by_crop}");
+    assert!(
+        t2i(&by_squash) < 2.0,
+        "the edges break the tie: {by_squash}"
+    );
+    assert_eq!(eval(&crop, Some("squash")), by_squash);
+    assert_eq!(eval(&squash, Some("center-crop")), by_crop);
+    let bad = clipa(&["eval", "--checkpoint", s(&crop), "--resize", "stretch"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(text(&bad).1.contains("expected center-crop or squash"));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
 fn classify_prints_each_images_top_labels() {
     let dir = scratch("classify");
     let Some(ckpt) = fixture_checkpoint(&dir) else {

@@ -205,9 +205,11 @@ pub struct EvalArgs {
     /// CSV column with captions (--retrieval-data).
     #[arg(long, default_value = "title")]
     pub csv_caption_key: String,
-    /// Evaluation preprocessing: center-crop (OpenCLIP) or squash (CLIPA).
-    #[arg(long, default_value = "center-crop")]
-    pub resize: String,
+    /// Evaluation preprocessing: center-crop (OpenCLIP's bicubic) or squash
+    /// (CLIPA's bilinear square resize). Default: the model's own, from its
+    /// config (CLIPA presets and imported `squash` configs squash).
+    #[arg(long)]
+    pub resize: Option<String>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,

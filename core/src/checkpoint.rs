@@ -9,7 +9,7 @@ use std::path::Path;
 use burn::tensor::backend::Backend;
 
 use crate::io::{read_safetensors, write_atomic, write_safetensors};
-use crate::model::{ClipConfig, ClipModel};
+use crate::model::{ClipConfig, ClipModel, EvalResize};
 use crate::state::{StateDict, load_state_dict, state_dict};
 use crate::{Error, Result};
 
@@ -42,7 +42,7 @@ pub fn load(dir: &Path) -> Result<(ClipConfig, StateDict)> {
     }
     let cfg_path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let config: ClipConfig = serde_json::from_str(&text).map_err(|e| Error::Format {
+    let config = parse_config(&text).map_err(|e| Error::Format {
         path: cfg_path.clone(),
         reason: format!("not a clipa model config: {e}"),
     })?;
@@ -54,6 +54,17 @@ pub fn load(dir: &Path) -> Result<(ClipConfig, StateDict)> {
         reason,
     })?;
     Ok((config, weights.tensors))
+}
+
+/// A `config.json`, with the fields added since the first checkpoints
+/// filled in as those checkpoints behaved: `eval_resize` (centre crop).
+fn parse_config(text: &str) -> serde_json::Result<ClipConfig> {
+    let mut value: serde_json::Value = serde_json::from_str(text)?;
+    if let Some(map) = value.as_object_mut() {
+        map.entry("eval_resize")
+            .or_insert_with(|| serde_json::json!(EvalResize::CenterCrop));
+    }
+    serde_json::from_value(value)
 }
 
 /// Every parameter the config implies is present with its shape, and
@@ -124,5 +135,21 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn configs_from_before_eval_resize_load_as_centre_crop() {
+        let mut cfg = ClipConfig::tiny();
+        cfg.eval_resize = EvalResize::Squash;
+        let mut old = serde_json::to_value(&cfg).unwrap();
+        old.as_object_mut().unwrap().remove("eval_resize");
+        let back = parse_config(&old.to_string()).unwrap();
+        assert_eq!(back.eval_resize, EvalResize::CenterCrop);
+        cfg.eval_resize = EvalResize::CenterCrop;
+        assert_eq!(back, cfg);
+        // A config that has it keeps it.
+        cfg.eval_resize = EvalResize::Squash;
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert_eq!(parse_config(&json).unwrap(), cfg);
     }
 }

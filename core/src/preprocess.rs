@@ -1,55 +1,43 @@
-//! Evaluation-time image preprocessing, as OpenCLIP's default transform
-//! for a model: resize the shorter side (bicubic), centre-crop to a square,
-//! scale to 0–1 and normalise per channel.
+//! Evaluation-time image preprocessing: image files through the model's own
+//! evaluation transform, and u8 batches normalised on the device.
 
-use std::path::Path;
+use std::path::PathBuf;
 
+use crate::data::ImagePayload;
+use crate::data::augment::Augmenter;
+use crate::model::{ClipConfig, Normalization};
+use crate::rng::Rng;
+use crate::{Error, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use image::imageops::FilterType;
-use image::{DynamicImage, RgbImage};
 
-use crate::model::Normalization;
-use crate::{Error, Result};
-
-/// Decodes an image file (PNG, JPEG) to RGB; grey and RGBA become RGB.
-pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let img = image::ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?
-        .decode()
-        .map_err(|e| Error::Format {
-            path: path.to_path_buf(),
-            reason: format!("cannot decode image: {e}"),
-        })?;
-    Ok(DynamicImage::into_rgb8(img))
-}
-
-/// Resize-shorter-side + centre crop to `size`², then normalised CHW
-/// floats `[3, size, size]`.
+/// Reads image files and preprocesses them the model's own evaluation way
+/// (`cfg.eval_resize`, then `cfg.normalization`): `[n, 3, size, size]`.
 ///
-/// The centre square is cut from the source first and then resized, which
-/// is the same region as torchvision's resize-then-crop; it differs only in
-/// how the bicubic filter treats the crop border, and it never allocates a
-/// resized copy of the whole image (a 1×60000 strip stays cheap).
-pub fn center_crop_normalized(img: &RgbImage, size: usize, norm: &Normalization) -> Vec<f32> {
-    let (w, h) = img.dimensions();
-    let side = w.min(h);
-    let (cx, cy) = ((w - side) / 2, (h - side) / 2);
-    let square = image::imageops::crop_imm(img, cx, cy, side, side).to_image();
-    let resized =
-        image::imageops::resize(&square, size as u32, size as u32, FilterType::CatmullRom);
-    let mut out = vec![0f32; 3 * size * size];
-    for y in 0..size {
-        for x in 0..size {
-            let p = resized.get_pixel(x as u32, y as u32);
-            for (c, ((&v, mean), std)) in p.0.iter().zip(norm.mean).zip(norm.std).enumerate() {
-                out[c * size * size + y * size + x] = (v as f32 / 255.0 - mean) / std;
-            }
-        }
+/// This is the path `clipa eval` takes for shard and folder data, so that
+/// `classify` and `embed` see the very pixels an evaluation would.
+pub fn eval_images<B: Backend>(
+    paths: &[PathBuf],
+    cfg: &ClipConfig,
+    device: &B::Device,
+) -> Result<Tensor<B, 4>> {
+    let size = cfg.vision.image_size;
+    let mut aug = Augmenter::new(cfg.eval_resize.transform(), size as u32);
+    let mut bytes = vec![0u8; paths.len() * aug.output_len()];
+    // The eval transforms draw nothing; the generator is only a parameter.
+    let mut rng = Rng::new(0);
+    for (path, out) in paths.iter().zip(bytes.chunks_mut(aug.output_len())) {
+        let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let key = path.display().to_string();
+        aug.apply_payload(ImagePayload::Encoded(data), &key, &mut rng, out)?;
     }
-    out
+    Ok(u8_batch_to_tensor(
+        &bytes,
+        paths.len(),
+        size,
+        &cfg.normalization,
+        device,
+    ))
 }
 
 /// Uploads a batch of u8 HWC images and normalises it on the device.
@@ -108,63 +96,55 @@ pub fn u8_batch_to_tensor<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::EvalResize;
 
     #[test]
-    fn downscales_the_centre_square() {
-        // 30×20: the centre 20×20 square is x ∈ [5, 25); paint x < 5 red so
-        // a correct crop never sees it, and check a 10×10 output.
-        let img = RgbImage::from_fn(30, 20, |x, _| {
-            if x < 5 {
-                image::Rgb([255, 0, 0])
-            } else {
-                image::Rgb([0, 0, 255])
-            }
+    fn eval_images_use_the_models_own_resize() {
+        // 40×20: red in x < 5, blue elsewhere. The centre 20×20 square is
+        // x ∈ [10, 30), so a centre crop never sees red (the bicubic taps of
+        // output column 0 reach x ≥ 7); a squash does.
+        let dir = std::env::temp_dir().join(format!("clipa-pre-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = image::RgbImage::from_fn(40, 20, |x, _| {
+            image::Rgb(if x < 5 { [255, 0, 0] } else { [0, 0, 255] })
         });
-        let norm = Normalization {
+        let png = dir.join("a.png");
+        img.save(&png).unwrap();
+        let mut cfg = ClipConfig::tiny();
+        cfg.vision.image_size = 10;
+        cfg.normalization = Normalization {
             mean: [0.0; 3],
             std: [1.0; 3],
         };
-        let out = center_crop_normalized(&img, 10, &norm);
-        assert_eq!(out.len(), 3 * 100);
+        let device = Default::default();
+        let red = |cfg: &ClipConfig| -> Vec<f32> {
+            let x = eval_images::<crate::numeric::TestBackend>(
+                std::slice::from_ref(&png),
+                cfg,
+                &device,
+            )
+            .unwrap(); // [1, 3, 10, 10]
+            assert_eq!(x.dims(), [1, 3, 10, 10]);
+            x.slice([0..1, 0..1]).into_data().to_vec().unwrap()
+        };
+        cfg.eval_resize = EvalResize::CenterCrop;
         assert!(
-            out[..100].iter().all(|&r| r < 1e-6),
+            red(&cfg).iter().all(|&r| r < 1e-6),
             "no red inside the crop"
         );
-        assert!(
-            out[200..].iter().all(|&b| (b - 1.0).abs() < 1e-6),
-            "all blue"
-        );
-        let tall = RgbImage::new(1, 5000);
-        assert_eq!(center_crop_normalized(&tall, 4, &norm).len(), 48);
-    }
+        cfg.eval_resize = EvalResize::Squash;
+        let squashed = red(&cfg);
+        // Output column 0 covers source x ∈ [0, 4): red.
+        assert!(squashed[0] > 0.9, "{}", squashed[0]);
+        assert!(squashed[9] < 1e-6, "the right edge is blue");
 
-    #[test]
-    fn crops_the_centre_and_normalises() {
-        // 8×4 image: left half black, right half white; the centre crop of
-        // the 4×… resize keeps both halves.
-        let img = RgbImage::from_fn(8, 4, |x, _| {
-            if x < 4 {
-                image::Rgb([0, 0, 0])
-            } else {
-                image::Rgb([255, 255, 255])
-            }
-        });
-        let norm = Normalization {
-            mean: [0.5; 3],
-            std: [0.5; 3],
-        };
-        let out = center_crop_normalized(&img, 4, &norm);
-        assert_eq!(out.len(), 3 * 16);
-        assert!(
-            (out[0] + 1.0).abs() < 1e-6,
-            "left edge black → -1, got {}",
-            out[0]
-        );
-        assert!(
-            (out[3] - 1.0).abs() < 1e-6,
-            "right edge white → +1, got {}",
-            out[3]
-        );
+        let bad = dir.join("bad.jpg");
+        std::fs::write(&bad, b"not an image").unwrap();
+        let err = eval_images::<crate::numeric::TestBackend>(&[png, bad], &cfg, &device)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad.jpg"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

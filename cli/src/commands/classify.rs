@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, ensure};
+use burn::tensor::ElementConversion;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Tensor, TensorData};
 use clipa_backends::{BackendJob, BackendKind, DeviceInfo};
 use clipa_core::data::tokenizer::Tokenizer;
 use clipa_core::eval::{TemplateSet, ZeroShotTask};
@@ -37,8 +37,6 @@ impl BackendJob for Classify {
     ) -> clipa_core::Result<Self::Output> {
         let model = checkpoint::load_model::<B::InnerBackend>(&self.checkpoint, &device)?;
         tracing::info!("classifying {} images on {info}", self.images.len());
-        let size = model.config.vision.image_size;
-        let norm = model.config.normalization;
         let tokenizer = Tokenizer::clip();
         let classifier = self.task.classifier_cached(
             &model,
@@ -51,15 +49,7 @@ impl BackendJob for Classify {
         let scale = model.temperature().into_scalar().elem::<f32>();
         let mut probs = Vec::with_capacity(self.images.len());
         for chunk in self.images.chunks(BATCH) {
-            let mut pixels = Vec::with_capacity(chunk.len() * 3 * size * size);
-            for path in chunk {
-                let img = preprocess::load_rgb(path)?;
-                pixels.extend(preprocess::center_crop_normalized(&img, size, &norm));
-            }
-            let x = Tensor::<B::InnerBackend, 4>::from_data(
-                TensorData::new(pixels, [chunk.len(), 3, size, size]),
-                &device,
-            );
+            let x = preprocess::eval_images::<B::InnerBackend>(chunk, &model.config, &device)?;
             let f = l2_normalize(model.encode_image(x, None)); // [batch, dim]
             let p = softmax(f.matmul(classifier.clone().transpose()) * scale, 1); // [batch, labels]
             let p: Vec<f32> = p.into_data().convert::<f32>().to_vec().expect("f32");

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, ensure};
+use burn::tensor::TensorData;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Tensor, TensorData};
 use clipa_backends::{BackendJob, BackendKind, DeviceInfo};
 use clipa_core::model::l2_normalize;
 use clipa_core::state::StateDict;
@@ -59,7 +59,6 @@ impl BackendJob for Embed<'_> {
         // Inference runs on the inner (non-autodiff) backend.
         let model = checkpoint::load_model::<B::InnerBackend>(self.checkpoint, &device)?;
         let size = model.config.vision.image_size;
-        let norm = model.config.normalization;
         tracing::info!(
             "embedding {} images at {size} px on {info}",
             self.images.len()
@@ -67,15 +66,7 @@ impl BackendJob for Embed<'_> {
         let mut features = Vec::new();
         let mut dim = 0;
         for (i, chunk) in self.images.chunks(self.batch_size).enumerate() {
-            let mut pixels = Vec::with_capacity(chunk.len() * 3 * size * size);
-            for path in chunk {
-                let img = preprocess::load_rgb(path)?;
-                pixels.extend(preprocess::center_crop_normalized(&img, size, &norm));
-            }
-            let batch = Tensor::<B::InnerBackend, 4>::from_data(
-                TensorData::new(pixels, [chunk.len(), 3, size, size]),
-                &device,
-            );
+            let batch = preprocess::eval_images::<B::InnerBackend>(chunk, &model.config, &device)?;
             let f = l2_normalize(model.encode_image(batch, None)); // [batch, embed_dim]
             dim = f.dims()[1];
             features.extend(

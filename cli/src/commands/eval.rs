@@ -36,15 +36,6 @@ pub(crate) fn resolve_checkpoint(path: &Path) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// `center-crop | squash`.
-pub(crate) fn parse_resize(s: &str) -> anyhow::Result<EvalResize> {
-    Ok(match s {
-        "center-crop" => EvalResize::CenterCrop,
-        "squash" => EvalResize::Squash,
-        other => bail!("--resize {other}: expected center-crop or squash"),
-    })
-}
-
 struct EvalJob {
     checkpoint: PathBuf,
     evaluators: Vec<EvaluatorConfig>,
@@ -114,7 +105,12 @@ impl BackendJob for EvalJob {
 /// `clipa eval`.
 pub fn run(kind: BackendKind, device: Option<usize>, args: &EvalArgs) -> anyhow::Result<()> {
     let checkpoint = resolve_checkpoint(&args.checkpoint)?;
-    let resize = parse_resize(&args.resize)?;
+    let resize = args
+        .resize
+        .as_deref()
+        .map(str::parse::<EvalResize>)
+        .transpose()
+        .context("--resize")?;
     let templates = args
         .templates
         .as_deref()

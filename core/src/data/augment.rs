@@ -8,8 +8,9 @@
 //! p=0.8)` and `RandomGrayscale(0.2)`. Crop sampling is
 //! `RandomResizedCrop.get_params` draw for draw; the colour ops are
 //! `torchvision/transforms/_functional_pil.py` over `PIL.ImageEnhance`.
-//! Evaluation is OpenCLIP's default: bicubic resize of the shorter side and
-//! a centre crop, or a squash resize.
+//! Evaluation is the model's own (`ClipConfig::eval_resize`): OpenCLIP's
+//! default bicubic resize of the shorter side and a centre crop, or CLIPA's
+//! bilinear, antialiased square resize.
 
 use fast_image_resize::images::{CroppedImage, Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
@@ -20,6 +21,7 @@ use crate::data::ImagePayload;
 
 mod color;
 mod jpeg;
+use crate::model::EvalResize;
 use crate::rng::Rng;
 use crate::{Error, Result};
 pub use color::{ColorJitter, to_grayscale};
@@ -195,8 +197,19 @@ pub enum ImageTransform {
     /// Bicubic resize of the shorter side to `size`, then the centre square
     /// (OpenCLIP's default eval transform).
     EvalCenterCrop,
-    /// Bicubic resize of the whole image to `size`² (OpenCLIP `squash`).
+    /// Bilinear, antialiased resize of the whole image to `size`² (CLIPA's
+    /// evaluation: `--square-resize-only --interpolation bilinear`).
     EvalSquash,
+}
+
+impl EvalResize {
+    /// The evaluation transform it stands for.
+    pub fn transform(self) -> ImageTransform {
+        match self {
+            Self::CenterCrop => ImageTransform::EvalCenterCrop,
+            Self::Squash => ImageTransform::EvalSquash,
+        }
+    }
 }
 
 impl ImageTransform {
@@ -374,7 +387,7 @@ impl Augmenter {
         let mut dst = Image::from_slice_u8(self.size, self.size, out, PixelType::U8x3)
             .map_err(|e| bad(e.to_string()))?;
         let resized = match self.transform {
-            ImageTransform::Train(_) => {
+            ImageTransform::Train(_) | ImageTransform::EvalSquash => {
                 // Crop first so the filter stops at the crop border, as
                 // torchvision's `img.crop(box).resize(...)` does. The box
                 // is whole pixels at full scale; on a DCT-downscaled decode
@@ -389,7 +402,7 @@ impl Augmenter {
                     ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
                 self.resizer.resize(&view, &mut dst, &opts)
             }
-            ImageTransform::EvalCenterCrop | ImageTransform::EvalSquash => {
+            ImageTransform::EvalCenterCrop => {
                 let opts = ResizeOptions::new()
                     .resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom))
                     .crop(region.left, region.top, region.width, region.height);

@@ -28,34 +28,13 @@ use crate::data::augment::{Augmenter, ImageTransform};
 use crate::data::folder::ImageFolder;
 use crate::data::tokenizer::Tokenizer;
 use crate::data::{DataStats, ShardSource, open_caption_source};
-use crate::model::{ClipModel, l2_normalize};
+use crate::model::{ClipModel, EvalResize, l2_normalize};
 use crate::preprocess::u8_batch_to_tensor;
 use crate::rng::Rng;
 use crate::{Error, Result};
 
 /// Images (and captions) per forward pass during evaluation.
 pub const EVAL_BATCH: usize = 256;
-
-/// How evaluation images become the model's input square.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum EvalResize {
-    /// Resize the shorter side, then the centre square (OpenCLIP's default).
-    #[default]
-    CenterCrop,
-    /// Resize the whole image to a square (CLIPA's and OpenCLIP `squash`).
-    Squash,
-}
-
-impl EvalResize {
-    /// The image transform it stands for.
-    pub fn transform(self) -> ImageTransform {
-        match self {
-            Self::CenterCrop => ImageTransform::EvalCenterCrop,
-            Self::Squash => ImageTransform::EvalSquash,
-        }
-    }
-}
 
 /// Zero-shot classification over an image folder (`root/<class>/*`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,9 +51,9 @@ pub struct ZeroShotEval {
     /// Prompt templates. Default: `openai` for ImageNet, else `photo`.
     #[serde(default)]
     pub templates: Option<TemplateSet>,
-    /// Preprocessing.
+    /// Preprocessing; default: the model's own (`ClipConfig::eval_resize`).
     #[serde(default)]
-    pub resize: EvalResize,
+    pub resize: Option<EvalResize>,
 }
 
 /// Image–text retrieval over a caption set: WebDataset shards (each `txt`
@@ -93,9 +72,9 @@ pub struct RetrievalEval {
     /// CSV column with captions.
     #[serde(default = "default_caption_key")]
     pub csv_caption_key: String,
-    /// Preprocessing.
+    /// Preprocessing; default: the model's own (`ClipConfig::eval_resize`).
     #[serde(default)]
-    pub resize: EvalResize,
+    pub resize: Option<EvalResize>,
 }
 
 fn default_img_key() -> String {
@@ -197,8 +176,14 @@ impl EvaluatorConfig {
                     Some(dir) => task.classifier_cached(model, tokenizer, context, device, dir),
                     None => task.classifier(model, tokenizer, context, device),
                 };
-                score_labelled(model, &classifier, &folder, z.resize.transform(), progress)
-                    .map(EvalResult::Zeroshot)
+                score_labelled(
+                    model,
+                    &classifier,
+                    &folder,
+                    z.resize.unwrap_or(model.config.eval_resize).transform(),
+                    progress,
+                )
+                .map(EvalResult::Zeroshot)
             }
             Self::Retrieval(r) => {
                 let source =
@@ -206,7 +191,7 @@ impl EvaluatorConfig {
                 retrieve(
                     model,
                     source.as_ref(),
-                    r.resize.transform(),
+                    r.resize.unwrap_or(model.config.eval_resize).transform(),
                     tokenizer,
                     device,
                     progress,
@@ -392,14 +377,17 @@ mod tests {
         match &doc.evaluators[0] {
             EvaluatorConfig::Zeroshot(z) => {
                 assert_eq!(z.templates, Some(TemplateSet::Openai));
-                assert_eq!(z.resize, EvalResize::CenterCrop);
+                assert_eq!(z.resize, None, "the model's own");
                 assert_eq!(z.classnames, None);
             }
             other => panic!("{other:?}"),
         }
         match &doc.evaluators[1] {
             EvaluatorConfig::Retrieval(r) => {
-                assert_eq!((r.name.as_str(), r.resize), ("coco", EvalResize::Squash));
+                assert_eq!(
+                    (r.name.as_str(), r.resize),
+                    ("coco", Some(EvalResize::Squash))
+                );
                 assert_eq!(r.csv_caption_key, "title");
             }
             other => panic!("{other:?}"),

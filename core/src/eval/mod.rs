@@ -8,6 +8,7 @@ pub mod evaluator;
 pub mod retrieval;
 pub mod zeroshot;
 
-pub use evaluator::{EvalResize, EvalResult, EvaluatorConfig, RetrievalEval, ZeroShotEval};
+pub use crate::model::EvalResize;
+pub use evaluator::{EvalResult, EvaluatorConfig, RetrievalEval, ZeroShotEval};
 pub use retrieval::{RecallAtK, RetrievalResult};
 pub use zeroshot::{TemplateSet, ZeroShotResult, ZeroShotTask};

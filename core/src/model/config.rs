@@ -43,6 +43,34 @@ pub enum TextPool {
     First,
 }
 
+/// How an evaluation image becomes the model's input square: the model's
+/// own preprocessing, carried in its config so that `clipa eval`,
+/// `classify`, `embed` and the trainer's evaluators all agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EvalResize {
+    /// Resize the shorter side, then the centre square (OpenCLIP's default,
+    /// `resize_mode = "shortest"`).
+    #[default]
+    CenterCrop,
+    /// Resize the whole image to a square (CLIPA's evaluation after
+    /// fine-tuning, "directly resize works better"; OpenCLIP `squash`).
+    Squash,
+}
+
+impl std::str::FromStr for EvalResize {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "center-crop" => Ok(Self::CenterCrop),
+            "squash" => Ok(Self::Squash),
+            other => Err(Error::Config(format!(
+                "resize {other:?}: expected center-crop or squash"
+            ))),
+        }
+    }
+}
+
 /// Per-channel image normalisation.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Normalization {
@@ -149,6 +177,9 @@ pub struct ClipConfig {
     /// Image normalisation the model was trained with.
     #[config(default = "Normalization::OPENAI")]
     pub normalization: Normalization,
+    /// Evaluation preprocessing the model expects.
+    #[config(default = "EvalResize::CenterCrop")]
+    pub eval_resize: EvalResize,
 }
 
 /// One row of the size table: a transformer's width, depth, MLP width and
@@ -254,7 +285,9 @@ impl ClipConfig {
     /// A CLIPA-v2 model as the JAX code trains it and OpenCLIP's
     /// `*-CLIPA.json` express it: no `ln_pre`, sin-cos positions, mean over
     /// patches with the LayerNorm after the pool, bidirectional text pooled at
-    /// the last position, tanh GELU, LayerNorm eps 1e-6, ImageNet statistics.
+    /// the last position, tanh GELU, LayerNorm eps 1e-6, ImageNet statistics,
+    /// and evaluation by a direct square resize (CLIPA's test scripts,
+    /// `--square-resize-only`).
     fn clipa(embed_dim: usize, vision: Size, patch: usize, text: Size) -> Self {
         let vision = VisionConfig::from_size(vision, patch, 224)
             .with_pos_embed(PosEmbed::SinCos2d)
@@ -268,7 +301,9 @@ impl ClipConfig {
             .with_pool(TextPool::Last)
             .with_activation(Activation::GeluTanh)
             .with_ln_eps(1e-6);
-        Self::new(embed_dim, vision, text).with_normalization(Normalization::IMAGENET)
+        Self::new(embed_dim, vision, text)
+            .with_normalization(Normalization::IMAGENET)
+            .with_eval_resize(EvalResize::Squash)
     }
 
     /// An OpenAI-CLIP-architecture model (OpenCLIP defaults, exact GELU).

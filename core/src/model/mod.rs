@@ -11,7 +11,7 @@ mod vision;
 
 pub use clip::{ClipModel, ClipOutput, l2_normalize};
 pub use config::{
-    ClipConfig, Normalization, PosEmbed, TextConfig, TextPool, VisionConfig, VisionPool,
+    ClipConfig, EvalResize, Normalization, PosEmbed, TextConfig, TextPool, VisionConfig, VisionPool,
 };
 pub use text::TextTransformer;
 pub use trace::Trace;

@@ -5,7 +5,9 @@ use std::collections::BTreeSet;
 
 use serde_json::{Map, Value};
 
-use crate::model::{ClipConfig, PosEmbed, TextConfig, TextPool, VisionConfig, VisionPool};
+use crate::model::{
+    ClipConfig, EvalResize, PosEmbed, TextConfig, TextPool, VisionConfig, VisionPool,
+};
 use crate::nn::Activation;
 use crate::{Error, Result};
 
@@ -136,6 +138,50 @@ impl<'a> Fields<'a> {
         Ok(eps)
     }
 
+    /// The evaluation resize from `resize_mode` and `interpolation`; `None`
+    /// when neither key is present. clipa's centre crop is bicubic
+    /// (OpenCLIP's default) and its square resize bilinear (CLIPA's); other
+    /// pairs would evaluate differently from the model's source, so they are
+    /// refused.
+    fn eval_resize(&mut self) -> Result<Option<EvalResize>> {
+        let mode = self.str("resize_mode")?;
+        let filter = self.str("interpolation")?;
+        let resize = match (mode, filter) {
+            (None, None) => return Ok(None),
+            (None | Some("shortest"), None | Some("bicubic")) => EvalResize::CenterCrop,
+            (Some("squash"), Some("bilinear")) => EvalResize::Squash,
+            (None | Some("shortest") | Some("squash"), Some(f)) => {
+                return Err(Error::Config(format!(
+                    "OpenCLIP config: unsupported '{}' {f:?} for resize mode {:?} \
+                     (clipa resizes shortest+bicubic or squash+bilinear)",
+                    self.key("interpolation"),
+                    mode.unwrap_or("shortest")
+                )));
+            }
+            (Some("squash"), None) => {
+                return Err(Error::Config(format!(
+                    "OpenCLIP config: '{}' squash needs interpolation \"bilinear\" \
+                     (clipa's square resize is CLIPA's bilinear one)",
+                    self.key("resize_mode")
+                )));
+            }
+            (Some(other), _) => {
+                return Err(unsupported(&self.key("resize_mode"), &Value::from(other)));
+            }
+        };
+        Ok(Some(resize))
+    }
+
+    /// A mean or std triple.
+    fn triple(&mut self, key: &'static str) -> Result<Option<[f32; 3]>> {
+        match self.get(key) {
+            Some(v) => serde_json::from_value(v.clone())
+                .map(Some)
+                .map_err(|_| unsupported(&self.key(key), v)),
+            None => Ok(None),
+        }
+    }
+
     fn finish(self) -> Result<()> {
         let unknown: Vec<String> = self
             .map
@@ -181,13 +227,55 @@ fn mlp_from(f: &mut Fields<'_>, width: usize) -> Result<usize> {
 }
 
 /// Parses an OpenCLIP model-config JSON (`embed_dim`, `vision_cfg`,
-/// `text_cfg`). Keys clipa does not model are errors that name them; keys
-/// that only matter to training or preprocessing are accepted at values
-/// that change nothing in the weights.
+/// `text_cfg`), or a hub `open_clip_config.json` (`model_cfg` plus
+/// `preprocess_cfg`, whose mean, std and resize become the model's own).
+/// Keys clipa does not model are errors that name them; keys that only
+/// matter to training or preprocessing are accepted at values that change
+/// nothing in the weights.
 pub fn parse_config(json: &str) -> Result<OpenClipConfig> {
     let root: Value = serde_json::from_str(json)
         .map_err(|e| Error::Config(format!("OpenCLIP config is not JSON: {e}")))?;
-    let mut top = Fields::new("", &root)?;
+    if root.get("model_cfg").is_some() {
+        return parse_hub_config(&root);
+    }
+    parse_model_config(&root)
+}
+
+/// `{"model_cfg": {..}, "preprocess_cfg": {..}}`.
+fn parse_hub_config(root: &Value) -> Result<OpenClipConfig> {
+    let mut top = Fields::new("", root)?;
+    let model = top
+        .get("model_cfg")
+        .ok_or_else(|| Error::Config("OpenCLIP config: missing 'model_cfg'".into()))?;
+    let pre = top.get("preprocess_cfg");
+    top.finish()?;
+    let mut out = parse_model_config(model)?;
+    if let Some(pre) = pre {
+        let clip = &mut out.clip;
+        let mut p = Fields::new("preprocess_cfg", pre)?;
+        if let Some(mean) = p.triple("mean")? {
+            clip.normalization.mean = mean;
+        }
+        if let Some(std) = p.triple("std")? {
+            clip.normalization.std = std;
+        }
+        if let Some(resize) = p.eval_resize()? {
+            clip.eval_resize = resize;
+        }
+        let image_size = clip.vision.image_size;
+        p.only("size", |x| {
+            x.as_u64() == Some(image_size as u64)
+                || x.as_array()
+                    .is_some_and(|a| a.iter().all(|v| v.as_u64() == Some(image_size as u64)))
+        })?;
+        p.only("fill_color", |_| true)?;
+        p.finish()?;
+    }
+    Ok(out)
+}
+
+fn parse_model_config(root: &Value) -> Result<OpenClipConfig> {
+    let mut top = Fields::new("", root)?;
     let embed_dim = top.usize("embed_dim", None)?;
     let quick_gelu = top.bool("quick_gelu", false)?;
     let custom_text = top.bool("custom_text", false)?;
@@ -249,17 +337,8 @@ pub fn parse_config(json: &str) -> Result<OpenClipConfig> {
     v.only("input_patchnorm", |x| x == &Value::Bool(false))?;
     v.only("output_tokens", |x| x == &Value::Bool(false))?;
     v.only("timm_model_name", |_| false)?;
-    for stats in ["image_mean", "image_std"] {
-        v.only(stats, |_| true)?;
-    }
-    // clipa's evaluation transform is OpenCLIP's default: bicubic resize of
-    // the shorter side, then a centre crop. Other transforms are refused.
-    v.only("interpolation", |x| x.as_str() == Some("bicubic"))?;
-    v.only("resize_mode", |x| x.as_str() == Some("shortest"))?;
-    let (mean, std) = (
-        v.map.get("image_mean").cloned(),
-        v.map.get("image_std").cloned(),
-    );
+    let eval_resize = v.eval_resize()?.unwrap_or_default();
+    let (mean, std) = (v.triple("image_mean")?, v.triple("image_std")?);
     v.finish()?;
 
     let mut t = Fields::new("text_cfg", text_value)?;
@@ -295,13 +374,13 @@ pub fn parse_config(json: &str) -> Result<OpenClipConfig> {
 
     let mut clip = ClipConfig::new(embed_dim, vision, text)
         .with_init_logit_scale(init_logit_scale)
-        .with_init_logit_bias(init_logit_bias);
-    if let (Some(mean), Some(std)) = (mean, std) {
-        let triple = |x: &Value, key: &str| -> Result<[f32; 3]> {
-            serde_json::from_value(x.clone()).map_err(|_| unsupported(key, x))
-        };
-        clip.normalization.mean = triple(&mean, "vision_cfg.image_mean")?;
-        clip.normalization.std = triple(&std, "vision_cfg.image_std")?;
+        .with_init_logit_bias(init_logit_bias)
+        .with_eval_resize(eval_resize);
+    if let Some(mean) = mean {
+        clip.normalization.mean = mean;
+    }
+    if let Some(std) = std {
+        clip.normalization.std = std;
     }
     clip.validate()?;
     Ok(OpenClipConfig {
@@ -359,6 +438,10 @@ pub fn config_json(cfg: &ClipConfig, custom_text: bool) -> Result<Value> {
         "vision_cfg": vision,
         "text_cfg": text,
     });
+    if cfg.eval_resize == EvalResize::Squash {
+        root["vision_cfg"]["resize_mode"] = Value::from("squash");
+        root["vision_cfg"]["interpolation"] = Value::from("bilinear");
+    }
     if v.activation == Activation::QuickGelu {
         root["quick_gelu"] = Value::Bool(true);
     }

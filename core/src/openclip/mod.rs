@@ -23,7 +23,7 @@ pub use keys::{clipa_shapes, export_state, import_state};
 mod tests {
     use super::*;
     use crate::model::ClipConfig;
-    use crate::model::{PosEmbed, TextPool, VisionPool};
+    use crate::model::{EvalResize, PosEmbed, TextPool, VisionPool};
     use crate::nn::Activation;
     use crate::numeric::normal_data;
     use crate::state::StateDict;
@@ -73,10 +73,43 @@ mod tests {
         assert!(v.final_ln_after_pool);
         let squash = CLIPA_STYLE.replace(
             "\"no_ln_pre\": true",
-            "\"no_ln_pre\": true, \"resize_mode\": \"squash\"",
+            "\"no_ln_pre\": true, \"resize_mode\": \"squash\", \"interpolation\": \"bilinear\"",
         );
-        let err = parse_config(&squash).unwrap_err().to_string();
+        let clip = parse_config(&squash).unwrap().clip;
+        assert_eq!(clip.eval_resize, EvalResize::Squash);
+        let back = config_json(&clip, false).unwrap();
+        assert_eq!(back["vision_cfg"]["resize_mode"], "squash");
+        assert_eq!(parse_config(&back.to_string()).unwrap().clip, clip);
+        let shortest = squash
+            .replace("squash", "shortest")
+            .replace("bilinear", "bicubic");
+        assert_eq!(
+            parse_config(&shortest).unwrap().clip.eval_resize,
+            EvalResize::CenterCrop
+        );
+        let err = parse_config(&squash.replace("squash", "longest"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("vision_cfg.resize_mode"), "{err}");
+        // A squash with OpenCLIP's default bicubic filter is not clipa's.
+        let err = parse_config(&squash.replace("bilinear", "bicubic"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("vision_cfg.interpolation"), "{err}");
+
+        // A hub `open_clip_config.json`: preprocess_cfg is the model's own.
+        let hub = format!(
+            r#"{{"model_cfg": {CLIPA_STYLE}, "preprocess_cfg": {{"mean": [0.5, 0.5, 0.5],
+               "std": [0.25, 0.25, 0.25], "interpolation": "bilinear", "resize_mode": "squash"}}}}"#
+        );
+        let clip = parse_config(&hub).unwrap().clip;
+        assert_eq!(clip.eval_resize, EvalResize::Squash);
+        assert_eq!(clip.normalization.mean, [0.5; 3]);
+        assert_eq!(clip.normalization.std, [0.25; 3]);
+        let err = parse_config(&hub.replace("\"std\"", "\"sd\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("preprocess_cfg.sd"), "{err}");
     }
 
     #[test]

@@ -13,9 +13,7 @@ use crate::data::loader::{Loader, LoaderConfig, LoaderState};
 use crate::data::synthetic::{self, Split, SyntheticCaptions};
 use crate::data::tokenizer::Tokenizer;
 use crate::data::{DataStatsSnapshot, ShardSource, open_caption_source};
-use crate::eval::evaluator::{
-    EvalResize, EvalResult, EvaluatorConfig, ZeroShotEval, score_labelled,
-};
+use crate::eval::evaluator::{EvalResult, EvaluatorConfig, ZeroShotEval, score_labelled};
 use crate::eval::{ZeroShotResult, ZeroShotTask};
 use crate::model::ClipModel;
 use crate::reduce::TextReducer;
@@ -162,7 +160,7 @@ pub fn zeroshot_eval<B: Backend>(
                 data: root.clone(),
                 classnames: cfg.data.classnames.clone(),
                 templates: cfg.data.templates.clone(),
-                resize: EvalResize::CenterCrop,
+                resize: None,
             });
             match eval.run(model, tokenizer, device, None, &mut |_| {})? {
                 EvalResult::Zeroshot(r) => Ok(Some(r)),
