@@ -85,7 +85,7 @@ pub fn bench(c: &mut Criterion) {
     };
     group.bench_function("bench-tiny_b64_i32_t32", |b| {
         b.iter(|| {
-            let (loss, grads) = loss_and_grads(&model, &batch, LossKind::Softmax, 1);
+            let (loss, grads) = loss_and_grads(&model, &batch, LossKind::Softmax, 1, false);
             model = opt.step(1e-4, model.clone(), grads, 1.0);
             black_box(loss)
         })

@@ -28,6 +28,11 @@ run "$BIN" --backend cuda check
 # timing on the GPU and, for the ratio, on this machine's CPU.
 run "$BIN" --backend cuda check --batch 32 --tokens 197 --width 768 --heads 12
 run "$BIN" --backend cpu check --batch 32 --tokens 197 --width 768 --heads 12
+# Mixed precision and per-block checkpointing in a real run: 40 steps of the
+# tiny preset in bf16 with checkpointing; the loss must fall (the final
+# report prints it) and the run must finish.
+run "$BIN" --backend cuda train --preset tiny --steps 40 --precision bf16 --grad-checkpointing \
+    --output "$(mktemp -d)/bf16-run"
 # Errors stay one line with exit code 2.
 printf '\n$ %s\n' "$BIN --backend cuda --device 7 check"
 "$BIN" --backend cuda --device 7 check; echo "exit code $?"

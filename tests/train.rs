@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::{clipa, text};
+use crate::common::{clipa, s, scratch, text};
 
 fn run_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("clipa-it-{name}-{}", std::process::id()));
@@ -173,6 +173,7 @@ fn a_killed_run_resumes_to_the_same_loss_curve() {
 
 #[test]
 fn user_mistakes_are_one_line_errors() {
+    let bf16_run = scratch("bf16");
     for (args, needle) in [
         (
             vec!["train", "--image-reduction", "random:1.5", "--dry-run"],
@@ -211,6 +212,26 @@ fn user_mistakes_are_one_line_errors() {
             vec!["train", "--config", "/nonexistent/run.toml"],
             "/nonexistent/run.toml",
         ),
+        (
+            vec!["train", "--precision", "fp16", "--dry-run"],
+            "expected auto, f32 or bf16",
+        ),
+        (
+            // The CPU has no bf16: an explicit request is refused, never
+            // run in float32 instead.
+            vec![
+                "train",
+                "--preset",
+                "tiny",
+                "--steps",
+                "1",
+                "--precision",
+                "bf16",
+                "--output",
+                s(&bf16_run),
+            ],
+            "no bf16 arithmetic",
+        ),
     ] {
         let out = clipa(&args);
         let (_, stderr) = text(&out);
@@ -227,6 +248,7 @@ fn user_mistakes_are_one_line_errors() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+    std::fs::remove_dir_all(&bf16_run).ok();
 }
 
 #[test]

@@ -161,6 +161,15 @@ pub struct TrainArgs {
     /// Skip up to N non-finite steps instead of stopping.
     #[arg(long)]
     pub skip_nonfinite: Option<u32>,
+    /// Block compute precision: auto (bf16 on CUDA tensor cores, else f32),
+    /// f32, or bf16 (float32 master weights, LayerNorms and loss).
+    #[arg(long)]
+    pub precision: Option<String>,
+    /// Per-block activation checkpointing: recompute each transformer block
+    /// in the backward pass instead of keeping its activations (for large
+    /// models on one GPU; about a third more compute).
+    #[arg(long)]
+    pub grad_checkpointing: bool,
     /// Continue a run: `latest` (newest checkpoint in --output) or a
     /// checkpoint folder.
     #[arg(long)]

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 
 use crate::nn::{AttentionConfig, ResidualBlockConfig};
 use crate::numeric::normal_data;
@@ -77,6 +77,39 @@ pub fn run<B: AutodiffBackend>(
         })?,
         part("block", &block, &input, device, |m, x| m.forward(x, false))?,
     ])
+}
+
+/// The self-test's block under bf16 mixed precision (float32 weights and
+/// residual stream, bf16 branches), or `None` when `device` has no bf16
+/// arithmetic. Its output and gradients are float32 and compare against the
+/// float32 `block` part, at bf16's tolerance.
+pub fn run_bf16<B: AutodiffBackend>(
+    device: &B::Device,
+    shape: SelfTestShape,
+) -> Result<Option<PartResult>> {
+    if !B::supports_dtype(device, DType::BF16) {
+        return Ok(None);
+    }
+    let SelfTestShape {
+        batch,
+        tokens,
+        width,
+        heads,
+    } = shape;
+    let mut block = ResidualBlockConfig::new(width, heads, 4 * width).init::<B>(device);
+    block.compute = Some(FloatDType::BF16);
+    let block = randomise(block, 2)?;
+    let input = normal_data([batch, tokens, width], 3, 1.0);
+    let result = part("block-bf16", &block, &input, device, |m, x| {
+        m.forward(x, false)
+    })?;
+    if let Some((name, g)) = result.grads.iter().find(|(_, g)| g.dtype != DType::F32) {
+        return Err(Error::Backend(format!(
+            "bf16 block: gradient {name} is {:?}, not the float32 master dtype",
+            g.dtype
+        )));
+    }
+    Ok(Some(result))
 }
 
 /// Replaces every parameter with N(0, 0.1²) host noise, seeded per path.

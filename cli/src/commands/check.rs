@@ -12,6 +12,26 @@ use crate::args::CheckArgs;
 
 struct SelfTest(SelfTestShape);
 
+/// The block under bf16 mixed precision, where the device has bf16.
+struct SelfTestBf16(SelfTestShape);
+
+impl BackendJob for SelfTestBf16 {
+    type Output = Option<PartResult>;
+
+    fn run<B: AutodiffBackend>(
+        self,
+        device: B::Device,
+        _info: &DeviceInfo,
+    ) -> clipa_core::Result<Self::Output> {
+        selftest::run_bf16::<B>(&device, self.0)
+    }
+}
+
+/// Relative error allowed for the bf16 block against the float32 cpu one:
+/// bf16 keeps 8 significant bits (2⁻⁸ ≈ 4e-3 per rounding), and the
+/// branch sums hundreds of products.
+const BF16_TOLERANCE: f64 = 5e-2;
+
 impl BackendJob for SelfTest {
     type Output = Vec<PartResult>;
 
@@ -83,5 +103,41 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &CheckArgs) -> anyhow
         "ok: {kind} matches the cpu within {:.0e} (worst {worst:.2e})",
         args.tolerance
     );
+    // Mixed precision: the same block with bf16 branches, against float32.
+    clipa_backends::run(kind, device, SelfTestBf16(shape))?;
+    let Some(g) = clipa_backends::run(kind, device, SelfTestBf16(shape))? else {
+        println!("bf16 block: skipped, {kind} has no bf16 arithmetic (training runs in float32)");
+        return Ok(());
+    };
+    let r = reference
+        .iter()
+        .find(|r| r.name == "block")
+        .context("the cpu reference has no block part")?;
+    let out_err = relative_error(&g.output, &r.output);
+    let errs = compare_sets(&g.grads, &r.grads)
+        .map_err(|name| anyhow::anyhow!("block-bf16: no gradient for {name} on {kind}"))?;
+    let (worst_name, grad_err) =
+        errs.into_iter().fold(
+            ("", 0.0f64),
+            |acc, (n, e)| if e > acc.1 { (n, e) } else { acc },
+        );
+    println!(
+        "  {:<10} forward err {out_err:.2e}  grads max err {grad_err:.2e} [{worst_name}]  {kind} {:.2}+{:.2} ms (f32 {:.2}+{:.2} ms)",
+        g.name,
+        g.forward_ms,
+        g.backward_ms,
+        got.iter()
+            .find(|p| p.name == "block")
+            .map_or(0.0, |p| p.forward_ms),
+        got.iter()
+            .find(|p| p.name == "block")
+            .map_or(0.0, |p| p.backward_ms),
+    );
+    let worst = out_err.max(grad_err);
+    ensure!(
+        worst <= BF16_TOLERANCE,
+        "{kind} bf16 block differs from float32 by {worst:.2e} (tolerance {BF16_TOLERANCE:.0e})"
+    );
+    println!("ok: bf16 mixed precision within {BF16_TOLERANCE:.0e} of float32 (worst {worst:.2e})");
     Ok(())
 }

@@ -129,6 +129,12 @@ fn resolve(args: &TrainArgs, output: &Path) -> anyhow::Result<TrainConfig> {
     if let Some(n) = args.skip_nonfinite {
         cfg.skip_nonfinite = n;
     }
+    if args.grad_checkpointing {
+        cfg.grad_checkpointing = true;
+    }
+    if let Some(p) = &args.precision {
+        cfg.precision = p.parse().context("--precision")?;
+    }
     cfg.validate()?;
     Ok(cfg)
 }

@@ -3,7 +3,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{FloatDType, Int, Tensor};
 
 use super::config::ClipConfig;
 use super::text::TextTransformer;
@@ -97,6 +97,26 @@ impl<B: Backend> ClipModel<B> {
             text_features: text,
             logits_per_image: logits,
         }
+    }
+
+    /// Sets the compute dtype of every transformer block of both towers
+    /// (mixed precision: bf16 branches over float32 master weights and
+    /// residual stream); `None` computes in float32. Embeddings, pooling,
+    /// projections and the loss stay float32.
+    pub fn set_compute_dtype(&mut self, dtype: Option<FloatDType>) {
+        for block in self
+            .visual
+            .blocks
+            .iter_mut()
+            .chain(self.text.blocks.iter_mut())
+        {
+            block.compute = dtype;
+        }
+    }
+
+    /// The blocks' compute dtype (`None`: float32).
+    pub fn compute_dtype(&self) -> Option<FloatDType> {
+        self.visual.blocks.first().and_then(|b| b.compute)
     }
 
     /// Returns the model re-based at a new image size and context length

@@ -77,21 +77,53 @@ impl<B: Backend> TextTransformer<B> {
 
     /// [`Self::forward`], recording named activations into `trace`.
     pub fn forward_traced(&self, ids: Tensor<B, 2, Int>, trace: &mut Trace) -> Tensor<B, 2> {
-        let [batch, len] = ids.dims();
-        let w = self.config.width;
+        let mut x = self.embed_traced(ids.clone(), trace);
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(x, self.config.causal);
+            trace.record(&format!("text.block{i}"), || x.clone());
+        }
+        self.pool_traced(x, ids, trace)
+    }
+
+    /// The tokens the blocks take: token plus position embeddings. With
+    /// [`Self::pool`] and the blocks (causal when the tower is), the forward
+    /// pass in the pieces that per-block gradient checkpointing recomputes.
+    ///
+    /// # Shapes
+    /// `ids` `[batch, len]` → `[batch, len, width]`
+    pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.embed_traced(ids, &mut Trace::off())
+    }
+
+    /// The embedding after the last block: `ln_final`, the pooled position
+    /// (chosen from `ids` for argmax pooling), projection.
+    ///
+    /// # Shapes
+    /// `x` `[batch, len, width]`, `ids` `[batch, len]` → `[batch, embed_dim]`
+    pub fn pool(&self, x: Tensor<B, 3>, ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        self.pool_traced(x, ids, &mut Trace::off())
+    }
+
+    fn embed_traced(&self, ids: Tensor<B, 2, Int>, trace: &mut Trace) -> Tensor<B, 3> {
+        let [_, len] = ids.dims();
         assert!(
             len >= 1 && len <= self.config.context_length,
             "text length {len} outside 1..={}",
             self.config.context_length
         );
-        let x = self.token_embedding.forward(ids.clone()); // [batch, len, width]
+        let x = self.token_embedding.forward(ids); // [batch, len, width]
         trace.record("token_embedding", || x.clone());
         let pos = self.positional_embedding.val().narrow(0, 0, len); // [len, width]
-        let mut x = x + pos.unsqueeze::<3>();
-        for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(x, self.config.causal);
-            trace.record(&format!("text.block{i}"), || x.clone());
-        }
+        x + pos.unsqueeze::<3>()
+    }
+
+    fn pool_traced(
+        &self,
+        x: Tensor<B, 3>,
+        ids: Tensor<B, 2, Int>,
+        trace: &mut Trace,
+    ) -> Tensor<B, 2> {
+        let [batch, len, w] = x.dims();
         let x = self.ln_final.forward(x);
         trace.record("ln_final", || x.clone());
         let pooled = match self.config.pool {

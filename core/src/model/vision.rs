@@ -117,6 +117,39 @@ impl<B: Backend> VisionTransformer<B> {
         keep: Option<Tensor<B, 2, Int>>,
         trace: &mut Trace,
     ) -> Tensor<B, 2> {
+        let mut x = self.embed_traced(images, keep, trace);
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(x, false);
+            trace.record(&format!("visual.block{i}"), || x.clone());
+        }
+        self.pool_traced(x, trace)
+    }
+
+    /// The tokens the blocks take: patches (kept ones only, when `keep` is
+    /// given) with positions, the class token, `ln_pre`. With
+    /// [`Self::pool`] and the blocks, the forward pass in the pieces that
+    /// per-block gradient checkpointing recomputes one at a time.
+    ///
+    /// # Shapes
+    /// `images` `[batch, 3, H, W]` → `[batch, 1 + kept, width]`
+    pub fn embed(&self, images: Tensor<B, 4>, keep: Option<Tensor<B, 2, Int>>) -> Tensor<B, 3> {
+        self.embed_traced(images, keep, &mut Trace::off())
+    }
+
+    /// The embedding after the last block: pool, `ln_post`, projection.
+    ///
+    /// # Shapes
+    /// `[batch, tokens, width]` → `[batch, embed_dim]`
+    pub fn pool(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
+        self.pool_traced(x, &mut Trace::off())
+    }
+
+    fn embed_traced(
+        &self,
+        images: Tensor<B, 4>,
+        keep: Option<Tensor<B, 2, Int>>,
+        trace: &mut Trace,
+    ) -> Tensor<B, 3> {
         let [batch, channels, height, width_px] = images.dims();
         let p = self.config.patch_size;
         let w = self.config.width;
@@ -155,16 +188,16 @@ impl<B: Backend> VisionTransformer<B> {
                 Tensor::cat(vec![cls, patches], 1) // [batch, 1 + kept, width]
             }
         };
-        let mut x = match &self.ln_pre {
+        let x = match &self.ln_pre {
             Some(ln) => ln.forward(x),
             None => x,
         };
         trace.record("visual.ln_pre", || x.clone());
-        for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(x, false);
-            trace.record(&format!("visual.block{i}"), || x.clone());
-        }
-        let tokens = x.dims()[1];
+        x
+    }
+
+    fn pool_traced(&self, x: Tensor<B, 3>, trace: &mut Trace) -> Tensor<B, 2> {
+        let [batch, tokens, w] = x.dims();
         let pooled = match (self.config.pool, self.config.final_ln_after_pool) {
             (VisionPool::Cls, _) => {
                 let x = self.ln_post.forward(x);

@@ -10,6 +10,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
+use super::linear_in;
+
 /// Configuration of [`Attention`].
 #[derive(Config, Debug)]
 pub struct AttentionConfig {
@@ -68,9 +70,10 @@ impl<B: Backend> Attention<B> {
             t.reshape([batch, tokens, self.heads, head_dim]) // [batch, tokens, heads, head_dim]
                 .swap_dims(1, 2) // [batch, heads, tokens, head_dim]
         };
-        let q = split(self.query.forward(x.clone()));
-        let k = split(self.key.forward(x.clone()));
-        let v = split(self.value.forward(x));
+        // In `x`'s dtype: bf16 under mixed precision (see `ResidualBlock`).
+        let q = split(linear_in(&self.query, x.clone()));
+        let k = split(linear_in(&self.key, x.clone()));
+        let v = split(linear_in(&self.value, x));
         let options = AttentionModuleOptions {
             is_causal: causal,
             ..Default::default()
@@ -79,7 +82,7 @@ impl<B: Backend> Attention<B> {
         // it into matmul + softmax so the backward pass is exact.
         let y = attention(q, k, v, None, None, options); // [batch, heads, tokens, head_dim]
         let y = y.swap_dims(1, 2).reshape([batch, tokens, width]); // [batch, tokens, width]
-        self.out.forward(y)
+        linear_in(&self.out, y)
     }
 }
 

@@ -4,12 +4,13 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::Tensor;
 use burn::tensor::activation::{gelu_approximate, sigmoid};
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 
-use super::{Attention, AttentionConfig};
+use burn::tensor::{FloatDType, Tensor};
+
+use super::{Attention, AttentionConfig, linear_in};
 
 /// The MLP non-linearity.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,8 +76,8 @@ impl<B: Backend> Mlp<B> {
     /// # Shapes
     /// `[batch, tokens, width]` → `[batch, tokens, width]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = self.c_fc.forward(x); // [batch, tokens, mlp_width]
-        self.c_proj.forward(self.activation.forward(h))
+        let h = linear_in(&self.c_fc, x); // [batch, tokens, mlp_width]
+        linear_in(&self.c_proj, self.activation.forward(h))
     }
 }
 
@@ -91,6 +92,10 @@ pub struct ResidualBlock<B: Backend> {
     pub ln_2: LayerNorm<B>,
     /// The MLP.
     pub mlp: Mlp<B>,
+    /// Compute dtype of the attention and MLP branches (bf16 under mixed
+    /// precision); `None` computes in the parameters' dtype (float32).
+    #[module(skip)]
+    pub compute: Option<FloatDType>,
 }
 
 impl ResidualBlockConfig {
@@ -110,6 +115,7 @@ impl ResidualBlockConfig {
                 c_proj: LinearConfig::new(self.mlp_width, self.width).init(device),
                 activation: self.activation,
             },
+            compute: None,
         }
     }
 }
@@ -118,11 +124,25 @@ impl<B: Backend> ResidualBlock<B> {
     /// Attention then MLP, each on a LayerNormed copy added back to `x`;
     /// `causal` masks attention to earlier tokens.
     ///
+    /// With a compute dtype (mixed precision), as `torch.autocast` runs it:
+    /// the residual stream and the LayerNorms stay float32, and each branch
+    /// (its matrix products, softmax and activation) runs in the compute
+    /// dtype and is cast back before it is added.
+    ///
     /// # Shapes
     /// `[batch, tokens, width]` → `[batch, tokens, width]`
     pub fn forward(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
-        let x = x.clone() + self.attn.forward(self.ln_1.forward(x), causal);
-        x.clone() + self.mlp.forward(self.ln_2.forward(x))
+        let Some(dt) = self.compute else {
+            let x = x.clone() + self.attn.forward(self.ln_1.forward(x), causal);
+            return x.clone() + self.mlp.forward(self.ln_2.forward(x));
+        };
+        let home = FloatDType::from(x.dtype());
+        let branch = self
+            .attn
+            .forward(self.ln_1.forward(x.clone()).cast(dt), causal);
+        let x = x + branch.cast(home);
+        let branch = self.mlp.forward(self.ln_2.forward(x.clone()).cast(dt));
+        x + branch.cast(home)
     }
 }
 
@@ -178,5 +198,51 @@ mod tests {
             Tensor::<TestBackend, 3>::random([2, 3, 8], Distribution::Normal(0.0, 1.0), &device);
         let y = block.forward(x.clone(), false);
         assert_close(&y.into_data(), &x.into_data(), 1e-7, "identity block");
+    }
+
+    /// Mixed precision's plumbing, checked on the CPU with float64 as the
+    /// compute dtype (ndarray has no bf16): the output and every gradient
+    /// come back in the master dtype, and equal the float32 block's.
+    #[test]
+    fn a_compute_dtype_keeps_master_dtype_and_values() {
+        use crate::state::grads_dict;
+        let device = Default::default();
+        let block = ResidualBlockConfig::new(8, 2, 32).init::<TestBackend>(&device);
+        let x =
+            Tensor::<TestBackend, 3>::random([2, 5, 8], Distribution::Normal(0.0, 1.0), &device);
+        let run = |b: &ResidualBlock<TestBackend>| {
+            let x = x.clone().require_grad();
+            let y = b.forward(x.clone(), true); // [2, 5, 8]
+            let grads = (y.clone() * y.clone()).sum().backward();
+            let dx = x.grad(&grads).expect("input gradient");
+            (y.into_data(), dx.into_data(), grads_dict(b, &grads))
+        };
+        let (y32, dx32, g32) = run(&block);
+        // Cloned after the first forward: parameters initialise lazily, and
+        // a clone taken before would draw its own.
+        let mut wide = block.clone();
+        wide.compute = Some(FloatDType::F64);
+        let (y64, dx64, g64) = run(&wide);
+        assert_eq!(
+            y64.dtype,
+            burn::tensor::DType::F32,
+            "output in the master dtype"
+        );
+        assert_close(&y64, &y32, 1e-5, "output");
+        assert_close(&dx64, &dx32, 1e-4, "input gradient");
+        assert_eq!(g64.len(), g32.len());
+        assert_eq!(g64.len(), 16, "every parameter gets a gradient");
+        let max_abs =
+            |d: &burn::tensor::TensorData| d.iter::<f32>().fold(0f32, |m, v| m.max(v.abs()));
+        for (name, g) in &g64 {
+            assert_eq!(g.dtype, burn::tensor::DType::F32, "{name} master gradient");
+            if name == "attn.key.bias" {
+                // A key bias shifts every score of a row equally, which the
+                // softmax ignores: its gradient is zero up to rounding.
+                assert!(max_abs(g) < 1e-6 && max_abs(&g32[name]) < 1e-6, "{name}");
+            } else {
+                assert_close(g, &g32[name], 1e-4, name);
+            }
+        }
     }
 }

@@ -9,6 +9,8 @@
 
 use std::path::PathBuf;
 
+use burn::tensor::backend::{Backend, DTypeUsage};
+use burn::tensor::{DType, FloatDType};
 use serde::{Deserialize, Serialize};
 
 use super::optim::AdamWConfig;
@@ -25,6 +27,55 @@ pub enum LossKind {
     Softmax,
     /// Sigmoid loss (SigLIP; OpenCLIP `SigLipLoss`).
     Sigmoid,
+}
+
+/// Numeric precision of the transformer blocks in training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bf16 where the device multiplies bf16 on matrix units (CUDA tensor
+    /// cores), float32 elsewhere (the CPU, WGPU).
+    #[default]
+    Auto,
+    /// float32 throughout.
+    F32,
+    /// bf16 block compute over float32 master weights, residual stream,
+    /// LayerNorms, loss and optimiser; an error on a device without bf16.
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            other => Err(Error::Config(format!(
+                "precision {other:?}: expected auto, f32 or bf16"
+            ))),
+        }
+    }
+}
+
+impl Precision {
+    /// The blocks' compute dtype on `device` (`None`: float32).
+    pub fn compute_dtype<B: Backend>(self, device: &B::Device) -> Result<Option<FloatDType>> {
+        let usage = B::dtype_usage(device, DType::BF16);
+        let general = B::supports_dtype(device, DType::BF16);
+        match self {
+            Self::F32 => Ok(None),
+            Self::Auto if general && usage.contains(DTypeUsage::Accelerated) => {
+                Ok(Some(FloatDType::BF16))
+            }
+            Self::Auto => Ok(None),
+            Self::Bf16 if general => Ok(Some(FloatDType::BF16)),
+            Self::Bf16 => Err(Error::Config(
+                "precision bf16: this backend/device has no bf16 arithmetic (use f32 or auto)"
+                    .into(),
+            )),
+        }
+    }
 }
 
 /// One training stage.
@@ -132,6 +183,14 @@ pub struct TrainConfig {
     /// Non-finite steps skipped before the run stops (0: stop at the first).
     #[serde(default)]
     pub skip_nonfinite: u32,
+    /// Block compute precision.
+    #[serde(default)]
+    pub precision: Precision,
+    /// Per-block activation checkpointing: keep only each transformer
+    /// block's input and recompute the block in the backward pass (one more
+    /// forward of compute, one block's activations of memory).
+    #[serde(default)]
+    pub grad_checkpointing: bool,
     /// Log every N steps.
     pub log_every: u64,
     /// Checkpoint every N steps (and at the end of every stage).
@@ -205,6 +264,8 @@ impl TrainConfig {
             optimizer: AdamWConfig::default(),
             grad_clip: None,
             skip_nonfinite: 0,
+            precision: Precision::Auto,
+            grad_checkpointing: false,
             log_every: 10,
             checkpoint_every: 1000,
             keep_checkpoints: 3,
@@ -554,6 +615,34 @@ mod tests {
         assert_eq!(h.stages.len(), 3);
         assert_eq!(h.stages[1].image_reduction.to_string(), "random:0.3");
         assert_eq!(h.stages[0].text_reduction, TextReduction::Syntax);
+    }
+
+    #[test]
+    fn precision_resolves_per_device() {
+        // ndarray has no bf16: auto is float32 and an explicit bf16 is an
+        // error, never a silent float32 run.
+        type B = crate::numeric::TestBackend;
+        let device = Default::default();
+        assert_eq!(Precision::Auto.compute_dtype::<B>(&device).unwrap(), None);
+        assert_eq!(Precision::F32.compute_dtype::<B>(&device).unwrap(), None);
+        let err = Precision::Bf16
+            .compute_dtype::<B>(&device)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no bf16"), "{err}");
+        assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::Bf16);
+        assert!("fp16".parse::<Precision>().is_err());
+        // Configs written before the field existed read as auto.
+        let mut cfg = TrainConfig::preset("tiny").unwrap();
+        cfg.precision = Precision::F32;
+        let toml = cfg.to_toml().replace("precision = \"f32\"\n", "");
+        assert!(!toml.contains("precision"));
+        assert_eq!(
+            TrainConfig::from_toml(&toml, std::path::Path::new("run.toml"))
+                .unwrap()
+                .precision,
+            Precision::Auto
+        );
     }
 
     #[test]

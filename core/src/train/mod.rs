@@ -26,7 +26,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-pub use config::{DataConfig, LossKind, StageConfig, TrainConfig};
+pub use config::{DataConfig, LossKind, Precision, StageConfig, TrainConfig};
 
 use self::data::{StageData, zeroshot_eval};
 use self::optim::{AdamW, clip_factor, grad_norm};
@@ -215,6 +215,12 @@ pub fn train<B: AutodiffBackend>(
     };
     // The settings that may change on resume come from the new config.
     manifest.config = cfg.clone();
+    let compute = cfg.precision.compute_dtype::<B>(device)?;
+    model.set_compute_dtype(compute);
+    observer.message(match compute {
+        Some(_) => "precision: bf16 blocks, float32 master weights, LayerNorms and loss",
+        None => "precision: float32",
+    });
     crate::io::write_atomic(&run.join("run.toml"), cfg.to_toml().as_bytes())?;
     let mut metrics = open_metrics(run, manifest.step)?;
     let tokenizer = Tokenizer::clip();
@@ -293,7 +299,13 @@ pub fn train<B: AutodiffBackend>(
                 ),
             };
             // forward → loss → backward
-            let (loss, grads) = loss_and_grads(&model, &device_batch, cfg.loss, stage.accum_steps);
+            let (loss, grads) = loss_and_grads(
+                &model,
+                &device_batch,
+                cfg.loss,
+                stage.accum_steps,
+                cfg.grad_checkpointing,
+            );
             let norm = grad_norm(&model, &grads);
             // finite check → optimiser
             if !loss.is_finite() || !norm.is_finite() {
@@ -341,8 +353,10 @@ pub fn train<B: AutodiffBackend>(
                     zeroshot_top1: None,
                     evals: BTreeMap::new(),
                 };
-                if (eval_now || stage_done)
-                    && let Some(r) = zeroshot_eval(&cfg, &model.valid(), &tokenizer, device)?
+                // One inference copy of the model serves every evaluation.
+                let eval_model = (eval_now || stage_done).then(|| model.valid());
+                if let Some(eval_model) = &eval_model
+                    && let Some(r) = zeroshot_eval(&cfg, eval_model, &tokenizer, device)?
                 {
                     observer.message(&format!(
                         "step {}: zero-shot top-1 {:.1}% (top-5 {:.1}%, chance {:.1}%, {} images)",
@@ -361,12 +375,11 @@ pub fn train<B: AutodiffBackend>(
                         });
                     }
                 }
-                if eval_now || stage_done {
+                if let Some(eval_model) = &eval_model {
                     // A failing extra evaluator is reported, never fatal:
                     // the steps since the last checkpoint are not lost.
-                    let eval_model = model.valid();
                     for e in &cfg.evaluators {
-                        match e.run(&eval_model, &tokenizer, device, None, &mut |_| {}) {
+                        match e.run(eval_model, &tokenizer, device, None, &mut |_| {}) {
                             Ok(r) => {
                                 let mut shown = Vec::new();
                                 for (k, v) in r.metrics() {

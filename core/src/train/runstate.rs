@@ -148,7 +148,7 @@ pub fn load(dir: &Path) -> Result<(Manifest, ClipConfig, StateDict, StateDict)> 
 
 /// The settings that may change between a run and its resumption; every
 /// other difference makes the resume refuse.
-const MUTABLE: [&str; 8] = [
+const MUTABLE: [&str; 9] = [
     "log_every",
     "checkpoint_every",
     "keep_checkpoints",
@@ -157,6 +157,8 @@ const MUTABLE: [&str; 8] = [
     "data.zeroshot_data",
     "data.classnames",
     "skip_nonfinite",
+    // Memory, not arithmetic: a run may resume on a smaller GPU.
+    "grad_checkpointing",
 ];
 
 /// Checks that `now` may continue a run saved with `saved`; the error names

@@ -10,6 +10,7 @@ use burn::tensor::{Int, Tensor};
 use super::config::LossKind;
 use crate::loss::{clip_loss, siglip_loss};
 use crate::model::{ClipModel, l2_normalize};
+use crate::nn::ResidualBlock;
 
 /// One prepared batch on the device.
 pub struct DeviceBatch<B: AutodiffBackend> {
@@ -54,18 +55,26 @@ pub fn contrastive_loss<B: burn::tensor::backend::Backend>(
 /// take their gradient from the first micro-batch only — they enter the
 /// loss directly, and counting them `micro` times (as OpenCLIP does) would
 /// scale their gradient by `micro`.
+///
+/// `checkpoint` back-propagates each (micro-)batch one transformer block at
+/// a time ([`backward_through`]): activation memory falls from all blocks'
+/// to one block's, for one more forward pass of compute.
 pub fn loss_and_grads<B: AutodiffBackend>(
     model: &ClipModel<B>,
     batch: &DeviceBatch<B>,
     kind: LossKind,
     micro: usize,
+    checkpoint: bool,
 ) -> (f64, GradientsParams) {
     if micro == 1 {
-        let img = l2_normalize(model.encode_image(batch.images.clone(), batch.keep.clone()));
-        let txt = l2_normalize(model.encode_text(batch.ids.clone()));
-        let loss = contrastive_loss(kind, img, txt, model.logit_scale.val(), model.bias());
-        let value = loss.clone().into_scalar().elem::<f64>();
-        return (value, GradientsParams::from_grads(loss.backward(), model));
+        return backward_through(
+            model,
+            batch.images.clone(),
+            batch.keep.clone(),
+            batch.ids.clone(),
+            checkpoint,
+            |img, txt| contrastive_loss(kind, img, txt, model.logit_scale.val(), model.bias()),
+        );
     }
     let n = batch.ids.dims()[0];
     let size = n / micro;
@@ -87,21 +96,6 @@ pub fn loss_and_grads<B: AutodiffBackend>(
     let mut acc = GradientsAccumulator::<ClipModel<B>>::new();
     let mut value = 0.0;
     for j in 0..micro {
-        let fresh_img = l2_normalize(model.encode_image(
-            slice4(&batch.images, j),
-            batch.keep.as_ref().map(|k| slice2(k, j)),
-        ));
-        let fresh_txt = l2_normalize(model.encode_text(slice2(&batch.ids, j)));
-        let (mut imgs, mut txts) = (Vec::with_capacity(micro), Vec::with_capacity(micro));
-        for (i, (ci, ct)) in cached.iter().enumerate() {
-            if i == j {
-                imgs.push(fresh_img.clone());
-                txts.push(fresh_txt.clone());
-            } else {
-                imgs.push(Tensor::from_inner(ci.clone()));
-                txts.push(Tensor::from_inner(ct.clone()));
-            }
-        }
         let (scale, bias) = if j == 0 {
             (model.logit_scale.val(), model.bias())
         } else {
@@ -110,16 +104,127 @@ pub fn loss_and_grads<B: AutodiffBackend>(
                 model.bias().map(|b| b.detach()),
             )
         };
-        let loss = contrastive_loss(
-            kind,
-            Tensor::cat(imgs, 0),
-            Tensor::cat(txts, 0),
-            scale,
-            bias,
-        ); // [1]
-        value = loss.clone().into_scalar().elem::<f64>();
-        acc.accumulate(model, GradientsParams::from_grads(loss.backward(), model));
+        let (loss, grads) = backward_through(
+            model,
+            slice4(&batch.images, j),
+            batch.keep.as_ref().map(|k| slice2(k, j)),
+            slice2(&batch.ids, j),
+            checkpoint,
+            |fresh_img, fresh_txt| {
+                let (mut imgs, mut txts) = (Vec::with_capacity(micro), Vec::with_capacity(micro));
+                for (i, (ci, ct)) in cached.iter().enumerate() {
+                    if i == j {
+                        imgs.push(fresh_img.clone());
+                        txts.push(fresh_txt.clone());
+                    } else {
+                        imgs.push(Tensor::from_inner(ci.clone()));
+                        txts.push(Tensor::from_inner(ct.clone()));
+                    }
+                }
+                contrastive_loss(
+                    kind,
+                    Tensor::cat(imgs, 0),
+                    Tensor::cat(txts, 0),
+                    scale,
+                    bias,
+                ) // [1]
+            },
+        );
+        value = loss;
+        acc.accumulate(model, grads);
     }
+    (value, acc.grads())
+}
+
+/// Computes unit image and text features with gradients, reduces them to a
+/// loss with `loss_of`, and back-propagates it to every parameter.
+///
+/// With `checkpoint` (per-block activation checkpointing, OpenCLIP's
+/// `--grad-checkpointing`), the towers first run without a graph, keeping
+/// only each block's input `[batch, tokens, width]`. The heads and the loss
+/// then run with gradients up to the last block's output; each block is
+/// recomputed from its kept input and back-propagated with the gradient
+/// that arrived at its output (the backward of `sum(y · g)` is exactly the
+/// chain rule through the block), last block first; the stems close the
+/// chain. Only one block's activations are alive at a time.
+pub fn backward_through<B: AutodiffBackend>(
+    model: &ClipModel<B>,
+    images: Tensor<B, 4>,
+    keep: Option<Tensor<B, 2, Int>>,
+    ids: Tensor<B, 2, Int>,
+    checkpoint: bool,
+    loss_of: impl FnOnce(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 1>,
+) -> (f64, GradientsParams) {
+    if !checkpoint {
+        let img = l2_normalize(model.encode_image(images, keep));
+        let txt = l2_normalize(model.encode_text(ids));
+        let loss = loss_of(img, txt);
+        let value = loss.clone().into_scalar().elem::<f64>();
+        return (value, GradientsParams::from_grads(loss.backward(), model));
+    }
+    let (vision, text) = (&model.visual, &model.text);
+    let causal = text.config.causal;
+    // Forward without a graph; `[input of block 0, …, output of the last]`.
+    let inner = model.valid();
+    let chain =
+        |mut x: Tensor<B::InnerBackend, 3>, blocks: &[ResidualBlock<B::InnerBackend>], causal| {
+            let mut kept = Vec::with_capacity(blocks.len() + 1);
+            for block in blocks {
+                kept.push(x.clone());
+                x = block.forward(x, causal);
+            }
+            kept.push(x);
+            kept
+        };
+    let v_kept = chain(
+        inner
+            .visual
+            .embed(images.clone().inner(), keep.clone().map(Tensor::inner)),
+        &inner.visual.blocks,
+        false,
+    );
+    let t_kept = chain(
+        inner.text.embed(ids.clone().inner()),
+        &inner.text.blocks,
+        causal,
+    );
+    drop(inner);
+
+    let mut acc = GradientsAccumulator::<ClipModel<B>>::new();
+    // Heads and loss, from the last blocks' outputs.
+    let v_top = Tensor::from_inner(v_kept[v_kept.len() - 1].clone()).require_grad();
+    let t_top = Tensor::from_inner(t_kept[t_kept.len() - 1].clone()).require_grad();
+    let img = l2_normalize(vision.pool(v_top.clone()));
+    let txt = l2_normalize(text.pool(t_top.clone(), ids.clone()));
+    let loss = loss_of(img, txt);
+    let value = loss.clone().into_scalar().elem::<f64>();
+    let grads = loss.backward();
+    let output_grad = |x: &Tensor<B, 3>, grads: &B::Gradients| {
+        x.grad(grads)
+            .expect("the checkpointed chain reaches every block")
+    };
+    let mut v_grad = output_grad(&v_top, &grads); // [batch, tokens, width]
+    let mut t_grad = output_grad(&t_top, &grads);
+    acc.accumulate(model, GradientsParams::from_grads(grads, model));
+    // Blocks, last to first: recompute, then back-propagate `v_grad`.
+    let mut through = |block: &ResidualBlock<B>, input: &Tensor<B::InnerBackend, 3>, g, causal| {
+        let x = Tensor::<B, 3>::from_inner(input.clone()).require_grad();
+        let y = block.forward(x.clone(), causal);
+        let grads = (y * Tensor::from_inner(g)).sum().backward();
+        let dx = output_grad(&x, &grads);
+        acc.accumulate(model, GradientsParams::from_grads(grads, model));
+        dx
+    };
+    for (block, input) in vision.blocks.iter().zip(&v_kept).rev() {
+        v_grad = through(block, input, v_grad, false);
+    }
+    for (block, input) in text.blocks.iter().zip(&t_kept).rev() {
+        t_grad = through(block, input, t_grad, causal);
+    }
+    // The stems: patch and position embeddings, token embeddings.
+    let stems = (vision.embed(images, keep) * Tensor::from_inner(v_grad)).sum()
+        + (text.embed(ids) * Tensor::from_inner(t_grad)).sum();
+    acc.accumulate(model, GradientsParams::from_grads(stems.backward(), model));
     (value, acc.grads())
 }
 
@@ -178,8 +283,8 @@ mod tests {
         let model: ClipModel<B> = cfg.init(&device);
         for (kind, masked) in [(LossKind::Softmax, false), (LossKind::Softmax, true)] {
             let b = batch(&device, 8, masked);
-            let (l1, g1) = loss_and_grads(&model, &b, kind, 1);
-            let (l4, g4) = loss_and_grads(&model, &b, kind, 4);
+            let (l1, g1) = loss_and_grads(&model, &b, kind, 1, false);
+            let (l4, g4) = loss_and_grads(&model, &b, kind, 4, false);
             assert!(
                 (l1 - l4).abs() < 1e-5 * l1.abs().max(1.0),
                 "loss {l1} vs {l4}"
@@ -202,6 +307,35 @@ mod tests {
     }
 
     #[test]
+    fn per_block_checkpointing_gives_the_same_loss_and_gradients() {
+        let device = Default::default();
+        let mut cfg = ClipConfig::tiny();
+        cfg.text.context_length = 8;
+        let model: ClipModel<B> = cfg.init(&device);
+        // Plain, masked, and with micro-batches (whose cached features come
+        // from the same no-grad pass the checkpointing uses).
+        for (masked, micro) in [(false, 1), (true, 1), (true, 2)] {
+            let b = batch(&device, 8, masked);
+            let (l0, g0) = loss_and_grads(&model, &b, LossKind::Softmax, micro, false);
+            let (l1, g1) = loss_and_grads(&model, &b, LossKind::Softmax, micro, true);
+            assert!(
+                (l0 - l1).abs() < 1e-6 * l0.abs().max(1.0),
+                "loss {l0} vs {l1}"
+            );
+            let (a, c) = (grads_of(&model, &g0), grads_of(&model, &g1));
+            assert_eq!(a.len(), c.len(), "the same parameters get gradients");
+            assert!(a.len() > 20);
+            let norm = |v: &[f32]| v.iter().map(|p| p * p).sum::<f32>().sqrt();
+            let floor = a.iter().map(|x| norm(x)).fold(0.0f32, f32::max) * 1e-4;
+            for (i, (x, y)) in a.iter().zip(&c).enumerate() {
+                let diff: Vec<f32> = x.iter().zip(y).map(|(p, q)| p - q).collect();
+                let err = norm(&diff) / norm(x).max(floor);
+                assert!(err < 1e-5, "{masked} {micro}: parameter #{i}: error {err}");
+            }
+        }
+    }
+
+    #[test]
     fn sigmoid_loss_trains_the_bias() {
         let device = Default::default();
         let mut cfg = ClipConfig::tiny();
@@ -210,7 +344,7 @@ mod tests {
         cfg.init_logit_bias = Some(-10.0);
         let model: ClipModel<B> = cfg.init(&device);
         let b = batch(&device, 4, false);
-        let (loss, g) = loss_and_grads(&model, &b, LossKind::Sigmoid, 2);
+        let (loss, g) = loss_and_grads(&model, &b, LossKind::Sigmoid, 2, false);
         // With b = −10 every pair looks negative: the loss is about the 4
         // positives' −log σ(t·s − 10) ≈ 10 − t·s each, divided by 4.
         assert!(loss > 5.0 && loss < 25.0, "{loss}");
