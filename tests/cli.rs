@@ -91,3 +91,55 @@ fn check_rejects_inconsistent_shapes() {
         "error: --width 10 is not a multiple of --heads 4"
     );
 }
+
+#[test]
+fn bench_json_reports_every_field() {
+    let out = clipa(&[
+        "bench",
+        "--model",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--image-reduction",
+        "random:0.5",
+        "--text-length",
+        "8",
+        "--json",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    let cases = v["cases"].as_array().expect("cases");
+    assert_eq!(cases.len(), 1);
+    let c = &cases[0];
+    assert_eq!(c["name"], "tiny_b4_img32_pd0.50_txt8", "{c}");
+    assert_eq!(
+        (c["image_tokens"].as_u64(), c["text_tokens"].as_u64()),
+        (Some(32), Some(8))
+    );
+    for key in [
+        "median_ms",
+        "min_ms",
+        "max_ms",
+        "images_per_s",
+        "train_gflop",
+        "tflops",
+    ] {
+        assert!(c[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {c}");
+    }
+    assert!(c["min_ms"].as_f64() <= c["median_ms"].as_f64());
+    // The CPU reports the process's peak resident set.
+    assert!(c["peak_mem_mb"].as_f64().is_some_and(|m| m > 1.0), "{c}");
+    // A wrong flag is one line and exit code 2.
+    let bad = clipa(&["bench", "--image-reduction", "random:2", "--steps", "1"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        text(&bad).1.contains("--image-reduction"),
+        "{:?}",
+        text(&bad)
+    );
+}

@@ -56,3 +56,10 @@ pub fn select(index: Option<usize>) -> Result<(CudaDevice, DeviceInfo), BackendE
         },
     ))
 }
+
+/// Device memory in use on GPU `index` (total − free), in bytes.
+pub fn memory_in_use(index: usize) -> Option<u64> {
+    let ctx = CudaContext::new(index).ok()?;
+    let (free, total) = ctx.mem_get_info().ok()?;
+    Some((total - free) as u64)
+}

@@ -15,8 +15,11 @@ use burn::tensor::backend::AutodiffBackend;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod memory;
 #[cfg(feature = "wgpu")]
 mod wgpu_backend;
+
+pub use memory::PeakMemory;
 
 /// The compute backends clipa knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]

@@ -57,6 +57,56 @@ pub enum Command {
     Data(DataCommand),
     /// Draw the training curves of a run folder into RUN_DIR/plots/.
     Plot(PlotArgs),
+    /// Time a training step (forward, loss, backward, AdamW) and an
+    /// inference step of any model at any batch and token counts.
+    Bench(BenchArgs),
+}
+
+/// Flags of `clipa bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Model preset (see `clipa models`).
+    #[arg(long, default_value = "bench-tiny")]
+    pub model: String,
+    /// Global batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Image size in pixels before reduction (default: the model's).
+    #[arg(long)]
+    pub image_size: Option<u32>,
+    /// Image token reduction: none | resize:PX | random:RATIO | grid:K[:KEPT]
+    /// | block:RATIO.
+    #[arg(long, default_value = "none")]
+    pub image_reduction: String,
+    /// Text tokens per caption (default: the model's context length).
+    #[arg(long)]
+    pub text_length: Option<usize>,
+    /// Text reduction: truncate | random | block | syntax.
+    #[arg(long, default_value = "truncate")]
+    pub text_reduction: String,
+    /// Micro-batches per step (cached-feature accumulation).
+    #[arg(long, default_value_t = 1)]
+    pub accum_steps: usize,
+    /// Block compute precision: auto | f32 | bf16.
+    #[arg(long, default_value = "auto")]
+    pub precision: String,
+    /// Per-block activation checkpointing.
+    #[arg(long)]
+    pub grad_checkpointing: bool,
+    /// Timed steps per case.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Run the peer benchmark's cases (img32, img16, img32_pd0.75,
+    /// img16_txt8, img32_txt8) for bench-tiny at batch 64; the other model
+    /// and size flags are ignored.
+    #[arg(long)]
+    pub sweep: bool,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `clipa plot`.

@@ -4,6 +4,7 @@
 //! traits; concrete backends live in `clipa-backends`. The method follows
 //! "An Inverse Scaling Law for CLIP Training" (Li, Wang, Xie, NeurIPS 2023).
 
+pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod error;

@@ -2,6 +2,7 @@
 //! logic: they call into `clipa-core` through `clipa-backends`.
 
 mod backends;
+mod bench;
 mod check;
 mod classify;
 mod data;
@@ -28,5 +29,6 @@ pub fn dispatch(args: &Args) -> anyhow::Result<()> {
         Command::Classify(c) => classify::run(args.backend, args.device, c),
         Command::Data(data) => data::run(data),
         Command::Plot(plot_args) => plot::run(&plot_args.run_dir),
+        Command::Bench(bench_args) => bench::run(args.backend, args.device, bench_args),
     }
 }

@@ -1,0 +1,49 @@
+//! Peak memory of a job, as far as each backend can tell, for `clipa bench`.
+
+use crate::{BackendKind, DeviceInfo};
+
+/// Reads a backend's memory high-water mark.
+#[derive(Debug, Clone)]
+pub struct PeakMemory {
+    kind: BackendKind,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    index: usize,
+}
+
+impl PeakMemory {
+    /// For the device `info` names.
+    pub fn new(info: &DeviceInfo) -> Self {
+        Self {
+            kind: info.kind,
+            index: info.index,
+        }
+    }
+
+    /// Starts a new window. On the CPU this resets the process's peak
+    /// resident set (Linux `/proc/self/clear_refs`, value 5); elsewhere it
+    /// does nothing.
+    pub fn reset(&mut self) {
+        if self.kind == BackendKind::Cpu {
+            // Best effort: without it the peak covers the whole process.
+            let _ = std::fs::write("/proc/self/clear_refs", "5");
+        }
+    }
+
+    /// Bytes: on the CPU, the peak resident set since [`Self::reset`]
+    /// (`VmHWM`); on CUDA, the device memory in use now (total − free),
+    /// which holds Burn's memory pool and so its high-water mark, plus the
+    /// CUDA context; on WGPU, `None` (wgpu does not report it).
+    pub fn peak(&mut self) -> Option<u64> {
+        match self.kind {
+            BackendKind::Cpu => {
+                let status = std::fs::read_to_string("/proc/self/status").ok()?;
+                let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+                let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+                Some(kb * 1024)
+            }
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda => crate::cuda::memory_in_use(self.index),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! `clipa bench`: training and inference step times of a model on a
+//! backend, as a table or one JSON object (`{"cases": [...]}`).
+
+use anyhow::{Context, ensure};
+use burn::tensor::backend::AutodiffBackend;
+use clipa_backends::{BackendJob, BackendKind, DeviceInfo, PeakMemory};
+use clipa_core::bench::{self, BenchCase, BenchHooks, BenchResult, BenchSteps};
+use clipa_core::model::ClipConfig;
+use clipa_core::train::Precision;
+use serde::Serialize;
+
+use crate::args::BenchArgs;
+
+/// [`BenchHooks`] over the backend's memory reader.
+struct Hooks(PeakMemory);
+
+impl BenchHooks for Hooks {
+    fn reset_peak_memory(&mut self) {
+        self.0.reset();
+    }
+    fn peak_memory(&mut self) -> Option<u64> {
+        self.0.peak()
+    }
+}
+
+struct Bench {
+    cases: Vec<BenchCase>,
+    steps: BenchSteps,
+    quiet: bool,
+}
+
+impl BackendJob for Bench {
+    type Output = Vec<BenchResult>;
+
+    fn run<B: AutodiffBackend>(
+        self,
+        device: B::Device,
+        info: &DeviceInfo,
+    ) -> clipa_core::Result<Self::Output> {
+        let mut hooks = Hooks(PeakMemory::new(info));
+        let mut out = Vec::with_capacity(self.cases.len());
+        for case in &self.cases {
+            if !self.quiet {
+                eprintln!("timing {} on {info}", case.name);
+            }
+            out.push(bench::run_case::<B>(case, self.steps, &device, &mut hooks)?);
+        }
+        Ok(out)
+    }
+}
+
+/// What `clipa bench --json` prints.
+#[derive(Serialize)]
+struct Report<'a> {
+    device: String,
+    threads: usize,
+    steps: usize,
+    warmup: usize,
+    cases: &'a [BenchResult],
+}
+
+/// `bench-tiny_b64_img32_pd0.75_txt8`: the model and batch, then the peer
+/// benchmark's naming of the token counts.
+fn case_name(model: &str, case: &BenchCase) -> String {
+    let mut name = format!("{model}_b{}_img{}", case.batch, case.pixels());
+    if let Some(mask) = case.image_reduction.mask() {
+        let g = case.pixels() / case.model.vision.patch_size;
+        let dropped = 1.0 - mask.kept((g, g)) as f64 / (g * g) as f64;
+        name += &format!("_pd{dropped:.2}");
+    }
+    if case.text_length != case.model.text.context_length {
+        name += &format!("_txt{}", case.text_length);
+    }
+    name
+}
+
+/// `clipa bench`.
+pub fn run(kind: BackendKind, device: Option<usize>, args: &BenchArgs) -> anyhow::Result<()> {
+    ensure!(args.steps > 0, "--steps must be positive");
+    let precision: Precision = args.precision.parse().context("--precision")?;
+    let cases = if args.sweep {
+        let mut cases = bench::peer_sweep()?;
+        for c in &mut cases {
+            c.precision = precision;
+            c.grad_checkpointing = args.grad_checkpointing;
+            c.accum_steps = args.accum_steps;
+        }
+        cases
+    } else {
+        let model = ClipConfig::preset(&args.model)?;
+        let mut case = BenchCase {
+            name: String::new(),
+            image_size: args.image_size.unwrap_or(model.vision.image_size as u32),
+            text_length: args.text_length.unwrap_or(model.text.context_length),
+            model,
+            batch: args.batch_size,
+            image_reduction: args.image_reduction.parse().context("--image-reduction")?,
+            text_reduction: args.text_reduction.parse().context("--text-reduction")?,
+            accum_steps: args.accum_steps,
+            precision,
+            grad_checkpointing: args.grad_checkpointing,
+        };
+        case.name = case_name(&args.model, &case);
+        vec![case]
+    };
+    let info = clipa_backends::probe(kind, device)?;
+    let steps = BenchSteps {
+        warmup: args.warmup,
+        steps: args.steps,
+    };
+    let results = clipa_backends::run(
+        kind,
+        device,
+        Bench {
+            cases,
+            steps,
+            quiet: args.json,
+        },
+    )?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if args.json {
+        let report = Report {
+            device: info.to_string(),
+            threads,
+            steps: args.steps,
+            warmup: args.warmup,
+            cases: &results,
+        };
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{info}, {threads} threads; median of {} steps after {} warm-up",
+        args.steps, args.warmup
+    );
+    println!(
+        "{:<28} {:>5} {:>9} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9}",
+        "case",
+        "batch",
+        "tokens",
+        "median ms",
+        "min ms",
+        "max ms",
+        "img/s",
+        "GFLOP",
+        "TFLOP/s",
+        "infer ms",
+        "peak MB"
+    );
+    for r in &results {
+        println!(
+            "{:<28} {:>5} {:>9} {:>10.1} {:>10.1} {:>10.1} {:>9.1} {:>9.1} {:>9.3} {:>10.1} {:>9}",
+            r.name,
+            r.batch,
+            format!("{}+{}", r.image_tokens, r.text_tokens),
+            r.median_ms,
+            r.min_ms,
+            r.max_ms,
+            r.images_per_s,
+            r.train_gflop,
+            r.tflops,
+            r.infer_median_ms,
+            r.peak_mem_mb.map_or("-".into(), |m| format!("{m:.0}")),
+        );
+    }
+    Ok(())
+}
