@@ -33,6 +33,15 @@ run "$BIN" --backend cpu check --batch 32 --tokens 197 --width 768 --heads 12
 # report prints it) and the run must finish.
 run "$BIN" --backend cuda train --preset tiny --steps 40 --precision bf16 --grad-checkpointing \
     --output "$(mktemp -d)/bf16-run"
+# Step times (clipa bench) on CUDA and on WGPU (Vulkan): the peer cases, then
+# ViT-B/16 at 224/112/64 px with text 32/16/8 in bf16.
+run "$BIN" --backend cuda bench --sweep --steps 20
+run "$BIN" --backend wgpu bench --sweep --steps 20
+for spec in "224 32" "112 16" "64 8"; do
+    set -- $spec
+    run "$BIN" --backend cuda bench --model clipa-b16 --batch-size 256 --image-size "$1" \
+        --text-length "$2" --precision bf16 --steps 20
+done
 # Errors stay one line with exit code 2.
 printf '\n$ %s\n' "$BIN --backend cuda --device 7 check"
 "$BIN" --backend cuda --device 7 check; echo "exit code $?"
