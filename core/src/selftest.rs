@@ -9,7 +9,7 @@ use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 
-use crate::nn::{AttentionConfig, ResidualBlockConfig};
+use crate::nn::{AttentionConfig, ResidualBlock, ResidualBlockConfig};
 use crate::numeric::normal_data;
 use crate::state::{StateDict, grads_dict, load_state_dict, state_dict};
 use crate::{Error, Result};
@@ -60,17 +60,9 @@ pub fn run<B: AutodiffBackend>(
     device: &B::Device,
     shape: SelfTestShape,
 ) -> Result<Vec<PartResult>> {
-    let SelfTestShape {
-        batch,
-        tokens,
-        width,
-        heads,
-    } = shape;
-    let attn = AttentionConfig::new(width, heads).init::<B>(device);
+    let attn = AttentionConfig::new(shape.width, shape.heads).init::<B>(device);
     let attn = randomise(attn, 1)?;
-    let block = ResidualBlockConfig::new(width, heads, 4 * width).init::<B>(device);
-    let block = randomise(block, 2)?;
-    let input = normal_data([batch, tokens, width], 3, 1.0);
+    let (block, input) = block_and_input::<B>(device, shape, None)?;
     Ok(vec![
         part("attention", &attn, &input, device, |m, x| {
             m.forward(x, true)
@@ -90,16 +82,7 @@ pub fn run_bf16<B: AutodiffBackend>(
     if !B::supports_dtype(device, DType::BF16) {
         return Ok(None);
     }
-    let SelfTestShape {
-        batch,
-        tokens,
-        width,
-        heads,
-    } = shape;
-    let mut block = ResidualBlockConfig::new(width, heads, 4 * width).init::<B>(device);
-    block.compute = Some(FloatDType::BF16);
-    let block = randomise(block, 2)?;
-    let input = normal_data([batch, tokens, width], 3, 1.0);
+    let (block, input) = block_and_input::<B>(device, shape, Some(FloatDType::BF16))?;
     let result = part("block-bf16", &block, &input, device, |m, x| {
         m.forward(x, false)
     })?;
@@ -110,6 +93,26 @@ pub fn run_bf16<B: AutodiffBackend>(
         )));
     }
     Ok(Some(result))
+}
+
+/// The self-test's residual block (weights seeded 2, with `compute` as its
+/// compute dtype) and its input `[batch, tokens, width]` (seeded 3): the
+/// same numbers in every part and on every backend.
+fn block_and_input<B: AutodiffBackend>(
+    device: &B::Device,
+    shape: SelfTestShape,
+    compute: Option<FloatDType>,
+) -> Result<(ResidualBlock<B>, TensorData)> {
+    let SelfTestShape {
+        batch,
+        tokens,
+        width,
+        heads,
+    } = shape;
+    let mut block = ResidualBlockConfig::new(width, heads, 4 * width).init::<B>(device);
+    block.compute = compute;
+    let block = randomise(block, 2)?;
+    Ok((block, normal_data([batch, tokens, width], 3, 1.0)))
 }
 
 /// Replaces every parameter with N(0, 0.1²) host noise, seeded per path.

@@ -257,6 +257,37 @@ mod tests {
         c.1
     }
 
+    /// Every parameter has a gradient in both sets, and they agree to `tol`.
+    /// Some gradients are zero in exact arithmetic (attention key biases:
+    /// softmax ignores a shift shared by all keys) and only float noise
+    /// here, so errors are relative to the larger of the tensor's norm and
+    /// 1e-4 of the largest gradient norm.
+    fn assert_same_grads(
+        model: &ClipModel<B>,
+        want: &GradientsParams,
+        got: &GradientsParams,
+        tol: f32,
+        what: &str,
+    ) {
+        let (a, c) = (grads_of(model, want), grads_of(model, got));
+        assert_eq!(
+            a.len(),
+            c.len(),
+            "{what}: the same parameters get gradients"
+        );
+        assert!(a.len() > 20, "{what}: every parameter has a gradient");
+        let norm = |v: &[f32]| v.iter().map(|p| p * p).sum::<f32>().sqrt();
+        let floor = a.iter().map(|x| norm(x)).fold(0.0f32, f32::max) * 1e-4;
+        for (i, (x, y)) in a.iter().zip(&c).enumerate() {
+            let diff: Vec<f32> = x.iter().zip(y).map(|(p, q)| p - q).collect();
+            let err = norm(&diff) / norm(x).max(floor);
+            assert!(
+                err < tol,
+                "{what}: parameter #{i}: relative gradient error {err}"
+            );
+        }
+    }
+
     fn batch(device: &burn::tensor::Device<B>, n: usize, masked: bool) -> DeviceBatch<B> {
         let images = Tensor::from_data(normal_data([n, 3, 32, 32], 5, 1.0), device);
         let ids: Vec<i64> = (0..n as i64)
@@ -289,20 +320,7 @@ mod tests {
                 (l1 - l4).abs() < 1e-5 * l1.abs().max(1.0),
                 "loss {l1} vs {l4}"
             );
-            let (a, c) = (grads_of(&model, &g1), grads_of(&model, &g4));
-            assert_eq!(a.len(), c.len());
-            assert!(a.len() > 20, "every parameter has a gradient");
-            // Some gradients are zero in exact arithmetic (attention key
-            // biases: softmax ignores a shift shared by all keys) and only
-            // float noise here, so errors are relative to the larger of the
-            // tensor's norm and 1e-4 of the largest gradient norm.
-            let norm = |v: &[f32]| v.iter().map(|p| p * p).sum::<f32>().sqrt();
-            let floor = a.iter().map(|x| norm(x)).fold(0.0f32, f32::max) * 1e-4;
-            for (i, (x, y)) in a.iter().zip(&c).enumerate() {
-                let diff: Vec<f32> = x.iter().zip(y).map(|(p, q)| p - q).collect();
-                let err = norm(&diff) / norm(x).max(floor);
-                assert!(err < 1e-4, "parameter #{i}: relative gradient error {err}");
-            }
+            assert_same_grads(&model, &g1, &g4, 1e-4, "4 micro-batches");
         }
     }
 
@@ -322,16 +340,8 @@ mod tests {
                 (l0 - l1).abs() < 1e-6 * l0.abs().max(1.0),
                 "loss {l0} vs {l1}"
             );
-            let (a, c) = (grads_of(&model, &g0), grads_of(&model, &g1));
-            assert_eq!(a.len(), c.len(), "the same parameters get gradients");
-            assert!(a.len() > 20);
-            let norm = |v: &[f32]| v.iter().map(|p| p * p).sum::<f32>().sqrt();
-            let floor = a.iter().map(|x| norm(x)).fold(0.0f32, f32::max) * 1e-4;
-            for (i, (x, y)) in a.iter().zip(&c).enumerate() {
-                let diff: Vec<f32> = x.iter().zip(y).map(|(p, q)| p - q).collect();
-                let err = norm(&diff) / norm(x).max(floor);
-                assert!(err < 1e-5, "{masked} {micro}: parameter #{i}: error {err}");
-            }
+            let what = format!("checkpointed, masked {masked}, {micro} micro-batches");
+            assert_same_grads(&model, &g0, &g1, 1e-5, &what);
         }
     }
 
