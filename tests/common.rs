@@ -20,18 +20,22 @@ pub fn s(p: &Path) -> &str {
 /// returns the fixture's weights file.
 pub fn import_fixture(fx: &Path, ckpt: &Path) -> PathBuf {
     let weights = fx.join("openclip_tiny_weights.safetensors");
-    let config = fx.join("model_cfg/CLIPA-tiny-ref.json");
+    import_openclip(&weights, &fx.join("model_cfg/CLIPA-tiny-ref.json"), ckpt);
+    weights
+}
+
+/// `clipa import-openclip --weights --config --out`, which must succeed.
+pub fn import_openclip(weights: &Path, config: &Path, ckpt: &Path) {
     let out = clipa(&[
         "import-openclip",
         "--weights",
-        s(&weights),
+        s(weights),
         "--config",
-        s(&config),
+        s(config),
         "--out",
         s(ckpt),
     ]);
     assert!(out.status.success(), "{:?}", text(&out));
-    weights
 }
 
 /// Runs the `clipa` binary built for this test run.

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use image::{Rgb, RgbImage};
 
-use crate::common::{clipa, fixture_dir, import_fixture, s, scratch, skip_or_fail, text};
+use crate::common::{
+    clipa, fixture_dir, import_fixture, import_openclip, s, scratch, skip_or_fail, text,
+};
 
 /// Imports the `openai_style` fixture; `None` when fixtures are absent.
 fn fixture_checkpoint(dir: &Path) -> Option<PathBuf> {
@@ -157,16 +159,11 @@ fn eval_uses_the_models_own_resize_unless_told() {
     let cfg_path = dir.join("squash.json");
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let squash = dir.join("squash");
-    let out = clipa(&[
-        "import-openclip",
-        "--weights",
-        s(&fx.join("openclip_tiny_weights.safetensors")),
-        "--config",
-        s(&cfg_path),
-        "--out",
-        s(&squash),
-    ]);
-    assert!(out.status.success(), "{:?}", text(&out));
+    import_openclip(
+        &fx.join("openclip_tiny_weights.safetensors"),
+        &cfg_path,
+        &squash,
+    );
     // Two 48×32 images with the same centre square and different 8-pixel
     // edges. A centre crop sees the same pixels, so their features tie and
     // every caption ranks its image second (ties count against the query);

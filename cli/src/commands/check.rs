@@ -45,6 +45,24 @@ impl BackendJob for SelfTest {
     }
 }
 
+/// A part's forward error against the reference, and its worst gradient
+/// (name, relative error).
+fn part_errors<'a>(
+    got: &PartResult,
+    reference: &'a PartResult,
+    kind: BackendKind,
+) -> anyhow::Result<(f64, &'a str, f64)> {
+    let out_err = relative_error(&got.output, &reference.output);
+    let errs = compare_sets(&got.grads, &reference.grads)
+        .map_err(|name| anyhow::anyhow!("{}: no gradient for {name} on {kind}", got.name))?;
+    let (worst_name, grad_err) =
+        errs.into_iter().fold(
+            ("", 0.0f64),
+            |acc, (n, e)| if e > acc.1 { (n, e) } else { acc },
+        );
+    Ok((out_err, worst_name, grad_err))
+}
+
 /// Runs the self-test on `kind` and the CPU reference and compares.
 pub fn run(kind: BackendKind, device: Option<usize>, args: &CheckArgs) -> anyhow::Result<()> {
     ensure!(
@@ -72,14 +90,7 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &CheckArgs) -> anyhow
         .context("the cpu reference run failed")?;
     let mut worst: f64 = 0.0;
     for (g, r) in got.iter().zip(&reference) {
-        let out_err = relative_error(&g.output, &r.output);
-        let errs = compare_sets(&g.grads, &r.grads)
-            .map_err(|name| anyhow::anyhow!("{}: no gradient for {name} on {kind}", g.name))?;
-        let (worst_name, grad_err) =
-            errs.into_iter().fold(
-                ("", 0.0f64),
-                |acc, (n, e)| if e > acc.1 { (n, e) } else { acc },
-            );
+        let (out_err, worst_name, grad_err) = part_errors(g, r, kind)?;
         worst = worst.max(out_err).max(grad_err);
         println!(
             "  {:<9} forward err {:.2e}  grads ({}) max err {:.2e} [{}]  {kind} {:.2}+{:.2} ms  cpu {:.2}+{:.2} ms",
@@ -113,14 +124,7 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &CheckArgs) -> anyhow
         .iter()
         .find(|r| r.name == "block")
         .context("the cpu reference has no block part")?;
-    let out_err = relative_error(&g.output, &r.output);
-    let errs = compare_sets(&g.grads, &r.grads)
-        .map_err(|name| anyhow::anyhow!("block-bf16: no gradient for {name} on {kind}"))?;
-    let (worst_name, grad_err) =
-        errs.into_iter().fold(
-            ("", 0.0f64),
-            |acc, (n, e)| if e > acc.1 { (n, e) } else { acc },
-        );
+    let (out_err, worst_name, grad_err) = part_errors(&g, r, kind)?;
     println!(
         "  {:<10} forward err {out_err:.2e}  grads max err {grad_err:.2e} [{worst_name}]  {kind} {:.2}+{:.2} ms (f32 {:.2}+{:.2} ms)",
         g.name,
