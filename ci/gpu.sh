@@ -8,46 +8,78 @@
 #   cargo bench -p clipa-cli --bench clipa --features cuda --no-run   # prints the bench binary
 #   mkdir -p .gpu && cp "$CARGO_TARGET_DIR/release/clipa" .gpu/clipa && cp BENCH .gpu/clipa-bench
 #   strip .gpu/* && gzip -9 .gpu/*          # the carried tree is limited to 64 MiB
-# then run `bash ci/gpu.sh` there with `.gpu` carried.
+# then run `bash ci/gpu.sh` there with `.gpu` (and `.gl`, Vulkan's loader) carried.
+# It prints one table of ms/step, images/s, TFLOP/s and MFU, clipa beside
+# OpenCLIP (ci/peer_gpu.py; open_clip's wheels may travel in .gpu/whl).
 set -uo pipefail
+# Everything the table needs lands in $OUT (the device tool brings it back)
+# or in a temporary folder.
+OUT="${OUT:-$(mktemp -d)}"
 for f in .gpu/*.gz; do [ -e "$f" ] && gunzip -kf "$f"; done
 chmod +x .gpu/clipa .gpu/clipa-bench 2>/dev/null
+# Vulkan loader for the wgpu rows, when the machine has none (.gl carries
+# Debian's libvulkan1 and the GL vendor-neutral dispatch).
+if ! ldconfig -p | grep -q libvulkan && ls .gl/*.deb >/dev/null 2>&1; then
+    for f in .gl/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+fi
+icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+if [ -z "${VK_DRIVER_FILES:-}" ] && [ -e "$icd" ]; then export VK_DRIVER_FILES="$icd"; fi
 BIN="${CLIPA_BIN:-.gpu/clipa}"
 BENCH="${CLIPA_BENCH:-.gpu/clipa-bench}"
 status=0
+# Each step has its own time limit, so that one hang cannot eat the lease.
 run() {
-    printf '\n$ %s\n' "$*"
-    "$@" || status=1
+    local limit=$1
+    shift
+    printf '\n$ %s   (%s)\n' "$*" "$(date -u +%H:%M:%S)"
+    timeout "$limit" "$@" || { echo "exit code $?"; status=1; }
 }
-run nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-run "$BIN" --version
-run "$BIN" backends
-# Correctness: attention + block forward/backward on CUDA against the CPU.
-run "$BIN" --backend cuda check
+run 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+run 20 "$BIN" --version
+run 60 "$BIN" backends
+# Correctness: attention + block forward/backward on CUDA against the CPU,
+# and the block in bf16 against float32.
+run 90 "$BIN" --backend cuda check
 # A ViT-B/16 block at 224 px (197 tokens, width 768, 12 heads), batch 32:
 # timing on the GPU and, for the ratio, on this machine's CPU.
-run "$BIN" --backend cuda check --batch 32 --tokens 197 --width 768 --heads 12
-run "$BIN" --backend cpu check --batch 32 --tokens 197 --width 768 --heads 12
+run 60 "$BIN" --backend cuda check --batch 32 --tokens 197 --width 768 --heads 12
+run 60 "$BIN" --backend cpu check --batch 32 --tokens 197 --width 768 --heads 12
 # Mixed precision and per-block checkpointing in a real run: 40 steps of the
 # tiny preset in bf16 with checkpointing; the loss must fall (the final
 # report prints it) and the run must finish.
-run "$BIN" --backend cuda train --preset tiny --steps 40 --precision bf16 --grad-checkpointing \
+run 120 "$BIN" --backend cuda train --preset tiny --steps 40 --precision bf16 --grad-checkpointing \
     --output "$(mktemp -d)/bf16-run"
-# Step times (clipa bench) on CUDA and on WGPU (Vulkan): the peer cases, then
-# ViT-B/16 at 224/112/64 px with text 32/16/8 in bf16.
-run "$BIN" --backend cuda bench --sweep --steps 20
-run "$BIN" --backend wgpu bench --sweep --steps 20
+# Step times (clipa bench --json) on CUDA and on WGPU (Vulkan): the peer
+# cases of bench-tiny, then ViT-B/16 at 224/112/64 px with text 32/16/8 in
+# bf16 at batch 256 (H200: 139 GiB; every case fits with room to spare).
+run 150 sh -c "\"$BIN\" --backend cuda bench --sweep --steps 20 --json | tee $OUT/cuda.json"
 for spec in "224 32" "112 16" "64 8"; do
     set -- $spec
-    run "$BIN" --backend cuda bench --model clipa-b16 --batch-size 256 --image-size "$1" \
-        --text-length "$2" --precision bf16 --steps 20
+    run 120 sh -c "\"$BIN\" --backend cuda bench --model vit-b16 --batch-size 256 --image-size $1 \
+        --text-length $2 --precision bf16 --steps 20 --json | tee -a $OUT/cuda.json"
 done
+run 150 sh -c "\"$BIN\" --backend wgpu bench --sweep --steps 10 --json | tee $OUT/wgpu.json"
+# OpenCLIP on the same cases with bf16 autocast, where PyTorch is installed
+# (open_clip itself may travel as wheels in .gpu/whl).
+if python3 -c 'import torch' 2>/dev/null; then
+    if ls .gpu/whl/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .gpu/whl/*.whl && export PYTHONPATH=/tmp/site
+    fi
+    run 180 env PYTHONUNBUFFERED=1 python3 ci/peer_gpu.py --json "$OUT/openclip.json"
+else
+    echo "PyTorch is not installed here: no OpenCLIP rows"
+fi
+printf '\n=== clipa and OpenCLIP (bf16 autocast), ms per training step\n'
+python3 ci/gpu_table.py --peer "$OUT/openclip.json" cuda="$OUT/cuda.json" wgpu="$OUT/wgpu.json" \
+    | tee "$OUT/table.txt"
 # Errors stay one line with exit code 2.
 printf '\n$ %s\n' "$BIN --backend cuda --device 7 check"
 "$BIN" --backend cuda --device 7 check; echo "exit code $?"
-# The transformer fwd+bwd bench on CUDA and, for the ratio, both CPU backends
-# on this machine's 16 cores.
+# The transformer fwd+bwd criterion bench on CUDA and, for the ratio, the
+# CPU backends on this machine's 16 cores.
 if [ -x "$BENCH" ]; then
-    run "$BENCH" --bench transformer_fwd_bwd
+    run 60 "$BENCH" --bench transformer_fwd_bwd
 fi
 exit $status
