@@ -126,6 +126,12 @@ pub struct BenchResult {
     pub train_gflop: f64,
     /// Achieved training TFLOP/s at the median.
     pub tflops: f64,
+    /// Median of the step's first part: batch upload, forward, loss,
+    /// backward and gradient collection, ms.
+    pub grads_median_ms: f64,
+    /// Median of the AdamW update over every parameter, ms. Scales with the
+    /// parameter count, not the tokens: the fixed cost of a step.
+    pub optim_median_ms: f64,
     /// Median inference step (both towers, no gradients), ms.
     pub infer_median_ms: f64,
     /// Inference images (pairs) per second at the median.
@@ -251,6 +257,8 @@ pub fn run_case<B: AutodiffBackend>(
     };
 
     let mut times = Vec::with_capacity(steps.steps);
+    let mut grad_times = Vec::with_capacity(steps.steps);
+    let mut optim_times = Vec::with_capacity(steps.steps);
     for step in 0..(steps.warmup + steps.steps) as u64 {
         sync()?;
         let t0 = Instant::now();
@@ -263,8 +271,11 @@ pub fn run_case<B: AutodiffBackend>(
             case.accum_steps,
             case.grad_checkpointing,
         );
+        sync()?;
+        let t1 = Instant::now();
         model = opt.step(1e-4, model, grads, 1.0);
         sync()?;
+        let t2 = Instant::now();
         if !loss.is_finite() {
             return Err(Error::Backend(format!(
                 "bench {}: non-finite loss at step {step}",
@@ -272,7 +283,9 @@ pub fn run_case<B: AutodiffBackend>(
             )));
         }
         if step as usize >= steps.warmup {
-            times.push(t0.elapsed().as_secs_f64() * 1e3);
+            times.push((t2 - t0).as_secs_f64() * 1e3);
+            grad_times.push((t1 - t0).as_secs_f64() * 1e3);
+            optim_times.push((t2 - t1).as_secs_f64() * 1e3);
         }
     }
 
@@ -305,6 +318,8 @@ pub fn run_case<B: AutodiffBackend>(
         images_per_s: case.batch as f64 / (median_ms / 1e3),
         train_gflop: train_flops / 1e9,
         tflops: train_flops / (median_ms / 1e3) / 1e12,
+        grads_median_ms: median(&mut grad_times),
+        optim_median_ms: median(&mut optim_times),
         infer_median_ms,
         infer_images_per_s: case.batch as f64 / (infer_median_ms / 1e3),
         peak_mem_mb: peak.map(|b| b as f64 / 1e6),

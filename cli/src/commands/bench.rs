@@ -134,11 +134,13 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &BenchArgs) -> anyhow
         args.steps, args.warmup
     );
     println!(
-        "{:<28} {:>5} {:>9} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9}",
+        "{:<28} {:>5} {:>9} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}",
         "case",
         "batch",
         "tokens",
         "median ms",
+        "grads ms",
+        "AdamW ms",
         "min ms",
         "max ms",
         "img/s",
@@ -149,11 +151,13 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &BenchArgs) -> anyhow
     );
     for r in &results {
         println!(
-            "{:<28} {:>5} {:>9} {:>10.1} {:>10.1} {:>10.1} {:>9.1} {:>9.1} {:>9.3} {:>10.1} {:>9}",
+            "{:<28} {:>5} {:>9} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>9.1} {:>9.1} {:>9.1} {:>9.3} {:>10.1} {:>9}",
             r.name,
             r.batch,
             format!("{}+{}", r.image_tokens, r.text_tokens),
             r.median_ms,
+            r.grads_median_ms,
+            r.optim_median_ms,
             r.min_ms,
             r.max_ms,
             r.images_per_s,
