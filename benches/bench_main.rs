@@ -11,6 +11,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 
 mod block;
 mod loader;
+mod model;
 mod reduce;
 
 fn config() -> Criterion {
@@ -24,6 +25,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = block::bench, loader::benches, reduce::bench
+    targets = block::bench, model::bench, loader::benches, reduce::bench
 }
 criterion_main!(benches);

@@ -79,7 +79,10 @@ fn cpu_check_passes() {
         "{stdout}"
     );
     // The float32 backends default to 1e-4 (cuda's TF32 products get 1e-2).
-    assert!(stdout.contains("ok: cpu matches the cpu within 1e-4 "), "{stdout}");
+    assert!(
+        stdout.contains("ok: cpu matches the cpu within 1e-4 "),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -94,7 +97,10 @@ fn check_rejects_inconsistent_shapes() {
     let out = clipa(&["check", "--tolerance", "0"]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(2));
-    assert_eq!(stderr.trim(), "error: --tolerance must be a positive number");
+    assert_eq!(
+        stderr.trim(),
+        "error: --tolerance must be a positive number"
+    );
 }
 
 #[test]

@@ -192,6 +192,163 @@ fn captions(batch: usize) -> Vec<String> {
         .collect()
 }
 
+/// Device-synchronised times of one training step, seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct StepTimes {
+    /// Batch upload, forward, loss, backward and gradient collection.
+    pub grads: f64,
+    /// The AdamW update.
+    pub optim: f64,
+}
+
+impl StepTimes {
+    /// The whole step.
+    pub fn total(&self) -> f64 {
+        self.grads + self.optim
+    }
+}
+
+/// A case made ready to time on one device: its model, optimiser and
+/// inputs. `clipa bench` and the criterion benches both drive it.
+pub struct BenchRun<B: AutodiffBackend> {
+    case: BenchCase,
+    device: B::Device,
+    // `Option` so that a step can move the model through the optimiser.
+    model: Option<ClipModel<B>>,
+    opt: AdamW<B::InnerBackend>,
+    tokenizer: Tokenizer,
+    reducer: TextReducer,
+    captions: Vec<String>,
+    images: Tensor<B, 4>, // [batch, 3, px, px]
+}
+
+impl<B: AutodiffBackend> BenchRun<B> {
+    /// Checks `case` and builds its model and inputs on `device`.
+    pub fn new(case: &BenchCase, device: &B::Device) -> Result<Self> {
+        if case.batch == 0 || case.accum_steps == 0 || !case.batch.is_multiple_of(case.accum_steps)
+        {
+            return Err(Error::Config(format!(
+                "bench {}: batch {} must be a positive multiple of the accumulation steps {}",
+                case.name, case.batch, case.accum_steps
+            )));
+        }
+        let px = case.pixels();
+        let patch = case.model.vision.patch_size;
+        if px == 0 || !px.is_multiple_of(patch) {
+            return Err(Error::Config(format!(
+                "bench {}: image size {px} is not a multiple of the patch size {patch}",
+                case.name
+            )));
+        }
+        if case.text_length == 0 || case.text_length > case.model.text.context_length {
+            return Err(Error::Config(format!(
+                "bench {}: text length {} outside 1..={}",
+                case.name, case.text_length, case.model.text.context_length
+            )));
+        }
+        let mut model: ClipModel<B> = case.model.init::<B>(device).resize(px, case.text_length);
+        model.set_compute_dtype(case.precision.compute_dtype::<B>(device)?);
+        Ok(Self {
+            case: case.clone(),
+            device: device.clone(),
+            model: Some(model),
+            // The peer benchmark's AdamW: β = (0.9, 0.98), ε = 1e-6, decay 0.1.
+            opt: AdamW::new(AdamWConfig {
+                beta1: 0.9,
+                beta2: 0.98,
+                eps: 1e-6,
+                weight_decay: 0.1,
+            }),
+            tokenizer: Tokenizer::clip(),
+            reducer: TextReducer::new(case.text_reduction, case.text_length),
+            captions: captions(case.batch),
+            images: Tensor::from_data(normal_data([case.batch, 3, px, px], 7, 1.0), device),
+        })
+    }
+
+    fn sync(&self) -> Result<()> {
+        B::sync(&self.device).map_err(|e| Error::Backend(format!("{e:?}")))
+    }
+
+    /// The inputs of step `step`: masks and text reduction drawn per step,
+    /// as the trainer draws them.
+    fn batch(&self, step: u64) -> DeviceBatch<B> {
+        let case = &self.case;
+        let g = case.pixels() / case.model.vision.patch_size;
+        let ids = self
+            .reducer
+            .apply_batch(&self.tokenizer, &self.captions, 0, step, 0);
+        let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
+        DeviceBatch {
+            images: self.images.clone(),
+            keep: case
+                .image_reduction
+                .keep_indices((g, g), case.batch, 0, step, 0)
+                .map(|(kept, idx)| {
+                    Tensor::<B, 2, Int>::from_data(
+                        TensorData::new(idx, [case.batch, kept]),
+                        &self.device,
+                    )
+                }),
+            ids: Tensor::<B, 2, Int>::from_data(
+                TensorData::new(ids, [case.batch, case.text_length]),
+                &self.device,
+            ),
+        }
+    }
+
+    /// One training step (forward, loss, backward, AdamW), timed between
+    /// device syncs.
+    pub fn train_step(&mut self, step: u64) -> Result<StepTimes> {
+        let model = self
+            .model
+            .take()
+            .expect("the model is put back after every step");
+        self.sync()?;
+        let t0 = Instant::now();
+        let batch = self.batch(step);
+        let (loss, grads) = loss_and_grads(
+            &model,
+            &batch,
+            LossKind::Softmax,
+            self.case.accum_steps,
+            self.case.grad_checkpointing,
+        );
+        self.sync()?;
+        let t1 = Instant::now();
+        self.model = Some(self.opt.step(1e-4, model, grads, 1.0));
+        self.sync()?;
+        let t2 = Instant::now();
+        if !loss.is_finite() {
+            return Err(Error::Backend(format!(
+                "bench {}: non-finite loss at step {step}",
+                self.case.name
+            )));
+        }
+        Ok(StepTimes {
+            grads: (t1 - t0).as_secs_f64(),
+            optim: (t2 - t1).as_secs_f64(),
+        })
+    }
+
+    /// One inference step (both towers, no gradients), seconds.
+    pub fn infer_step(&self, step: u64) -> Result<f64> {
+        let inner = self
+            .model
+            .as_ref()
+            .expect("the model is put back after every step")
+            .valid();
+        let batch = self.batch(step);
+        self.sync()?;
+        let t0 = Instant::now();
+        let img = inner.encode_image(batch.images.inner(), batch.keep.map(Tensor::inner));
+        let txt = inner.encode_text(batch.ids.inner());
+        drop((img, txt));
+        self.sync()?;
+        Ok(t0.elapsed().as_secs_f64())
+    }
+}
+
 /// Times `case` on `device`.
 pub fn run_case<B: AutodiffBackend>(
     case: &BenchCase,
@@ -202,105 +359,25 @@ pub fn run_case<B: AutodiffBackend>(
     if steps.steps == 0 {
         return Err(Error::Config("bench: --steps must be positive".into()));
     }
-    if case.batch == 0 || case.accum_steps == 0 || !case.batch.is_multiple_of(case.accum_steps) {
-        return Err(Error::Config(format!(
-            "bench {}: batch {} must be a positive multiple of the accumulation steps {}",
-            case.name, case.batch, case.accum_steps
-        )));
-    }
-    let px = case.pixels();
-    let patch = case.model.vision.patch_size;
-    if px == 0 || !px.is_multiple_of(patch) {
-        return Err(Error::Config(format!(
-            "bench {}: image size {px} is not a multiple of the patch size {patch}",
-            case.name
-        )));
-    }
-    if case.text_length == 0 || case.text_length > case.model.text.context_length {
-        return Err(Error::Config(format!(
-            "bench {}: text length {} outside 1..={}",
-            case.name, case.text_length, case.model.text.context_length
-        )));
-    }
-    let sync = || B::sync(device).map_err(|e| Error::Backend(format!("{e:?}")));
     hooks.reset_peak_memory();
-    let mut model: ClipModel<B> = case.model.init::<B>(device).resize(px, case.text_length);
-    model.set_compute_dtype(case.precision.compute_dtype::<B>(device)?);
-    // The peer benchmark's AdamW: β = (0.9, 0.98), ε = 1e-6, decay 0.1.
-    let mut opt = AdamW::new(AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.98,
-        eps: 1e-6,
-        weight_decay: 0.1,
-    });
-    let tokenizer = Tokenizer::clip();
-    let reducer = TextReducer::new(case.text_reduction, case.text_length);
-    let captions = captions(case.batch);
-    let images = Tensor::<B, 4>::from_data(normal_data([case.batch, 3, px, px], 7, 1.0), device);
-    let grid = (px / patch, px / patch);
-    let batch_at = |step: u64| -> DeviceBatch<B> {
-        let ids = reducer.apply_batch(&tokenizer, &captions, 0, step, 0);
-        let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
-        DeviceBatch {
-            images: images.clone(),
-            keep: case
-                .image_reduction
-                .keep_indices(grid, case.batch, 0, step, 0)
-                .map(|(kept, idx)| {
-                    Tensor::<B, 2, Int>::from_data(TensorData::new(idx, [case.batch, kept]), device)
-                }),
-            ids: Tensor::<B, 2, Int>::from_data(
-                TensorData::new(ids, [case.batch, case.text_length]),
-                device,
-            ),
-        }
-    };
-
+    let mut run = BenchRun::<B>::new(case, device)?;
     let mut times = Vec::with_capacity(steps.steps);
     let mut grad_times = Vec::with_capacity(steps.steps);
     let mut optim_times = Vec::with_capacity(steps.steps);
     for step in 0..(steps.warmup + steps.steps) as u64 {
-        sync()?;
-        let t0 = Instant::now();
-        // Per step, as the trainer: masks and text reduction, then the step.
-        let batch = batch_at(step);
-        let (loss, grads) = loss_and_grads(
-            &model,
-            &batch,
-            LossKind::Softmax,
-            case.accum_steps,
-            case.grad_checkpointing,
-        );
-        sync()?;
-        let t1 = Instant::now();
-        model = opt.step(1e-4, model, grads, 1.0);
-        sync()?;
-        let t2 = Instant::now();
-        if !loss.is_finite() {
-            return Err(Error::Backend(format!(
-                "bench {}: non-finite loss at step {step}",
-                case.name
-            )));
-        }
+        let t = run.train_step(step)?;
         if step as usize >= steps.warmup {
-            times.push((t2 - t0).as_secs_f64() * 1e3);
-            grad_times.push((t1 - t0).as_secs_f64() * 1e3);
-            optim_times.push((t2 - t1).as_secs_f64() * 1e3);
+            times.push(t.total() * 1e3);
+            grad_times.push(t.grads * 1e3);
+            optim_times.push(t.optim * 1e3);
         }
     }
-
-    let inner = model.valid();
+    let warmup = steps.warmup.min(2);
     let mut infer = Vec::with_capacity(steps.steps);
-    for step in 0..(steps.warmup.min(2) + steps.steps) as u64 {
-        let batch = batch_at(step);
-        sync()?;
-        let t0 = Instant::now();
-        let img = inner.encode_image(batch.images.inner(), batch.keep.map(Tensor::inner));
-        let txt = inner.encode_text(batch.ids.inner());
-        drop((img, txt));
-        sync()?;
-        if step as usize >= steps.warmup.min(2) {
-            infer.push(t0.elapsed().as_secs_f64() * 1e3);
+    for step in 0..(warmup + steps.steps) as u64 {
+        let t = run.infer_step(step)?;
+        if step as usize >= warmup {
+            infer.push(t * 1e3);
         }
     }
     let peak = hooks.peak_memory();

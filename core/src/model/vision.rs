@@ -166,11 +166,12 @@ impl<B: Backend> VisionTransformer<B> {
             .permute([0, 2, 4, 1, 3, 5]) // [batch, gh, gw, 3, p, p]
             .reshape([batch, n, 3 * p * p]); // [batch, patches, 3·p²]
         let kernel = self.conv1.val().reshape([w, 3 * p * p]).transpose(); // [3·p², width]
-        // One 2-D product over all patches of the batch, so the kernel's
-        // gradient is one GEMM, not a per-image product summed afterwards.
+        // Split-K chunks of ~1024 patches, as `nn::linear_in` does, so the
+        // kernel's gradient is a few deep GEMMs rather than one per image.
+        let chunks = crate::nn::split_k_chunks(batch * n);
         let x = patches
-            .reshape([batch * n, 3 * p * p])
-            .matmul(kernel)
+            .reshape([chunks, batch * n / chunks, 3 * p * p])
+            .matmul(kernel.unsqueeze::<3>())
             .reshape([batch, n, w]); // [batch, patches, width]
         trace.record("visual.conv1", || {
             x.clone().swap_dims(1, 2).reshape([batch, w, gh, gw]) // NCHW, as torch

@@ -19,12 +19,17 @@ use burn::tensor::{FloatDType, Tensor};
 /// master copy: the weights are cast for the product, and the cast's
 /// backward returns their gradient in float32 (`torch.autocast`'s linear).
 ///
-/// The leading dimensions are folded into one before the product, so the
-/// weight gradient is a single `[d_in, tokens]·[tokens, d_out]` GEMM over
-/// every token of the batch. Given `[batch, seq, d_in]` directly, Burn
-/// 0.21's default `linear_weight_backward` runs one `[d_in, seq]` product
-/// per sample and sums a `[batch, d_in, d_out]` temporary: on the CPU that
-/// was most of the backward pass (67 MB per MLP layer at batch 64).
+/// The leading dimensions are refolded into `[chunks, rows / chunks,
+/// d_in]` before the product, with about [`ROWS_PER_CHUNK`] rows (tokens)
+/// per chunk. The weight gradient is then a batch of `chunks` GEMMs of
+/// depth ≈ 1024 summed over a small `[chunks, d_in, d_out]` temporary — a
+/// split-K product. Given `[batch, seq, d_in]` as is, Burn 0.21's default
+/// `linear_weight_backward` runs one product of depth `seq` per sample and
+/// sums a `[batch, d_in, d_out]` temporary: on the CPU that was most of the
+/// backward pass (67 MB per MLP layer at batch 64). Folding everything into
+/// one GEMM instead fixed the CPU but halved ViT-B/16's speed on an H200
+/// (one output tile grid, 36 thread blocks for a 768 × 768 weight, on 132
+/// multiprocessors); the chunks keep both busy. See docs/BENCHMARKS.md.
 pub fn linear_in<B: Backend, const D: usize>(lin: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
     let w = lin.weight.val(); // [d_in, d_out]
     let b = lin.bias.as_ref().map(|b| b.val()); // [d_out]
@@ -40,7 +45,72 @@ pub fn linear_in<B: Backend, const D: usize>(lin: &Linear<B>, x: Tensor<B, D>) -
     let mut dims = x.dims();
     let d_in = dims[D - 1];
     let rows: usize = dims[..D - 1].iter().product();
-    let x = x.reshape([rows, d_in]); // [tokens, d_in]
+    let chunks = split_k_chunks(rows);
+    let x = x.reshape([chunks, rows / chunks, d_in]); // [chunks, rows/chunks, d_in]
     dims[D - 1] = w.dims()[1];
     burn::tensor::module::linear(x, w, b).reshape(dims) // [..., d_out]
+}
+
+/// Target depth of each chunk's weight-gradient GEMM in [`linear_in`].
+pub const ROWS_PER_CHUNK: usize = 1024;
+
+/// The number of chunks [`linear_in`] splits `rows` into: the largest
+/// divisor of `rows` that is at most `rows / ROWS_PER_CHUNK` (at least 1).
+pub fn split_k_chunks(rows: usize) -> usize {
+    let target = (rows / ROWS_PER_CHUNK).max(1);
+    (1..=target)
+        .rev()
+        .find(|c| rows.is_multiple_of(*c))
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::numeric::{TestBackend, normal_data};
+    use burn::nn::LinearConfig;
+
+    #[test]
+    fn split_k_chunks_divide_rows_near_the_target_depth() {
+        assert_eq!(split_k_chunks(1), 1);
+        assert_eq!(split_k_chunks(1023), 1);
+        assert_eq!(split_k_chunks(64 * 65), 4); // bench-tiny img32: depth 1040
+        assert_eq!(split_k_chunks(64 * 8), 1);
+        assert_eq!(split_k_chunks(256 * 197), 32); // B/16 at 224 px: 2⁸·197 rows, depth 1576
+        assert_eq!(split_k_chunks(4099), 1); // a prime: one chunk
+        for rows in [5000usize, 12800, 50432] {
+            let c = split_k_chunks(rows);
+            assert!(
+                rows.is_multiple_of(c) && rows / c >= ROWS_PER_CHUNK,
+                "{rows}: {c}"
+            );
+        }
+    }
+
+    /// The chunked product and its gradients equal Burn's own linear layer.
+    #[test]
+    fn linear_in_matches_burns_linear_with_gradients() {
+        let device = Default::default();
+        let lin = LinearConfig::new(8, 5).init::<TestBackend>(&device);
+        let x = || {
+            Tensor::<TestBackend, 3>::from_data(normal_data([3, 700, 8], 3, 1.0), &device)
+                .require_grad()
+        };
+        let (xa, xb) = (x(), x());
+        let ya = linear_in(&lin, xa.clone()); // 2100 rows: 2 chunks
+        let yb = lin.forward(xb.clone());
+        ya.clone()
+            .into_data()
+            .assert_approx_eq::<f32>(&yb.clone().into_data(), Default::default());
+        let ga = (ya.clone() * ya).sum().backward();
+        let gb = (yb.clone() * yb).sum().backward();
+        let w = |g: &<TestBackend as burn::tensor::backend::AutodiffBackend>::Gradients| {
+            lin.weight.grad(g).unwrap().into_data()
+        };
+        w(&ga).assert_approx_eq::<f32>(&w(&gb), burn::tensor::Tolerance::rel_abs(1e-4, 1e-4));
+        xa.grad(&ga)
+            .unwrap()
+            .into_data()
+            .assert_approx_eq::<f32>(&xb.grad(&gb).unwrap().into_data(), Default::default());
+    }
 }
