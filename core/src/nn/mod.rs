@@ -27,9 +27,11 @@ use burn::tensor::{FloatDType, Tensor};
 /// `linear_weight_backward` runs one product of depth `seq` per sample and
 /// sums a `[batch, d_in, d_out]` temporary: on the CPU that was most of the
 /// backward pass (67 MB per MLP layer at batch 64). Folding everything into
-/// one GEMM instead fixed the CPU but halved ViT-B/16's speed on an H200
-/// (one output tile grid, 36 thread blocks for a 768 × 768 weight, on 132
-/// multiprocessors); the chunks keep both busy. See docs/BENCHMARKS.md.
+/// one GEMM instead fixed the CPU but halved ViT-B/16's speed on an H200,
+/// most likely because one deep product of a 768 × 768 weight is one grid
+/// of output tiles, too few thread blocks for 132 multiprocessors, and
+/// cubek-matmul 0.2 has no split-K of its own. The chunks were the fastest
+/// of the three on both devices. See docs/BENCHMARKS.md.
 pub fn linear_in<B: Backend, const D: usize>(lin: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
     let w = lin.weight.val(); // [d_in, d_out]
     let b = lin.bias.as_ref().map(|b| b.val()); // [d_out]
