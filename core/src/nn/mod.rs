@@ -31,7 +31,8 @@ use burn::tensor::{FloatDType, Tensor};
 /// most likely because one deep product of a 768 × 768 weight is one grid
 /// of output tiles, too few thread blocks for 132 multiprocessors, and
 /// cubek-matmul 0.2 has no split-K of its own. The chunks were the fastest
-/// of the three on both devices. See docs/BENCHMARKS.md.
+/// of the three on the GPU and keep most of the one-GEMM gain on the CPU.
+/// See docs/BENCHMARKS.md.
 pub fn linear_in<B: Backend, const D: usize>(lin: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
     let w = lin.weight.val(); // [d_in, d_out]
     let b = lin.bias.as_ref().map(|b| b.val()); // [d_out]
