@@ -7,12 +7,64 @@
 // criterion_group! generates undocumented public items.
 #![allow(missing_docs)]
 
+use std::marker::PhantomData;
+
+use burn::tensor::backend::AutodiffBackend;
+use clipa_backends::{BackendJob, BackendKind, DeviceInfo};
 use criterion::{Criterion, criterion_group, criterion_main};
 
 mod block;
 mod loader;
 mod model;
 mod reduce;
+
+/// A topic's benches on one backend: one criterion group per backend,
+/// named `{label}/...`.
+trait PerBackend {
+    fn bench<B: AutodiffBackend>(c: &mut Criterion, label: &str, device: B::Device);
+}
+
+/// [`PerBackend`] as a job for `clipa_backends::run`, which maps each
+/// backend kind to its Burn type and device the way the CLI does.
+struct Job<'a, P> {
+    c: &'a mut Criterion,
+    label: String,
+    topic: PhantomData<P>,
+}
+
+impl<P: PerBackend> BackendJob for Job<'_, P> {
+    type Output = ();
+
+    fn run<B: AutodiffBackend>(
+        self,
+        device: B::Device,
+        info: &DeviceInfo,
+    ) -> clipa_core::Result<()> {
+        eprintln!("{} benches on {info}", self.label);
+        P::bench::<B>(self.c, &self.label, device);
+        Ok(())
+    }
+}
+
+/// Runs topic `P` on every backend kind that is compiled in and has a
+/// device; the others are skipped with the reason printed. The CPU group
+/// is named `cpu_label`, the others after their kind.
+fn for_each_backend<P: PerBackend>(c: &mut Criterion, cpu_label: &str) {
+    for kind in BackendKind::ALL {
+        let label = match kind {
+            BackendKind::Cpu => cpu_label.to_string(),
+            other => other.to_string(),
+        };
+        let job = Job::<P> {
+            c: &mut *c,
+            label: label.clone(),
+            topic: PhantomData,
+        };
+        if let Err(err) = clipa_backends::run(kind, None, job) {
+            eprintln!("skipping {label} benches: {err}");
+        }
+    }
+}
 
 fn config() -> Criterion {
     // Shared 2-core machines: few samples, short windows, medians quoted.

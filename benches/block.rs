@@ -63,26 +63,18 @@ fn bench_backend<B: AutodiffBackend>(c: &mut Criterion, name: &str, device: B::D
     group.finish();
 }
 
-/// Registers the transformer bench for every compiled backend.
+struct Transformer;
+
+impl crate::PerBackend for Transformer {
+    fn bench<B: AutodiffBackend>(c: &mut Criterion, label: &str, device: B::Device) {
+        bench_backend::<B>(c, label, device);
+    }
+}
+
+/// Registers the transformer bench for every compiled backend (`flex`, the
+/// CPU backend clipa does not ship, only for the backend comparison).
 pub fn bench(c: &mut Criterion) {
-    #[cfg(feature = "cpu")]
-    bench_backend::<clipa_backends::CpuBackend>(c, "cpu-ndarray", Default::default());
+    crate::for_each_backend::<Transformer>(c, "cpu-ndarray");
     #[cfg(feature = "flex")]
     bench_backend::<clipa_backends::FlexBackend>(c, "cpu-flex", Default::default());
-    #[cfg(feature = "wgpu")]
-    match clipa_backends::wgpu_device(None) {
-        Ok((device, info)) => {
-            eprintln!("wgpu bench on {info}");
-            bench_backend::<clipa_backends::WgpuBackend>(c, "wgpu", device);
-        }
-        Err(err) => eprintln!("skipping wgpu benches: {err}"),
-    }
-    #[cfg(feature = "cuda")]
-    match clipa_backends::cuda_device(None) {
-        Ok((device, info)) => {
-            eprintln!("cuda bench on {info}");
-            bench_backend::<clipa_backends::CudaBackend>(c, "cuda", device);
-        }
-        Err(err) => eprintln!("skipping cuda benches: {err}"),
-    }
 }

@@ -106,24 +106,15 @@ fn bench_backend<B: AutodiffBackend>(c: &mut Criterion, name: &str, device: B::D
     group.finish();
 }
 
+struct Model;
+
+impl crate::PerBackend for Model {
+    fn bench<B: AutodiffBackend>(c: &mut Criterion, label: &str, device: B::Device) {
+        bench_backend::<B>(c, label, device);
+    }
+}
+
 /// Registers the model benches for every compiled backend.
 pub fn bench(c: &mut Criterion) {
-    #[cfg(feature = "cpu")]
-    bench_backend::<clipa_backends::CpuBackend>(c, "cpu", Default::default());
-    #[cfg(feature = "wgpu")]
-    match clipa_backends::wgpu_device(None) {
-        Ok((device, info)) => {
-            eprintln!("wgpu model benches on {info}");
-            bench_backend::<clipa_backends::WgpuBackend>(c, "wgpu", device);
-        }
-        Err(err) => eprintln!("skipping wgpu model benches: {err}"),
-    }
-    #[cfg(feature = "cuda")]
-    match clipa_backends::cuda_device(None) {
-        Ok((device, info)) => {
-            eprintln!("cuda model benches on {info}");
-            bench_backend::<clipa_backends::CudaBackend>(c, "cuda", device);
-        }
-        Err(err) => eprintln!("skipping cuda model benches: {err}"),
-    }
+    crate::for_each_backend::<Model>(c, "cpu");
 }
