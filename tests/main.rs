@@ -8,4 +8,5 @@ mod data; // bad data on disk: skipped, counted and reported by `clipa train`
 mod eval; // `clipa eval` json on cpu and wgpu, `clipa classify`, Fashion-MNIST end to end
 mod interop; // import-openclip / export-openclip / embed / models through the binary
 mod parity; // OpenCLIP fixtures: features, logits, activations, loss, gradients
+mod scaling; // `clipa sweep` (resume, csv, figures) and `clipa plan` (the paper's budgets)
 mod train; // `clipa train`/`eval`: run folder, kill-and-resume, one-line errors

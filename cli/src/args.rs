@@ -57,6 +57,14 @@ pub enum Command {
     Data(DataCommand),
     /// Draw the training curves of a run folder into RUN_DIR/plots/.
     Plot(PlotArgs),
+    /// Run a scaling grid (model sizes × image and text token counts ×
+    /// strategies), each point a pre-train and a fine-tune, and draw the
+    /// paper's inverse-scaling figures; rerun to continue.
+    Sweep(SweepArgs),
+    /// Recommend a CLIPA recipe (model, image and text tokens, fine-tune)
+    /// for a GPU budget, from the paper's published runs and the FLOP
+    /// counter, with every assumption printed.
+    Plan(PlanArgs),
     /// Time a training step (forward, loss, backward, AdamW) and an
     /// inference step of any model at any batch and token counts.
     Bench(BenchArgs),
@@ -107,6 +115,56 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Flags of `clipa sweep`.
+#[derive(Debug, clap::Args)]
+pub struct SweepArgs {
+    /// Sweep file (TOML, as `--dry-run` prints it).
+    #[arg(long, conflicts_with = "preset")]
+    pub config: Option<PathBuf>,
+    /// Sweep preset: cpu (default; Fashion-MNIST, three sizes, under an
+    /// hour on a laptop CPU) or tiny.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Sweep folder (default: sweeps/<name>); rerunning continues it.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Word → part-of-speech lexicon for syntax masking (default: shipped).
+    #[arg(long)]
+    pub lexicon: Option<PathBuf>,
+    /// Print the resolved sweep file and exit.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Flags of `clipa plan`.
+#[derive(Debug, clap::Args)]
+pub struct PlanArgs {
+    /// GPUs.
+    #[arg(long)]
+    pub gpus: usize,
+    /// GPU kind: a100 | h100 | h200 | l40s | a10 | rtx4090.
+    #[arg(long, default_value = "a100")]
+    pub gpu: String,
+    /// Wall-clock hours.
+    #[arg(long)]
+    pub hours: f64,
+    /// Pre-training samples (e.g. 2.56e9; default: each recipe's own).
+    #[arg(long)]
+    pub samples: Option<f64>,
+    /// Only recipes published on this dataset: laion-400m | laion-2b |
+    /// datacomp-1b.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Effective training TFLOP/s per GPU, e.g. measured with `clipa
+    /// --backend cuda bench --json` (train_gflop / median_ms); default: the
+    /// throughput the published runs imply.
+    #[arg(long)]
+    pub tflops: Option<f64>,
+    /// Write the recommended run as a TOML file for `clipa train --config`.
+    #[arg(long)]
+    pub write: Option<PathBuf>,
 }
 
 /// Arguments of `clipa plot`.

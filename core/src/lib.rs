@@ -14,12 +14,14 @@ pub mod loss;
 pub mod model;
 pub mod nn;
 pub mod numeric;
+pub mod plan;
 pub mod openclip;
 pub mod preprocess;
 pub mod reduce;
 pub mod rng;
 pub mod selftest;
 pub mod state;
+pub mod sweep;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -10,7 +10,9 @@ mod embed;
 mod eval;
 mod interop;
 mod models;
+mod plan;
 mod plot;
+mod sweep;
 mod train;
 
 use crate::args::{Args, Command};
@@ -29,6 +31,8 @@ pub fn dispatch(args: &Args) -> anyhow::Result<()> {
         Command::Classify(c) => classify::run(args.backend, args.device, c),
         Command::Data(data) => data::run(data),
         Command::Plot(plot_args) => plot::run(&plot_args.run_dir),
+        Command::Sweep(sweep_args) => sweep::run(args.backend, args.device, sweep_args),
+        Command::Plan(plan_args) => plan::run(plan_args),
         Command::Bench(bench_args) => bench::run(args.backend, args.device, bench_args),
     }
 }

@@ -14,7 +14,7 @@ use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 
 /// Pixel size of every chart.
-const SIZE: (u32, u32) = (960, 540);
+pub(super) const SIZE: (u32, u32) = (960, 540);
 
 /// DejaVu Sans cut down to printable ASCII with `pyftsubset --unicodes=U+0020-007E`.
 const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans-ascii.ttf");
@@ -93,7 +93,7 @@ fn stage_starts(metrics: &[StepMetrics]) -> Vec<f64> {
 }
 
 /// Registers the bundled font as plotters' default family, once per process.
-fn register_font_once() -> anyhow::Result<()> {
+pub(super) fn register_font_once() -> anyhow::Result<()> {
     static DONE: OnceLock<bool> = OnceLock::new();
     let ok = *DONE.get_or_init(|| register_font("sans-serif", FontStyle::Normal, FONT).is_ok());
     ensure!(ok, "the bundled font does not parse");
@@ -102,7 +102,7 @@ fn register_font_once() -> anyhow::Result<()> {
 
 /// `lo..hi` widened by 5% each side, and to a unit span when flat, so a
 /// single point or a constant curve still gets a drawable axis.
-fn padded(lo: f64, hi: f64) -> std::ops::Range<f64> {
+pub(super) fn padded(lo: f64, hi: f64) -> std::ops::Range<f64> {
     let span = hi - lo;
     if span <= f64::EPSILON * hi.abs().max(1.0) {
         let pad = (0.5 * lo.abs()).max(0.5);

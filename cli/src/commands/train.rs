@@ -174,9 +174,11 @@ fn default_output(args: &TrainArgs) -> PathBuf {
 }
 
 /// Draws the progress bar and prints events above it.
-struct Progress {
-    bar: ProgressBar,
-    stages: usize,
+pub(super) struct Progress {
+    /// The bar of the running stage (hidden until a stage starts).
+    pub(super) bar: ProgressBar,
+    /// Stages in the run, for the `stage i/n` prefix.
+    pub(super) stages: usize,
 }
 
 impl Observer for Progress {
@@ -276,7 +278,7 @@ impl BackendJob for TrainJob {
 
 /// Installs SIGINT/SIGTERM handling: the first signal asks the trainer to
 /// checkpoint and stop; a second one exits at once.
-fn interrupt_flag() -> Arc<AtomicBool> {
+pub(super) fn interrupt_flag() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     let f = flag.clone();
     let installed = ctrlc::set_handler(move || {

@@ -234,12 +234,21 @@ pub mod sizes {
     pub const DEMO: Size = size(64, 2, 256, 2);
     /// The unit-test model's towers.
     pub const TINY: Size = size(64, 2, 256, 2);
+    /// The CPU scaling sweep's three sizes (`clipa sweep --preset cpu`):
+    /// width doubles, depth stays 2 and heads stay 32 wide, so each step up
+    /// costs about 4× the FLOPs per token.
+    pub const SCALE_W32: Size = size(32, 2, 128, 1);
+    /// The sweep's middle size.
+    pub const SCALE_W64: Size = size(64, 2, 256, 2);
+    /// The sweep's largest size.
+    pub const SCALE_W128: Size = size(128, 2, 512, 4);
 }
 
 /// The names `--model` accepts, in the order `clipa models` lists them.
-pub const PRESETS: [&str; 11] = [
+pub const PRESETS: [&str; 15] = [
     "clipa-s16",
     "clipa-b16",
+    "clipa-l14",
     "clipa-l16",
     "clipa-h14",
     "clipa-g14",
@@ -249,6 +258,9 @@ pub const PRESETS: [&str; 11] = [
     "bench-tiny",
     "demo",
     "tiny",
+    "scale-w32",
+    "scale-w64",
+    "scale-w128",
 ];
 
 impl VisionConfig {
@@ -330,6 +342,10 @@ impl ClipConfig {
     pub fn clipa_b16() -> Self {
         Self::clipa(512, sizes::B, 16, sizes::TEXT_B)
     }
+    /// CLIPA-v2 L/14 (the DataComp-1B run of the v2 report's Table 4).
+    pub fn clipa_l14() -> Self {
+        Self::clipa(768, sizes::L, 14, sizes::TEXT_L)
+    }
     /// CLIPA L/16.
     pub fn clipa_l16() -> Self {
         Self::clipa(768, sizes::L, 16, sizes::TEXT_L)
@@ -372,11 +388,35 @@ impl ClipConfig {
         Self::openai(64, sizes::TINY, 4, 32, sizes::TINY, 32)
     }
 
+    /// A model of the CPU scaling sweep: both towers of size `s`, patch 4
+    /// at 32 px (64 patches), context 16, embedding width = tower width.
+    /// Sin-cos image positions, as CLIPA pre-trains, so the resolution can
+    /// change between pre-training and fine-tuning without interpolation.
+    fn scale(s: Size) -> Self {
+        let mut cfg = Self::openai(s.width, s, 4, 32, s, 16);
+        cfg.vision.pos_embed = PosEmbed::SinCos2d;
+        cfg.normalization = Normalization::IMAGENET;
+        cfg
+    }
+    /// The sweep's smallest model (width 32).
+    pub fn scale_w32() -> Self {
+        Self::scale(sizes::SCALE_W32)
+    }
+    /// The sweep's middle model (width 64).
+    pub fn scale_w64() -> Self {
+        Self::scale(sizes::SCALE_W64)
+    }
+    /// The sweep's largest model (width 128).
+    pub fn scale_w128() -> Self {
+        Self::scale(sizes::SCALE_W128)
+    }
+
     /// Looks a preset up by its `--model` name.
     pub fn preset(name: &str) -> Result<Self> {
         Ok(match name {
             "clipa-s16" => Self::clipa_s16(),
             "clipa-b16" => Self::clipa_b16(),
+            "clipa-l14" => Self::clipa_l14(),
             "clipa-l16" => Self::clipa_l16(),
             "clipa-h14" => Self::clipa_h14(),
             "clipa-g14" => Self::clipa_g14(),
@@ -386,6 +426,9 @@ impl ClipConfig {
             "bench-tiny" => Self::bench_tiny(),
             "demo" => Self::demo(),
             "tiny" => Self::tiny(),
+            "scale-w32" => Self::scale_w32(),
+            "scale-w64" => Self::scale_w64(),
+            "scale-w128" => Self::scale_w128(),
             other => {
                 return Err(Error::Config(format!(
                     "unknown model '{other}'; presets: {}",

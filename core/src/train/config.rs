@@ -112,6 +112,29 @@ fn one() -> usize {
     1
 }
 
+impl StageConfig {
+    /// Patch tokens per image after this stage's reduction (CLS not
+    /// counted), for a model with `patch`-pixel patches.
+    pub fn image_tokens(&self, patch: usize) -> usize {
+        let g = self.image_reduction.image_size(self.image_size) as usize / patch;
+        self.image_reduction.mask().map_or(g * g, |m| m.kept((g, g)))
+    }
+
+    /// Samples this stage trains on.
+    pub fn samples(&self) -> u64 {
+        self.steps * self.batch_size as u64
+    }
+
+    /// Training FLOPs of the whole stage for `model` (clipa's counter:
+    /// matrix products, 3 × forward).
+    pub fn train_flops(&self, model: &ClipConfig) -> f64 {
+        let per_pair = model
+            .flops(self.image_tokens(model.vision.patch_size), self.text_length)
+            .train();
+        per_pair as f64 * self.samples() as f64
+    }
+}
+
 /// Where the training data comes from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -212,13 +235,20 @@ pub struct TrainConfig {
 }
 
 /// Names accepted by [`TrainConfig::preset`].
-pub const PRESETS: [&str; 6] = [
+pub const PRESETS: [&str; 13] = [
     "demo",
     "tiny",
     "fmnist",
     "clipa-b16-i112-t16",
+    "clipa-l16-i64-t16",
     "clipa-l16-i96-t8",
+    "clipa-h14-i84-t8",
+    "clipa-v2-l14-84-224",
+    "clipa-v2-h14-70-224",
+    "clipa-v2-h14-84-224",
     "clipa-v2-h14-84-224-336",
+    "clipa-v2-g14-84-224",
+    "clipa-v2-g14-84-224-336",
 ];
 
 #[allow(clippy::too_many_arguments)]
@@ -255,8 +285,91 @@ fn steps_for(samples: u64, batch: usize) -> u64 {
     samples.div_ceil(batch as u64)
 }
 
+/// CLIPA-v2 pre-training length: 1,281,167 × 10,000 samples (12.8B).
+const V2_SAMPLES: u64 = 12_811_670_000;
+
+/// CLIPA-v1 L/16 fine-tune: 131M samples at 224 px and 32 tokens.
+fn v1_l16_unmask_tune() -> StageConfig {
+    stage(
+        "unmask-tune-224",
+        224,
+        "none",
+        32,
+        "truncate",
+        steps_for(131_072_000, 7168),
+        7168,
+        8e-7,
+        3571,
+    )
+}
+
+/// CLIPA-v2 pre-training (`model_h/84_8_pre_training.py`): `px` pixels,
+/// 8 syntax-masked tokens, batch 65,536, warmup 3,200.
+fn v2_pretrain(px: u32, samples: u64, base_lr: f64) -> StageConfig {
+    stage(
+        &format!("i{px}-t8"),
+        224,
+        &format!("resize:{px}"),
+        8,
+        "syntax",
+        steps_for(samples, 65_536),
+        65_536,
+        base_lr,
+        3200,
+    )
+}
+
+/// CLIPA-v2 fine-tune at 224 px (`unmask_tuning_224_scheduleX4.py`): 512M
+/// samples, batch 32,768.
+fn v2_tune_224(mask: &str) -> StageConfig {
+    stage(
+        "unmask-tune-224",
+        224,
+        mask,
+        32,
+        "truncate",
+        steps_for(524_288_000, 32_768),
+        32_768,
+        4e-7,
+        800,
+    )
+}
+
+/// bigG's fine-tune at 224 px (t5x `…224_scheduleX4`): 40 % masked, batch
+/// 16,384, no warmup.
+fn g14_tune_224() -> StageConfig {
+    stage(
+        "unmask-tune-224",
+        224,
+        "random:0.4",
+        32,
+        "truncate",
+        steps_for(524_288_000, 16_384),
+        16_384,
+        4e-7,
+        0,
+    )
+}
+
+/// CLIPA-v2 fine-tune at 336 px (`unmask_tuning_336_scheduleX1.py`): 128M
+/// samples, 40 % masked, batch 16,384.
+fn v2_tune_336() -> StageConfig {
+    stage(
+        "unmask-tune-336",
+        336,
+        "random:0.4",
+        32,
+        "truncate",
+        steps_for(131_072_000, 16_384),
+        16_384,
+        1e-7,
+        1600,
+    )
+}
+
 impl TrainConfig {
-    fn base(model: &str, stages: Vec<StageConfig>) -> Self {
+    /// A run of `model` through `stages` with the default settings.
+    pub(crate) fn base(model: &str, stages: Vec<StageConfig>) -> Self {
         Self {
             model: model.into(),
             seed: 0,
@@ -284,9 +397,19 @@ impl TrainConfig {
     /// - `tiny`: one short stage of the `tiny` model, for tests.
     /// - `fmnist`: two stages for Fashion-MNIST shards at 28 px (patch 4):
     ///   random 50 % masking, then unmasked.
-    /// - The paper's recipes (CLIPA-FACTS §1.6), names carrying the budget:
-    ///   `clipa-b16-i112-t16` then `unmask-tune-224`; `clipa-l16-i96-t8`;
-    ///   CLIPA-v2 `clipa-v2-h14-84-224-336`.
+    /// - The paper's recipes (CLIPA-FACTS §1.6), names carrying the budget
+    ///   (`clipa plan` picks among them):
+    ///   - CLIPA-v1 on LAION-400M, 6 epochs then 131M samples at 224 px:
+    ///     `clipa-b16-i112-t16`, `clipa-l16-i64-t16`, `clipa-l16-i96-t8`;
+    ///   - the v2 report's Table 1 scaling run `clipa-h14-i84-t8` (2.56B
+    ///     samples at 84 px, then 128M unmasked at 224 px);
+    ///   - CLIPA-v2, 12.8B samples at 70 or 84 px and 8 syntax tokens, then
+    ///     512M at 224 px with 30 % (bigG: 40 %) of the patches masked, and
+    ///     optionally 128M at 336 px with 40 % masked:
+    ///     `clipa-v2-l14-84-224`, `clipa-v2-h14-70-224`, `clipa-v2-h14-84-224`,
+    ///     `clipa-v2-h14-84-224-336`, `clipa-v2-g14-84-224`,
+    ///     `clipa-v2-g14-84-224-336`. Only the H/14 and bigG configs are
+    ///     public; L/14 uses H/14's schedule, and bigG at 336 px H/14's.
     pub fn preset(name: &str) -> Result<Self> {
         const LAION400M_6EP: u64 = 6 * 400_000_000;
         Ok(match name {
@@ -399,55 +522,73 @@ impl TrainConfig {
                         8e-6,
                         1563,
                     ),
+                    v1_l16_unmask_tune(),
+                ],
+            ),
+            "clipa-v2-h14-84-224-336" => Self::base(
+                "clipa-h14",
+                vec![
+                    v2_pretrain(84, V2_SAMPLES, 8e-6),
+                    v2_tune_224("random:0.3"),
+                    v2_tune_336(),
+                ],
+            ),
+            "clipa-l16-i64-t16" => Self::base(
+                "clipa-l16",
+                vec![
+                    stage(
+                        "i64-t16",
+                        224,
+                        "resize:64",
+                        16,
+                        "syntax",
+                        steps_for(LAION400M_6EP, 32_768),
+                        32_768,
+                        8e-6,
+                        1563,
+                    ),
+                    v1_l16_unmask_tune(),
+                ],
+            ),
+            "clipa-h14-i84-t8" => Self::base(
+                "clipa-h14",
+                vec![
+                    v2_pretrain(84, 2_560_000_000, 8e-6),
                     stage(
                         "unmask-tune-224",
                         224,
                         "none",
                         32,
                         "truncate",
-                        steps_for(131_072_000, 7168),
-                        7168,
-                        8e-7,
-                        3571,
-                    ),
-                ],
-            ),
-            "clipa-v2-h14-84-224-336" => Self::base(
-                "clipa-h14",
-                vec![
-                    stage(
-                        "i84-t8",
-                        224,
-                        "resize:84",
-                        8,
-                        "syntax",
-                        steps_for(12_800_000_000, 65_536),
-                        65_536,
-                        8e-6,
-                        3200,
-                    ),
-                    stage(
-                        "unmask-tune-224",
-                        224,
-                        "random:0.3",
-                        32,
-                        "truncate",
-                        steps_for(524_288_000, 32_768),
+                        steps_for(131_072_000, 32_768),
                         32_768,
                         4e-7,
                         800,
                     ),
-                    stage(
-                        "unmask-tune-336",
-                        336,
-                        "random:0.4",
-                        32,
-                        "truncate",
-                        steps_for(131_072_000, 16_384),
-                        16_384,
-                        1e-7,
-                        1600,
-                    ),
+                ],
+            ),
+            "clipa-v2-l14-84-224" => Self::base(
+                "clipa-l14",
+                vec![v2_pretrain(84, V2_SAMPLES, 8e-6), v2_tune_224("random:0.3")],
+            ),
+            "clipa-v2-h14-70-224" => Self::base(
+                "clipa-h14",
+                vec![v2_pretrain(70, V2_SAMPLES, 8e-6), v2_tune_224("random:0.3")],
+            ),
+            "clipa-v2-h14-84-224" => Self::base(
+                "clipa-h14",
+                vec![v2_pretrain(84, V2_SAMPLES, 8e-6), v2_tune_224("random:0.3")],
+            ),
+            "clipa-v2-g14-84-224" => Self::base(
+                "clipa-g14",
+                vec![v2_pretrain(84, V2_SAMPLES, 4e-6), g14_tune_224()],
+            ),
+            "clipa-v2-g14-84-224-336" => Self::base(
+                "clipa-g14",
+                vec![
+                    v2_pretrain(84, V2_SAMPLES, 4e-6),
+                    g14_tune_224(),
+                    v2_tune_336(),
                 ],
             ),
             other => {
