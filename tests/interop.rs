@@ -159,7 +159,7 @@ fn models_lists_presets_with_openclip_gflops() {
     let (stdout, _) = text(&table);
     assert_eq!(
         stdout.lines().filter(|l| l.starts_with("clipa-")).count(),
-        5,
+        6,
         "{stdout}"
     );
 }

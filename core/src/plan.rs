@@ -170,18 +170,102 @@ const fn days_on_8(days: f64) -> Option<f64> {
 
 /// The published runs (CLIPA-FACTS §1.7).
 pub const PUBLISHED: [PublishedRun; 12] = [
-    run("clipa-b16-i112-t16", Dataset::Laion400m, 63.2, Some(59.7), days_on_8(2.0), "CLIPA-v1: B/16 (I50, T16), ~2 days on 8 A100"),
-    run("clipa-l16-i64-t16", Dataset::Laion400m, 67.8, Some(60.3), days_on_8(3.0), "CLIPA-v1: L/16 (I17, T16), ~3 days on 8 A100"),
-    run("clipa-l16-i96-t8", Dataset::Laion400m, 69.3, Some(57.9), days_on_8(4.0), "CLIPA-v1: L/16 (I37, T8), ~4 days on 8 A100"),
-    run("clipa-h14-i84-t8", Dataset::Laion400m, 72.8, None, None, "CLIPA-v2 report, Table 1"),
-    run("clipa-h14-i84-t8", Dataset::Laion2b, 74.1, None, None, "CLIPA-v2 report, Table 1"),
-    run("clipa-v2-l14-84-224", Dataset::Datacomp1b, 79.7, None, Some(4008.0), "CLIPA-v2 report, Table 4"),
-    run("clipa-v2-h14-70-224", Dataset::Datacomp1b, 81.1, None, Some(5920.0), "CLIPA-v2 report, Table 4"),
-    run("clipa-v2-h14-84-224", Dataset::Datacomp1b, 81.5, Some(75.6), Some(7776.0), "CLIPA-v2 report, Table 4"),
-    run("clipa-v2-h14-84-224-336", Dataset::Laion2b, 79.1, Some(72.1), Some(8640.0), "CLIPA-v2 report, Table 4"),
-    run("clipa-v2-h14-84-224-336", Dataset::Datacomp1b, 81.8, Some(75.6), Some(8640.0), "CLIPA-v2 report, Table 4"),
-    run("clipa-v2-g14-84-224", Dataset::Datacomp1b, 82.7, Some(78.5), Some(21_998.0), "CLIPA-v2 README (torch)"),
-    run("clipa-v2-g14-84-224-336", Dataset::Datacomp1b, 83.0, Some(78.5), Some(23_742.0), "CLIPA-v2 README"),
+    run(
+        "clipa-b16-i112-t16",
+        Dataset::Laion400m,
+        63.2,
+        Some(59.7),
+        days_on_8(2.0),
+        "CLIPA-v1: B/16 (I50, T16), ~2 days on 8 A100",
+    ),
+    run(
+        "clipa-l16-i64-t16",
+        Dataset::Laion400m,
+        67.8,
+        Some(60.3),
+        days_on_8(3.0),
+        "CLIPA-v1: L/16 (I17, T16), ~3 days on 8 A100",
+    ),
+    run(
+        "clipa-l16-i96-t8",
+        Dataset::Laion400m,
+        69.3,
+        Some(57.9),
+        days_on_8(4.0),
+        "CLIPA-v1: L/16 (I37, T8), ~4 days on 8 A100",
+    ),
+    run(
+        "clipa-h14-i84-t8",
+        Dataset::Laion400m,
+        72.8,
+        None,
+        None,
+        "CLIPA-v2 report, Table 1",
+    ),
+    run(
+        "clipa-h14-i84-t8",
+        Dataset::Laion2b,
+        74.1,
+        None,
+        None,
+        "CLIPA-v2 report, Table 1",
+    ),
+    run(
+        "clipa-v2-l14-84-224",
+        Dataset::Datacomp1b,
+        79.7,
+        None,
+        Some(4008.0),
+        "CLIPA-v2 report, Table 4",
+    ),
+    run(
+        "clipa-v2-h14-70-224",
+        Dataset::Datacomp1b,
+        81.1,
+        None,
+        Some(5920.0),
+        "CLIPA-v2 report, Table 4",
+    ),
+    run(
+        "clipa-v2-h14-84-224",
+        Dataset::Datacomp1b,
+        81.5,
+        Some(75.6),
+        Some(7776.0),
+        "CLIPA-v2 report, Table 4",
+    ),
+    run(
+        "clipa-v2-h14-84-224-336",
+        Dataset::Laion2b,
+        79.1,
+        Some(72.1),
+        Some(8640.0),
+        "CLIPA-v2 report, Table 4",
+    ),
+    run(
+        "clipa-v2-h14-84-224-336",
+        Dataset::Datacomp1b,
+        81.8,
+        Some(75.6),
+        Some(8640.0),
+        "CLIPA-v2 report, Table 4",
+    ),
+    run(
+        "clipa-v2-g14-84-224",
+        Dataset::Datacomp1b,
+        82.7,
+        Some(78.5),
+        Some(21_998.0),
+        "CLIPA-v2 README (torch)",
+    ),
+    run(
+        "clipa-v2-g14-84-224-336",
+        Dataset::Datacomp1b,
+        83.0,
+        Some(78.5),
+        Some(23_742.0),
+        "CLIPA-v2 README",
+    ),
 ];
 
 /// Accuracy points per tenfold pre-training samples (v2 report Table 1:
@@ -309,7 +393,12 @@ fn moved(run: &PublishedRun, samples: f64, published: f64) -> f64 {
 }
 
 /// Costs `run` at `samples` (or its own) on the budget.
-fn candidate(run: &PublishedRun, samples: Option<f64>, budget_flops: f64, cluster: f64) -> Result<Candidate> {
+fn candidate(
+    run: &PublishedRun,
+    samples: Option<f64>,
+    budget_flops: f64,
+    cluster: f64,
+) -> Result<Candidate> {
     let mut config = TrainConfig::preset(run.preset)?;
     let published = config.stages[0].samples() as f64;
     if let Some(n) = samples {
@@ -353,13 +442,21 @@ pub fn plan(budget: Budget) -> Result<Plan> {
         .filter(|r| budget.data.is_none_or(|d| d == r.data))
         .map(|r| candidate(r, budget.samples, budget_flops, cluster))
         .collect::<Result<Vec<_>>>()?;
-    candidates.sort_by(|a, b| a.hours.total_cmp(&b.hours).then(a.expected.total_cmp(&b.expected)));
+    candidates.sort_by(|a, b| {
+        a.hours
+            .total_cmp(&b.hours)
+            .then(a.expected.total_cmp(&b.expected))
+    });
     let best = |pred: &dyn Fn(&Candidate) -> bool| {
         candidates
             .iter()
             .enumerate()
             .filter(|(_, c)| pred(c))
-            .max_by(|(_, a), (_, b)| a.expected.total_cmp(&b.expected).then(b.hours.total_cmp(&a.hours)))
+            .max_by(|(_, a), (_, b)| {
+                a.expected
+                    .total_cmp(&b.expected)
+                    .then(b.hours.total_cmp(&a.hours))
+            })
             .map(|(i, _)| i)
     };
     let choice = best(&|c| c.fits);
@@ -367,16 +464,14 @@ pub fn plan(budget: Budget) -> Result<Plan> {
         Some(i) => {
             let e = candidates[i].expected;
             let below = best(&|c| c.fits && c.expected < e);
-            let above = candidates
-                .iter()
-                .position(|c| !c.fits && c.expected > e);
+            let above = candidates.iter().position(|c| !c.fits && c.expected > e);
             (below, above, None)
         }
         None => {
             // Nothing fits: shorten the cheapest recipe's pre-training.
-            let c = candidates.first().ok_or_else(|| {
-                Error::Config("no published run matches --data".into())
-            })?;
+            let c = candidates
+                .first()
+                .ok_or_else(|| Error::Config("no published run matches --data".into()))?;
             let per_sample = c.pretrain_flops / c.config.stages[0].samples() as f64;
             let left = budget_flops - c.finetune_flops;
             if left < per_sample * c.config.stages[0].batch_size as f64 {
@@ -387,7 +482,12 @@ pub fn plan(budget: Budget) -> Result<Plan> {
                     c.finetune_flops / (tflops * 1e12) / 3600.0
                 )));
             }
-            let short = candidate(&c.run, Some(left / per_sample), budget_flops * (1.0 + 1e-9), cluster)?;
+            let short = candidate(
+                &c.run,
+                Some(left / per_sample),
+                budget_flops * (1.0 + 1e-9),
+                cluster,
+            )?;
             (None, Some(0), Some(short))
         }
     };
@@ -442,8 +542,14 @@ mod tests {
         let pre = &c.config.stages[0];
         assert!(pre.image_tokens(model.vision.patch_size) <= 64 && pre.text_length <= 16);
         // The bracket: the best cheaper recipe and the next better one.
-        assert_eq!(p.candidates[p.below.unwrap()].run.preset, "clipa-l16-i64-t16");
-        assert_eq!(p.candidates[p.above.unwrap()].run.preset, "clipa-h14-i84-t8");
+        assert_eq!(
+            p.candidates[p.below.unwrap()].run.preset,
+            "clipa-l16-i64-t16"
+        );
+        assert_eq!(
+            p.candidates[p.above.unwrap()].run.preset,
+            "clipa-h14-i84-t8"
+        );
         // CLIPA-v2's H/14 at 81.1 % took 5,920 A100-hours.
         let p = plan(Budget {
             data: Some(Dataset::Datacomp1b),
@@ -488,7 +594,10 @@ mod tests {
                 .unwrap()
                 .clone()
         };
-        let (a, b) = (find(&base, "clipa-l16-i96-t8"), find(&short, "clipa-l16-i96-t8"));
+        let (a, b) = (
+            find(&base, "clipa-l16-i96-t8"),
+            find(&short, "clipa-l16-i96-t8"),
+        );
         assert!(b.pretrain_flops < 0.25 * a.pretrain_flops);
         assert_eq!(a.finetune_flops, b.finetune_flops);
         assert_eq!(a.expected, 69.3);
@@ -512,7 +621,13 @@ mod tests {
         let err = plan(a100s(1, 1.0)).unwrap_err().to_string();
         assert!(err.contains("does not cover even the fine-tuning"), "{err}");
         assert!("a100".parse::<Gpu>().is_ok() && "H100".parse::<Gpu>().is_ok());
-        assert!("tpu".parse::<Gpu>().unwrap_err().to_string().contains("a100, h100"));
+        assert!(
+            "tpu"
+                .parse::<Gpu>()
+                .unwrap_err()
+                .to_string()
+                .contains("a100, h100")
+        );
         assert!(plan(a100s(0, 1.0)).is_err());
     }
 

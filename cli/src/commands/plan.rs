@@ -42,7 +42,9 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
             cal.max
         ),
     }
-    println!("  FLOPs: clipa's counter (matrix products, training = 3 × forward; OpenCLIP's model profile within 5 %)");
+    println!(
+        "  FLOPs: clipa's counter (matrix products, training = 3 × forward; OpenCLIP's model profile within 5 %)"
+    );
     match budget.samples {
         Some(n) => println!(
             "  pre-training samples: {} for every recipe; accuracy moved by {POINTS_PER_DECADE:.1} points per tenfold \
@@ -51,7 +53,9 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
         ),
         None => println!("  pre-training samples: each recipe's published count"),
     }
-    println!("  accuracy: published ImageNet-1k zero-shot of the recipe on its dataset; yours depends on your data");
+    println!(
+        "  accuracy: published ImageNet-1k zero-shot of the recipe on its dataset; yours depends on your data"
+    );
 
     let (rec, shortened) = match (p.choice, &p.shortened) {
         (Some(i), _) => (&p.candidates[i], false),
@@ -74,7 +78,11 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
             format!("{:.1} % ({}, {:.0} h)", c.expected, c.run.preset, c.hours)
         })
     };
-    let kind = if shortened || budget.samples.is_some() { "extrapolated" } else { "published" };
+    let kind = if shortened || budget.samples.is_some() {
+        "extrapolated"
+    } else {
+        "published"
+    };
     println!(
         "  expected ImageNet-1k zero-shot: {:.1} % ({kind}, {}; {})",
         rec.expected,
@@ -97,10 +105,16 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
         Some(path) => {
             std::fs::write(path, rec.config.to_toml())
                 .with_context(|| format!("cannot write {}", path.display()))?;
-            println!("  run it: clipa --backend cuda train --config {}", path.display());
+            println!(
+                "  run it: clipa --backend cuda train --config {}",
+                path.display()
+            );
         }
         None if budget.samples.is_none() && !shortened => {
-            println!("  run it: clipa --backend cuda train --preset {}", rec.run.preset)
+            println!(
+                "  run it: clipa --backend cuda train --preset {}",
+                rec.run.preset
+            )
         }
         None => println!(
             "  run it: add --write plan.toml, then clipa --backend cuda train --config plan.toml"

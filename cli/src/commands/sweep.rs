@@ -129,7 +129,11 @@ fn print_report(s: &SweepSummary, figures: &[PathBuf]) {
     } else {
         ""
     };
-    println!("\nsweep: {} of {} points done{state}", s.results.len(), s.total);
+    println!(
+        "\nsweep: {} of {} points done{state}",
+        s.results.len(),
+        s.total
+    );
     println!(
         "{:<34} {:>9} {:>9} {:>10} {:>7}",
         "point", "pre top1", "ft top1", "GFLOP", "s"
@@ -169,7 +173,10 @@ fn models(results: &[PointResult]) -> Vec<String> {
 }
 
 /// The strategy used most on one axis (ties: the first in `ALL` order).
-fn main_strategy<S: Copy + Ord>(results: &[PointResult], get: impl Fn(&SweepPoint) -> Option<S>) -> Option<S> {
+fn main_strategy<S: Copy + Ord>(
+    results: &[PointResult],
+    get: impl Fn(&SweepPoint) -> Option<S>,
+) -> Option<S> {
     let mut count: BTreeMap<S, usize> = BTreeMap::new();
     for r in results {
         if let Some(s) = get(&r.point) {
@@ -206,7 +213,10 @@ pub fn draw_figures(results: &[PointResult], dir: &Path) -> anyhow::Result<Vec<P
             .collect();
         if !lines.is_empty() {
             let path = dir.join("image_tokens.png");
-            let title = format!("zero-shot top-1 vs image tokens in pre-training ({})", s.as_str());
+            let title = format!(
+                "zero-shot top-1 vs image tokens in pre-training ({})",
+                s.as_str()
+            );
             chart(&path, &title, "image tokens (log scale)", &lines, true)?;
             written.push(path);
         }
@@ -224,7 +234,10 @@ pub fn draw_figures(results: &[PointResult], dir: &Path) -> anyhow::Result<Vec<P
             .collect();
         if !lines.is_empty() {
             let path = dir.join("text_tokens.png");
-            let title = format!("zero-shot top-1 vs text tokens in pre-training ({})", s.as_str());
+            let title = format!(
+                "zero-shot top-1 vs text tokens in pre-training ({})",
+                s.as_str()
+            );
             chart(&path, &title, "text tokens (log scale)", &lines, true)?;
             written.push(path);
         }
@@ -246,7 +259,11 @@ pub fn draw_figures(results: &[PointResult], dir: &Path) -> anyhow::Result<Vec<P
         })
         .collect();
     let path = dir.join("compute.png");
-    scatter(&path, "zero-shot top-1 vs training compute (pre-train + fine-tune)", &lines)?;
+    scatter(
+        &path,
+        "zero-shot top-1 vs training compute (pre-train + fine-tune)",
+        &lines,
+    )?;
     written.push(path);
     if let Some(path) = strategies(results, &models, dir)? {
         written.push(path);
@@ -320,10 +337,16 @@ fn chart(path: &Path, title: &str, x_desc: &str, lines: &[Line], log2: bool) -> 
         let col = COLOURS[i % COLOURS.len()];
         let pre: Vec<(f64, f64)> = l.points.iter().map(|p| (fx(p.0), p.2)).collect();
         let ft: Vec<(f64, f64)> = l.points.iter().map(|p| (fx(p.0), p.1)).collect();
-        c.draw_series(LineSeries::new(pre.iter().copied(), col.mix(0.3).stroke_width(1)))
-            .map_err(|e| err(&e))?;
-        c.draw_series(pre.iter().map(|&p| TriangleMarker::new(p, 4, col.mix(0.3).filled())))
-            .map_err(|e| err(&e))?;
+        c.draw_series(LineSeries::new(
+            pre.iter().copied(),
+            col.mix(0.3).stroke_width(1),
+        ))
+        .map_err(|e| err(&e))?;
+        c.draw_series(
+            pre.iter()
+                .map(|&p| TriangleMarker::new(p, 4, col.mix(0.3).filled())),
+        )
+        .map_err(|e| err(&e))?;
         c.draw_series(LineSeries::new(ft.iter().copied(), col.stroke_width(2)))
             .map_err(|e| err(&e))?
             .label(format!("{} (faint: before fine-tuning)", l.label))
@@ -343,7 +366,9 @@ fn chart(path: &Path, title: &str, x_desc: &str, lines: &[Line], log2: bool) -> 
 
 /// Fine-tuned accuracy against log10 GFLOP, one marker colour per model.
 fn scatter(path: &Path, title: &str, lines: &[Line]) -> anyhow::Result<()> {
-    let xs = lines.iter().flat_map(|l| l.points.iter().map(|p| p.0.log10()));
+    let xs = lines
+        .iter()
+        .flat_map(|l| l.points.iter().map(|p| p.0.log10()));
     let (lo, hi) = xs.fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(x), h.max(x)));
     let yr = {
         let ys = lines.iter().flat_map(|l| l.points.iter().map(|p| p.1));
@@ -368,10 +393,14 @@ fn scatter(path: &Path, title: &str, lines: &[Line]) -> anyhow::Result<()> {
         .map_err(|e| err(&e))?;
     for (i, l) in lines.iter().enumerate() {
         let col = COLOURS[i % COLOURS.len()];
-        c.draw_series(l.points.iter().map(|p| Circle::new((p.0.log10(), p.1), 5, col.filled())))
-            .map_err(|e| err(&e))?
-            .label(l.label.clone())
-            .legend(move |(x, y)| Circle::new((x + 10, y), 5, col.filled()));
+        c.draw_series(
+            l.points
+                .iter()
+                .map(|p| Circle::new((p.0.log10(), p.1), 5, col.filled())),
+        )
+        .map_err(|e| err(&e))?
+        .label(l.label.clone())
+        .legend(move |(x, y)| Circle::new((x + 10, y), 5, col.filled()));
     }
     c.configure_series_labels()
         .background_style(WHITE.mix(0.8))
@@ -387,7 +416,11 @@ fn scatter(path: &Path, title: &str, lines: &[Line]) -> anyhow::Result<()> {
 /// image count with the most strategies (text full), the text panel
 /// likewise; x is the strategy, one line per model. `None` when no count
 /// has two strategies.
-fn strategies(results: &[PointResult], models: &[String], dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+fn strategies(
+    results: &[PointResult],
+    models: &[String],
+    dir: &Path,
+) -> anyhow::Result<Option<PathBuf>> {
     // (axis title, strategy names, per model: per strategy: fine-tuned %)
     type Panel = (String, Vec<&'static str>, Vec<Line>);
     let panel = |image: bool| -> Option<Panel> {
@@ -395,7 +428,11 @@ fn strategies(results: &[PointResult], models: &[String], dir: &Path) -> anyhow:
         for r in results {
             let p = &r.point;
             let (name, count, other_full) = if image {
-                (p.image.map(ImageStrategy::as_str), p.image_tokens, p.text.is_none())
+                (
+                    p.image.map(ImageStrategy::as_str),
+                    p.image_tokens,
+                    p.text.is_none(),
+                )
             } else {
                 (p.text.map(|t| t.as_str()), p.text_tokens, p.image.is_none())
             };
@@ -414,7 +451,10 @@ fn strategies(results: &[PointResult], models: &[String], dir: &Path) -> anyhow:
         let order: Vec<&str> = if image {
             ImageStrategy::ALL.iter().map(|s| s.as_str()).collect()
         } else {
-            clipa_core::reduce::TextReduction::ALL.iter().map(|s| s.as_str()).collect()
+            clipa_core::reduce::TextReduction::ALL
+                .iter()
+                .map(|s| s.as_str())
+                .collect()
         };
         names.sort_by_key(|n| order.iter().position(|o| o == n));
         let lines = models
@@ -462,11 +502,17 @@ fn strategies(results: &[PointResult], models: &[String], dir: &Path) -> anyhow:
 }
 
 /// Draws the strategy panels side by side into `path`.
-fn draw_panels(path: &Path, panels: &[(String, Vec<&'static str>, Vec<Line>)]) -> anyhow::Result<()> {
+fn draw_panels(
+    path: &Path,
+    panels: &[(String, Vec<&'static str>, Vec<Line>)],
+) -> anyhow::Result<()> {
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let root = root
-        .titled("strategies at equal token counts (solid: fine-tuned, faint: pre-trained)", ("sans-serif", 20))
+        .titled(
+            "strategies at equal token counts (solid: fine-tuned, faint: pre-trained)",
+            ("sans-serif", 20),
+        )
         .map_err(|e| err(&e))?;
     let areas = root.split_evenly((1, panels.len()));
     for (area, (title, names, lines)) in areas.iter().zip(panels) {
@@ -483,7 +529,9 @@ fn draw_panels(path: &Path, panels: &[(String, Vec<&'static str>, Vec<Line>)]) -
             .x_label_formatter(&move |v| {
                 let i = v.round();
                 if (v - i).abs() < 1e-6 && i >= 0.0 {
-                    names.get(i as usize).map_or(String::new(), |s| s.to_string())
+                    names
+                        .get(i as usize)
+                        .map_or(String::new(), |s| s.to_string())
                 } else {
                     String::new()
                 }
@@ -496,12 +544,17 @@ fn draw_panels(path: &Path, panels: &[(String, Vec<&'static str>, Vec<Line>)]) -
             let col = COLOURS[i % COLOURS.len()];
             let ft: Vec<(f64, f64)> = l.points.iter().map(|p| (p.0, p.1)).collect();
             let pre: Vec<(f64, f64)> = l.points.iter().map(|p| (p.0, p.2)).collect();
-            c.draw_series(LineSeries::new(pre.iter().copied(), col.mix(0.3).stroke_width(1)))
-                .map_err(|e| err(&e))?;
+            c.draw_series(LineSeries::new(
+                pre.iter().copied(),
+                col.mix(0.3).stroke_width(1),
+            ))
+            .map_err(|e| err(&e))?;
             c.draw_series(LineSeries::new(ft.iter().copied(), col.stroke_width(2)))
                 .map_err(|e| err(&e))?
                 .label(l.label.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2))
+                });
             c.draw_series(ft.iter().map(|&p| Circle::new(p, 4, col.filled())))
                 .map_err(|e| err(&e))?;
         }

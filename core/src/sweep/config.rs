@@ -356,8 +356,8 @@ impl SweepConfig {
                 )));
             }
             for m in &g.models {
-                let model = ClipConfig::preset(m)
-                    .map_err(|e| Error::Config(format!("{tag}: {e}")))?;
+                let model =
+                    ClipConfig::preset(m).map_err(|e| Error::Config(format!("{tag}: {e}")))?;
                 let patch = model.vision.patch_size;
                 if !(self.image_size as usize).is_multiple_of(patch) {
                     return Err(Error::Config(format!(

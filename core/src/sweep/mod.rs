@@ -367,7 +367,10 @@ fn run_phase<B: AutodiffBackend>(
         PhaseKind::Pretrain => None,
         PhaseKind::Finetune => Some(
             runstate::latest(&dir.join(PhaseKind::Pretrain.as_str()))?.ok_or_else(|| {
-                Error::Training(format!("{}: the pre-training checkpoint is missing", dir.display()))
+                Error::Training(format!(
+                    "{}: the pre-training checkpoint is missing",
+                    dir.display()
+                ))
             })?,
         ),
     };
@@ -388,8 +391,12 @@ fn run_phase<B: AutodiffBackend>(
     if summary.interrupted {
         return Ok(None);
     }
-    let checkpoint = runstate::latest(&run_dir)?
-        .ok_or_else(|| Error::Training(format!("{}: no checkpoint after training", run_dir.display())))?;
+    let checkpoint = runstate::latest(&run_dir)?.ok_or_else(|| {
+        Error::Training(format!(
+            "{}: no checkpoint after training",
+            run_dir.display()
+        ))
+    })?;
     let model = crate::checkpoint::load_model::<B::InnerBackend>(&checkpoint, &device.clone())?;
     let (top1, top5, metrics) = evaluate(&run_cfg, data, cfg, &model, device)?;
     let stage = &run_cfg.stages[0];
@@ -430,7 +437,10 @@ fn evaluate<B: burn::tensor::backend::Backend>(
         .ok_or_else(|| Error::Config("the sweep's data has no zero-shot set".into()))?;
     let mut metrics = BTreeMap::new();
     for e in &cfg.evaluators {
-        for (k, v) in e.run(model, &tokenizer, device, None, &mut |_| {})?.metrics() {
+        for (k, v) in e
+            .run(model, &tokenizer, device, None, &mut |_| {})?
+            .metrics()
+        {
             metrics.insert(format!("{}/{k}", e.name()), v);
         }
     }
@@ -507,8 +517,13 @@ pub fn to_csv(results: &[PointResult]) -> String {
             r.finetune.top5,
         ));
         for k in &extra {
-            let cell = |m: &BTreeMap<String, f64>| m.get(*k).map_or(String::new(), |v| format!("{v:.4}"));
-            out.push_str(&format!(",{},{}", cell(&r.pretrain.metrics), cell(&r.finetune.metrics)));
+            let cell =
+                |m: &BTreeMap<String, f64>| m.get(*k).map_or(String::new(), |v| format!("{v:.4}"));
+            out.push_str(&format!(
+                ",{},{}",
+                cell(&r.pretrain.metrics),
+                cell(&r.finetune.metrics)
+            ));
         }
         out.push('\n');
     }
@@ -641,7 +656,13 @@ mod tests {
         let csv = to_csv(&[r]);
         let lines: Vec<&str> = csv.lines().collect();
         assert!(lines[0].ends_with(",pretrain_coco/i2t_r1,finetune_coco/i2t_r1"));
-        assert!(lines[1].starts_with("scale-w32_i16-grid_t16-full,scale-w32,5,grid,16,none,16,10,10,2.0,2.0,4.0,"));
-        assert!(lines[1].ends_with(",0.2500,1.0000,0.5000,1.0000,,0.1250"), "{}", lines[1]);
+        assert!(lines[1].starts_with(
+            "scale-w32_i16-grid_t16-full,scale-w32,5,grid,16,none,16,10,10,2.0,2.0,4.0,"
+        ));
+        assert!(
+            lines[1].ends_with(",0.2500,1.0000,0.5000,1.0000,,0.1250"),
+            "{}",
+            lines[1]
+        );
     }
 }

@@ -117,7 +117,9 @@ impl StageConfig {
     /// counted), for a model with `patch`-pixel patches.
     pub fn image_tokens(&self, patch: usize) -> usize {
         let g = self.image_reduction.image_size(self.image_size) as usize / patch;
-        self.image_reduction.mask().map_or(g * g, |m| m.kept((g, g)))
+        self.image_reduction
+            .mask()
+            .map_or(g * g, |m| m.kept((g, g)))
     }
 
     /// Samples this stage trains on.
