@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use burn::tensor::backend::AutodiffBackend;
 use clipa_backends::{BackendJob, BackendKind, DeviceInfo};
+use clipa_core::reduce::TextReduction;
 use clipa_core::sweep::{
     self, ImageStrategy, PointResult, SweepConfig, SweepObserver, SweepOptions, SweepPoint,
     SweepSummary,
@@ -172,19 +173,57 @@ fn models(results: &[PointResult]) -> Vec<String> {
     out
 }
 
-/// The strategy used most on one axis (ties: the first in `ALL` order).
-fn main_strategy<S: Copy + Ord>(
-    results: &[PointResult],
-    get: impl Fn(&SweepPoint) -> Option<S>,
-) -> Option<S> {
-    let mut count: BTreeMap<S, usize> = BTreeMap::new();
-    for r in results {
-        if let Some(s) = get(&r.point) {
-            *count.entry(s).or_default() += 1;
+/// The token axis a figure varies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Axis {
+    Image,
+    Text,
+}
+
+impl Axis {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Image => "image",
+            Self::Text => "text",
         }
     }
-    let best = count.values().copied().max()?;
-    count.into_iter().find(|(_, n)| *n == best).map(|(s, _)| s)
+
+    /// The strategies in figure order.
+    fn order(self) -> Vec<&'static str> {
+        match self {
+            Self::Image => ImageStrategy::ALL.iter().map(|s| s.as_str()).collect(),
+            Self::Text => TextReduction::ALL.iter().map(|s| s.as_str()).collect(),
+        }
+    }
+
+    /// Where `p` sits on this axis: `(strategy, tokens)`, the strategy
+    /// `None` at full length; `None` when the other axis is reduced too.
+    fn of(self, p: &SweepPoint) -> Option<(Option<&'static str>, usize)> {
+        match self {
+            Self::Image => p
+                .text
+                .is_none()
+                .then(|| (p.image.map(ImageStrategy::as_str), p.image_tokens)),
+            Self::Text => p
+                .image
+                .is_none()
+                .then(|| (p.text.map(TextReduction::as_str), p.text_tokens)),
+        }
+    }
+
+    /// The strategy used most on this axis (ties: the first in figure order).
+    fn main_strategy(self, results: &[PointResult]) -> Option<&'static str> {
+        let mut count: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for r in results {
+            if let Some((Some(s), _)) = self.of(&r.point) {
+                *count.entry(s).or_default() += 1;
+            }
+        }
+        let best = count.values().copied().max()?;
+        self.order()
+            .into_iter()
+            .find(|s| count.get(s) == Some(&best))
+    }
 }
 
 /// Draws the figures that the finished points allow; returns the files.
@@ -198,47 +237,36 @@ pub fn draw_figures(results: &[PointResult], dir: &Path) -> anyhow::Result<Vec<P
     let mut written = Vec::new();
     let pct = |v: f64| 100.0 * v;
 
-    // Accuracy against image tokens (text at full length), one line per
-    // model, by the axis's main strategy; the full-token point anchors it.
-    if let Some(s) = main_strategy(results, |p| p.image) {
+    // Accuracy against image tokens (text at full length) and against text
+    // tokens (image at full length), one line per model, by the axis's main
+    // strategy; the full-length point anchors each line.
+    for axis in [Axis::Image, Axis::Text] {
+        let Some(s) = axis.main_strategy(results) else {
+            continue;
+        };
         let lines: Vec<Line> = models
             .iter()
             .map(|m| Line {
                 label: m.clone(),
-                points: axis_points(results, m, |p| {
-                    (p.text.is_none() && p.image.is_none_or(|x| x == s)).then_some(p.image_tokens)
+                points: axis_points(results, m, |p| match axis.of(p) {
+                    Some((None, t)) => Some(t),
+                    Some((Some(x), t)) if x == s => Some(t),
+                    _ => None,
                 }),
             })
             .filter(|l| l.points.len() >= 2)
             .collect();
         if !lines.is_empty() {
-            let path = dir.join("image_tokens.png");
-            let title = format!(
-                "zero-shot top-1 vs image tokens in pre-training ({})",
-                s.as_str()
-            );
-            chart(&path, &title, "image tokens (log scale)", &lines, true)?;
-            written.push(path);
-        }
-    }
-    if let Some(s) = main_strategy(results, |p| p.text) {
-        let lines: Vec<Line> = models
-            .iter()
-            .map(|m| Line {
-                label: m.clone(),
-                points: axis_points(results, m, |p| {
-                    (p.image.is_none() && p.text.is_none_or(|x| x == s)).then_some(p.text_tokens)
-                }),
-            })
-            .filter(|l| l.points.len() >= 2)
-            .collect();
-        if !lines.is_empty() {
-            let path = dir.join("text_tokens.png");
-            let title = format!(
-                "zero-shot top-1 vs text tokens in pre-training ({})",
-                s.as_str()
-            );
-            chart(&path, &title, "text tokens (log scale)", &lines, true)?;
+            let what = axis.name();
+            let path = dir.join(format!("{what}_tokens.png"));
+            let title = format!("zero-shot top-1 vs {what} tokens in pre-training ({s})");
+            chart(
+                &path,
+                &title,
+                &format!("{what} tokens (log scale)"),
+                &lines,
+                true,
+            )?;
             written.push(path);
         }
     }
@@ -423,20 +451,10 @@ fn strategies(
 ) -> anyhow::Result<Option<PathBuf>> {
     // (axis title, strategy names, per model: per strategy: fine-tuned %)
     type Panel = (String, Vec<&'static str>, Vec<Line>);
-    let panel = |image: bool| -> Option<Panel> {
+    let panel = |axis: Axis| -> Option<Panel> {
         let mut by_count: BTreeMap<usize, Vec<&'static str>> = BTreeMap::new();
         for r in results {
-            let p = &r.point;
-            let (name, count, other_full) = if image {
-                (
-                    p.image.map(ImageStrategy::as_str),
-                    p.image_tokens,
-                    p.text.is_none(),
-                )
-            } else {
-                (p.text.map(|t| t.as_str()), p.text_tokens, p.image.is_none())
-            };
-            if let (Some(n), true) = (name, other_full) {
+            if let Some((Some(n), count)) = axis.of(&r.point) {
                 let v = by_count.entry(count).or_default();
                 if !v.contains(&n) {
                     v.push(n);
@@ -447,52 +465,34 @@ fn strategies(
         if names.len() < 2 {
             return None;
         }
+        let order = axis.order();
         let mut names = names.clone();
-        let order: Vec<&str> = if image {
-            ImageStrategy::ALL.iter().map(|s| s.as_str()).collect()
-        } else {
-            clipa_core::reduce::TextReduction::ALL
-                .iter()
-                .map(|s| s.as_str())
-                .collect()
-        };
         names.sort_by_key(|n| order.iter().position(|o| o == n));
         let lines = models
             .iter()
-            .map(|m| {
-                let points = names
+            .map(|m| Line {
+                label: m.clone(),
+                points: names
                     .iter()
                     .enumerate()
                     .filter_map(|(i, n)| {
                         results
                             .iter()
                             .find(|r| {
-                                let p = &r.point;
-                                &p.model == m
-                                    && if image {
-                                        p.image_tokens == count
-                                            && p.text.is_none()
-                                            && p.image.map(ImageStrategy::as_str) == Some(*n)
-                                    } else {
-                                        p.text_tokens == count
-                                            && p.image.is_none()
-                                            && p.text.map(|t| t.as_str()) == Some(*n)
-                                    }
+                                &r.point.model == m && axis.of(&r.point) == Some((Some(*n), count))
                             })
                             .map(|r| (i as f64, 100.0 * r.finetune.top1, 100.0 * r.pretrain.top1))
                     })
-                    .collect();
-                Line {
-                    label: m.clone(),
-                    points,
-                }
+                    .collect(),
             })
             .filter(|l: &Line| l.points.len() >= 2)
             .collect::<Vec<_>>();
-        let what = if image { "image" } else { "text" };
-        Some((format!("{count} {what} tokens"), names, lines))
+        Some((format!("{count} {} tokens", axis.name()), names, lines))
     };
-    let panels: Vec<Panel> = [panel(true), panel(false)].into_iter().flatten().collect();
+    let panels: Vec<Panel> = [panel(Axis::Image), panel(Axis::Text)]
+        .into_iter()
+        .flatten()
+        .collect();
     if panels.is_empty() {
         return Ok(None);
     }

@@ -432,9 +432,7 @@ mod syntax_tests {
 
 /// The text token reduction of a training stage (closed choice). Config
 /// and CLI spelling: `truncate`, `random`, `block`, `syntax`.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TextReduction {
     /// [`Truncate`].
