@@ -174,6 +174,7 @@ fn a_killed_run_resumes_to_the_same_loss_curve() {
 #[test]
 fn user_mistakes_are_one_line_errors() {
     let bf16_run = scratch("bf16");
+    let missing_run = scratch("missing-data");
     for (args, needle) in [
         (
             vec!["train", "--image-reduction", "random:1.5", "--dry-run"],
@@ -205,6 +206,10 @@ fn user_mistakes_are_one_line_errors() {
                 "/nonexistent/{000..009}.tar",
                 "--steps",
                 "1",
+                // Not the default runs/ folder, which is the working
+                // directory's (cli/ under cargo test).
+                "--output",
+                s(&missing_run),
             ],
             "/nonexistent/{000..009}.tar",
         ),
@@ -249,6 +254,7 @@ fn user_mistakes_are_one_line_errors() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
     std::fs::remove_dir_all(&bf16_run).ok();
+    std::fs::remove_dir_all(&missing_run).ok();
 }
 
 #[test]
