@@ -12,6 +12,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use clipa_backends::CpuBackend;
 use clipa_core::data::synthetic::{Split, SyntheticCaptions};
 use clipa_core::data::tokenizer::Tokenizer;
+use clipa_core::dist::Replica;
 use clipa_core::model::ClipConfig;
 use clipa_core::numeric::normal_data;
 use clipa_core::reduce::{ImageReduction, TextReducer, TextReduction};
@@ -85,7 +86,15 @@ pub fn bench(c: &mut Criterion) {
     };
     group.bench_function("bench-tiny_b64_i32_t32", |b| {
         b.iter(|| {
-            let (loss, grads) = loss_and_grads(&model, &batch, LossKind::Softmax, 1, false);
+            let (loss, grads) = loss_and_grads(
+                &model,
+                &batch,
+                LossKind::Softmax,
+                1,
+                false,
+                &Replica::single(),
+            )
+            .expect("one replica needs no collective");
             model = opt.step(1e-4, model.clone(), grads, 1.0);
             black_box(loss)
         })

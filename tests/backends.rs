@@ -156,7 +156,15 @@ fn reduced_train_steps_match_cpu_on_wgpu() {
             keep,
             ids: Tensor::from_data(TensorData::new(ids.to_vec(), [N, 16]), device),
         };
-        let (loss, grads) = loss_and_grads(&model, &batch, LossKind::Softmax, 2, false);
+        let (loss, grads) = loss_and_grads(
+            &model,
+            &batch,
+            LossKind::Softmax,
+            2,
+            false,
+            &clipa_core::dist::Replica::single(),
+        )
+        .unwrap();
         let _ = model.valid();
         (loss, grads_by_path(&model, &grads))
     }

@@ -26,6 +26,19 @@ fn driver_present() -> bool {
 }
 
 /// Picks CUDA device `index` (0 when `None`).
+/// How many GPUs the driver sees (`--devices all`).
+pub fn count() -> Result<usize, BackendError> {
+    if !driver_present() {
+        return Err(no_device(
+            "the NVIDIA driver library (libcuda.so) was not found; install the NVIDIA driver"
+                .into(),
+        ));
+    }
+    let count = CudaContext::device_count()
+        .map_err(|e| no_device(format!("the CUDA driver reports an error: {e}")))?;
+    Ok(count.max(0) as usize)
+}
+
 pub fn select(index: Option<usize>) -> Result<(CudaDevice, DeviceInfo), BackendError> {
     if !driver_present() {
         return Err(no_device(

@@ -159,6 +159,120 @@ pub fn run<J: BackendJob>(
     }
 }
 
+/// The devices of a data-parallel run (`--devices 0,1,2,3` or `all`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceSet {
+    /// Every device the backend has.
+    All,
+    /// These device indices, in this order (replica `r` on the `r`-th).
+    List(Vec<usize>),
+}
+
+impl std::str::FromStr for DeviceSet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "all" {
+            return Ok(Self::All);
+        }
+        let mut list = Vec::new();
+        for part in s.split(',') {
+            let i: usize = part.trim().parse().map_err(|_| {
+                format!("'{part}' is not a device index (expected e.g. 0,1,2,3 or all)")
+            })?;
+            if list.contains(&i) {
+                return Err(format!("device {i} is listed twice"));
+            }
+            list.push(i);
+        }
+        Ok(Self::List(list))
+    }
+}
+
+/// A computation on several devices of one backend (data-parallel
+/// training): [`run_on`] resolves every device first.
+pub trait MultiDeviceJob {
+    /// What the job returns.
+    type Output;
+
+    /// Runs the job on backend `B`, one replica per device.
+    fn run<B: AutodiffBackend>(
+        self,
+        devices: Vec<B::Device>,
+        info: &[DeviceInfo],
+    ) -> clipa_core::Result<Self::Output>;
+}
+
+/// How many devices backend `kind` has.
+pub fn device_count(kind: BackendKind) -> Result<usize, BackendError> {
+    match kind {
+        #[cfg(feature = "cpu")]
+        BackendKind::Cpu => Ok(1),
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => Ok(wgpu_backend::count()),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => cuda::count(),
+        #[allow(unreachable_patterns)]
+        other => Err(BackendError::NotCompiled(other)),
+    }
+}
+
+fn resolve<D>(
+    kind: BackendKind,
+    set: &DeviceSet,
+    select: impl Fn(Option<usize>) -> Result<(D, DeviceInfo), BackendError>,
+) -> Result<(Vec<D>, Vec<DeviceInfo>), BackendError> {
+    let indices = match set {
+        DeviceSet::All => (0..device_count(kind)?).collect(),
+        DeviceSet::List(list) => list.clone(),
+    };
+    if indices.is_empty() {
+        return Err(BackendError::NoDevice {
+            kind,
+            reason: "no device found for --devices all".into(),
+        });
+    }
+    let mut devices = Vec::with_capacity(indices.len());
+    let mut infos = Vec::with_capacity(indices.len());
+    for i in indices {
+        let (d, info) = select(Some(i))?;
+        devices.push(d);
+        infos.push(info);
+    }
+    Ok((devices, infos))
+}
+
+/// Runs `job` on the devices `set` of backend `kind`; every device must
+/// exist (none is skipped silently).
+pub fn run_on<J: MultiDeviceJob>(
+    kind: BackendKind,
+    set: &DeviceSet,
+    job: J,
+) -> Result<J::Output, BackendError> {
+    match kind {
+        #[cfg(feature = "cpu")]
+        BackendKind::Cpu => {
+            let (devices, infos) = resolve(kind, set, cpu::select)?;
+            Ok(job.run::<cpu::Backend>(devices, &infos)?)
+        }
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => {
+            let (devices, infos) = resolve(kind, set, wgpu_backend::select)?;
+            Ok(job.run::<wgpu_backend::Backend>(devices, &infos)?)
+        }
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => {
+            let (devices, infos) = resolve(kind, set, cuda::select)?;
+            Ok(job.run::<cuda::Backend>(devices, &infos)?)
+        }
+        #[allow(unreachable_patterns)]
+        other => {
+            drop(job);
+            Err(BackendError::NotCompiled(other))
+        }
+    }
+}
+
 /// The CPU backend type, for benches that compare backends directly.
 #[cfg(feature = "cpu")]
 pub type CpuBackend = cpu::Backend;

@@ -54,6 +54,11 @@ fn rank(t: wgpu::DeviceType) -> u8 {
 
 /// Picks adapter `index` in enumeration order, or the most capable one
 /// (discrete, integrated, virtual, then software) when `None`.
+/// How many adapters there are (`--devices all`).
+pub fn count() -> usize {
+    adapters().len()
+}
+
 pub fn select(index: Option<usize>) -> Result<(WgpuDevice, DeviceInfo), BackendError> {
     let all = adapters();
     if all.is_empty() {

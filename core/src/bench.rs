@@ -12,6 +12,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use serde::Serialize;
 
 use crate::data::tokenizer::Tokenizer;
+use crate::dist::Replica;
 use crate::model::{ClipConfig, ClipModel};
 use crate::numeric::normal_data;
 use crate::reduce::{ImageReduction, TextReducer, TextReduction};
@@ -313,7 +314,8 @@ impl<B: AutodiffBackend> BenchRun<B> {
             LossKind::Softmax,
             self.case.accum_steps,
             self.case.grad_checkpointing,
-        );
+            &Replica::single(),
+        )?;
         self.sync()?;
         let t1 = Instant::now();
         self.model = Some(self.opt.step(1e-4, model, grads, 1.0));

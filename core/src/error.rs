@@ -32,6 +32,10 @@ pub enum Error {
     /// Training cannot continue (a non-finite loss, too much bad data).
     #[error("training stopped: {0}")]
     Training(String),
+    /// A collective operation between replicas failed (a replica or node
+    /// left, shapes disagreed, the orchestrator is unreachable).
+    #[error("data-parallel collective failed: {0}")]
+    Collective(String),
     /// The backend failed while running a computation.
     #[error("backend error: {0}")]
     Backend(String),

@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod io;

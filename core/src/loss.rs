@@ -7,14 +7,17 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
-/// Mean cross-entropy of each row of `logits` against its diagonal entry.
+/// Mean cross-entropy of each row `i` of `logits` against column
+/// `offset + i` (the row's own caption when the rows are one replica's slice
+/// of the global batch and the columns the whole global batch).
 ///
 /// # Shapes
-/// `[n, m]` (n ≤ m) → `[1]`
-fn diagonal_cross_entropy<B: Backend>(logits: Tensor<B, 2>) -> Tensor<B, 1> {
+/// `[n, m]` (offset + n ≤ m) → `[1]`
+fn diagonal_cross_entropy<B: Backend>(logits: Tensor<B, 2>, offset: usize) -> Tensor<B, 1> {
     let [n, _] = logits.dims();
     let device = logits.device();
-    let labels = Tensor::<B, 1, Int>::arange(0..n as i64, &device).reshape([n, 1]); // [n, 1]
+    let labels =
+        Tensor::<B, 1, Int>::arange(offset as i64..(offset + n) as i64, &device).reshape([n, 1]); // [n, 1]
     let picked = log_softmax(logits, 1).gather(1, labels); // [n, 1]
     -picked.mean().reshape([1])
 }
@@ -23,7 +26,22 @@ fn diagonal_cross_entropy<B: Backend>(logits: Tensor<B, 2>) -> Tensor<B, 1> {
 /// `(CE(rows) + CE(columns)) / 2`, returned as `[1]`.
 pub fn clip_loss<B: Backend>(logits_per_image: Tensor<B, 2>) -> Tensor<B, 1> {
     let per_text = logits_per_image.clone().transpose();
-    (diagonal_cross_entropy(logits_per_image) + diagonal_cross_entropy(per_text)) / 2.0
+    clip_loss_rows(logits_per_image, per_text, 0)
+}
+
+/// One replica's share of the CLIP loss (OpenCLIP `--local-loss`): its `n`
+/// images against every caption of the global batch and its `n` captions
+/// against every image, the matching pair of row `i` in column `offset + i`.
+/// The mean of the replicas' shares is the loss of the global batch.
+///
+/// # Shapes
+/// `per_image`, `per_text`: `[n, global]` → `[1]`
+pub fn clip_loss_rows<B: Backend>(
+    per_image: Tensor<B, 2>,
+    per_text: Tensor<B, 2>,
+    offset: usize,
+) -> Tensor<B, 1> {
+    (diagonal_cross_entropy(per_image, offset) + diagonal_cross_entropy(per_text, offset)) / 2.0
 }
 
 /// The SigLIP loss (Zhai et al. 2023; OpenCLIP `SigLipLoss`) on biased
@@ -31,10 +49,23 @@ pub fn clip_loss<B: Backend>(logits_per_image: Tensor<B, 2>) -> Tensor<B, 1> {
 /// problem, +1 on the diagonal and −1 elsewhere,
 /// `−Σ log σ(label · logit) / batch`, returned as `[1]`.
 pub fn siglip_loss<B: Backend>(logits: Tensor<B, 2>) -> Tensor<B, 1> {
-    let [n, _] = logits.dims();
+    siglip_loss_rows(logits, 0)
+}
+
+/// One replica's share of the SigLIP loss: its `n` images against every
+/// caption of the global batch, positive in column `offset + i`, summed and
+/// divided by `n`. The mean of the replicas' shares is the global loss
+/// (every pair is counted once, by the replica that holds its image).
+///
+/// # Shapes
+/// `[n, global]` → `[1]`
+pub fn siglip_loss_rows<B: Backend>(logits: Tensor<B, 2>, offset: usize) -> Tensor<B, 1> {
+    let [n, m] = logits.dims();
     let device = logits.device();
-    let eye = Tensor::<B, 2>::eye(n, &device); // [n, n]
-    let labels = eye * 2.0 - 1.0; // +1 diagonal, −1 elsewhere
+    // +1 where column = offset + row, −1 elsewhere.
+    let eye = Tensor::<B, 2>::zeros([n, m], &device)
+        .slice_assign([0..n, offset..offset + n], Tensor::<B, 2>::eye(n, &device)); // [n, m]
+    let labels = eye * 2.0 - 1.0;
     let z = labels * logits;
     // log σ(z) = −softplus(−z), written stably as min(z, 0) − log(1 + e^−|z|).
     let log_sig = z.clone().clamp_max(0.0) - z.abs().neg().exp().log1p();
@@ -45,6 +76,7 @@ pub fn siglip_loss<B: Backend>(logits: Tensor<B, 2>) -> Tensor<B, 1> {
 mod tests {
     use super::*;
     use crate::numeric::TestBackend;
+    use burn::tensor::TensorData;
 
     #[test]
     fn uniform_logits_give_log_n() {
@@ -64,6 +96,33 @@ mod tests {
         let loss = clip_loss(logits).into_scalar();
         let want = (0.126_928 * 2.0 + 0.313_262 + 0.048_587) / 4.0;
         assert!((loss - want).abs() < 1e-5, "{loss} vs {want}");
+    }
+
+    #[test]
+    fn row_shares_average_to_the_global_loss() {
+        // Two replicas of 3 rows each over a 6×6 batch: the mean of their
+        // shares is the loss of the whole batch, for both losses.
+        let device = Default::default();
+        let values: Vec<f32> = (0..36).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.4).collect();
+        let logits = Tensor::<TestBackend, 2>::from_data(TensorData::new(values, [6, 6]), &device);
+        let full = clip_loss(logits.clone()).into_scalar();
+        let t = logits.clone().transpose();
+        let share = |r: usize| {
+            clip_loss_rows(
+                logits.clone().narrow(0, 3 * r, 3),
+                t.clone().narrow(0, 3 * r, 3),
+                3 * r,
+            )
+            .into_scalar()
+        };
+        let mean = (share(0) + share(1)) / 2.0;
+        assert!((mean - full).abs() < 1e-6, "{mean} vs {full}");
+        assert!((share(0) - share(1)).abs() > 1e-3, "the shares differ");
+        let full = siglip_loss(logits.clone()).into_scalar();
+        let share =
+            |r: usize| siglip_loss_rows(logits.clone().narrow(0, 3 * r, 3), 3 * r).into_scalar();
+        let mean = (share(0) + share(1)) / 2.0;
+        assert!((mean - full).abs() < 1e-5, "{mean} vs {full}");
     }
 
     #[test]

@@ -28,12 +28,13 @@ use serde::{Deserialize, Serialize};
 
 pub use config::{DataConfig, LossKind, Precision, StageConfig, TrainConfig};
 
-use self::data::{StageData, zeroshot_eval};
+use self::data::{StageBatch, StageData, zeroshot_eval};
 use self::optim::{AdamW, clip_factor, grad_norm};
 use self::runstate::Manifest;
 use self::step::{DeviceBatch, loss_and_grads};
 use crate::data::DataStatsSnapshot;
 use crate::data::tokenizer::Tokenizer;
+use crate::dist::{NodeConfig, Replica};
 use crate::eval::ZeroShotResult;
 use crate::model::ClipModel;
 use crate::preprocess::u8_batch_to_tensor;
@@ -151,7 +152,171 @@ pub fn train<B: AutodiffBackend>(
     device: &B::Device,
     observer: &mut dyn Observer,
 ) -> Result<TrainSummary> {
+    train_replica(
+        cfg,
+        opts,
+        device,
+        &Replica::<B>::single(),
+        &Feed::default(),
+        observer,
+    )
+}
+
+/// Runs (or resumes) a data-parallel training run: one replica per device
+/// of `devices`, each a thread of this process, and with `node` one such
+/// process per machine. Each step's global batch (`batch_size`) is split
+/// evenly over all replicas; the result equals one device's training at
+/// the same global batch (see [`crate::dist`]). Replica 0 writes the run
+/// folder; `observer` hears from this process's first replica.
+pub fn train_parallel<B: AutodiffBackend>(
+    cfg: TrainConfig,
+    opts: &RunOptions,
+    devices: &[B::Device],
+    node: Option<&NodeConfig>,
+    observer: &mut dyn Observer,
+) -> Result<TrainSummary> {
+    let local = devices.len();
+    let world = local * node.map_or(1, |n| n.num_nodes as usize);
+    if local == 0 {
+        return Err(Error::Config("no device to train on".into()));
+    }
+    if world == 1 {
+        return train::<B>(cfg, opts, &devices[0], observer);
+    }
     cfg.validate()?;
+    for stage in &cfg.stages {
+        if stage.batch_size % (world * stage.accum_steps) != 0 {
+            return Err(Error::Config(format!(
+                "stage '{}': batch_size {} must split evenly over {world} replicas × {} micro-batches",
+                stage.name, stage.batch_size, stage.accum_steps
+            )));
+        }
+    }
+    let feed = Feed::default();
+    let (cfg, feed) = (&cfg, &feed);
+    let replica = |i: usize, obs: &mut dyn Observer| -> Result<TrainSummary> {
+        let out = Replica::<B>::join(i, local, node, &devices[i]).and_then(|rep| {
+            let summary = train_replica(cfg.clone(), opts, &devices[i], &rep, feed, obs)?;
+            rep.leave()?;
+            Ok(summary)
+        });
+        if out.is_err() {
+            // The other replicas would wait for this one forever.
+            Replica::<B>::abort_all();
+        }
+        out
+    };
+    std::thread::scope(|s| {
+        let others: Vec<_> = (1..local)
+            .map(|i| s.spawn(move || replica(i, &mut Silent)))
+            .collect();
+        let first = replica(0, observer);
+        let mut errors: Vec<Error> = others
+            .into_iter()
+            .filter_map(|h| h.join().expect("a replica thread panicked").err())
+            .collect();
+        match first {
+            Ok(summary) if errors.is_empty() => Ok(summary),
+            first => {
+                errors.extend(first.err());
+                // The replica that failed first says why; the others only
+                // report that the collective was aborted under them.
+                let cause = errors
+                    .iter()
+                    .position(|e| !matches!(e, Error::Collective(_)))
+                    .unwrap_or(0);
+                Err(errors.swap_remove(cause))
+            }
+        }
+    })
+}
+
+/// An observer for replicas other than the first: replica 0 reports.
+struct Silent;
+
+impl Observer for Silent {
+    fn stage_start(&mut self, _: usize, _: &StageConfig, _: u64) {}
+    fn log(&mut self, _: &StepMetrics, _: u64) {}
+    fn message(&mut self, _: &str) {}
+}
+
+/// The data of one process, shared by its replicas: one loader reads each
+/// step's global batch once and every replica takes its rows of it, so the
+/// replicas see disjoint samples and together exactly the batch one device
+/// would. Replicas run in lock-step (each step's all-reduces wait for all),
+/// so one cached batch suffices.
+#[derive(Default)]
+pub struct Feed {
+    state: std::sync::Mutex<FeedState>,
+    /// Held while a replica seeds the backend and initialises its model:
+    /// the CPU backend's generator is one per process.
+    init: std::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct FeedState {
+    stage: Option<usize>,
+    data: Option<StageData>,
+    step: Option<u64>,
+    batch: Option<Arc<StageBatch>>,
+    failed: Option<String>,
+}
+
+impl Feed {
+    /// Stage `stage`'s global batch of step `step`, starting the stage's
+    /// loader with `start` on first use. A failure is returned to every
+    /// replica that asks after it.
+    fn batch(
+        &self,
+        stage: usize,
+        step: u64,
+        start: impl FnOnce() -> Result<StageData>,
+    ) -> Result<Arc<StageBatch>> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = &st.failed {
+            return Err(Error::Training(format!(
+                "another replica's data failed: {e}"
+            )));
+        }
+        let got: Result<Arc<StageBatch>> = (|| {
+            if st.stage != Some(stage) {
+                st.data = None;
+                st.data = Some(start()?);
+                st.stage = Some(stage);
+                st.step = None;
+            }
+            if st.step != Some(step) {
+                let data = st.data.as_mut().expect("started above");
+                st.batch = Some(Arc::new(data.next(step)?));
+                st.step = Some(step);
+            }
+            Ok(st.batch.clone().expect("read above"))
+        })();
+        if let Err(e) = &got {
+            st.failed = Some(e.to_string());
+        }
+        got
+    }
+
+    /// Good and bad data of the current stage's loader.
+    fn stats(&self) -> DataStatsSnapshot {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.data.as_ref().map(StageData::stats).unwrap_or_default()
+    }
+}
+
+/// One replica's training loop ([`train`] with one replica).
+fn train_replica<B: AutodiffBackend>(
+    cfg: TrainConfig,
+    opts: &RunOptions,
+    device: &B::Device,
+    replica: &Replica<B>,
+    feed: &Feed,
+    observer: &mut dyn Observer,
+) -> Result<TrainSummary> {
+    cfg.validate()?;
+    let leader = replica.is_leader();
+    let (rank, world) = (replica.rank(), replica.world());
     let run = opts.output.as_path();
     std::fs::create_dir_all(run).map_err(|e| Error::io(run, e))?;
     let resume_from = match &opts.resume {
@@ -159,7 +324,7 @@ pub fn train<B: AutodiffBackend>(
         Some(Resume::Latest) => runstate::latest(run)?,
         Some(Resume::Dir(d)) => Some(d.clone()),
     };
-    let (mut model, mut manifest, mut optim_state) = match &resume_from {
+    let (model, mut manifest, mut optim_state) = match &resume_from {
         Some(dir) => {
             let (manifest, model_cfg, weights, optim) = runstate::load(dir)?;
             runstate::check_resumable(&manifest.config, &cfg)?;
@@ -195,6 +360,7 @@ pub fn train<B: AutodiffBackend>(
                     model
                 }
                 None => {
+                    let _turn = feed.init.lock().unwrap_or_else(|e| e.into_inner());
                     B::seed(device, cfg.seed);
                     model_cfg.init(device)
                 }
@@ -213,6 +379,9 @@ pub fn train<B: AutodiffBackend>(
             (model, manifest, None)
         }
     };
+    // Replicas start from replica 0's weights (equal already, unless a
+    // backend's initialisation is not reproducible across devices).
+    let mut model = replica.share_weights(model)?;
     // The settings that may change on resume come from the new config.
     manifest.config = cfg.clone();
     let compute = cfg.precision.compute_dtype::<B>(device)?;
@@ -221,8 +390,17 @@ pub fn train<B: AutodiffBackend>(
         Some(_) => "precision: bf16 blocks, float32 master weights, LayerNorms and loss",
         None => "precision: float32",
     });
-    crate::io::write_atomic(&run.join("run.toml"), cfg.to_toml().as_bytes())?;
-    let mut metrics = open_metrics(run, manifest.step)?;
+    if world > 1 {
+        observer.message(&format!(
+            "data parallel: {world} replicas, each on 1/{world} of every batch"
+        ));
+    }
+    let mut metrics = if leader {
+        crate::io::write_atomic(&run.join("run.toml"), cfg.to_toml().as_bytes())?;
+        Some(open_metrics(run, manifest.step)?)
+    } else {
+        None
+    };
     let tokenizer = Tokenizer::clip();
     let lexicon = match &opts.lexicon {
         Some(p) => Some(Arc::new(crate::reduce::syntax::Lexicon::from_file(p)?)),
@@ -241,13 +419,7 @@ pub fn train<B: AutodiffBackend>(
             }
             _ => AdamW::new(cfg.optimizer),
         };
-        let mut data = StageData::start(
-            &cfg,
-            stage,
-            manifest.loader.take(),
-            &tokenizer,
-            lexicon.clone(),
-        )?;
+        let mut resume_loader = manifest.loader.take();
         observer.stage_start(si, stage, manifest.stage_step);
         let started = Instant::now();
         let (mut loss_sum, mut loss_n, mut wait, mut window, mut images) =
@@ -269,9 +441,19 @@ pub fn train<B: AutodiffBackend>(
                 end,
             );
             let t0 = Instant::now();
-            let batch = data.next(manifest.step)?;
+            let batch = feed.batch(si, manifest.step, || {
+                StageData::start(
+                    &cfg,
+                    stage,
+                    resume_loader.take(),
+                    &tokenizer,
+                    lexicon.clone(),
+                )
+            })?;
             wait += t0.elapsed().as_secs_f64();
             let first = manifest.step * stage.batch_size as u64;
+            // Masks are drawn for the global batch (keyed by global sample
+            // index), then this replica takes its rows `rank·n..`.
             let keep = stage.image_reduction.keep_indices(
                 grid,
                 stage.batch_size,
@@ -279,22 +461,31 @@ pub fn train<B: AutodiffBackend>(
                 manifest.step,
                 first,
             );
+            let n = stage.batch_size / world;
+            let pixels = px * px * 3;
             let device_batch = DeviceBatch::<B> {
                 images: u8_batch_to_tensor(
-                    &batch.images,
-                    stage.batch_size,
+                    &batch.images[rank * n * pixels..(rank + 1) * n * pixels],
+                    n,
                     px,
                     &model.config.normalization,
                     device,
                 ),
                 keep: keep.map(|(kept, idx)| {
                     Tensor::<B, 2, Int>::from_data(
-                        TensorData::new(idx, [stage.batch_size, kept]),
+                        TensorData::new(
+                            idx[rank * n * kept..(rank + 1) * n * kept].to_vec(),
+                            [n, kept],
+                        ),
                         device,
                     )
                 }),
                 ids: Tensor::<B, 2, Int>::from_data(
-                    TensorData::new(batch.ids, [stage.batch_size, stage.text_length]),
+                    TensorData::new(
+                        batch.ids[rank * n * stage.text_length..(rank + 1) * n * stage.text_length]
+                            .to_vec(),
+                        [n, stage.text_length],
+                    ),
                     device,
                 ),
             };
@@ -305,7 +496,9 @@ pub fn train<B: AutodiffBackend>(
                 cfg.loss,
                 stage.accum_steps,
                 cfg.grad_checkpointing,
-            );
+                replica,
+            )?;
+            // The same on every replica: the gradients were summed.
             let norm = grad_norm(&model, &grads);
             // finite check → optimiser
             if !loss.is_finite() || !norm.is_finite() {
@@ -328,7 +521,7 @@ pub fn train<B: AutodiffBackend>(
             }
             manifest.step += 1;
             manifest.stage_step += 1;
-            manifest.loader = Some(batch.state);
+            manifest.loader = Some(batch.state.clone());
             images += stage.batch_size;
             // stats
             let stage_done = manifest.stage_step == stage.steps;
@@ -353,8 +546,9 @@ pub fn train<B: AutodiffBackend>(
                     zeroshot_top1: None,
                     evals: BTreeMap::new(),
                 };
-                // One inference copy of the model serves every evaluation.
-                let eval_model = (eval_now || stage_done).then(|| model.valid());
+                // One inference copy of the model serves every evaluation,
+                // on replica 0 (the others wait for it at the next step).
+                let eval_model = (leader && (eval_now || stage_done)).then(|| model.valid());
                 if let Some(eval_model) = &eval_model
                     && let Some(r) = zeroshot_eval(&cfg, eval_model, &tokenizer, device)?
                 {
@@ -401,17 +595,20 @@ pub fn train<B: AutodiffBackend>(
                         }
                     }
                 }
-                writeln!(
-                    metrics,
-                    "{}",
-                    serde_json::to_string(&m).expect("metrics serialise")
-                )
-                .and_then(|_| metrics.flush())
-                .map_err(|e| Error::io(run.join("metrics.jsonl"), e))?;
+                if let Some(metrics) = &mut metrics {
+                    writeln!(
+                        metrics,
+                        "{}",
+                        serde_json::to_string(&m).expect("metrics serialise")
+                    )
+                    .and_then(|_| metrics.flush())
+                    .map_err(|e| Error::io(run.join("metrics.jsonl"), e))?;
+                }
                 observer.log(&m, manifest.stage_step);
                 (loss_sum, loss_n, wait, images, window) = (0.0, 0, 0.0, 0, Instant::now());
             }
-            interrupted = opts.interrupt.load(Ordering::SeqCst);
+            // Every replica stops at the same step, whichever saw the signal.
+            interrupted = replica.any(opts.interrupt.load(Ordering::SeqCst), device)?;
             if every(manifest.step, cfg.checkpoint_every) || stage_done || interrupted {
                 if stage_done {
                     // The next stage starts fresh: new loader, new optimiser.
@@ -419,16 +616,18 @@ pub fn train<B: AutodiffBackend>(
                     manifest.stage_step = 0;
                     manifest.loader = None;
                 }
-                manifest.data = data.stats();
-                let dir = runstate::save(
-                    run,
-                    &manifest,
-                    &model.config,
-                    &state_dict(&model),
-                    &opt.state_dict(),
-                    cfg.keep_checkpoints,
-                )?;
-                last_checkpoint = Some(dir);
+                manifest.data = feed.stats();
+                if leader {
+                    let dir = runstate::save(
+                        run,
+                        &manifest,
+                        &model.config,
+                        &state_dict(&model),
+                        &opt.state_dict(),
+                        cfg.keep_checkpoints,
+                    )?;
+                    last_checkpoint = Some(dir);
+                }
             }
             if interrupted {
                 observer.message(&format!(
@@ -451,7 +650,7 @@ pub fn train<B: AutodiffBackend>(
                 zeroshot: None,
             }),
         }
-        manifest.data = data.stats();
+        manifest.data = feed.stats();
         if interrupted {
             break;
         }
@@ -470,8 +669,10 @@ pub fn train<B: AutodiffBackend>(
         nonfinite_skipped: manifest.nonfinite_skipped,
         checkpoint: last_checkpoint,
     };
-    let json = serde_json::to_string_pretty(&summary).expect("summaries serialise");
-    crate::io::write_atomic(&run.join("summary.json"), json.as_bytes())?;
+    if leader {
+        let json = serde_json::to_string_pretty(&summary).expect("summaries serialise");
+        crate::io::write_atomic(&run.join("summary.json"), json.as_bytes())?;
+    }
     Ok(summary)
 }
 
@@ -576,6 +777,82 @@ mod tests {
                 (m.step, m.loss)
             })
             .collect()
+    }
+
+    /// Data parallelism changes nothing but the speed: 2 and 4 replicas at
+    /// the global batch of one device take the same steps, with both token
+    /// reductions (16 px with syntax-masked text, then half the patches
+    /// masked) and with gradient accumulation (2 micro-batches per replica
+    /// in the second stage). Were two replicas ever given the same sample,
+    /// the global batch would differ and so would the weights.
+    #[test]
+    fn replicas_train_exactly_like_one_device_at_the_global_batch() {
+        let _turn = crate::dist::tests::exclusive();
+        let device: burn::tensor::Device<TestBackend> = Default::default();
+        let mut cfg = two_stage();
+        cfg.stages[1].accum_steps = 2;
+        cfg.log_every = 1;
+        let init = run_dir("dp-init");
+        let mut model_cfg = cfg.model_config().unwrap();
+        model_cfg.text.context_length = 16;
+        crate::checkpoint::save_model(&init, &model_cfg.init::<TestBackend>(&device)).unwrap();
+        let run = |world: usize| {
+            let opts = RunOptions {
+                output: run_dir(&format!("dp-{world}")),
+                resume: None,
+                interrupt: Arc::new(AtomicBool::new(false)),
+                lexicon: None,
+                init_from: Some(init.clone()),
+            };
+            let mut obs = Stopper {
+                at: None,
+                flag: opts.interrupt.clone(),
+                stages: vec![],
+            };
+            let devices = vec![device; world];
+            let s = train_parallel::<TestBackend>(cfg.clone(), &opts, &devices, None, &mut obs)
+                .unwrap();
+            assert_eq!(s.steps, 6);
+            let (_, _, weights, _) = runstate::load(s.checkpoint.as_ref().unwrap()).unwrap();
+            (losses(&opts.output), weights)
+        };
+        let (want_losses, want) = run(1);
+        for world in [2, 4] {
+            let (got_losses, got) = run(world);
+            assert_eq!(got_losses.len(), 6);
+            for ((step, a), (_, b)) in want_losses.iter().zip(&got_losses) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                    "{world} replicas, step {step}: loss {b} vs {a}"
+                );
+            }
+            // Relative L2 error per tensor (single elements whose gradient
+            // is float noise get AdamW's full normalised step either way).
+            // The attention key biases are left out: their gradient is zero
+            // in exact arithmetic (softmax ignores a shift shared by all
+            // keys), so AdamW's normalised step moves them by float noise
+            // alone, differently for any other summation order (micro-batches
+            // on one device too); the function they compute is unchanged.
+            assert_eq!(want.len(), got.len());
+            for (name, w) in want.iter().filter(|(n, _)| !n.ends_with("attn.key.bias")) {
+                let err = crate::numeric::relative_error(&got[name], w);
+                assert!(err < 1e-5, "{world} replicas: {name} differs by {err}");
+            }
+        }
+        // A batch that does not split evenly is refused before any work.
+        let opts = RunOptions {
+            output: run_dir("dp-3"),
+            resume: None,
+            interrupt: Arc::new(AtomicBool::new(false)),
+            lexicon: None,
+            init_from: Some(init.clone()),
+        };
+        let err = train_parallel::<TestBackend>(cfg, &opts, &vec![device; 3], None, &mut Silent)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("split evenly over 3 replicas"),
+            "{err}"
+        );
     }
 
     /// Two stages on the synthetic set (16 px with 8 syntax-masked tokens,

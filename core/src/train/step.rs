@@ -8,7 +8,9 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor};
 
 use super::config::LossKind;
-use crate::loss::{clip_loss, siglip_loss};
+use crate::Result;
+use crate::dist::Replica;
+use crate::loss::{clip_loss, clip_loss_rows, siglip_loss, siglip_loss_rows};
 use crate::model::{ClipModel, l2_normalize};
 use crate::nn::ResidualBlock;
 
@@ -44,17 +46,148 @@ pub fn contrastive_loss<B: burn::tensor::backend::Backend>(
     }
 }
 
-/// Loss and gradients of one batch, split into `micro` micro-batches.
+/// One replica's share of the loss on the global features (OpenCLIP
+/// `--local-loss`): its `n` rows, starting at global row `offset`, against
+/// every column. The mean of the replicas' shares is
+/// [`contrastive_loss`] of the whole batch.
 ///
-/// With `micro = 1` this is a plain forward/backward. Otherwise (OpenCLIP
-/// `train.py`, `accum_freq > 1`): a no-grad pass computes every
-/// micro-batch's features; then each micro-batch is recomputed with
-/// gradients and its fresh features replace its cached ones in the full
-/// `[batch, dim]` matrices, so every loss sees all negatives, and the
-/// gradients add up to those of the full batch. The temperature (and bias)
-/// take their gradient from the first micro-batch only — they enter the
-/// loss directly, and counting them `micro` times (as OpenCLIP does) would
-/// scale their gradient by `micro`.
+/// # Shapes
+/// `image`, `text`: `[global, dim]` → `[1]`
+pub fn contrastive_loss_rows<B: burn::tensor::backend::Backend>(
+    kind: LossKind,
+    image: Tensor<B, 2>,
+    text: Tensor<B, 2>,
+    offset: usize,
+    n: usize,
+    scale: Tensor<B, 1>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, 1> {
+    let s = scale.exp().unsqueeze::<2>();
+    let rows = |t: &Tensor<B, 2>| t.clone().narrow(0, offset, n); // [n, dim]
+    match kind {
+        LossKind::Softmax => {
+            let per_image = rows(&image).matmul(text.clone().transpose()) * s.clone(); // [n, global]
+            let per_text = rows(&text).matmul(image.transpose()) * s; // [n, global]
+            clip_loss_rows(per_image, per_text, offset)
+        }
+        LossKind::Sigmoid => {
+            let bias = bias.expect("the sigmoid loss needs a logit bias");
+            let logits = rows(&image).matmul(text.transpose()) * s + bias.unsqueeze::<2>();
+            siglip_loss_rows(logits, offset)
+        }
+    }
+}
+
+/// The gradient of the global loss with respect to one replica's features,
+/// found without a graph through the towers.
+struct FeatureGrads<B: AutodiffBackend> {
+    /// The loss of the global batch.
+    loss: f64,
+    /// `d loss / d features` of this replica's rows, image then text
+    /// columns: `[local, 2·dim]`.
+    local: Tensor<B::InnerBackend, 2>,
+    /// This replica's part of `d loss / d logit_scale` (the parts add up
+    /// when the replicas' parameter gradients are summed).
+    scale: Tensor<B::InnerBackend, 1>,
+    /// Likewise for the SigLIP bias.
+    bias: Option<Tensor<B::InnerBackend, 1>>,
+}
+
+/// All-gathers the replicas' features `local` `[local, 2·dim]` (each
+/// replica writes its rows into its slot of a zero `[global, 2·dim]`
+/// matrix, and the sum over replicas fills every slot), differentiates this
+/// replica's share of the loss with respect to the whole gathered matrix,
+/// and sums those gradients over replicas: the sum's slot for this replica
+/// is the gradient of the global loss on its features. That second sum is
+/// the backward of the all-gather (OpenCLIP `gather_with_grad`), written
+/// out because Burn's all-reduce has no backward pass. With one replica
+/// both sums are the identity.
+fn feature_grads<B: AutodiffBackend>(
+    kind: LossKind,
+    local: Tensor<B::InnerBackend, 2>,
+    scale: Tensor<B, 1>,
+    bias: Option<Tensor<B, 1>>,
+    replica: &Replica<B>,
+) -> Result<FeatureGrads<B>> {
+    let [n, two_dim] = local.dims();
+    let dim = two_dim / 2;
+    let (world, offset) = (replica.world(), replica.rank() * n);
+    let gathered = if world == 1 {
+        local
+    } else {
+        let device = local.device();
+        Tensor::zeros([n * world, two_dim], &device)
+            .slice_assign([offset..offset + n, 0..two_dim], local)
+    };
+    let all = Tensor::<B, 2>::from_inner(replica.sum(gathered)?).require_grad(); // [global, 2·dim]
+    let scale = Tensor::<B, 1>::from_inner(scale.inner()).require_grad();
+    let bias = bias.map(|b| Tensor::<B, 1>::from_inner(b.inner()).require_grad());
+    let share = contrastive_loss_rows(
+        kind,
+        all.clone().narrow(1, 0, dim),
+        all.clone().narrow(1, dim, dim),
+        offset,
+        n,
+        scale.clone(),
+        bias.clone(),
+    ) / world as f32; // [1]
+    let grads = share.backward();
+    let reached = "the loss depends on the features, the temperature and the bias";
+    let all_grad = all.grad(&grads).expect(reached); // [global, 2·dim]
+    let scale_grad = scale.grad(&grads).expect(reached);
+    let bias_grad = bias.map(|b| b.grad(&grads).expect(reached));
+    let local = replica.sum(all_grad)?.narrow(0, offset, n); // [local, 2·dim]
+    let loss = replica.sum(share.inner())?.into_scalar().elem::<f64>();
+    Ok(FeatureGrads {
+        loss,
+        local,
+        scale: scale_grad,
+        bias: bias_grad,
+    })
+}
+
+/// A scalar whose gradient through the towers is the chain rule from
+/// `grads` (rows `at..at + n` of them) into the fresh features `image`,
+/// `text` `[n, dim]`; with `model`, also through the temperature and bias.
+fn surrogate<B: AutodiffBackend>(
+    image: Tensor<B, 2>,
+    text: Tensor<B, 2>,
+    grads: &FeatureGrads<B>,
+    at: usize,
+    model: Option<&ClipModel<B>>,
+) -> Tensor<B, 1> {
+    let [n, dim] = image.dims();
+    let g = grads.local.clone().narrow(0, at, n); // [n, 2·dim]
+    let mut s = (image * Tensor::from_inner(g.clone().narrow(1, 0, dim))).sum()
+        + (text * Tensor::from_inner(g.narrow(1, dim, dim))).sum();
+    if let Some(model) = model {
+        s = s + (model.logit_scale.val() * Tensor::from_inner(grads.scale.clone())).sum();
+        if let (Some(b), Some(g)) = (model.bias(), &grads.bias) {
+            s = s + (b * Tensor::from_inner(g.clone())).sum();
+        }
+    }
+    s
+}
+
+/// Loss and summed gradients of one batch, split into `micro`
+/// micro-batches, on one replica of `replica.world()`.
+///
+/// - One replica, `micro = 1`: a plain forward/backward.
+/// - Otherwise the loss is taken on features that do not carry a graph,
+///   and the towers are back-propagated with the loss's gradient on their
+///   features ([`feature_grads`], [`surrogate`]). Several replicas gather
+///   their features first. With micro-batches (OpenCLIP `train.py`,
+///   `accum_freq > 1`), a no-grad pass computes every micro-batch's
+///   features, the loss gradient is taken once on all of them (so every
+///   image meets every caption of the global batch), and each micro-batch
+///   is then recomputed with a graph and back-propagated with its rows of
+///   that gradient: the gradients add up to those of the full batch. The
+///   temperature (and bias) take their gradient with the first
+///   micro-batch only — counting it `micro` times (as OpenCLIP does) would
+///   scale it by `micro`.
+///
+/// The replicas' parameter gradients are then summed, so every replica
+/// holds the gradient of the global batch's loss.
 ///
 /// `checkpoint` back-propagates each (micro-)batch one transformer block at
 /// a time ([`backward_through`]): activation memory falls from all blocks'
@@ -65,79 +198,78 @@ pub fn loss_and_grads<B: AutodiffBackend>(
     kind: LossKind,
     micro: usize,
     checkpoint: bool,
-) -> (f64, GradientsParams) {
-    if micro == 1 {
-        return backward_through(
+    replica: &Replica<B>,
+) -> Result<(f64, GradientsParams)> {
+    // The softmax loss has no bias, even where the model carries one.
+    let bias = || match kind {
+        LossKind::Sigmoid => model.bias(),
+        LossKind::Softmax => None,
+    };
+    let (loss, grads) = if micro == 1 {
+        backward_through(
             model,
             batch.images.clone(),
             batch.keep.clone(),
             batch.ids.clone(),
             checkpoint,
-            |img, txt| contrastive_loss(kind, img, txt, model.logit_scale.val(), model.bias()),
-        );
-    }
-    let n = batch.ids.dims()[0];
-    let size = n / micro;
-    let slice4 = |t: &Tensor<B, 4>, j: usize| t.clone().narrow(0, j * size, size);
-    let slice2 = |t: &Tensor<B, 2, Int>, j: usize| t.clone().narrow(0, j * size, size);
-    let inner = model.valid();
-    // Per micro-batch: (image features, text features), no graph.
-    type Features<IB> = (Tensor<IB, 2>, Tensor<IB, 2>);
-    let cached: Vec<Features<B::InnerBackend>> = (0..micro)
-        .map(|j| {
-            let img = inner.encode_image(
-                slice4(&batch.images, j).inner(),
-                batch.keep.as_ref().map(|k| slice2(k, j).inner()),
-            );
-            let txt = inner.encode_text(slice2(&batch.ids, j).inner());
-            (l2_normalize(img), l2_normalize(txt))
-        })
-        .collect();
-    let mut acc = GradientsAccumulator::<ClipModel<B>>::new();
-    let mut value = 0.0;
-    for j in 0..micro {
-        let (scale, bias) = if j == 0 {
-            (model.logit_scale.val(), model.bias())
-        } else {
-            (
-                model.logit_scale.val().detach(),
-                model.bias().map(|b| b.detach()),
-            )
-        };
-        let (loss, grads) = backward_through(
-            model,
-            slice4(&batch.images, j),
-            batch.keep.as_ref().map(|k| slice2(k, j)),
-            slice2(&batch.ids, j),
-            checkpoint,
-            |fresh_img, fresh_txt| {
-                let (mut imgs, mut txts) = (Vec::with_capacity(micro), Vec::with_capacity(micro));
-                for (i, (ci, ct)) in cached.iter().enumerate() {
-                    if i == j {
-                        imgs.push(fresh_img.clone());
-                        txts.push(fresh_txt.clone());
-                    } else {
-                        imgs.push(Tensor::from_inner(ci.clone()));
-                        txts.push(Tensor::from_inner(ct.clone()));
-                    }
+            |img, txt| {
+                if replica.world() == 1 {
+                    let loss = contrastive_loss(kind, img, txt, model.logit_scale.val(), bias());
+                    let value = loss.clone().into_scalar().elem::<f64>();
+                    return Ok((loss, value));
                 }
-                contrastive_loss(
-                    kind,
-                    Tensor::cat(imgs, 0),
-                    Tensor::cat(txts, 0),
-                    scale,
-                    bias,
-                ) // [1]
+                let features = Tensor::cat(vec![img.clone().inner(), txt.clone().inner()], 1);
+                let g = feature_grads(kind, features, model.logit_scale.val(), bias(), replica)?;
+                Ok((surrogate(img, txt, &g, 0, Some(model)), g.loss))
             },
+        )?
+    } else {
+        let n = batch.ids.dims()[0];
+        let size = n / micro;
+        let slice4 = |t: &Tensor<B, 4>, j: usize| t.clone().narrow(0, j * size, size);
+        let slice2 = |t: &Tensor<B, 2, Int>, j: usize| t.clone().narrow(0, j * size, size);
+        let inner = model.valid();
+        // [local, 2·dim]: each micro-batch's image then text features, no graph.
+        let cached = Tensor::cat(
+            (0..micro)
+                .map(|j| {
+                    let img = inner.encode_image(
+                        slice4(&batch.images, j).inner(),
+                        batch.keep.as_ref().map(|k| slice2(k, j).inner()),
+                    );
+                    let txt = inner.encode_text(slice2(&batch.ids, j).inner());
+                    Tensor::cat(vec![l2_normalize(img), l2_normalize(txt)], 1)
+                })
+                .collect(),
+            0,
         );
-        value = loss;
-        acc.accumulate(model, grads);
-    }
-    (value, acc.grads())
+        drop(inner);
+        let g = feature_grads(kind, cached, model.logit_scale.val(), bias(), replica)?;
+        let mut acc = GradientsAccumulator::<ClipModel<B>>::new();
+        for j in 0..micro {
+            let (_, grads) = backward_through(
+                model,
+                slice4(&batch.images, j),
+                batch.keep.as_ref().map(|k| slice2(k, j)),
+                slice2(&batch.ids, j),
+                checkpoint,
+                |img, txt| {
+                    Ok((
+                        surrogate(img, txt, &g, j * size, (j == 0).then_some(model)),
+                        g.loss,
+                    ))
+                },
+            )?;
+            acc.accumulate(model, grads);
+        }
+        (g.loss, acc.grads())
+    };
+    Ok((loss, replica.sum_grads(model, grads)?))
 }
 
 /// Computes unit image and text features with gradients, reduces them to a
-/// loss with `loss_of`, and back-propagates it to every parameter.
+/// loss with `loss_of` (which returns the scalar to back-propagate and the
+/// loss value to report), and back-propagates it to every parameter.
 ///
 /// With `checkpoint` (per-block activation checkpointing, OpenCLIP's
 /// `--grad-checkpointing`), the towers first run without a graph, keeping
@@ -153,14 +285,13 @@ pub fn backward_through<B: AutodiffBackend>(
     keep: Option<Tensor<B, 2, Int>>,
     ids: Tensor<B, 2, Int>,
     checkpoint: bool,
-    loss_of: impl FnOnce(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 1>,
-) -> (f64, GradientsParams) {
+    loss_of: impl FnOnce(Tensor<B, 2>, Tensor<B, 2>) -> Result<(Tensor<B, 1>, f64)>,
+) -> Result<(f64, GradientsParams)> {
     if !checkpoint {
         let img = l2_normalize(model.encode_image(images, keep));
         let txt = l2_normalize(model.encode_text(ids));
-        let loss = loss_of(img, txt);
-        let value = loss.clone().into_scalar().elem::<f64>();
-        return (value, GradientsParams::from_grads(loss.backward(), model));
+        let (loss, value) = loss_of(img, txt)?;
+        return Ok((value, GradientsParams::from_grads(loss.backward(), model)));
     }
     let (vision, text) = (&model.visual, &model.text);
     let causal = text.config.causal;
@@ -196,8 +327,7 @@ pub fn backward_through<B: AutodiffBackend>(
     let t_top = Tensor::from_inner(t_kept[t_kept.len() - 1].clone()).require_grad();
     let img = l2_normalize(vision.pool(v_top.clone()));
     let txt = l2_normalize(text.pool(t_top.clone(), ids.clone()));
-    let loss = loss_of(img, txt);
-    let value = loss.clone().into_scalar().elem::<f64>();
+    let (loss, value) = loss_of(img, txt)?;
     let grads = loss.backward();
     let output_grad = |x: &Tensor<B, 3>, grads: &B::Gradients| {
         x.grad(grads)
@@ -225,7 +355,7 @@ pub fn backward_through<B: AutodiffBackend>(
     let stems = (vision.embed(images, keep) * Tensor::from_inner(v_grad)).sum()
         + (text.embed(ids) * Tensor::from_inner(t_grad)).sum();
     acc.accumulate(model, GradientsParams::from_grads(stems.backward(), model));
-    (value, acc.grads())
+    Ok((value, acc.grads()))
 }
 
 use burn::tensor::ElementConversion;
@@ -314,8 +444,8 @@ mod tests {
         let model: ClipModel<B> = cfg.init(&device);
         for (kind, masked) in [(LossKind::Softmax, false), (LossKind::Softmax, true)] {
             let b = batch(&device, 8, masked);
-            let (l1, g1) = loss_and_grads(&model, &b, kind, 1, false);
-            let (l4, g4) = loss_and_grads(&model, &b, kind, 4, false);
+            let (l1, g1) = loss_and_grads(&model, &b, kind, 1, false, &Replica::single()).unwrap();
+            let (l4, g4) = loss_and_grads(&model, &b, kind, 4, false, &Replica::single()).unwrap();
             assert!(
                 (l1 - l4).abs() < 1e-5 * l1.abs().max(1.0),
                 "loss {l1} vs {l4}"
@@ -334,14 +464,87 @@ mod tests {
         // from the same no-grad pass the checkpointing uses).
         for (masked, micro) in [(false, 1), (true, 1), (true, 2)] {
             let b = batch(&device, 8, masked);
-            let (l0, g0) = loss_and_grads(&model, &b, LossKind::Softmax, micro, false);
-            let (l1, g1) = loss_and_grads(&model, &b, LossKind::Softmax, micro, true);
+            let (l0, g0) = loss_and_grads(
+                &model,
+                &b,
+                LossKind::Softmax,
+                micro,
+                false,
+                &Replica::single(),
+            )
+            .unwrap();
+            let (l1, g1) = loss_and_grads(
+                &model,
+                &b,
+                LossKind::Softmax,
+                micro,
+                true,
+                &Replica::single(),
+            )
+            .unwrap();
             assert!(
                 (l0 - l1).abs() < 1e-6 * l0.abs().max(1.0),
                 "loss {l0} vs {l1}"
             );
             let what = format!("checkpointed, masked {masked}, {micro} micro-batches");
             assert_same_grads(&model, &g0, &g1, 1e-5, &what);
+        }
+    }
+
+    /// Rows `r·n/world..` of `b`: replica `r`'s slice.
+    fn slice(b: &DeviceBatch<B>, r: usize, world: usize) -> DeviceBatch<B> {
+        let n = b.ids.dims()[0] / world;
+        DeviceBatch {
+            images: b.images.clone().narrow(0, r * n, n),
+            keep: b.keep.clone().map(|k| k.narrow(0, r * n, n)),
+            ids: b.ids.clone().narrow(0, r * n, n),
+        }
+    }
+
+    #[test]
+    fn replicas_give_the_loss_and_gradients_of_the_global_batch() {
+        let _turn = crate::dist::tests::exclusive();
+        let device = Default::default();
+        let mut cfg = ClipConfig::tiny();
+        cfg.text.context_length = 8;
+        cfg.init_logit_bias = Some(-2.0);
+        let model: ClipModel<B> = cfg.init(&device);
+        // (replicas, micro-batches per replica, loss, masked patches)
+        let cases = [
+            (2, 1, LossKind::Softmax, false),
+            (2, 2, LossKind::Softmax, true),
+            (4, 1, LossKind::Sigmoid, true),
+            (4, 2, LossKind::Softmax, false),
+        ];
+        for (world, micro, kind, masked) in cases {
+            let b = batch(&device, 8, masked);
+            let (want_loss, want) =
+                loss_and_grads(&model, &b, kind, 1, false, &Replica::single()).unwrap();
+            let got: Vec<(f64, GradientsParams)> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..world)
+                    .map(|r| {
+                        let (model, part) = (model.clone(), slice(&b, r, world));
+                        s.spawn(move || {
+                            let rep =
+                                Replica::<B>::join(r, world, None, &Default::default()).unwrap();
+                            let out =
+                                loss_and_grads(&model, &part, kind, micro, r == 1, &rep).unwrap();
+                            rep.leave().unwrap();
+                            out
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let what =
+                format!("{world} replicas, {micro} micro-batches, {kind:?}, masked {masked}");
+            for (loss, grads) in &got {
+                assert!(
+                    (loss - want_loss).abs() < 1e-5 * want_loss.abs().max(1.0),
+                    "{what}: loss {loss} vs {want_loss}"
+                );
+                assert_same_grads(&model, &want, grads, 1e-4, &what);
+            }
         }
     }
 
@@ -354,7 +557,8 @@ mod tests {
         cfg.init_logit_bias = Some(-10.0);
         let model: ClipModel<B> = cfg.init(&device);
         let b = batch(&device, 4, false);
-        let (loss, g) = loss_and_grads(&model, &b, LossKind::Sigmoid, 2, false);
+        let (loss, g) =
+            loss_and_grads(&model, &b, LossKind::Sigmoid, 2, false, &Replica::single()).unwrap();
         // With b = −10 every pair looks negative: the loss is about the 4
         // positives' −log σ(t·s − 10) ≈ 10 − t·s each, divided by 4.
         assert!(loss > 5.0 && loss < 25.0, "{loss}");
