@@ -14,6 +14,7 @@ use clipa_backends::{BackendJob, BackendKind, DeviceInfo};
 use criterion::{Criterion, criterion_group, criterion_main};
 
 mod block;
+mod collective;
 mod loader;
 mod model;
 mod reduce;
@@ -77,6 +78,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = block::bench, model::bench, loader::benches, reduce::bench
+    targets = block::bench, model::bench, loader::benches, reduce::bench, collective::bench
 }
 criterion_main!(benches);

@@ -74,6 +74,31 @@ fi
 printf '\n=== clipa and OpenCLIP (bf16 autocast), ms per training step\n'
 python3 ci/gpu_table.py --peer "$OUT/openclip.json" cuda="$OUT/cuda.json" wgpu="$OUT/wgpu.json" \
     | tee "$OUT/table.txt"
+# Data parallelism, when the machine has more than one GPU: the same short
+# ViT-B/16 run (112 px, 16 tokens, bf16, 256 images per GPU on the built-in
+# data) on one GPU and on all of them, and the scaling efficiency
+# images/s(N) / (N × images/s(1)), from the last logged window of each run.
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+if [ "${gpus:-0}" -gt 1 ]; then
+    dp=$(mktemp -d)
+    for n in 1 "$gpus"; do
+        run 300 "$BIN" --backend cuda train --preset demo --model vit-b16 --image-size 112 \
+            --text-length 16 --precision bf16 --batch-size $((256 * n)) --steps 30 --log-every 10 \
+            --eval-every 0 --workers 16 --devices "$(seq -s, 0 $((n - 1)))" --output "$dp/gpus$n"
+    done
+    python3 - "$dp" "$gpus" <<'PY' | tee "$OUT/scaling.txt"
+import json, sys
+root, n = sys.argv[1], int(sys.argv[2])
+def ips(k):
+    lines = open(f"{root}/gpus{k}/metrics.jsonl").read().splitlines()
+    return json.loads(lines[-1])["images_per_sec"]
+one, many = ips(1), ips(n)
+print(f"data parallel: 1 GPU {one:.0f} img/s, {n} GPUs {many:.0f} img/s, "
+      f"scaling efficiency {many / (n * one):.2f}")
+PY
+else
+    echo "one GPU here: no data-parallel scaling case"
+fi
 # Errors stay one line with exit code 2.
 printf '\n$ %s\n' "$BIN --backend cuda --device 7 check"
 "$BIN" --backend cuda --device 7 check; echo "exit code $?"

@@ -5,7 +5,7 @@ mod backends; // cross-backend parity: wgpu against cpu, outputs and gradients
 mod cli; // the binary: help, version, exit codes, `backends`, `check`
 mod common; // shared helpers: running the binary, GPU-or-skip policy
 mod data; // bad data on disk: skipped, counted and reported by `clipa train`
-mod distributed; // two `clipa train` nodes over loopback against one process; --devices errors
+mod distributed; // `clipa train --devices`: the data-parallel path through the binary, device-list errors
 mod eval; // `clipa eval` json on cpu and wgpu, `clipa classify`, Fashion-MNIST end to end
 mod interop; // import-openclip / export-openclip / embed / models through the binary
 mod parity; // OpenCLIP fixtures: features, logits, activations, loss, gradients

@@ -68,17 +68,6 @@ pub enum Command {
     /// Time a training step (forward, loss, backward, AdamW) and an
     /// inference step of any model at any batch and token counts.
     Bench(BenchArgs),
-    /// Serve the orchestrator of a multi-node `clipa train` (it introduces
-    /// the nodes to each other; run it once, e.g. on node 0).
-    Orchestrator(OrchestratorArgs),
-}
-
-/// Flags of `clipa orchestrator`.
-#[derive(Debug, clap::Args)]
-pub struct OrchestratorArgs {
-    /// Port to listen on (the nodes' --orchestrator HOST:PORT).
-    #[arg(long, default_value_t = 3000)]
-    pub port: u16,
 }
 
 /// Flags of `clipa bench`.
@@ -306,29 +295,8 @@ pub struct TrainArgs {
     /// Data-parallel training, one replica per device: `0,1,2,3` or `all`.
     /// The global batch (--batch-size) is split evenly over the replicas,
     /// and the result equals one device's at that batch.
-    #[arg(long, value_name = "LIST|all", help_heading = "Distributed")]
+    #[arg(long, value_name = "LIST|all")]
     pub devices: Option<clipa_backends::DeviceSet>,
-    /// Machines in a multi-node run, each running this command with its
-    /// own --node-rank [env: CLIPA_NUM_NODES, SLURM_NNODES].
-    #[arg(long, help_heading = "Distributed")]
-    pub num_nodes: Option<u32>,
-    /// This machine's index in a multi-node run [env: CLIPA_NODE_RANK,
-    /// SLURM_NODEID, NODE_RANK, GROUP_RANK].
-    #[arg(long, help_heading = "Distributed")]
-    pub node_rank: Option<u32>,
-    /// HOST:PORT of `clipa orchestrator` [env: CLIPA_ORCHESTRATOR, or
-    /// MASTER_ADDR and MASTER_PORT].
-    #[arg(long, help_heading = "Distributed")]
-    pub orchestrator: Option<String>,
-    /// The name other nodes reach this one by [env: CLIPA_NODE_HOST;
-    /// default: this machine's host name, or localhost when the
-    /// orchestrator is local].
-    #[arg(long, help_heading = "Distributed")]
-    pub node_host: Option<String>,
-    /// Port this node exchanges tensors on [default: the orchestrator's
-    /// port + 1 + node rank].
-    #[arg(long, help_heading = "Distributed")]
-    pub data_port: Option<u16>,
 }
 
 /// Flags of `clipa eval`. Without --zeroshot-data or --retrieval-data it
@@ -512,8 +480,15 @@ pub fn init_logging(verbose: u8, quiet: bool) {
         (false, 1) => "debug",
         (false, _) => "trace",
     };
+    // burn-collective logs every registration and transfer at info; at the
+    // default level those would bury the progress bar.
+    let quiet_deps = if verbose == 0 {
+        ",burn_collective=warn,burn_communication=warn"
+    } else {
+        ""
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level}{quiet_deps}")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

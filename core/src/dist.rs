@@ -7,12 +7,10 @@
 //! gradients are summed before every optimiser step, so all replicas take
 //! the same step and stay identical.
 //!
-//! - **Local mode**: the replicas are threads of one process, one per device
-//!   (burn-collective's in-process server).
-//! - **Global mode**: one process per machine ("node"), each with its local
-//!   replicas, joined through an orchestrator ([`serve_orchestrator`], run by
-//!   `clipa orchestrator`) that tells the nodes of each other; the nodes then
-//!   exchange tensors directly.
+//! The replicas are threads of one process, one per device (burn-collective's
+//! local mode). Its global mode (processes on several machines) is not used:
+//! in Burn 0.21.0 its inter-node barrier never resets, so the second
+//! all-reduce of a run waits forever (docs/DISTRIBUTED.md).
 //!
 //! Every collective call is made on the inner (non-autodiff) backend: Burn's
 //! all-reduce has no backward pass, so the step writes the backward of its
@@ -20,7 +18,6 @@
 
 use std::collections::HashSet;
 use std::marker::PhantomData;
-use std::str::FromStr;
 
 use burn::collective::{
     self, AllReduceStrategy, CollectiveConfig, CollectiveError, PeerId, ReduceOperation,
@@ -29,50 +26,8 @@ use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorPrimitive};
-use burn_communication::Address;
 
 use crate::{Error, Result};
-
-/// The machines of a multi-node run, as seen from one of them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeConfig {
-    /// Machines in the run (each runs one `clipa train` process).
-    pub num_nodes: u32,
-    /// This machine's index, `0..num_nodes`.
-    pub node_rank: u32,
-    /// `host:port` of the orchestrator (`clipa orchestrator --port P`).
-    pub orchestrator: String,
-    /// The host name or address other nodes reach this one at.
-    pub host: String,
-    /// The port this node serves its tensors on.
-    pub data_port: u16,
-}
-
-impl NodeConfig {
-    /// Checks the ranks and addresses, naming what is wrong.
-    pub fn validate(&self) -> Result<()> {
-        if self.num_nodes == 0 || self.node_rank >= self.num_nodes {
-            return Err(Error::Config(format!(
-                "node rank {} is not below the number of nodes {}",
-                self.node_rank, self.num_nodes
-            )));
-        }
-        if !self.orchestrator.contains(':') {
-            return Err(Error::Config(format!(
-                "orchestrator address '{}' needs a port (host:port)",
-                self.orchestrator
-            )));
-        }
-        if self.host.is_empty() {
-            return Err(Error::Config("this node's host name is empty".into()));
-        }
-        Ok(())
-    }
-
-    fn address(host_port: &str) -> Address {
-        Address::from_str(&format!("ws://{host_port}")).expect("any string is an address")
-    }
-}
 
 /// Where one replica sits in the run, and its handle on the collective.
 ///
@@ -107,37 +62,16 @@ impl<B: AutodiffBackend> Replica<B> {
         }
     }
 
-    /// Joins the collective as local replica `local` of `local_count` on
-    /// this machine (and, with `node`, of the whole run). Blocks until every
-    /// local replica has joined; in global mode the first collective call
-    /// then waits for the other nodes.
-    pub fn join(
-        local: usize,
-        local_count: usize,
-        node: Option<&NodeConfig>,
-        device: &B::Device,
-    ) -> Result<Self> {
-        let mut config = CollectiveConfig::default()
-            .with_num_devices(local_count)
-            // Ring all-reduce moves 2(N−1)/N of a tensor per replica, the
-            // bandwidth floor; burn falls back to a tree for tiny tensors.
-            .with_local_all_reduce_strategy(AllReduceStrategy::Ring);
-        let (rank, world) = match node {
-            None => (local, local_count),
-            Some(n) => {
-                n.validate()?;
-                config = config
-                    .with_num_nodes(n.num_nodes)
-                    .with_global_address(NodeConfig::address(&n.orchestrator))
-                    .with_node_address(NodeConfig::address(&format!("{}:{}", n.host, n.data_port)))
-                    .with_data_service_port(n.data_port)
-                    .with_global_all_reduce_strategy(AllReduceStrategy::Ring);
-                (
-                    n.node_rank as usize * local_count + local,
-                    n.num_nodes as usize * local_count,
-                )
-            }
-        };
+    /// Joins the collective as replica `rank` of `world` (threads of this
+    /// process, one per device). Blocks until every replica has joined.
+    pub fn join(rank: usize, world: usize, device: &B::Device) -> Result<Self> {
+        let config = CollectiveConfig::default()
+            .with_num_devices(world)
+            // Burn's binary tree, not its ring: the ring moves less in
+            // theory (2(N−1)/N of a tensor per replica) but slices and
+            // re-joins the tensor at every hop, and measured 6–7× slower on
+            // 2 CPU replicas (docs/BENCHMARKS.md, `cpu/collective`).
+            .with_local_all_reduce_strategy(AllReduceStrategy::Tree(2));
         if world == 1 {
             return Ok(Self::single());
         }
@@ -152,8 +86,7 @@ impl<B: AutodiffBackend> Replica<B> {
         })
     }
 
-    /// Leaves the collective (the last local replica to leave closes this
-    /// node's connection in global mode).
+    /// Leaves the collective.
     pub fn leave(self) -> Result<()> {
         match self.peer {
             Some(peer) => collective::finish_collective::<B::InnerBackend>(peer)
@@ -343,18 +276,6 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Share<'_, B> {
     }
 }
 
-/// Runs the orchestrator of a multi-node run on `port` until the process is
-/// stopped: it introduces the nodes to each other (the tensors then flow
-/// between nodes directly).
-pub fn serve_orchestrator(port: u16) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Collective(format!("starting the orchestrator's runtime: {e}")))?;
-    runtime.block_on(burn_collective::start_global_orchestrator(port));
-    Ok(())
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -377,7 +298,7 @@ pub(crate) mod tests {
                 .map(|r| {
                     s.spawn(move || {
                         let device = Default::default();
-                        let rep = Replica::<TestBackend>::join(r, world, None, &device).unwrap();
+                        let rep = Replica::<TestBackend>::join(r, world, &device).unwrap();
                         assert_eq!((rep.rank(), rep.world()), (r, world));
                         let t = Tensor::<<TestBackend as AutodiffBackend>::InnerBackend, 1>::from_floats(
                             [r as f32, 1.0],
@@ -406,33 +327,5 @@ pub(crate) mod tests {
             assert!(any);
             assert_eq!(shared, &out[0].2, "every replica holds replica 0's init");
         }
-    }
-
-    #[test]
-    fn a_node_config_names_its_mistakes() {
-        let node = NodeConfig {
-            num_nodes: 2,
-            node_rank: 2,
-            orchestrator: "head:3000".into(),
-            host: "me".into(),
-            data_port: 3001,
-        };
-        assert!(
-            node.validate()
-                .unwrap_err()
-                .to_string()
-                .contains("node rank 2")
-        );
-        let node = NodeConfig {
-            node_rank: 1,
-            orchestrator: "head".into(),
-            ..node
-        };
-        assert!(
-            node.validate()
-                .unwrap_err()
-                .to_string()
-                .contains("needs a port")
-        );
     }
 }

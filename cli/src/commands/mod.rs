@@ -34,12 +34,5 @@ pub fn dispatch(args: &Args) -> anyhow::Result<()> {
         Command::Sweep(sweep_args) => sweep::run(args.backend, args.device, sweep_args),
         Command::Plan(plan_args) => plan::run(plan_args),
         Command::Bench(bench_args) => bench::run(args.backend, args.device, bench_args),
-        Command::Orchestrator(o) => {
-            eprintln!(
-                "orchestrator listening on port {} (Ctrl-C stops it)",
-                o.port
-            );
-            Ok(clipa_core::dist::serve_orchestrator(o.port)?)
-        }
     }
 }

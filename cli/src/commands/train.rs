@@ -8,8 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use burn::tensor::backend::AutodiffBackend;
-use clipa_backends::{BackendJob, BackendKind, DeviceInfo, DeviceSet, MultiDeviceJob};
-use clipa_core::dist::NodeConfig;
+use clipa_backends::{BackendJob, BackendKind, DeviceInfo, MultiDeviceJob};
 use clipa_core::eval::ZeroShotResult;
 use clipa_core::train::{
     self, LossKind, Observer, Resume, RunOptions, StageConfig, StepMetrics, TrainConfig,
@@ -253,7 +252,6 @@ impl Observer for Progress {
 struct TrainJob {
     cfg: TrainConfig,
     opts: RunOptions,
-    node: Option<NodeConfig>,
 }
 
 impl MultiDeviceJob for TrainJob {
@@ -265,114 +263,19 @@ impl MultiDeviceJob for TrainJob {
         info: &[DeviceInfo],
     ) -> clipa_core::Result<TrainSummary> {
         let names: Vec<String> = info.iter().map(ToString::to_string).collect();
-        match &self.node {
-            Some(n) => eprintln!(
-                "node {} of {} (orchestrator {}, tensors on {}:{}): training on {}",
-                n.node_rank,
-                n.num_nodes,
-                n.orchestrator,
-                n.host,
-                n.data_port,
-                names.join(", ")
-            ),
-            None => eprintln!("training on {}", names.join(", ")),
-        }
-        eprintln!("run folder {}", self.opts.output.display());
+        eprintln!(
+            "training on {}; run folder {}",
+            names.join(", "),
+            self.opts.output.display()
+        );
         let mut progress = Progress {
             bar: ProgressBar::hidden(),
             stages: self.cfg.stages.len(),
         };
-        let summary = train::train_parallel::<B>(
-            self.cfg,
-            &self.opts,
-            &devices,
-            self.node.as_ref(),
-            &mut progress,
-        );
+        let summary = train::train_parallel::<B>(self.cfg, &self.opts, &devices, &mut progress);
         progress.bar.finish_and_clear();
         summary
     }
-}
-
-/// The multi-node settings from the flags, else from the variables SLURM
-/// and torchrun-style launchers set (`env` looks one up). `None` unless the
-/// run spans more than one node.
-fn node_config(
-    args: &TrainArgs,
-    env: impl Fn(&str) -> Option<String>,
-) -> anyhow::Result<Option<NodeConfig>> {
-    let first = |names: &[&str]| names.iter().find_map(|n| env(n).filter(|v| !v.is_empty()));
-    let num = |flag: Option<u32>, names: &[&str], what: &str| -> anyhow::Result<Option<u32>> {
-        match flag {
-            Some(v) => Ok(Some(v)),
-            None => first(names)
-                .map(|v| {
-                    v.trim().parse::<u32>().map_err(|_| {
-                        anyhow::anyhow!("{what} '{v}' from the environment is not a number")
-                    })
-                })
-                .transpose(),
-        }
-    };
-    let nodes = num(
-        args.num_nodes,
-        &["CLIPA_NUM_NODES", "SLURM_NNODES"],
-        "number of nodes",
-    )?;
-    let Some(num_nodes) = nodes.filter(|&n| n > 1) else {
-        return Ok(None);
-    };
-    let node_rank = num(
-        args.node_rank,
-        &["CLIPA_NODE_RANK", "SLURM_NODEID", "NODE_RANK", "GROUP_RANK"],
-        "node rank",
-    )?
-    .ok_or_else(|| anyhow::anyhow!("a {num_nodes}-node run needs --node-rank (or SLURM_NODEID)"))?;
-    let orchestrator = match (&args.orchestrator, first(&["CLIPA_ORCHESTRATOR"])) {
-        (Some(o), _) | (None, Some(o)) => o.clone(),
-        (None, None) => match (env("MASTER_ADDR"), env("MASTER_PORT")) {
-            (Some(a), Some(p)) => format!("{a}:{p}"),
-            _ => bail!(
-                "a {num_nodes}-node run needs --orchestrator HOST:PORT (or MASTER_ADDR and MASTER_PORT) of `clipa orchestrator`"
-            ),
-        },
-    };
-    let (orch_host, orch_port) = orchestrator
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
-        .ok_or_else(|| anyhow::anyhow!("--orchestrator '{orchestrator}' is not HOST:PORT"))?;
-    let local = matches!(orch_host.as_str(), "localhost" | "127.0.0.1" | "::1");
-    let host = match (&args.node_host, first(&["CLIPA_NODE_HOST"])) {
-        (Some(h), _) | (None, Some(h)) => h.clone(),
-        (None, None) if local => "localhost".into(),
-        (None, None) => first(&["SLURMD_NODENAME", "HOSTNAME"])
-            .or_else(|| {
-                std::fs::read_to_string("/etc/hostname")
-                    .ok()
-                    .map(|h| h.trim().to_string())
-            })
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| {
-                anyhow::anyhow!("cannot tell this machine's host name: pass --node-host")
-            })?,
-    };
-    let data_port = match args.data_port {
-        Some(p) => p,
-        None => orch_port
-            .checked_add(1 + u16::try_from(node_rank).unwrap_or(u16::MAX))
-            .ok_or_else(|| {
-                anyhow::anyhow!("pass --data-port: the orchestrator's port is too high")
-            })?,
-    };
-    let node = NodeConfig {
-        num_nodes,
-        node_rank,
-        orchestrator,
-        host,
-        data_port,
-    };
-    node.validate()?;
-    Ok(Some(node))
 }
 
 impl BackendJob for TrainJob {
@@ -482,88 +385,11 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &TrainArgs) -> anyhow
         lexicon: args.lexicon.clone(),
         init_from: args.init_from.clone(),
     };
-    let node = node_config(args, |name| std::env::var(name).ok())?;
-    let job = TrainJob { cfg, opts, node };
-    let summary = if args.devices.is_some() || job.node.is_some() {
-        let set = args
-            .devices
-            .clone()
-            .unwrap_or_else(|| DeviceSet::List(vec![device.unwrap_or(0)]));
-        clipa_backends::run_on(kind, &set, job)?
-    } else {
-        clipa_backends::run(kind, device, job)?
+    let job = TrainJob { cfg, opts };
+    let summary = match &args.devices {
+        Some(set) => clipa_backends::run_on(kind, set, job)?,
+        None => clipa_backends::run(kind, device, job)?,
     };
     print_report(&summary);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::args::{Args, Command};
-    use clap::Parser;
-
-    fn train_args(flags: &[&str]) -> Box<TrainArgs> {
-        let argv = ["clipa", "train"].iter().chain(flags);
-        match Args::parse_from(argv).command {
-            Command::Train(t) => t,
-            _ => unreachable!("a train command"),
-        }
-    }
-
-    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
-        move |name| {
-            vars.iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.to_string())
-        }
-    }
-
-    #[test]
-    fn node_settings_come_from_flags_or_the_launchers_variables() {
-        // One node is no multi-node run, whatever the environment says.
-        assert_eq!(
-            node_config(&train_args(&[]), env(&[("SLURM_NNODES", "1")])).unwrap(),
-            None
-        );
-        // SLURM + torchrun-style variables.
-        let vars = [
-            ("SLURM_NNODES", "4"),
-            ("SLURM_NODEID", "2"),
-            ("MASTER_ADDR", "head"),
-            ("MASTER_PORT", "29500"),
-            ("SLURMD_NODENAME", "gpu07"),
-        ];
-        let n = node_config(&train_args(&[]), env(&vars)).unwrap().unwrap();
-        assert_eq!(
-            n,
-            NodeConfig {
-                num_nodes: 4,
-                node_rank: 2,
-                orchestrator: "head:29500".into(),
-                host: "gpu07".into(),
-                data_port: 29503,
-            }
-        );
-        // Flags win; a local orchestrator makes this node localhost.
-        let args = train_args(&[
-            "--num-nodes",
-            "2",
-            "--node-rank",
-            "1",
-            "--orchestrator",
-            "127.0.0.1:4000",
-        ]);
-        let n = node_config(&args, env(&vars)).unwrap().unwrap();
-        assert_eq!(
-            (n.num_nodes, n.node_rank, n.host.as_str(), n.data_port),
-            (2, 1, "localhost", 4002)
-        );
-        // What is missing is named.
-        let err = node_config(&train_args(&["--num-nodes", "2"]), env(&[])).unwrap_err();
-        assert!(err.to_string().contains("needs --node-rank"), "{err}");
-        let args = train_args(&["--num-nodes", "2", "--node-rank", "0"]);
-        let err = node_config(&args, env(&[])).unwrap_err();
-        assert!(err.to_string().contains("needs --orchestrator"), "{err}");
-    }
 }

@@ -34,7 +34,7 @@ use self::runstate::Manifest;
 use self::step::{DeviceBatch, loss_and_grads};
 use crate::data::DataStatsSnapshot;
 use crate::data::tokenizer::Tokenizer;
-use crate::dist::{NodeConfig, Replica};
+use crate::dist::Replica;
 use crate::eval::ZeroShotResult;
 use crate::model::ClipModel;
 use crate::preprocess::u8_batch_to_tensor;
@@ -163,21 +163,18 @@ pub fn train<B: AutodiffBackend>(
 }
 
 /// Runs (or resumes) a data-parallel training run: one replica per device
-/// of `devices`, each a thread of this process, and with `node` one such
-/// process per machine. Each step's global batch (`batch_size`) is split
-/// evenly over all replicas; the result equals one device's training at
-/// the same global batch (see [`crate::dist`]). Replica 0 writes the run
-/// folder; `observer` hears from this process's first replica.
+/// of `devices`, each a thread of this process. Each step's global batch
+/// (`batch_size`) is split evenly over the replicas; the result equals one
+/// device's training at the same global batch (see [`crate::dist`]).
+/// Replica 0 writes the run folder and reports to `observer`.
 pub fn train_parallel<B: AutodiffBackend>(
     cfg: TrainConfig,
     opts: &RunOptions,
     devices: &[B::Device],
-    node: Option<&NodeConfig>,
     observer: &mut dyn Observer,
 ) -> Result<TrainSummary> {
-    let local = devices.len();
-    let world = local * node.map_or(1, |n| n.num_nodes as usize);
-    if local == 0 {
+    let world = devices.len();
+    if world == 0 {
         return Err(Error::Config("no device to train on".into()));
     }
     if world == 1 {
@@ -195,7 +192,7 @@ pub fn train_parallel<B: AutodiffBackend>(
     let feed = Feed::default();
     let (cfg, feed) = (&cfg, &feed);
     let replica = |i: usize, obs: &mut dyn Observer| -> Result<TrainSummary> {
-        let out = Replica::<B>::join(i, local, node, &devices[i]).and_then(|rep| {
+        let out = Replica::<B>::join(i, world, &devices[i]).and_then(|rep| {
             let summary = train_replica(cfg.clone(), opts, &devices[i], &rep, feed, obs)?;
             rep.leave()?;
             Ok(summary)
@@ -207,7 +204,7 @@ pub fn train_parallel<B: AutodiffBackend>(
         out
     };
     std::thread::scope(|s| {
-        let others: Vec<_> = (1..local)
+        let others: Vec<_> = (1..world)
             .map(|i| s.spawn(move || replica(i, &mut Silent)))
             .collect();
         let first = replica(0, observer);
@@ -810,8 +807,7 @@ mod tests {
                 stages: vec![],
             };
             let devices = vec![device; world];
-            let s = train_parallel::<TestBackend>(cfg.clone(), &opts, &devices, None, &mut obs)
-                .unwrap();
+            let s = train_parallel::<TestBackend>(cfg.clone(), &opts, &devices, &mut obs).unwrap();
             assert_eq!(s.steps, 6);
             let (_, _, weights, _) = runstate::load(s.checkpoint.as_ref().unwrap()).unwrap();
             (losses(&opts.output), weights)
@@ -847,8 +843,8 @@ mod tests {
             lexicon: None,
             init_from: Some(init.clone()),
         };
-        let err = train_parallel::<TestBackend>(cfg, &opts, &vec![device; 3], None, &mut Silent)
-            .unwrap_err();
+        let err =
+            train_parallel::<TestBackend>(cfg, &opts, &vec![device; 3], &mut Silent).unwrap_err();
         assert!(
             err.to_string().contains("split evenly over 3 replicas"),
             "{err}"

@@ -525,8 +525,7 @@ mod tests {
                     .map(|r| {
                         let (model, part) = (model.clone(), slice(&b, r, world));
                         s.spawn(move || {
-                            let rep =
-                                Replica::<B>::join(r, world, None, &Default::default()).unwrap();
+                            let rep = Replica::<B>::join(r, world, &Default::default()).unwrap();
                             let out =
                                 loss_and_grads(&model, &part, kind, micro, r == 1, &rep).unwrap();
                             rep.leave().unwrap();
