@@ -38,6 +38,19 @@ pub fn import_openclip(weights: &Path, config: &Path, ckpt: &Path) {
     assert!(out.status.success(), "{:?}", text(&out));
 }
 
+/// `(step, loss)` of every line of a run folder's `metrics.jsonl` (none
+/// when it does not exist yet).
+pub fn curve(dir: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("metrics lines are JSON");
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
 /// Runs the `clipa` binary built for this test run.
 pub fn clipa(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_clipa"))

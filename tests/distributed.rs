@@ -3,21 +3,7 @@
 //! list are one-line errors. (Replicas on several devices are tested in
 //! `clipa-core`'s unit tests, on CPU devices in one process.)
 
-use std::path::Path;
-
-use crate::common::{clipa, s, scratch, text};
-
-/// `(step, loss)` of every line of `metrics.jsonl`.
-fn curve(dir: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).expect("metrics lines are JSON");
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
-        })
-        .collect()
-}
+use crate::common::{clipa, curve, s, scratch, text};
 
 #[test]
 fn devices_all_on_the_cpu_trains_like_a_plain_run() {

@@ -2,28 +2,16 @@
 //! run folder, a run killed with SIGKILL at a random step resumes to the
 //! uninterrupted loss curve, user mistakes are one-line errors.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::{clipa, s, scratch, text};
+use crate::common::{clipa, curve, s, scratch, text};
 
 fn run_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("clipa-it-{name}-{}", std::process::id()));
     std::fs::remove_dir_all(&dir).ok();
     dir
-}
-
-/// `(step, loss)` of every line of `metrics.jsonl`.
-fn curve(dir: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).expect("metrics lines are JSON");
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
-        })
-        .collect()
 }
 
 const TINY: [&str; 8] = [

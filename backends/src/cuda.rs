@@ -25,7 +25,6 @@ fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
-/// Picks CUDA device `index` (0 when `None`).
 /// How many GPUs the driver sees (`--devices all`).
 pub fn count() -> Result<usize, BackendError> {
     if !driver_present() {
@@ -39,20 +38,14 @@ pub fn count() -> Result<usize, BackendError> {
     Ok(count.max(0) as usize)
 }
 
+/// Picks CUDA device `index` (0 when `None`).
 pub fn select(index: Option<usize>) -> Result<(CudaDevice, DeviceInfo), BackendError> {
-    if !driver_present() {
-        return Err(no_device(
-            "the NVIDIA driver library (libcuda.so) was not found; install the NVIDIA driver"
-                .into(),
-        ));
-    }
-    let count = CudaContext::device_count()
-        .map_err(|e| no_device(format!("the CUDA driver reports an error: {e}")))?;
+    let count = count()?;
     let index = index.unwrap_or(0);
-    if count <= 0 {
+    if count == 0 {
         return Err(no_device("the CUDA driver sees no GPU".into()));
     }
-    if index >= count as usize {
+    if index >= count {
         return Err(no_device(format!(
             "device {index} asked for, but only {count} GPU(s) found"
         )));

@@ -293,7 +293,9 @@ pub(crate) mod tests {
     fn replicas_sum_and_share_weights() {
         let _turn = exclusive();
         let world = 3;
-        let out: Vec<(Vec<f32>, bool, Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+        // Per replica: the sum, `any`, its own init and the shared weights.
+        type Seen = (Vec<f32>, bool, Vec<f32>, Vec<f32>);
+        let out: Vec<Seen> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..world)
                 .map(|r| {
                     s.spawn(move || {

@@ -843,8 +843,7 @@ mod tests {
             lexicon: None,
             init_from: Some(init.clone()),
         };
-        let err =
-            train_parallel::<TestBackend>(cfg, &opts, &vec![device; 3], &mut Silent).unwrap_err();
+        let err = train_parallel::<TestBackend>(cfg, &opts, &[device; 3], &mut Silent).unwrap_err();
         assert!(
             err.to_string().contains("split evenly over 3 replicas"),
             "{err}"
