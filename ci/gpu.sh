@@ -82,8 +82,9 @@ gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 if [ "${gpus:-0}" -gt 1 ]; then
     dp=$(mktemp -d)
     for n in 1 "$gpus"; do
-        run 300 "$BIN" --backend cuda train --preset demo --model vit-b16 --image-size 112 \
-            --text-length 16 --precision bf16 --batch-size $((256 * n)) --steps 30 --log-every 10 \
+        run 300 "$BIN" --backend cuda train --preset tiny --model vit-b16 --image-size 112 \
+            --image-reduction none --text-length 16 --precision bf16 --batch-size $((256 * n)) \
+            --steps 30 --log-every 10 \
             --eval-every 0 --workers 16 --devices "$(seq -s, 0 $((n - 1)))" --output "$dp/gpus$n"
     done
     python3 - "$dp" "$gpus" <<'PY' | tee "$OUT/scaling.txt"
