@@ -17,6 +17,7 @@ use clipa_core::sweep::{
 };
 use clipa_core::train::{Observer, StageConfig, StepMetrics};
 use indicatif::ProgressBar;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use super::plot::{SIZE, padded, register_font_once};
@@ -331,6 +332,48 @@ fn y_range(lines: &[Line]) -> std::ops::Range<f64> {
     padded(lo, hi)
 }
 
+/// Each model's curve on `c`, in its colour: the pre-trained accuracies
+/// faint (with triangles when `pre_markers`), the fine-tuned ones solid
+/// with circles and named in the legend by `label`; then the legend.
+fn draw_lines<'a, 'b: 'a>(
+    c: &mut ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    lines: &[Line],
+    fx: impl Fn(f64) -> f64,
+    label: impl Fn(&Line) -> String,
+    pre_markers: bool,
+) -> anyhow::Result<()> {
+    for (i, l) in lines.iter().enumerate() {
+        let col = COLOURS[i % COLOURS.len()];
+        let pre: Vec<(f64, f64)> = l.points.iter().map(|p| (fx(p.0), p.2)).collect();
+        let ft: Vec<(f64, f64)> = l.points.iter().map(|p| (fx(p.0), p.1)).collect();
+        c.draw_series(LineSeries::new(
+            pre.iter().copied(),
+            col.mix(0.3).stroke_width(1),
+        ))
+        .map_err(|e| err(&e))?;
+        if pre_markers {
+            c.draw_series(
+                pre.iter()
+                    .map(|&p| TriangleMarker::new(p, 4, col.mix(0.3).filled())),
+            )
+            .map_err(|e| err(&e))?;
+        }
+        c.draw_series(LineSeries::new(ft.iter().copied(), col.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label(label(l))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2)));
+        c.draw_series(ft.iter().map(|&p| Circle::new(p, 4, col.filled())))
+            .map_err(|e| err(&e))?;
+    }
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|e| err(&e))?;
+    Ok(())
+}
+
 /// A line chart over a log2 token axis: solid lines fine-tuned, faint
 /// lines pre-trained only.
 fn chart(path: &Path, title: &str, x_desc: &str, lines: &[Line], log2: bool) -> anyhow::Result<()> {
@@ -361,33 +404,8 @@ fn chart(path: &Path, title: &str, x_desc: &str, lines: &[Line], log2: bool) -> 
         .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()
         .map_err(|e| err(&e))?;
-    for (i, l) in lines.iter().enumerate() {
-        let col = COLOURS[i % COLOURS.len()];
-        let pre: Vec<(f64, f64)> = l.points.iter().map(|p| (fx(p.0), p.2)).collect();
-        let ft: Vec<(f64, f64)> = l.points.iter().map(|p| (fx(p.0), p.1)).collect();
-        c.draw_series(LineSeries::new(
-            pre.iter().copied(),
-            col.mix(0.3).stroke_width(1),
-        ))
-        .map_err(|e| err(&e))?;
-        c.draw_series(
-            pre.iter()
-                .map(|&p| TriangleMarker::new(p, 4, col.mix(0.3).filled())),
-        )
-        .map_err(|e| err(&e))?;
-        c.draw_series(LineSeries::new(ft.iter().copied(), col.stroke_width(2)))
-            .map_err(|e| err(&e))?
-            .label(format!("{} (faint: before fine-tuning)", l.label))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2)));
-        c.draw_series(ft.iter().map(|&p| Circle::new(p, 4, col.filled())))
-            .map_err(|e| err(&e))?;
-    }
-    c.configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(|e| err(&e))?;
+    let label = |l: &Line| format!("{} (faint: before fine-tuning)", l.label);
+    draw_lines(&mut c, lines, fx, label, true)?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
@@ -540,30 +558,7 @@ fn draw_panels(
             .y_label_formatter(&|v| format!("{v:.0}"))
             .draw()
             .map_err(|e| err(&e))?;
-        for (i, l) in lines.iter().enumerate() {
-            let col = COLOURS[i % COLOURS.len()];
-            let ft: Vec<(f64, f64)> = l.points.iter().map(|p| (p.0, p.1)).collect();
-            let pre: Vec<(f64, f64)> = l.points.iter().map(|p| (p.0, p.2)).collect();
-            c.draw_series(LineSeries::new(
-                pre.iter().copied(),
-                col.mix(0.3).stroke_width(1),
-            ))
-            .map_err(|e| err(&e))?;
-            c.draw_series(LineSeries::new(ft.iter().copied(), col.stroke_width(2)))
-                .map_err(|e| err(&e))?
-                .label(l.label.clone())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2))
-                });
-            c.draw_series(ft.iter().map(|&p| Circle::new(p, 4, col.filled())))
-                .map_err(|e| err(&e))?;
-        }
-        c.configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerRight)
-            .draw()
-            .map_err(|e| err(&e))?;
+        draw_lines(&mut c, lines, |x| x, |l| l.label.clone(), false)?;
     }
     root.present().map_err(|e| err(&e))?;
     Ok(())

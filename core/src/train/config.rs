@@ -290,18 +290,19 @@ fn steps_for(samples: u64, batch: usize) -> u64 {
 /// CLIPA-v2 pre-training length: 1,281,167 × 10,000 samples (12.8B).
 const V2_SAMPLES: u64 = 12_811_670_000;
 
-/// CLIPA-v1 L/16 fine-tune: 131M samples at 224 px and 32 tokens.
-fn v1_l16_unmask_tune() -> StageConfig {
+/// CLIPA-v1 unmasked fine-tune: 131M samples at 224 px and 32 tokens, at
+/// the recipe's batch and warmup (B/16: 8192, 3072; L/16: 7168, 3571).
+fn v1_unmask_tune(batch: usize, warmup: u64) -> StageConfig {
     stage(
         "unmask-tune-224",
         224,
         "none",
         32,
         "truncate",
-        steps_for(131_072_000, 7168),
-        7168,
+        steps_for(131_072_000, batch),
+        batch,
         8e-7,
-        3571,
+        warmup,
     )
 }
 
@@ -497,17 +498,7 @@ impl TrainConfig {
                         8e-6,
                         782,
                     ),
-                    stage(
-                        "unmask-tune-224",
-                        224,
-                        "none",
-                        32,
-                        "truncate",
-                        steps_for(131_072_000, 8192),
-                        8192,
-                        8e-7,
-                        3072,
-                    ),
+                    v1_unmask_tune(8192, 3072),
                 ],
             ),
             "clipa-l16-i96-t8" => Self::base(
@@ -524,7 +515,7 @@ impl TrainConfig {
                         8e-6,
                         1563,
                     ),
-                    v1_l16_unmask_tune(),
+                    v1_unmask_tune(7168, 3571),
                 ],
             ),
             "clipa-v2-h14-84-224-336" => Self::base(
@@ -549,7 +540,7 @@ impl TrainConfig {
                         8e-6,
                         1563,
                     ),
-                    v1_l16_unmask_tune(),
+                    v1_unmask_tune(7168, 3571),
                 ],
             ),
             "clipa-h14-i84-t8" => Self::base(
