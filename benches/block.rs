@@ -71,10 +71,10 @@ impl crate::PerBackend for Transformer {
     }
 }
 
-/// Registers the transformer bench for every compiled backend (`flex`, the
-/// CPU backend clipa does not ship, only for the backend comparison).
+/// Registers the transformer bench for every compiled backend (`ndarray`,
+/// the CPU backend clipa does not ship, only for the backend comparison).
 pub fn bench(c: &mut Criterion) {
-    crate::for_each_backend::<Transformer>(c, "cpu-ndarray");
-    #[cfg(feature = "flex")]
-    bench_backend::<clipa_backends::FlexBackend>(c, "cpu-flex", Default::default());
+    crate::for_each_backend::<Transformer>(c, "cpu-flex");
+    #[cfg(feature = "ndarray")]
+    bench_backend::<clipa_backends::NdArrayBackend>(c, "cpu-ndarray", Default::default());
 }

@@ -5,9 +5,12 @@
 # toolchain, so the release binary is built on the development machine and
 # carried:
 #   cargo build --release -p clipa-cli --features cuda
-#   cargo bench -p clipa-cli --bench clipa --features cuda --no-run   # prints the bench binary
-#   mkdir -p .gpu && cp "$CARGO_TARGET_DIR/release/clipa" .gpu/clipa && cp BENCH .gpu/clipa-bench
-#   strip .gpu/* && gzip -9 .gpu/*          # the carried tree is limited to 64 MiB
+#   cargo test --release -p clipa-cli --features cuda --test integration --no-run  # prints TESTS
+#   cargo bench -p clipa-cli --bench clipa --features cuda --no-run   # prints BENCH
+#   mkdir -p .gpu && cp "$CARGO_TARGET_DIR/release/clipa" .gpu/clipa && cp TESTS .gpu/clipa-tests
+#   cp BENCH .gpu/clipa-bench               # optional: leave it out if the tree is too large
+#   strip .gpu/clipa* && gzip -9 .gpu/clipa*   # the carried tree is limited to 64 MiB
+#   cp -r ../shared/fixtures/openclip .gpu/fixtures   # the parity tests' references (29 MB)
 # then run `bash ci/gpu.sh` there with `.gpu` (and `.gl`, Vulkan's loader) carried.
 # It prints one table of ms/step, images/s, TFLOP/s and MFU, clipa beside
 # OpenCLIP (ci/peer_gpu.py; open_clip's wheels may travel in .gpu/whl).
@@ -16,7 +19,7 @@ set -uo pipefail
 # or in a temporary folder.
 OUT="${OUT:-$(mktemp -d)}"
 for f in .gpu/*.gz; do [ -e "$f" ] && gunzip -kf "$f"; done
-chmod +x .gpu/clipa .gpu/clipa-bench 2>/dev/null
+chmod +x .gpu/clipa .gpu/clipa-tests .gpu/clipa-bench 2>/dev/null
 # Vulkan loader for the wgpu rows, when the machine has none (.gl carries
 # Debian's libvulkan1 and the GL vendor-neutral dispatch).
 if ! ldconfig -p | grep -q libvulkan && ls .gl/*.deb >/dev/null 2>&1; then
@@ -27,6 +30,7 @@ icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 if [ -z "${VK_DRIVER_FILES:-}" ] && [ -e "$icd" ]; then export VK_DRIVER_FILES="$icd"; fi
 BIN="${CLIPA_BIN:-.gpu/clipa}"
 BENCH="${CLIPA_BENCH:-.gpu/clipa-bench}"
+TESTS="${CLIPA_TESTS:-.gpu/clipa-tests}"
 status=0
 # Each step has its own time limit, so that one hang cannot eat the lease.
 run() {
@@ -41,6 +45,17 @@ run 60 "$BIN" backends
 # Correctness: attention + block forward/backward on CUDA against the CPU,
 # and the block in bf16 against float32.
 run 90 "$BIN" --backend cuda check
+# Parity with OpenCLIP on CUDA: both reference models' outputs, every
+# activation, the loss and every parameter gradient (tests/parity.rs, at the
+# TF32 tolerance of 1e-2). The test binary finds the references through
+# CLIPA_FIXTURES; it runs from cli/, as cargo runs it.
+if [ -x "$TESTS" ] && [ -d .gpu/fixtures ]; then
+    run 120 sh -c "cd cli && CLIPA_FIXTURES=\"$PWD/.gpu/fixtures\" \"$PWD/$TESTS\" \
+        parity:: --test-threads 1 --nocapture 2>&1 | grep -v '^$'"
+else
+    echo "no .gpu/clipa-tests or .gpu/fixtures: the OpenCLIP parity tests on cuda were not run"
+    status=1
+fi
 # A ViT-B/16 block at 224 px (197 tokens, width 768, 12 heads), batch 32:
 # timing on the GPU and, for the ratio, on this machine's CPU.
 run 60 "$BIN" --backend cuda check --batch 32 --tokens 197 --width 768 --heads 12
@@ -59,6 +74,37 @@ for spec in "224 32" "112 16" "64 8"; do
     run 120 sh -c "\"$BIN\" --backend cuda bench --model vit-b16 --batch-size 256 --image-size $1 \
         --text-length $2 --precision bf16 --steps 20 --json | tee -a $OUT/cuda.json"
 done
+# The largest batch that fits, for the goal case (ViT-B/16, 112 px, text 16,
+# bf16). Memory grows about linearly with the batch, and the batch-256
+# run's peak memory includes the fixed part (weights, AdamW moments), so
+# scaling it to 90 % of the card errs low; the search then steps down by a
+# quarter while a run fails (out of memory).
+total_mb=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+peak_mb=$(python3 - "$OUT/cuda.json" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    if line.startswith("{"):
+        for c in json.loads(line)["cases"]:
+            if c["name"] == "vit-b16_b256_img112_txt16":
+                print(int(c["peak_mem_mb"] or 0))
+PY
+)
+big=0
+if [ "${total_mb:-0}" -gt 0 ] && [ "${peak_mb:-0}" -gt 0 ]; then
+    big=$(( total_mb * 9 / 10 * 256 / peak_mb / 128 * 128 ))
+fi
+tries=0
+while [ "$big" -gt 256 ] && [ $tries -lt 3 ]; do
+    printf '\n$ clipa bench ViT-B/16 112 px at batch %s (largest-batch search)   (%s)\n' "$big" "$(date -u +%H:%M:%S)"
+    if timeout 150 "$BIN" --backend cuda bench --model vit-b16 --batch-size "$big" --image-size 112 \
+        --text-length 16 --precision bf16 --steps 10 --json >"$OUT/big.json"; then
+        cat "$OUT/big.json" | tee -a "$OUT/cuda.json"
+        break
+    fi
+    big=$(( big * 3 / 4 / 128 * 128 ))
+    tries=$((tries + 1))
+done
+[ -s "$OUT/big.json" ] || { echo "no batch above 256 ran: the table has batch 256 only"; big=0; }
 run 150 sh -c "\"$BIN\" --backend wgpu bench --sweep --steps 10 --json | tee $OUT/wgpu.json"
 # OpenCLIP on the same cases with bf16 autocast, where PyTorch is installed
 # (open_clip itself may travel as wheels in .gpu/whl).
@@ -68,6 +114,16 @@ if python3 -c 'import torch' 2>/dev/null; then
             --target /tmp/site .gpu/whl/*.whl && export PYTHONPATH=/tmp/site
     fi
     run 180 env PYTHONUNBUFFERED=1 python3 ci/peer_gpu.py --json "$OUT/openclip.json"
+    if [ "$big" -gt 256 ]; then
+        run 120 env PYTHONUNBUFFERED=1 python3 ci/peer_gpu.py --json "$OUT/openclip-big.json" \
+            --b16-batch "$big" --only "vit-b16_b${big}_img112_txt16"
+        python3 - "$OUT/openclip.json" "$OUT/openclip-big.json" <<'PY'
+import json, sys
+main, extra = (json.load(open(p)) for p in sys.argv[1:])
+main["cases"] += extra["cases"]
+json.dump(main, open(sys.argv[1], "w"))
+PY
+    fi
 else
     echo "PyTorch is not installed here: no OpenCLIP rows"
 fi
@@ -105,8 +161,10 @@ printf '\n$ %s\n' "$BIN --backend cuda --device 7 check"
 "$BIN" --backend cuda --device 7 check; echo "exit code $?"
 # The criterion benches' CUDA groups: transformer stack, attention, losses
 # and the bench-tiny train steps (the CPU groups take minutes on 16 cores
-# and are measured on the development machine instead).
-if [ -x "$BENCH" ]; then
+# and are measured on the development machine instead). Opt-in with
+# CLIPA_GPU_CRITERION=1: with the parity tests and the largest-batch search
+# the rest of the script already takes about 8 minutes.
+if [ -x "$BENCH" ] && [ "${CLIPA_GPU_CRITERION:-0}" = 1 ]; then
     run 150 "$BENCH" --bench '^cuda/'
 fi
 exit $status

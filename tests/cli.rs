@@ -39,7 +39,7 @@ fn backends_lists_every_backend() {
         );
     }
     let cpu = stdout.lines().find(|l| l.starts_with("cpu")).unwrap();
-    assert!(cpu.contains("yes") && cpu.contains("ndarray"), "{cpu}");
+    assert!(cpu.contains("yes") && cpu.contains("flex"), "{cpu}");
 }
 
 #[test]

@@ -188,6 +188,24 @@ fn on_wgpu(name: &'static str) {
     }
 }
 
+/// On CUDA, Burn's matmul stages float32 operands as TF32 on any GPU with
+/// TF32 tensor cores (11 significant bits, 2⁻¹¹ ≈ 4.9e-4 per product), so
+/// the tolerances are those of `clipa --backend cuda check`: 1e-2. A wrong
+/// weight, bias or layout still misses by O(1). With no CUDA device the test
+/// prints why and skips, under CI too: CI machines have no GPU, and
+/// `ci/gpu.sh` runs these on a lent one.
+#[cfg(feature = "cuda")]
+fn on_cuda(name: &'static str) {
+    let Some(fx) = load(name) else { return };
+    match clipa_backends::cuda_device(None) {
+        Ok((device, info)) => {
+            eprintln!("{name} on {info}");
+            check::<clipa_backends::CudaBackend>(&fx, &device, 1e-2, 1e-2);
+        }
+        Err(err) => eprintln!("SKIPPED {name} on cuda: {err}"),
+    }
+}
+
 #[test]
 fn openai_style_matches_openclip_on_cpu() {
     on_cpu("openai_style");
@@ -208,6 +226,18 @@ fn openai_style_matches_openclip_on_wgpu() {
 #[test]
 fn clipa_style_matches_openclip_on_wgpu() {
     on_wgpu("clipa_style");
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn openai_style_matches_openclip_on_cuda() {
+    on_cuda("openai_style");
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn clipa_style_matches_openclip_on_cuda() {
+    on_cuda("clipa_style");
 }
 
 /// The fixture's frozen sin-cos table is what clipa computes itself.

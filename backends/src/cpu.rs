@@ -1,11 +1,12 @@
-//! The embedded CPU backend: Burn's `ndarray` (pure Rust, matrixmultiply
-//! GEMM, rayon threads). Chosen over `flex` by the measurement in
-//! `docs/BENCHMARKS.md`: 1.1–1.5× faster on transformer forward+backward.
+//! The embedded CPU backend: Burn's `flex` (pure Rust, the `gemm` crate's
+//! kernels with AVX-512 where the CPU has it, rayon threads). Chosen over
+//! `ndarray` by the measurement in `docs/BENCHMARKS.md`: 1.8–2.2× faster on
+//! transformer forward+backward.
 
 use crate::{BackendError, BackendKind, DeviceInfo};
 
 /// The concrete CPU backend with autodiff.
-pub type Backend = burn::backend::Autodiff<burn::backend::NdArray>;
+pub type Backend = burn::backend::Autodiff<burn::backend::Flex>;
 
 /// The CPU has one device, index 0.
 pub fn select(
@@ -18,7 +19,7 @@ pub fn select(
                 kind: BackendKind::Cpu,
                 index: 0,
                 name: format!(
-                    "ndarray, {} threads",
+                    "flex, {} threads",
                     std::thread::available_parallelism().map_or(1, |n| n.get())
                 ),
             },

@@ -277,10 +277,10 @@ pub fn run_on<J: MultiDeviceJob>(
 #[cfg(feature = "cpu")]
 pub type CpuBackend = cpu::Backend;
 
-/// Burn's flex backend with autodiff, compiled only for the CPU backend
-/// comparison bench (`--features flex`).
-#[cfg(feature = "flex")]
-pub type FlexBackend = burn::backend::Autodiff<burn::backend::Flex>;
+/// Burn's ndarray backend with autodiff, compiled only for the CPU backend
+/// comparison bench (`--features ndarray`).
+#[cfg(feature = "ndarray")]
+pub type NdArrayBackend = burn::backend::Autodiff<burn::backend::NdArray>;
 
 /// The WGPU backend type.
 #[cfg(feature = "wgpu")]

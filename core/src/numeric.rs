@@ -9,7 +9,7 @@ use burn::tensor::TensorData;
 /// backend, with autodiff. `core` itself stays backend-generic; this alias
 /// exists only for tests.
 #[cfg(test)]
-pub type TestBackend = burn::backend::Autodiff<burn::backend::NdArray>;
+pub type TestBackend = burn::backend::Autodiff<burn::backend::Flex>;
 
 /// Relative L2 error `‖a − b‖ / max(‖b‖, tiny)` between two tensors of the
 /// same shape, computed in f64 on the host.

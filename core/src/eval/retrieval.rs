@@ -143,14 +143,14 @@ fn rank_of_best(row: &[f32], correct: &[usize]) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use burn::backend::NdArray;
+    use burn::backend::Flex;
     use burn::tensor::TensorData;
 
     use super::*;
     use crate::model::l2_normalize;
     use crate::rng::Rng;
 
-    type B = NdArray;
+    type B = Flex;
 
     fn features(rows: usize, dim: usize, seed: u64) -> (Tensor<B, 2>, Vec<f32>) {
         let mut rng = Rng::new(seed);

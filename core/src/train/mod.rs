@@ -829,10 +829,24 @@ mod tests {
             // keys), so AdamW's normalised step moves them by float noise
             // alone, differently for any other summation order (micro-batches
             // on one device too); the function they compute is unchanged.
+            //
+            // Vectors (LayerNorm gains and shifts, biases) get 5e-3: with a
+            // few dozen elements, one element whose gradient is near float
+            // noise, and whose normalised step therefore flips, is a large
+            // share of the tensor's norm. flex's rayon reductions sum in an
+            // order that depends on work stealing, so this noise differs
+            // from run to run: a LayerNorm shift differed by 1.1e-4 and
+            // 4.3e-4 in two runs on a busy machine and by under 1e-4 on an
+            // idle one, while every matrix stayed under 1e-6. A wrong
+            // gradient share moves every element, far past either bound.
             assert_eq!(want.len(), got.len());
             for (name, w) in want.iter().filter(|(n, _)| !n.ends_with("attn.key.bias")) {
                 let err = crate::numeric::relative_error(&got[name], w);
-                assert!(err < 1e-5, "{world} replicas: {name} differs by {err}");
+                let tol = if w.shape.len() == 1 { 5e-3 } else { 1e-5 };
+                if err > tol / 10.0 {
+                    eprintln!("{world} replicas: {name} relative error {err:.2e}");
+                }
+                assert!(err < tol, "{world} replicas: {name} differs by {err}");
             }
         }
         // A batch that does not split evenly is refused before any work.
