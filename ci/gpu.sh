@@ -50,8 +50,8 @@ run 90 "$BIN" --backend cuda check
 # TF32 tolerance of 1e-2). The test binary finds the references through
 # CLIPA_FIXTURES; it runs from cli/, as cargo runs it.
 if [ -x "$TESTS" ] && [ -d .gpu/fixtures ]; then
-    run 120 sh -c "cd cli && CLIPA_FIXTURES=\"$PWD/.gpu/fixtures\" \"$PWD/$TESTS\" \
-        parity:: --test-threads 1 --nocapture 2>&1 | grep -v '^$'"
+    run 120 sh -c "cd cli && CLIPA_FIXTURES=\"$PWD/.gpu/fixtures\" \"$(realpath "$TESTS")\" \
+        parity:: --test-threads 1 --nocapture"
 else
     echo "no .gpu/clipa-tests or .gpu/fixtures: the OpenCLIP parity tests on cuda were not run"
     status=1
@@ -94,17 +94,19 @@ if [ "${total_mb:-0}" -gt 0 ] && [ "${peak_mb:-0}" -gt 0 ]; then
     big=$(( total_mb * 9 / 10 * 256 / peak_mb / 128 * 128 ))
 fi
 tries=0
+fits=0
 while [ "$big" -gt 256 ] && [ $tries -lt 3 ]; do
     printf '\n$ clipa bench ViT-B/16 112 px at batch %s (largest-batch search)   (%s)\n' "$big" "$(date -u +%H:%M:%S)"
     if timeout 150 "$BIN" --backend cuda bench --model vit-b16 --batch-size "$big" --image-size 112 \
         --text-length 16 --precision bf16 --steps 10 --json >"$OUT/big.json"; then
-        cat "$OUT/big.json" | tee -a "$OUT/cuda.json"
+        tee -a "$OUT/cuda.json" <"$OUT/big.json"
+        fits=1
         break
     fi
     big=$(( big * 3 / 4 / 128 * 128 ))
     tries=$((tries + 1))
 done
-[ -s "$OUT/big.json" ] || { echo "no batch above 256 ran: the table has batch 256 only"; big=0; }
+[ "$fits" = 1 ] || { echo "no batch above 256 ran: the table has batch 256 only"; big=0; }
 run 150 sh -c "\"$BIN\" --backend wgpu bench --sweep --steps 10 --json | tee $OUT/wgpu.json"
 # OpenCLIP on the same cases with bf16 autocast, where PyTorch is installed
 # (open_clip itself may travel as wheels in .gpu/whl).
@@ -117,12 +119,14 @@ if python3 -c 'import torch' 2>/dev/null; then
     if [ "$big" -gt 256 ]; then
         run 120 env PYTHONUNBUFFERED=1 python3 ci/peer_gpu.py --json "$OUT/openclip-big.json" \
             --b16-batch "$big" --only "vit-b16_b${big}_img112_txt16"
-        python3 - "$OUT/openclip.json" "$OUT/openclip-big.json" <<'PY'
+        if [ -s "$OUT/openclip.json" ] && [ -s "$OUT/openclip-big.json" ]; then
+            python3 - "$OUT/openclip.json" "$OUT/openclip-big.json" <<'PY'
 import json, sys
 main, extra = (json.load(open(p)) for p in sys.argv[1:])
 main["cases"] += extra["cases"]
 json.dump(main, open(sys.argv[1], "w"))
 PY
+        fi
     fi
 else
     echo "PyTorch is not installed here: no OpenCLIP rows"
