@@ -135,6 +135,8 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &CheckArgs) -> anyhow
     );
     println!("ok: {kind} matches the cpu within {tolerance:.0e}{why} (worst {worst:.2e})");
     // Mixed precision: the same block with bf16 branches, against float32.
+    // Warmed up like the float32 parts: the bf16 kernels compile on the
+    // first run, and the second is the one timed.
     clipa_backends::run(kind, device, SelfTestBf16(shape))?;
     let Some(g) = clipa_backends::run(kind, device, SelfTestBf16(shape))? else {
         println!("bf16 block: skipped, {kind} has no bf16 arithmetic (training runs in float32)");
