@@ -365,6 +365,13 @@ fn draw_lines<'a, 'b: 'a>(
         c.draw_series(ft.iter().map(|&p| Circle::new(p, 4, col.filled())))
             .map_err(|e| err(&e))?;
     }
+    draw_legend(c)
+}
+
+/// The legend of every labelled series, boxed in the lower right.
+fn draw_legend<'a, 'b: 'a>(
+    c: &mut ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+) -> anyhow::Result<()> {
     c.configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
@@ -448,12 +455,7 @@ fn scatter(path: &Path, title: &str, lines: &[Line]) -> anyhow::Result<()> {
         .label(l.label.clone())
         .legend(move |(x, y)| Circle::new((x + 10, y), 5, col.filled()));
     }
-    c.configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(|e| err(&e))?;
+    draw_legend(&mut c)?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
