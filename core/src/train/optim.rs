@@ -7,7 +7,9 @@
 //! by parameter path: checkpoints then store it as plain safetensors next to
 //! the weights, and a resumed run continues bit for bit.
 
+use std::any::{Any, TypeId};
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
@@ -51,6 +53,96 @@ pub fn decays(path: &str, rank: usize) -> bool {
     rank >= 2 && !path.contains("embedding")
 }
 
+/// The scalars of one AdamW update of one parameter, with the bias
+/// corrections folded in (see [`adamw_composed`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWScalars {
+    /// Gradient multiplier: the clipping factor, 1 when clipping is off.
+    pub grad_scale: f64,
+    /// First-moment decay β₁.
+    pub beta1: f64,
+    /// Second-moment decay β₂.
+    pub beta2: f64,
+    /// The denominator's epsilon, ε·√(1 − β₂ᵗ).
+    pub eps: f64,
+    /// The step size, lr·√(1 − β₂ᵗ) / (1 − β₁ᵗ).
+    pub step_size: f64,
+    /// The weights' multiplier before the step: 1 − lr·wd (decoupled
+    /// decay), exactly 1 where the parameter is not decayed.
+    pub keep: f64,
+}
+
+/// One AdamW update of one flattened parameter, computed by a backend's own
+/// kernel. [`adamw_composed`] builds the same update from Burn's
+/// element-wise ops, about 13 passes over the parameter and its moments
+/// (each a separate kernel on a backend without fusion); a kernel does it
+/// in one. The backends crate registers one with
+/// [`register_adamw_kernel`] where it has it.
+pub trait AdamWKernel<B: Backend>: Send + Sync {
+    /// Returns the updated `[w, m, v]` from the parameter `w`, its gradient
+    /// `g` and its moments `m`, `v` (all `[numel]`), as [`adamw_composed`]
+    /// computes them.
+    fn update(
+        &self,
+        w: Tensor<B, 1>,
+        g: Tensor<B, 1>,
+        m: Tensor<B, 1>,
+        v: Tensor<B, 1>,
+        s: &AdamWScalars,
+    ) -> [Tensor<B, 1>; 3];
+}
+
+/// The AdamW update from Burn's element-wise ops, on any backend.
+///
+/// torch.optim.AdamW's step, lr/bc1 · m / (√v/√bc2 + ε), with the bias
+/// corrections folded into two scalars (multiply through by √bc2):
+/// lr·√bc2/bc1 · m / (√v + ε·√bc2). Identical in exact arithmetic, and four
+/// passes over the parameter instead of six, which counts for the 12.6
+/// M-entry token embedding. Decoupled decay first (torch's order), skipped
+/// where it is zero.
+pub fn adamw_composed<B: Backend>(
+    w: Tensor<B, 1>,
+    g: Tensor<B, 1>,
+    m: Tensor<B, 1>,
+    v: Tensor<B, 1>,
+    s: &AdamWScalars,
+) -> [Tensor<B, 1>; 3] {
+    // Clipping is rare: skip a full pass over the gradient when it is off.
+    let g = if s.grad_scale == 1.0 {
+        g
+    } else {
+        g * s.grad_scale
+    };
+    let m = m * s.beta1 + g.clone() * (1.0 - s.beta1);
+    let v = v * s.beta2 + g.powi_scalar(2) * (1.0 - s.beta2);
+    let step = m.clone() / (v.clone().sqrt() + s.eps) * s.step_size;
+    let w = if s.keep == 1.0 { w } else { w * s.keep };
+    [w - step, m, v]
+}
+
+/// The registered kernels: one `Arc<dyn AdamWKernel<B>>` per backend type.
+static KERNELS: Mutex<Vec<(TypeId, Box<dyn Any + Send + Sync>)>> = Mutex::new(Vec::new());
+
+/// Makes `kernel` the AdamW update of every [`AdamW`] on backend `B`
+/// created from now on in this process (replacing an earlier one). The
+/// backends crate registers its fused kernels when it selects a device, so
+/// core stays generic: a backend without one uses [`adamw_composed`].
+pub fn register_adamw_kernel<B: Backend>(kernel: Arc<dyn AdamWKernel<B>>) {
+    let mut kernels = KERNELS.lock().unwrap_or_else(PoisonError::into_inner);
+    kernels.retain(|(id, _)| *id != TypeId::of::<B>());
+    kernels.push((TypeId::of::<B>(), Box::new(kernel)));
+}
+
+/// The kernel registered for backend `B`, if any.
+pub fn adamw_kernel<B: Backend>() -> Option<Arc<dyn AdamWKernel<B>>> {
+    let kernels = KERNELS.lock().unwrap_or_else(PoisonError::into_inner);
+    kernels
+        .iter()
+        .find(|(id, _)| *id == TypeId::of::<B>())
+        .and_then(|(_, k)| k.downcast_ref::<Arc<dyn AdamWKernel<B>>>())
+        .cloned()
+}
+
 /// The optimiser: moments keyed by parameter path, on the device.
 pub struct AdamW<B: Backend> {
     config: AdamWConfig,
@@ -58,6 +150,8 @@ pub struct AdamW<B: Backend> {
     step: u64,
     /// path → (m, v), flattened to `[numel]`.
     moments: BTreeMap<String, (Tensor<B, 1>, Tensor<B, 1>)>,
+    /// The backend's fused update, or `None` for [`adamw_composed`].
+    kernel: Option<Arc<dyn AdamWKernel<B>>>,
 }
 
 impl<B: Backend> AdamW<B> {
@@ -67,7 +161,14 @@ impl<B: Backend> AdamW<B> {
             config,
             step: 0,
             moments: BTreeMap::new(),
+            kernel: adamw_kernel::<B>(),
         }
+    }
+
+    /// Whether the updates run in a backend's fused kernel (see
+    /// [`register_adamw_kernel`]) rather than [`adamw_composed`].
+    pub fn is_fused(&self) -> bool {
+        self.kernel.is_some()
     }
 
     /// Updates completed so far.
@@ -144,6 +245,7 @@ impl<B: Backend> AdamW<B> {
             config,
             step,
             moments,
+            kernel: adamw_kernel::<B>(),
         })
     }
 }
@@ -178,18 +280,10 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Updater<'_, AB> {
         let require_grad = tensor.is_require_grad();
         let w = tensor.inner().reshape([numel]); // [numel]
         let g = grad.reshape([numel]); // [numel]
-        // Clipping is rare: skip a full pass over the gradient when it is off.
-        let g = if self.grad_scale == 1.0 {
-            g
-        } else {
-            g * self.grad_scale
-        };
         let (m, v) = match self.opt.moments.remove(&path) {
             Some(mv) => mv,
             None => (w.zeros_like(), w.zeros_like()),
         };
-        let m = m * c.beta1 + g.clone() * (1.0 - c.beta1);
-        let v = v * c.beta2 + g.powi_scalar(2) * (1.0 - c.beta2);
         let t = self.opt.step as i32;
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
@@ -198,16 +292,18 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Updater<'_, AB> {
         } else {
             0.0
         };
-        // torch.optim.AdamW's step, lr/bc1 · m / (√v/√bc2 + ε), with the
-        // bias corrections folded into two scalars (multiply through by
-        // √bc2): lr·√bc2/bc1 · m / (√v + ε·√bc2). Identical in exact
-        // arithmetic, and four passes over the parameter instead of six,
-        // which counts for the 12.6 M-entry token embedding. Decoupled decay
-        // first (torch's order), skipped where it is zero.
-        let step =
-            m.clone() / (v.clone().sqrt() + c.eps * bc2.sqrt()) * (self.lr * bc2.sqrt() / bc1);
-        let w = if decay == 0.0 { w } else { w * (1.0 - decay) };
-        let w = w - step;
+        let s = AdamWScalars {
+            grad_scale: self.grad_scale,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps * bc2.sqrt(),
+            step_size: self.lr * bc2.sqrt() / bc1,
+            keep: 1.0 - decay,
+        };
+        let [w, m, v] = match &self.opt.kernel {
+            Some(kernel) => kernel.update(w, g, m, v, &s),
+            None => adamw_composed(w, g, m, v, &s),
+        };
         self.opt.moments.insert(path, (m, v));
         let mut out = Tensor::<AB, 1>::from_inner(w).reshape(shape);
         if require_grad {
@@ -268,6 +364,33 @@ mod tests {
     struct Net<B: Backend> {
         fc: Linear<B>,
         token_embedding: Param<Tensor<B, 2>>,
+    }
+
+    /// A kernel registered for one backend type is found for that type
+    /// only; optimisers on it report the fused path, others the composed.
+    #[test]
+    fn registered_kernel_serves_its_backend_only() {
+        struct Identity;
+        impl AdamWKernel<TestBackend> for Identity {
+            fn update(
+                &self,
+                w: Tensor<TestBackend, 1>,
+                _g: Tensor<TestBackend, 1>,
+                m: Tensor<TestBackend, 1>,
+                v: Tensor<TestBackend, 1>,
+                _s: &AdamWScalars,
+            ) -> [Tensor<TestBackend, 1>; 3] {
+                [w, m, v]
+            }
+        }
+        type Inner = <TestBackend as AutodiffBackend>::InnerBackend;
+        // The unit tests run AdamW on the inner backend: registering for
+        // the autodiff type leaves them on the composed update.
+        register_adamw_kernel::<TestBackend>(Arc::new(Identity));
+        assert!(adamw_kernel::<TestBackend>().is_some());
+        assert!(adamw_kernel::<Inner>().is_none());
+        assert!(AdamW::<TestBackend>::new(AdamWConfig::default()).is_fused());
+        assert!(!AdamW::<Inner>::new(AdamWConfig::default()).is_fused());
     }
 
     fn net(device: &burn::tensor::Device<TestBackend>) -> Net<TestBackend> {
