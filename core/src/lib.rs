@@ -11,6 +11,7 @@ pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod io;
+pub mod kernels;
 pub mod loss;
 pub mod model;
 pub mod nn;

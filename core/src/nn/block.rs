@@ -27,18 +27,42 @@ pub enum Activation {
 }
 
 impl Activation {
-    /// Applies the activation element-wise.
+    /// Applies the activation element-wise. The exact GELU runs in the
+    /// backend's registered [`GeluKernel`] where it has one, else as
+    /// [`gelu_composed`].
     pub fn forward<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
-            // Composed from erf rather than Burn's fused `gelu`: in Burn 0.21
-            // the CubeCL (wgpu) backward of the fused op is off by ~4e-4
-            // relative error, while erf's own backward is exact to f32
-            // (tests/backends.rs::activations_match_cpu_on_wgpu).
-            Self::Gelu => (x.clone() * ((x * std::f64::consts::FRAC_1_SQRT_2).erf() + 1.0)) * 0.5,
+            Self::Gelu => match crate::kernels::lookup::<dyn GeluKernel<B>>() {
+                Some(kernel) => {
+                    let shape = x.shape();
+                    let numel = shape.num_elements();
+                    kernel.gelu(x.reshape([numel])).reshape(shape) // [numel] → x's shape
+                }
+                None => gelu_composed(x),
+            },
             Self::GeluTanh => gelu_approximate(x),
             Self::QuickGelu => x.clone() * sigmoid(x * 1.702),
         }
     }
+}
+
+/// The exact GELU, `x·½(1 + erf(x/√2))`, from Burn's element-wise ops: runs
+/// on every backend. Composed from erf rather than Burn's fused `gelu`: in
+/// Burn 0.21 the CubeCL (wgpu, cuda) backward of the fused op is the tanh
+/// approximation's, off by ~4e-4 relative error, while erf's own backward
+/// is exact to f32 (tests/backends.rs::activations_match_cpu_on_wgpu). On a
+/// backend without kernel fusion that is 5 passes over the activation
+/// forward and about 10 backward, which a [`GeluKernel`] replaces.
+pub fn gelu_composed<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    (x.clone() * ((x * std::f64::consts::FRAC_1_SQRT_2).erf() + 1.0)) * 0.5
+}
+
+/// A backend's own exact GELU, registered per backend type
+/// ([`crate::kernels`]) and used by [`Activation::Gelu`].
+pub trait GeluKernel<B: Backend>: Send + Sync {
+    /// GELU of `x` (`[numel]`): the value of [`gelu_composed`] and, on an
+    /// autodiff backend, its gradient, each within float rounding.
+    fn gelu(&self, x: Tensor<B, 1>) -> Tensor<B, 1>;
 }
 
 /// Configuration of [`ResidualBlock`].

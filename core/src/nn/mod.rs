@@ -8,7 +8,7 @@ mod attention;
 mod block;
 
 pub use attention::{Attention, AttentionConfig};
-pub use block::{Activation, Mlp, ResidualBlock, ResidualBlockConfig};
+pub use block::{Activation, GeluKernel, Mlp, ResidualBlock, ResidualBlockConfig, gelu_composed};
 
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;

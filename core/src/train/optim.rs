@@ -7,9 +7,8 @@
 //! by parameter path: checkpoints then store it as plain safetensors next to
 //! the weights, and a resumed run continues bit for bit.
 
-use std::any::{Any, TypeId};
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
@@ -76,8 +75,8 @@ pub struct AdamWScalars {
 /// kernel. [`adamw_composed`] builds the same update from Burn's
 /// element-wise ops, about 13 passes over the parameter and its moments
 /// (each a separate kernel on a backend without fusion); a kernel does it
-/// in one. The backends crate registers one with
-/// [`register_adamw_kernel`] where it has it.
+/// in one. The backends crate registers one per backend type that has it
+/// ([`crate::kernels`]).
 pub trait AdamWKernel<B: Backend>: Send + Sync {
     /// Returns the updated `[w, m, v]` from the parameter `w`, its gradient
     /// `g` and its moments `m`, `v` (all `[numel]`), as [`adamw_composed`]
@@ -120,29 +119,6 @@ pub fn adamw_composed<B: Backend>(
     [w - step, m, v]
 }
 
-/// The registered kernels: one `Arc<dyn AdamWKernel<B>>` per backend type.
-static KERNELS: Mutex<Vec<(TypeId, Box<dyn Any + Send + Sync>)>> = Mutex::new(Vec::new());
-
-/// Makes `kernel` the AdamW update of every [`AdamW`] on backend `B`
-/// created from now on in this process (replacing an earlier one). The
-/// backends crate registers its fused kernels when it selects a device, so
-/// core stays generic: a backend without one uses [`adamw_composed`].
-pub fn register_adamw_kernel<B: Backend>(kernel: Arc<dyn AdamWKernel<B>>) {
-    let mut kernels = KERNELS.lock().unwrap_or_else(PoisonError::into_inner);
-    kernels.retain(|(id, _)| *id != TypeId::of::<B>());
-    kernels.push((TypeId::of::<B>(), Box::new(kernel)));
-}
-
-/// The kernel registered for backend `B`, if any.
-pub fn adamw_kernel<B: Backend>() -> Option<Arc<dyn AdamWKernel<B>>> {
-    let kernels = KERNELS.lock().unwrap_or_else(PoisonError::into_inner);
-    kernels
-        .iter()
-        .find(|(id, _)| *id == TypeId::of::<B>())
-        .and_then(|(_, k)| k.downcast_ref::<Arc<dyn AdamWKernel<B>>>())
-        .cloned()
-}
-
 /// The optimiser: moments keyed by parameter path, on the device.
 pub struct AdamW<B: Backend> {
     config: AdamWConfig,
@@ -161,12 +137,12 @@ impl<B: Backend> AdamW<B> {
             config,
             step: 0,
             moments: BTreeMap::new(),
-            kernel: adamw_kernel::<B>(),
+            kernel: crate::kernels::lookup::<dyn AdamWKernel<B>>(),
         }
     }
 
-    /// Whether the updates run in a backend's fused kernel (see
-    /// [`register_adamw_kernel`]) rather than [`adamw_composed`].
+    /// Whether the updates run in a backend's registered kernel (see
+    /// [`crate::kernels`]) rather than [`adamw_composed`].
     pub fn is_fused(&self) -> bool {
         self.kernel.is_some()
     }
@@ -245,7 +221,7 @@ impl<B: Backend> AdamW<B> {
             config,
             step,
             moments,
-            kernel: adamw_kernel::<B>(),
+            kernel: crate::kernels::lookup::<dyn AdamWKernel<B>>(),
         })
     }
 }
@@ -386,9 +362,8 @@ mod tests {
         type Inner = <TestBackend as AutodiffBackend>::InnerBackend;
         // The unit tests run AdamW on the inner backend: registering for
         // the autodiff type leaves them on the composed update.
-        register_adamw_kernel::<TestBackend>(Arc::new(Identity));
-        assert!(adamw_kernel::<TestBackend>().is_some());
-        assert!(adamw_kernel::<Inner>().is_none());
+        crate::kernels::register::<dyn AdamWKernel<TestBackend>>(Arc::new(Identity));
+        assert!(crate::kernels::lookup::<dyn AdamWKernel<Inner>>().is_none());
         assert!(AdamW::<TestBackend>::new(AdamWConfig::default()).is_fused());
         assert!(!AdamW::<Inner>::new(AdamWConfig::default()).is_fused());
     }
