@@ -487,7 +487,12 @@ mod tests {
                 "loss {l0} vs {l1}"
             );
             let what = format!("checkpointed, masked {masked}, {micro} micro-batches");
-            assert_same_grads(&model, &g0, &g1, 1e-5, &what);
+            // 1e-4, the bound of the micro-batch and replica tests: flex's
+            // rayon reductions are not bit-deterministic, and the recomputed
+            // forward differed by 1.0–1.4e-5 on one parameter (#47) in 3 of
+            // 10 runs, before and after this bound was set. A wrong
+            // recomputation is off by orders of magnitude more.
+            assert_same_grads(&model, &g0, &g1, 1e-4, &what);
         }
     }
 
