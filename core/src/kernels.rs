@@ -12,22 +12,25 @@
 //! every kernel must compute what that composition computes.
 
 use std::any::Any;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError, RwLock};
 
-/// The registered kernels, each an `Arc<K>` behind `Any`.
-static REGISTRY: Mutex<Vec<Box<dyn Any + Send + Sync>>> = Mutex::new(Vec::new());
+/// The registered kernels, each an `Arc<K>` behind `Any`. A read-write
+/// lock: lookups run in every forward pass, on every replica thread, and
+/// must not queue behind each other (registration happens once, at
+/// device selection).
+static REGISTRY: RwLock<Vec<Box<dyn Any + Send + Sync>>> = RwLock::new(Vec::new());
 
 /// Makes `kernel` the implementation of `K` in this process from now on,
 /// replacing an earlier one.
 pub fn register<K: ?Sized + Send + Sync + 'static>(kernel: Arc<K>) {
-    let mut registry = REGISTRY.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut registry = REGISTRY.write().unwrap_or_else(PoisonError::into_inner);
     registry.retain(|k| !k.is::<Arc<K>>());
     registry.push(Box::new(kernel));
 }
 
 /// The registered implementation of `K`, if any.
 pub fn lookup<K: ?Sized + Send + Sync + 'static>() -> Option<Arc<K>> {
-    let registry = REGISTRY.lock().unwrap_or_else(PoisonError::into_inner);
+    let registry = REGISTRY.read().unwrap_or_else(PoisonError::into_inner);
     registry
         .iter()
         .find_map(|k| k.downcast_ref::<Arc<K>>())
