@@ -102,7 +102,7 @@ impl GeluKernel<Backend> for FlexGelu {
             .zip(input.storage::<f32>()[..n].par_chunks(CHUNK))
             .for_each(|((y, d), x)| {
                 for ((y, d), &x) in y.iter_mut().zip(d.iter_mut()).zip(x) {
-                    (*y, *d) = (gelu_value(x), gelu_slope(x));
+                    (*y, *d) = gelu_value_and_slope(x);
                 }
             });
         let constant = |t: FlexTensor| {
@@ -112,18 +112,30 @@ impl GeluKernel<Backend> for FlexGelu {
     }
 }
 
-/// GELU's value, operation for operation as [`gelu_composed`] computes it
-/// on flex (whose `erf` is libm's `erff`).
-fn gelu_value(x: f32) -> f32 {
-    (x * (libm::erff(x * std::f64::consts::FRAC_1_SQRT_2 as f32) + 1.0)) * 0.5
+/// `erf(x/√2)`, the one transcendental GELU's value and slope share, as
+/// flex computes it (libm's `erff`).
+fn erf_scaled(x: f32) -> f32 {
+    libm::erff(x * std::f64::consts::FRAC_1_SQRT_2 as f32)
 }
 
-/// GELU's derivative, `Φ(x) + x·φ(x)` with `Φ(x) = ½(1 + erf(x/√2))` and
-/// `φ(x) = exp(−x²/2)/√(2π)`.
-fn gelu_slope(x: f32) -> f32 {
+/// GELU's value from `e = erf(x/√2)`, operation for operation as
+/// [`gelu_composed`] computes it on flex.
+fn gelu_from_erf(x: f32, e: f32) -> f32 {
+    (x * (e + 1.0)) * 0.5
+}
+
+/// GELU's value.
+fn gelu_value(x: f32) -> f32 {
+    gelu_from_erf(x, erf_scaled(x))
+}
+
+/// GELU's value and derivative `Φ(x) + x·φ(x)`, with `Φ(x) = ½(1 + e)`,
+/// `e = erf(x/√2)` computed once for both, and `φ(x) = exp(−x²/2)/√(2π)`.
+fn gelu_value_and_slope(x: f32) -> (f32, f32) {
     let inv_sqrt_2pi = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
-    let cdf = 0.5 * (1.0 + libm::erff(x * std::f64::consts::FRAC_1_SQRT_2 as f32));
-    cdf + x * inv_sqrt_2pi * (-0.5 * x * x).exp()
+    let e = erf_scaled(x);
+    let slope = 0.5 * (1.0 + e) + x * inv_sqrt_2pi * (-0.5 * x * x).exp();
+    (gelu_from_erf(x, e), slope)
 }
 
 /// AdamW in one pass over each parameter, on rayon's threads.

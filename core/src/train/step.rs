@@ -490,7 +490,7 @@ mod tests {
             // 1e-4, the bound of the micro-batch and replica tests: flex's
             // rayon reductions are not bit-deterministic, and the recomputed
             // forward differed by 1.0–1.4e-5 on one parameter (#47) in 3 of
-            // 10 runs, before and after this bound was set. A wrong
+            // 10 runs of the code before the fused CPU kernels. A wrong
             // recomputation is off by orders of magnitude more.
             assert_same_grads(&model, &g0, &g1, 1e-4, &what);
         }
