@@ -9,11 +9,15 @@ use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use clipa_core::kernels;
-use clipa_core::nn::{GeluKernel, gelu_composed};
+use clipa_core::nn::{AttentionKernel, GeluKernel, gelu_composed};
 use clipa_core::train::optim::{AdamWKernel, AdamWScalars, adamw_composed};
 use rayon::prelude::*;
 
 use crate::{BackendError, BackendKind, DeviceInfo};
+
+mod attention;
+
+pub use attention::FlexAttention;
 
 /// The concrete CPU backend with autodiff.
 pub type Backend = burn::backend::Autodiff<Flex>;
@@ -43,7 +47,8 @@ pub fn select(
 }
 
 /// Registers the CPU backend's fused kernels with core, once per process:
-/// [`FlexAdamW`] and [`FlexGelu`] (training and inference). [`select`]
+/// [`FlexAdamW`], and [`FlexGelu`] and [`FlexAttention`] (training and
+/// inference). [`select`]
 /// calls it, so every command and bench that runs on the CPU backend gets
 /// them.
 pub fn register_kernels() {
@@ -52,6 +57,8 @@ pub fn register_kernels() {
         kernels::register::<dyn AdamWKernel<Flex>>(Arc::new(FlexAdamW));
         kernels::register::<dyn GeluKernel<Backend>>(Arc::new(FlexGelu));
         kernels::register::<dyn GeluKernel<Flex>>(Arc::new(FlexGelu));
+        kernels::register::<dyn AttentionKernel<Backend>>(Arc::new(FlexAttention));
+        kernels::register::<dyn AttentionKernel<Flex>>(Arc::new(FlexAttention));
     });
 }
 
@@ -186,7 +193,12 @@ impl AdamWKernel<Flex> for FlexAdamW {
 /// `t`'s storage as a contiguous buffer holding exactly its elements
 /// (a view is copied out first).
 fn dense(t: Tensor<Flex, 1>) -> FlexTensor {
-    let t = t.into_primitive().tensor();
+    dense_flex(t.into_primitive().tensor())
+}
+
+/// `t` as a contiguous buffer holding exactly its elements, in row-major
+/// order from offset 0 (a view is copied out first).
+fn dense_flex(t: FlexTensor) -> FlexTensor {
     let exact = t.is_contiguous()
         && t.layout().start_offset() == 0
         && t.bytes().len() == t.layout().num_elements() * size_of::<f32>();
@@ -320,6 +332,8 @@ mod tests {
         assert!(kernels::lookup::<dyn AdamWKernel<Flex>>().is_some());
         assert!(kernels::lookup::<dyn GeluKernel<Backend>>().is_some());
         assert!(kernels::lookup::<dyn GeluKernel<Flex>>().is_some());
+        assert!(kernels::lookup::<dyn AttentionKernel<Backend>>().is_some());
+        assert!(kernels::lookup::<dyn AttentionKernel<Flex>>().is_some());
         let opt = clipa_core::train::optim::AdamW::<Flex>::new(Default::default());
         assert!(opt.is_fused());
     }

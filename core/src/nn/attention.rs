@@ -66,24 +66,63 @@ impl<B: Backend> Attention<B> {
     pub fn forward(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
         let [batch, tokens, width] = x.dims();
         let head_dim = width / self.heads;
-        let split = |t: Tensor<B, 3>| {
-            t.reshape([batch, tokens, self.heads, head_dim]) // [batch, tokens, heads, head_dim]
-                .swap_dims(1, 2) // [batch, heads, tokens, head_dim]
-        };
+        // The projections' own layout, each head a column block: a free
+        // reshape, no copy.
+        let split = |t: Tensor<B, 3>| t.reshape([batch, tokens, self.heads, head_dim]);
         // In `x`'s dtype: bf16 under mixed precision (see `ResidualBlock`).
-        let q = split(linear_in(&self.query, x.clone()));
+        let q = split(linear_in(&self.query, x.clone())); // [batch, tokens, heads, head_dim]
         let k = split(linear_in(&self.key, x.clone()));
         let v = split(linear_in(&self.value, x));
-        let options = AttentionModuleOptions {
-            is_causal: causal,
-            ..Default::default()
-        };
-        // Fused kernel on CubeCL backends at inference; autodiff decomposes
-        // it into matmul + softmax so the backward pass is exact.
-        let y = attention(q, k, v, None, None, options); // [batch, heads, tokens, head_dim]
-        let y = y.swap_dims(1, 2).reshape([batch, tokens, width]); // [batch, tokens, width]
-        linear_in(&self.out, y)
+        let y = match crate::kernels::lookup::<dyn AttentionKernel<B>>() {
+            Some(kernel) => kernel.attention(q, k, v, causal),
+            None => attention_composed(q, k, v, causal),
+        }; // [batch, tokens, heads, head_dim]
+        linear_in(&self.out, y.reshape([batch, tokens, width]))
     }
+}
+
+/// softmax(q·kᵀ/√head_dim)·v per head from Burn's generic ops: runs on
+/// every backend. The heads move to the front (`[batch, heads, tokens,
+/// head_dim]`) for Burn's attention op and back after it: a fused kernel on
+/// CubeCL backends at inference, matmul + softmax under autodiff so that
+/// the backward pass is exact. On the CPU each move is a strided copy, and
+/// the softmax about a dozen element-wise passes forward and backward,
+/// which an [`AttentionKernel`] replaces.
+///
+/// # Shapes
+/// - `q`, `k`, `v`: `[batch, tokens, heads, head_dim]`
+/// - output: `[batch, tokens, heads, head_dim]`
+pub fn attention_composed<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    causal: bool,
+) -> Tensor<B, 4> {
+    let front = |t: Tensor<B, 4>| t.swap_dims(1, 2); // [batch, heads, tokens, head_dim]
+    let options = AttentionModuleOptions {
+        is_causal: causal,
+        ..Default::default()
+    };
+    attention(front(q), front(k), front(v), None, None, options).swap_dims(1, 2)
+}
+
+/// A backend's own multi-head attention, registered per backend type
+/// ([`crate::kernels`]) and used by [`Attention`].
+pub trait AttentionKernel<B: Backend>: Send + Sync {
+    /// softmax(q·kᵀ/√head_dim)·v for every batch row and head, the future
+    /// masked where `causal`: the value of [`attention_composed`] and, on
+    /// an autodiff backend, its gradients, each within float rounding.
+    ///
+    /// # Shapes
+    /// - `q`, `k`, `v`: `[batch, tokens, heads, head_dim]`
+    /// - output: `[batch, tokens, heads, head_dim]`
+    fn attention(
+        &self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        causal: bool,
+    ) -> Tensor<B, 4>;
 }
 
 #[cfg(test)]

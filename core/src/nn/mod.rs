@@ -7,7 +7,7 @@
 mod attention;
 mod block;
 
-pub use attention::{Attention, AttentionConfig};
+pub use attention::{Attention, AttentionConfig, AttentionKernel, attention_composed};
 pub use block::{Activation, GeluKernel, Mlp, ResidualBlock, ResidualBlockConfig, gelu_composed};
 
 use burn::nn::Linear;
