@@ -9,15 +9,17 @@ use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use clipa_core::kernels;
-use clipa_core::nn::{AttentionKernel, GeluKernel, gelu_composed};
+use clipa_core::nn::{AttentionKernel, GeluKernel, LayerNormKernel, gelu_composed};
 use clipa_core::train::optim::{AdamWKernel, AdamWScalars, adamw_composed};
 use rayon::prelude::*;
 
 use crate::{BackendError, BackendKind, DeviceInfo};
 
 mod attention;
+mod layer_norm;
 
 pub use attention::FlexAttention;
+pub use layer_norm::FlexLayerNorm;
 
 /// The concrete CPU backend with autodiff.
 pub type Backend = burn::backend::Autodiff<Flex>;
@@ -47,8 +49,9 @@ pub fn select(
 }
 
 /// Registers the CPU backend's fused kernels with core, once per process:
-/// [`FlexAdamW`], and [`FlexGelu`] and [`FlexAttention`] (training and
-/// inference). [`select`]
+/// [`FlexAdamW`], [`FlexLayerNorm`] (training; flex's own LayerNorm is
+/// already one pass at inference), and [`FlexGelu`] and [`FlexAttention`]
+/// (training and inference). [`select`]
 /// calls it, so every command and bench that runs on the CPU backend gets
 /// them.
 pub fn register_kernels() {
@@ -59,6 +62,7 @@ pub fn register_kernels() {
         kernels::register::<dyn GeluKernel<Flex>>(Arc::new(FlexGelu));
         kernels::register::<dyn AttentionKernel<Backend>>(Arc::new(FlexAttention));
         kernels::register::<dyn AttentionKernel<Flex>>(Arc::new(FlexAttention));
+        kernels::register::<dyn LayerNormKernel<Backend>>(Arc::new(FlexLayerNorm));
     });
 }
 
@@ -334,6 +338,7 @@ mod tests {
         assert!(kernels::lookup::<dyn GeluKernel<Flex>>().is_some());
         assert!(kernels::lookup::<dyn AttentionKernel<Backend>>().is_some());
         assert!(kernels::lookup::<dyn AttentionKernel<Flex>>().is_some());
+        assert!(kernels::lookup::<dyn LayerNormKernel<Backend>>().is_some());
         let opt = clipa_core::train::optim::AdamW::<Flex>::new(Default::default());
         assert!(opt.is_fused());
     }

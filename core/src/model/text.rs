@@ -10,7 +10,7 @@ use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use super::config::{TextConfig, TextPool};
 use super::posemb::resize_linear;
 use super::trace::Trace;
-use crate::nn::{ResidualBlock, ResidualBlockConfig};
+use crate::nn::{ResidualBlock, ResidualBlockConfig, layer_norm_in};
 
 /// The text tower.
 #[derive(Module, Debug)]
@@ -124,7 +124,7 @@ impl<B: Backend> TextTransformer<B> {
         trace: &mut Trace,
     ) -> Tensor<B, 2> {
         let [batch, len, w] = x.dims();
-        let x = self.ln_final.forward(x);
+        let x = layer_norm_in(&self.ln_final, self.config.ln_eps, x);
         trace.record("ln_final", || x.clone());
         let pooled = match self.config.pool {
             TextPool::Last => x.narrow(1, len - 1, 1),

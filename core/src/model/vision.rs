@@ -11,7 +11,7 @@ use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use super::config::{PosEmbed, VisionConfig, VisionPool};
 use super::posemb::{resize_bicubic, sincos_2d};
 use super::trace::Trace;
-use crate::nn::{ResidualBlock, ResidualBlockConfig};
+use crate::nn::{ResidualBlock, ResidualBlockConfig, layer_norm_in};
 
 /// The image tower.
 #[derive(Module, Debug)]
@@ -195,7 +195,7 @@ impl<B: Backend> VisionTransformer<B> {
             }
         };
         let x = match &self.ln_pre {
-            Some(ln) => ln.forward(x),
+            Some(ln) => layer_norm_in(ln, self.config.ln_eps, x),
             None => x,
         };
         trace.record("visual.ln_pre", || x.clone());
@@ -206,18 +206,18 @@ impl<B: Backend> VisionTransformer<B> {
         let [batch, tokens, w] = x.dims();
         let pooled = match (self.config.pool, self.config.final_ln_after_pool) {
             (VisionPool::Cls, _) => {
-                let x = self.ln_post.forward(x);
+                let x = layer_norm_in(&self.ln_post, self.config.ln_eps, x);
                 trace.record("visual.ln_post", || x.clone());
                 x.narrow(1, 0, 1).reshape([batch, w])
             }
             (pool, true) => {
                 let pooled = mean_tokens(x, pool, tokens, batch, w);
-                let pooled = self.ln_post.forward(pooled);
+                let pooled = layer_norm_in(&self.ln_post, self.config.ln_eps, pooled);
                 trace.record("visual.ln_post", || pooled.clone());
                 pooled
             }
             (pool, false) => {
-                let x = self.ln_post.forward(x);
+                let x = layer_norm_in(&self.ln_post, self.config.ln_eps, x);
                 trace.record("visual.ln_post", || x.clone());
                 mean_tokens(x, pool, tokens, batch, w)
             }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use burn::tensor::{FloatDType, Tensor};
 
-use super::{Attention, AttentionConfig, linear_in};
+use super::{Attention, AttentionConfig, layer_norm_in, linear_in};
 
 /// The MLP non-linearity.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +116,10 @@ pub struct ResidualBlock<B: Backend> {
     pub ln_2: LayerNorm<B>,
     /// The MLP.
     pub mlp: Mlp<B>,
+    /// The LayerNorms' epsilon, for [`layer_norm_in`] (Burn's `LayerNorm`
+    /// keeps its own private).
+    #[module(skip)]
+    pub ln_eps: f64,
     /// Compute dtype of the attention and MLP branches (bf16 under mixed
     /// precision); `None` computes in the parameters' dtype (float32).
     #[module(skip)]
@@ -139,6 +143,7 @@ impl ResidualBlockConfig {
                 c_proj: LinearConfig::new(self.mlp_width, self.width).init(device),
                 activation: self.activation,
             },
+            ln_eps: self.ln_eps,
             compute: None,
         }
     }
@@ -156,16 +161,16 @@ impl<B: Backend> ResidualBlock<B> {
     /// # Shapes
     /// `[batch, tokens, width]` → `[batch, tokens, width]`
     pub fn forward(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
+        let ln_1 = |x| layer_norm_in(&self.ln_1, self.ln_eps, x);
+        let ln_2 = |x| layer_norm_in(&self.ln_2, self.ln_eps, x);
         let Some(dt) = self.compute else {
-            let x = x.clone() + self.attn.forward(self.ln_1.forward(x), causal);
-            return x.clone() + self.mlp.forward(self.ln_2.forward(x));
+            let x = x.clone() + self.attn.forward(ln_1(x), causal);
+            return x.clone() + self.mlp.forward(ln_2(x));
         };
         let home = FloatDType::from(x.dtype());
-        let branch = self
-            .attn
-            .forward(self.ln_1.forward(x.clone()).cast(dt), causal);
+        let branch = self.attn.forward(ln_1(x.clone()).cast(dt), causal);
         let x = x + branch.cast(home);
-        let branch = self.mlp.forward(self.ln_2.forward(x.clone()).cast(dt));
+        let branch = self.mlp.forward(ln_2(x.clone()).cast(dt));
         x + branch.cast(home)
     }
 }

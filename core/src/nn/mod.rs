@@ -6,8 +6,10 @@
 
 mod attention;
 mod block;
+mod norm;
 
 pub use attention::{Attention, AttentionConfig, AttentionKernel, attention_composed};
+pub use norm::{LayerNormKernel, layer_norm_in};
 pub use block::{Activation, GeluKernel, Mlp, ResidualBlock, ResidualBlockConfig, gelu_composed};
 
 use burn::nn::Linear;
