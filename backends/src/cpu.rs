@@ -6,10 +6,14 @@
 use std::sync::{Arc, Once};
 
 use burn::backend::Flex;
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use clipa_core::kernels;
-use clipa_core::nn::{AttentionKernel, GeluKernel, LayerNormKernel, gelu_composed};
+use clipa_core::nn::{AttentionKernel, GeluKernel, LayerNormKernel, LinearKernel, gelu_composed};
 use clipa_core::train::optim::{AdamWKernel, AdamWScalars, adamw_composed};
 use rayon::prelude::*;
 
@@ -17,9 +21,11 @@ use crate::{BackendError, BackendKind, DeviceInfo};
 
 mod attention;
 mod layer_norm;
+mod linear;
 
 pub use attention::FlexAttention;
 pub use layer_norm::FlexLayerNorm;
+pub use linear::FlexLinear;
 
 /// The concrete CPU backend with autodiff.
 pub type Backend = burn::backend::Autodiff<Flex>;
@@ -49,8 +55,8 @@ pub fn select(
 }
 
 /// Registers the CPU backend's fused kernels with core, once per process:
-/// [`FlexAdamW`], [`FlexLayerNorm`] (training; flex's own LayerNorm is
-/// already one pass at inference), and [`FlexGelu`] and [`FlexAttention`]
+/// [`FlexAdamW`], [`FlexLinear`] and [`FlexLayerNorm`] (training; flex's
+/// own linear and LayerNorm are one op each at inference), and [`FlexGelu`] and [`FlexAttention`]
 /// (training and inference). [`select`]
 /// calls it, so every command and bench that runs on the CPU backend gets
 /// them.
@@ -63,21 +69,20 @@ pub fn register_kernels() {
         kernels::register::<dyn AttentionKernel<Backend>>(Arc::new(FlexAttention));
         kernels::register::<dyn AttentionKernel<Flex>>(Arc::new(FlexAttention));
         kernels::register::<dyn LayerNormKernel<Backend>>(Arc::new(FlexLayerNorm));
+        kernels::register::<dyn LinearKernel<Backend>>(Arc::new(FlexLinear));
     });
 }
 
-/// The exact GELU in one pass on rayon's threads, with its slope.
+/// The exact GELU in one pass on rayon's threads, with its own backward.
 ///
 /// [`gelu_composed`] is 5 element-wise kernels forward and about 10
 /// backward on flex, whose `erf` and `exp` run on one thread with scalar
 /// libm; at bench-tiny's img32 the composed GELU's `erf` alone took 6 % of
-/// a training step. Here one parallel pass computes the value and the
-/// slope `Φ(x) + x·φ(x)` (one `erf`, one `exp` per element). Under
-/// autodiff the output is `(x − x̄)·slope + y`, where `x̄` and the
-/// constants `slope` and `y` are untracked: exactly `y` in value (`x − x̄`
-/// is zero), with gradient `grad·slope`, so backward is one multiply. Flex's
-/// own fused `gelu_backward` is exact too, but computes `erf` again on one
-/// thread, and measured no faster than the composition.
+/// a training step. Here one parallel pass computes the value and, under
+/// autodiff, the slope `Φ(x) + x·φ(x)` (one `erf`, one `exp` per element),
+/// which the backward step multiplies the incoming gradient by, in place.
+/// Flex's own fused `gelu_backward` is exact too, but computes `erf` again
+/// on one thread, and measured no faster than the composition.
 pub struct FlexGelu;
 
 impl GeluKernel<Flex> for FlexGelu {
@@ -85,13 +90,17 @@ impl GeluKernel<Flex> for FlexGelu {
         if x.dtype() != DType::F32 {
             return gelu_composed(x);
         }
-        // Inference: the value only, in place where `x` is not shared.
-        let mut y = dense(x);
-        y.storage_mut::<f32>()
-            .par_chunks_mut(CHUNK)
-            .for_each(|c| c.iter_mut().for_each(|v| *v = gelu_value(*v)));
+        let y = gelu_in_place(dense(x));
         Tensor::from_primitive(TensorPrimitive::Float(y))
     }
+}
+
+/// The value only, in place where `x` is not shared.
+fn gelu_in_place(mut x: FlexTensor) -> FlexTensor {
+    x.storage_mut::<f32>()
+        .par_chunks_mut(CHUNK)
+        .for_each(|c| c.iter_mut().for_each(|v| *v = gelu_value(*v)));
+    x
 }
 
 impl GeluKernel<Backend> for FlexGelu {
@@ -99,27 +108,52 @@ impl GeluKernel<Backend> for FlexGelu {
         if x.dtype() != DType::F32 {
             return gelu_composed(x);
         }
-        // No shortcut for an untracked `x`: Burn's `is_require_grad` is
-        // false for every intermediate tensor (only leaves are marked), so
-        // it cannot tell. Untracked, the three ops below just cost passes.
-        let x_bar = x.clone().inner(); // the same buffer, untracked
-        let input = dense(x_bar.clone());
-        let n = input.layout().num_elements();
-        let mut y = FlexTensor::empty(input.layout().shape().clone(), DType::F32);
-        let mut slope = FlexTensor::empty(input.layout().shape().clone(), DType::F32);
-        y.storage_mut::<f32>()
-            .par_chunks_mut(CHUNK)
-            .zip(slope.storage_mut::<f32>().par_chunks_mut(CHUNK))
-            .zip(input.storage::<f32>()[..n].par_chunks(CHUNK))
-            .for_each(|((y, d), x)| {
-                for ((y, d), &x) in y.iter_mut().zip(d.iter_mut()).zip(x) {
-                    (*y, *d) = gelu_value_and_slope(x);
-                }
-            });
-        let constant = |t: FlexTensor| {
-            Tensor::<Backend, 1>::from_inner(Tensor::from_primitive(TensorPrimitive::Float(t)))
+        let x = x.into_primitive().tensor();
+        let node = x.node.clone();
+        let input = dense_flex(x.primitive);
+        let y = match GeluBackward
+            .prepare::<NoCheckpointing>([node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let shape = input.layout().shape().clone();
+                let (mut y, mut slope) = (zeros(shape.clone()), zeros(shape));
+                y.storage_mut::<f32>()
+                    .par_chunks_mut(CHUNK)
+                    .zip(slope.storage_mut::<f32>().par_chunks_mut(CHUNK))
+                    .zip(input.storage::<f32>().par_chunks(CHUNK))
+                    .for_each(|((y, d), x)| {
+                        for ((y, d), &x) in y.iter_mut().zip(d.iter_mut()).zip(x) {
+                            (*y, *d) = gelu_value_and_slope(x);
+                        }
+                    });
+                prep.finish(slope, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(gelu_in_place(input)),
         };
-        (x - Tensor::from_inner(x_bar)) * constant(slope) + constant(y)
+        Tensor::from_primitive(TensorPrimitive::Float(y))
+    }
+}
+
+/// The backward step of [`FlexGelu`]: the incoming gradient times the
+/// saved slope.
+#[derive(Debug)]
+struct GeluBackward;
+
+impl Backward<Flex, 1> for GeluBackward {
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let slope = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+            let mut grad = dense_flex(grad);
+            grad.storage_mut::<f32>()
+                .par_chunks_mut(CHUNK)
+                .zip(slope.storage::<f32>().par_chunks(CHUNK))
+                .for_each(|(g, d)| g.iter_mut().zip(d).for_each(|(g, d)| *g *= d));
+            grad
+        });
     }
 }
 
@@ -198,6 +232,15 @@ impl AdamWKernel<Flex> for FlexAdamW {
 /// (a view is copied out first).
 fn dense(t: Tensor<Flex, 1>) -> FlexTensor {
     dense_flex(t.into_primitive().tensor())
+}
+
+/// A new float32 tensor of zeros. `FlexTensor::empty` allocates bytes and
+/// then copies them once more to reach 16-byte alignment (cubecl's
+/// `Bytes::from_bytes_vec` goes by the declared alignment of a `Vec<u8>`,
+/// 1); a `Vec<f32>` is stored as allocated, and its zeros come from
+/// `calloc`, fresh pages for a large tensor.
+fn zeros(shape: Shape) -> FlexTensor {
+    FlexTensor::filled_typed(shape, DType::F32, 0f32)
 }
 
 /// `t` as a contiguous buffer holding exactly its elements, in row-major
@@ -339,6 +382,7 @@ mod tests {
         assert!(kernels::lookup::<dyn AttentionKernel<Backend>>().is_some());
         assert!(kernels::lookup::<dyn AttentionKernel<Flex>>().is_some());
         assert!(kernels::lookup::<dyn LayerNormKernel<Backend>>().is_some());
+        assert!(kernels::lookup::<dyn LinearKernel<Backend>>().is_some());
         let opt = clipa_core::train::optim::AdamW::<Flex>::new(Default::default());
         assert!(opt.is_fused());
     }

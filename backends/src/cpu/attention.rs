@@ -12,8 +12,7 @@
 //! the layout the output projection reads. Backward is four `gemm` calls
 //! and one pass over the tile per pair, from the saved probabilities.
 //!
-//! The one module of the backends that uses `unsafe`: `gemm` takes raw
-//! pointers and strides, and the tasks write disjoint column blocks of one
+//! Uses `unsafe`, as `linear` does: `gemm` takes raw pointers and strides, and the tasks write disjoint column blocks of one
 //! output buffer through a shared pointer. Each block says why it holds.
 #![allow(unsafe_code)]
 
@@ -28,7 +27,7 @@ use clipa_core::nn::{AttentionKernel, attention_composed};
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
-use super::{Backend, dense_flex};
+use super::{Backend, dense_flex, zeros};
 
 /// The attention kernel of the CPU backend, for training (`Autodiff<Flex>`)
 /// and inference (`Flex`).
@@ -178,14 +177,16 @@ unsafe fn product(
 
 /// The output `[batch, tokens, heads, head_dim]` and the probabilities
 /// `[batch, heads, tokens, tokens]` (masked entries exactly zero).
-fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, causal: bool) -> (FlexTensor, FlexTensor) {
+fn forward(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    causal: bool,
+) -> (FlexTensor, FlexTensor) {
     let d = Dims::of(q);
     let (t, hd, rs) = (d.tokens, d.head_dim, d.row_stride());
-    let mut out = FlexTensor::empty(q.layout().shape().clone(), DType::F32);
-    let mut probs = FlexTensor::empty(
-        Shape::new([d.pairs / d.heads, d.heads, t, t]),
-        DType::F32,
-    );
+    let mut out = zeros(q.layout().shape().clone());
+    let mut probs = zeros(Shape::new([d.pairs / d.heads, d.heads, t, t]));
     let (q, k, v) = (q.storage::<f32>(), k.storage::<f32>(), v.storage::<f32>());
     let o = Shared(out.storage_mut::<f32>().as_mut_ptr());
     probs
@@ -275,7 +276,7 @@ fn backward(saved: &Saved, dout: &FlexTensor) -> [FlexTensor; 3] {
     let d = Dims::of(&saved.q);
     let (t, hd, rs) = (d.tokens, d.head_dim, d.row_stride());
     let shape = saved.q.layout().shape().clone();
-    let mut grads = [(); 3].map(|_| FlexTensor::empty(shape.clone(), DType::F32));
+    let mut grads = [(); 3].map(|_| zeros(shape.clone()));
     let [dq, dk, dv] = grads
         .each_mut()
         .map(|g| Shared(g.storage_mut::<f32>().as_mut_ptr()));
@@ -286,59 +287,56 @@ fn backward(saved: &Saved, dout: &FlexTensor) -> [FlexTensor; 3] {
     );
     let (probs, dout) = (saved.probs.storage::<f32>(), dout.storage::<f32>());
     let ts = t as isize;
-    probs
-        .par_chunks(t * t)
-        .enumerate()
-        .for_each_init(
-            || vec![0f32; t * t],
-            |ds, (pair, p)| {
-                let at = d.offset(pair);
-                let (dq, dk, dv) = (dq, dk, dv);
-                // SAFETY: as in `forward`: every block is this pair's,
-                // within its buffer; `ds` is this thread's scratch tile.
-                unsafe {
-                    // dV = Pᵀ·dO: Pᵀ read in place.
-                    product(
-                        [t, hd, t],
-                        (dv.0.add(at), 1, rs),
-                        (p.as_ptr(), ts, 1),
-                        (dout[at..].as_ptr(), 1, rs),
-                        1.0,
-                    );
-                    // dP = dO·Vᵀ.
-                    product(
-                        [t, t, hd],
-                        (ds.as_mut_ptr(), 1, ts),
-                        (dout[at..].as_ptr(), 1, rs),
-                        (v[at..].as_ptr(), rs, 1),
-                        1.0,
-                    );
-                }
-                for (ds, p) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
-                    let dot: f32 = ds.iter().zip(p).map(|(g, p)| g * p).sum();
-                    ds.iter_mut().zip(p).for_each(|(g, p)| *g = p * (*g - dot));
-                }
-                // SAFETY: as above.
-                unsafe {
-                    // dQ = s·dS·K.
-                    product(
-                        [t, hd, t],
-                        (dq.0.add(at), 1, rs),
-                        (ds.as_ptr(), 1, ts),
-                        (k[at..].as_ptr(), 1, rs),
-                        d.scale(),
-                    );
-                    // dK = s·dSᵀ·Q.
-                    product(
-                        [t, hd, t],
-                        (dk.0.add(at), 1, rs),
-                        (ds.as_ptr(), ts, 1),
-                        (q[at..].as_ptr(), 1, rs),
-                        d.scale(),
-                    );
-                }
-            },
-        );
+    probs.par_chunks(t * t).enumerate().for_each_init(
+        || vec![0f32; t * t],
+        |ds, (pair, p)| {
+            let at = d.offset(pair);
+            let (dq, dk, dv) = (dq, dk, dv);
+            // SAFETY: as in `forward`: every block is this pair's,
+            // within its buffer; `ds` is this thread's scratch tile.
+            unsafe {
+                // dV = Pᵀ·dO: Pᵀ read in place.
+                product(
+                    [t, hd, t],
+                    (dv.0.add(at), 1, rs),
+                    (p.as_ptr(), ts, 1),
+                    (dout[at..].as_ptr(), 1, rs),
+                    1.0,
+                );
+                // dP = dO·Vᵀ.
+                product(
+                    [t, t, hd],
+                    (ds.as_mut_ptr(), 1, ts),
+                    (dout[at..].as_ptr(), 1, rs),
+                    (v[at..].as_ptr(), rs, 1),
+                    1.0,
+                );
+            }
+            for (ds, p) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                let dot: f32 = ds.iter().zip(p).map(|(g, p)| g * p).sum();
+                ds.iter_mut().zip(p).for_each(|(g, p)| *g = p * (*g - dot));
+            }
+            // SAFETY: as above.
+            unsafe {
+                // dQ = s·dS·K.
+                product(
+                    [t, hd, t],
+                    (dq.0.add(at), 1, rs),
+                    (ds.as_ptr(), 1, ts),
+                    (k[at..].as_ptr(), 1, rs),
+                    d.scale(),
+                );
+                // dK = s·dSᵀ·Q.
+                product(
+                    [t, hd, t],
+                    (dk.0.add(at), 1, rs),
+                    (ds.as_ptr(), ts, 1),
+                    (q[at..].as_ptr(), 1, rs),
+                    d.scale(),
+                );
+            }
+        },
+    );
     grads
 }
 
@@ -369,16 +367,21 @@ mod tests {
                     attention_composed(q, k, v, causal)
                 };
                 let grads = (y.clone() * w.clone()).sum().backward();
-                let input_grads =
-                    leaves.map(|t| t.grad(&grads).expect("a gradient").into_data());
+                let input_grads = leaves.map(|t| t.grad(&grads).expect("a gradient").into_data());
                 (y.into_data(), input_grads)
             };
             let ((yf, gf), (yc, gc)) = (run(true), run(false));
             let err = relative_error(&yf, &yc);
-            assert!(err <= 1e-6, "causal {causal}: value relative error {err:.2e}");
+            assert!(
+                err <= 1e-6,
+                "causal {causal}: value relative error {err:.2e}"
+            );
             for (name, (gf, gc)) in ["q", "k", "v"].iter().zip(gf.iter().zip(&gc)) {
                 let err = relative_error(gf, gc);
-                assert!(err <= 1e-5, "causal {causal}: d{name} relative error {err:.2e}");
+                assert!(
+                    err <= 1e-5,
+                    "causal {causal}: d{name} relative error {err:.2e}"
+                );
             }
             // Inference, no autodiff.
             let [q, k, v] = [1u64, 2, 3]
@@ -390,8 +393,14 @@ mod tests {
                 v.clone(),
                 causal,
             );
-            let err = relative_error(&got.into_data(), &attention_composed(q, k, v, causal).into_data());
-            assert!(err <= 1e-6, "causal {causal}: inference relative error {err:.2e}");
+            let err = relative_error(
+                &got.into_data(),
+                &attention_composed(q, k, v, causal).into_data(),
+            );
+            assert!(
+                err <= 1e-6,
+                "causal {causal}: inference relative error {err:.2e}"
+            );
         }
     }
 

@@ -23,7 +23,7 @@ use burn_flex::FlexTensor;
 use clipa_core::nn::LayerNormKernel;
 use rayon::prelude::*;
 
-use super::{Backend, dense_flex};
+use super::{Backend, dense_flex, zeros};
 
 /// The LayerNorm kernel of the CPU backend under autodiff.
 pub struct FlexLayerNorm;
@@ -110,7 +110,7 @@ fn forward(
 ) -> (FlexTensor, Option<(FlexTensor, FlexTensor)>) {
     let [rows, width] = x.layout().shape().dims::<2>();
     let shape = x.layout().shape().clone();
-    let mut y = FlexTensor::empty(shape.clone(), DType::F32);
+    let mut y = zeros(shape.clone());
     let (x, gamma, beta) = (
         x.storage::<f32>(),
         gamma.storage::<f32>(),
@@ -139,8 +139,8 @@ fn forward(
         });
         return (y, None);
     }
-    let mut x_hat = FlexTensor::empty(shape, DType::F32);
-    let mut std = FlexTensor::empty(Shape::new([rows]), DType::F32);
+    let mut x_hat = zeros(shape);
+    let mut std = zeros(Shape::new([rows]));
     ys.zip(xs)
         .zip(x_hat.storage_mut::<f32>().par_chunks_mut(width))
         .zip(std.storage_mut::<f32>().par_iter_mut())
@@ -170,7 +170,7 @@ impl Backward<Flex, 3> for LayerNormBackward {
 /// `[dx, dγ, dβ]` from the output's gradient `dy` `[rows, width]`.
 fn backward(saved: &Saved, dy: &FlexTensor) -> [FlexTensor; 3] {
     let [rows, width] = saved.x_hat.layout().shape().dims::<2>();
-    let mut dx = FlexTensor::empty(Shape::new([rows, width]), DType::F32);
+    let mut dx = zeros(Shape::new([rows, width]));
     let (x_hat, std, gamma, dy_s) = (
         saved.x_hat.storage::<f32>(),
         saved.std.storage::<f32>(),
@@ -195,13 +195,18 @@ fn backward(saved: &Saved, dy: &FlexTensor) -> [FlexTensor; 3] {
                 .zip(std);
             for (((dx, h), dy), &sd) in rows {
                 // dx holds g = dy·γ until the last pass.
-                dx.iter_mut().zip(dy.iter().zip(gamma)).for_each(|(g, (&d, &w))| *g = d * w);
+                dx.iter_mut()
+                    .zip(dy.iter().zip(gamma))
+                    .for_each(|(g, (&d, &w))| *g = d * w);
                 let mean_g = sum(dx) / n;
                 let mean_gh = dot(dx, h) / n;
                 dx.iter_mut()
                     .zip(h)
                     .for_each(|(g, &h)| *g = (*g - mean_g - h * mean_gh) / sd);
-                dgamma.iter_mut().zip(dy.iter().zip(h)).for_each(|(a, (&d, &h))| *a += d * h);
+                dgamma
+                    .iter_mut()
+                    .zip(dy.iter().zip(h))
+                    .for_each(|(a, (&d, &h))| *a += d * h);
                 dbeta.iter_mut().zip(dy).for_each(|(a, &d)| *a += d);
             }
             acc
@@ -266,7 +271,8 @@ mod tests {
             .with_epsilon(1e-5)
             .init::<Backend>(&device);
         // Non-trivial γ and β, so that their gradients and uses are tested.
-        let param = |seed| Param::from_tensor(Tensor::from_data(normal_data([width], seed, 1.0), &device));
+        let param =
+            |seed| Param::from_tensor(Tensor::from_data(normal_data([width], seed, 1.0), &device));
         ln.gamma = param(5);
         ln.beta = Some(param(6));
         let w = Tensor::<Backend, 2>::from_data(normal_data([rows, width], 9, 1.0), &device);

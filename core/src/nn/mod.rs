@@ -9,8 +9,8 @@ mod block;
 mod norm;
 
 pub use attention::{Attention, AttentionConfig, AttentionKernel, attention_composed};
-pub use norm::{LayerNormKernel, layer_norm_in};
 pub use block::{Activation, GeluKernel, Mlp, ResidualBlock, ResidualBlockConfig, gelu_composed};
+pub use norm::{LayerNormKernel, layer_norm_in};
 
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
@@ -34,7 +34,8 @@ use burn::tensor::{FloatDType, Tensor};
 /// of output tiles, too few thread blocks for 132 multiprocessors, and
 /// cubek-matmul 0.2 has no split-K of its own. The chunks were the fastest
 /// of the three on the GPU and keep most of the one-GEMM gain on the CPU.
-/// See docs/BENCHMARKS.md.
+/// See docs/BENCHMARKS.md. A backend with a registered [`LinearKernel`]
+/// (the CPU's) takes the product whole instead, as `[rows, d_in]`.
 pub fn linear_in<B: Backend, const D: usize>(lin: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
     let w = lin.weight.val(); // [d_in, d_out]
     let b = lin.bias.as_ref().map(|b| b.val()); // [d_out]
@@ -44,16 +45,33 @@ pub fn linear_in<B: Backend, const D: usize>(lin: &Linear<B>, x: Tensor<B, D>) -
         let dt = FloatDType::from(x.dtype());
         (w.cast(dt), b.map(|b| b.cast(dt)))
     };
-    if D <= 2 {
-        return burn::tensor::module::linear(x, w, b);
-    }
     let mut dims = x.dims();
     let d_in = dims[D - 1];
     let rows: usize = dims[..D - 1].iter().product();
+    if let (Some(kernel), Some(b)) = (crate::kernels::lookup::<dyn LinearKernel<B>>(), b.as_ref()) {
+        dims[D - 1] = w.dims()[1];
+        let x = x.reshape([rows, d_in]); // [rows, d_in]
+        return kernel.linear(x, w, b.clone()).reshape(dims); // [..., d_out]
+    }
+    if D <= 2 {
+        return burn::tensor::module::linear(x, w, b);
+    }
     let chunks = split_k_chunks(rows);
     let x = x.reshape([chunks, rows / chunks, d_in]); // [chunks, rows/chunks, d_in]
     dims[D - 1] = w.dims()[1];
     burn::tensor::module::linear(x, w, b).reshape(dims) // [..., d_out]
+}
+
+/// A backend's own `x·W + b`, registered per backend type
+/// ([`crate::kernels`]) and used by [`linear_in`].
+pub trait LinearKernel<B: Backend>: Send + Sync {
+    /// `x·w + b`: the value of Burn's `linear` and, on an autodiff backend,
+    /// its gradients for `x`, `w` and `b`, each within float rounding.
+    ///
+    /// # Shapes
+    /// - `x`: `[rows, d_in]`; `w`: `[d_in, d_out]`; `b`: `[d_out]`
+    /// - output: `[rows, d_out]`
+    fn linear(&self, x: Tensor<B, 2>, w: Tensor<B, 2>, b: Tensor<B, 1>) -> Tensor<B, 2>;
 }
 
 /// Target depth of each chunk's weight-gradient GEMM in [`linear_in`].

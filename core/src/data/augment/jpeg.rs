@@ -129,8 +129,8 @@ const WARNING: &str = "libjpeg warning";
 /// pads a truncated file with grey and only warns ("premature end of JPEG
 /// file"), where Pillow raises; stopping lets [`decode`] tell truncation
 /// from the harmless warnings that a lenient decoder may accept.
-// One of the two unsafe spots in clipa (the other is the CPU attention
-// kernel's `gemm` calls): initialising libjpeg's C struct.
+// One of clipa's unsafe spots (the others are the CPU backend's `gemm`
+// calls): initialising libjpeg's C struct.
 #[allow(unsafe_code)]
 fn strict_errors() -> jpeg_error_mgr {
     // SAFETY: jpeg_std_error fills every field of a zeroed manager (a

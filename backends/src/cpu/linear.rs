@@ -1,0 +1,277 @@
+//! `x·W + b` under autodiff on flex: one `gemm` forward with the bias
+//! folded in, and one `gemm` per input gradient backward, each reading its
+//! transposed operand in place.
+//!
+//! Burn's linear on flex is a matrix product into a zeroed and then
+//! re-aligned output buffer, then a broadcast add of the bias into another;
+//! backward is two products, the weight's over `[chunks, d_in, d_out]`
+//! partial products that are then summed ([`clipa_core::nn::linear_in`]'s
+//! split-K), and a sum over rows for the bias. Here forward writes the bias
+//! rows and lets `gemm` add `x·W` onto them; backward computes `dX = dY·Wᵀ`
+//! and `dW = Xᵀ·dY` as one product each on rayon's threads (`gemm` packs
+//! its operands, so a deep product is no worse on the CPU than chunks),
+//! and `db` as per-task column sums added in task order.
+//!
+//! Uses `unsafe` for `gemm`'s raw pointers and strides; each block says
+//! why it holds.
+#![allow(unsafe_code)]
+
+use burn::backend::Flex;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn_flex::FlexTensor;
+use clipa_core::nn::LinearKernel;
+use gemm::{Parallelism, gemm};
+use rayon::prelude::*;
+
+use super::{Backend, dense_flex, zeros};
+
+/// The linear-layer kernel of the CPU backend under autodiff.
+pub struct FlexLinear;
+
+/// Rows per rayon task of the bias gradient's column sums.
+const ROWS: usize = 256;
+
+impl LinearKernel<Backend> for FlexLinear {
+    fn linear(
+        &self,
+        x: Tensor<Backend, 2>,
+        w: Tensor<Backend, 2>,
+        b: Tensor<Backend, 1>,
+    ) -> Tensor<Backend, 2> {
+        if [x.dtype(), w.dtype(), b.dtype()]
+            .iter()
+            .any(|d| *d != DType::F32)
+        {
+            return burn::tensor::module::linear(x, w, Some(b));
+        }
+        let [x, w, b] = [
+            x.into_primitive().tensor(),
+            w.into_primitive().tensor(),
+            b.into_primitive().tensor(),
+        ];
+        let nodes = [x.node.clone(), w.node.clone(), b.node.clone()];
+        let [x, w, b] = [x, w, b].map(|t| dense_flex(t.primitive));
+        let y = forward(&x, &w, &b);
+        let out = match LinearBackward
+            .prepare::<NoCheckpointing>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(Saved { x, w }, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+}
+
+/// `[rows, d_in]`, `[d_in, d_out]`.
+fn dims(x: &FlexTensor, w: &FlexTensor) -> [usize; 3] {
+    let [rows, d_in] = x.layout().shape().dims::<2>();
+    let [_, d_out] = w.layout().shape().dims::<2>();
+    [rows, d_in, d_out]
+}
+
+/// `dst[m×n] = alpha·dst + lhs[m×k]·rhs[k×n]` on rayon's threads, each
+/// operand given by its pointer and its (column, row) strides.
+///
+/// # Safety
+/// Every pointer must address a matrix of the given size and strides
+/// within its buffer, and nothing else may access `dst` meanwhile.
+unsafe fn product(
+    [m, n, k]: [usize; 3],
+    dst: (*mut f32, isize, isize),
+    lhs: (*const f32, isize, isize),
+    rhs: (*const f32, isize, isize),
+    alpha: f32,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst.0,
+            dst.1,
+            dst.2,
+            alpha != 0.0,
+            lhs.0,
+            lhs.1,
+            lhs.2,
+            rhs.0,
+            rhs.1,
+            rhs.2,
+            alpha,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::Rayon(0),
+        );
+    }
+}
+
+/// `x·w + b`, `[rows, d_out]`: the bias rows, with `x·w` added onto them.
+fn forward(x: &FlexTensor, w: &FlexTensor, b: &FlexTensor) -> FlexTensor {
+    let [rows, d_in, d_out] = dims(x, w);
+    let mut y = zeros(Shape::new([rows, d_out]));
+    let bias = b.storage::<f32>();
+    let ys = y.storage_mut::<f32>();
+    ys.par_chunks_mut(d_out)
+        .with_min_len(ROWS)
+        .for_each(|r| r.copy_from_slice(bias));
+    let (x, w) = (x.storage::<f32>(), w.storage::<f32>());
+    // SAFETY: x is [rows, d_in], w [d_in, d_out], y [rows, d_out], all
+    // contiguous row-major buffers of exactly that size (`dense_flex`,
+    // `zeros`); y is this function's own.
+    unsafe {
+        product(
+            [rows, d_out, d_in],
+            (ys.as_mut_ptr(), 1, d_out as isize),
+            (x.as_ptr(), 1, d_in as isize),
+            (w.as_ptr(), 1, d_out as isize),
+            1.0,
+        );
+    }
+    y
+}
+
+/// What backward needs.
+#[derive(Clone, Debug)]
+struct Saved {
+    /// The input `[rows, d_in]`.
+    x: FlexTensor,
+    /// The weight `[d_in, d_out]`.
+    w: FlexTensor,
+}
+
+/// The backward step of [`FlexLinear`].
+#[derive(Debug)]
+struct LinearBackward;
+
+impl Backward<Flex, 3> for LinearBackward {
+    type State = Saved;
+
+    fn backward(self, ops: Ops<Saved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = dense_flex(grads.consume::<Flex>(&ops.node));
+        let Saved { x, w } = &ops.state;
+        let [rows, d_in, d_out] = dims(x, w);
+        let [px, pw, pb] = ops.parents;
+        let (dys, xs, ws) = (dy.storage::<f32>(), x.storage::<f32>(), w.storage::<f32>());
+        if let Some(node) = px {
+            let mut dx = zeros(Shape::new([rows, d_in]));
+            // SAFETY: dy is [rows, d_out] and w [d_in, d_out], contiguous;
+            // wᵀ is read in place (column stride d_out, row stride 1); dx
+            // is this step's own [rows, d_in] buffer.
+            unsafe {
+                product(
+                    [rows, d_in, d_out],
+                    (dx.storage_mut::<f32>().as_mut_ptr(), 1, d_in as isize),
+                    (dys.as_ptr(), 1, d_out as isize),
+                    (ws.as_ptr(), d_out as isize, 1),
+                    0.0,
+                );
+            }
+            grads.register::<Flex>(node.id, dx);
+        }
+        if let Some(node) = pw {
+            let mut dw = zeros(Shape::new([d_in, d_out]));
+            // SAFETY: xᵀ is read in place from x [rows, d_in] (column
+            // stride d_in, row stride 1); dy is [rows, d_out]; dw is this
+            // step's own [d_in, d_out] buffer.
+            unsafe {
+                product(
+                    [d_in, d_out, rows],
+                    (dw.storage_mut::<f32>().as_mut_ptr(), 1, d_out as isize),
+                    (xs.as_ptr(), d_in as isize, 1),
+                    (dys.as_ptr(), 1, d_out as isize),
+                    0.0,
+                );
+            }
+            grads.register::<Flex>(node.id, dw);
+        }
+        if let Some(node) = pb {
+            grads.register::<Flex>(node.id, column_sums(dys, d_out));
+        }
+    }
+}
+
+/// Σ over the rows of `m` (`[rows, width]`, row-major): per-task partial
+/// sums, added in task order so that the result does not depend on
+/// scheduling.
+fn column_sums(m: &[f32], width: usize) -> FlexTensor {
+    let partials: Vec<Vec<f32>> = m
+        .par_chunks(ROWS * width)
+        .map(|rows| {
+            let mut acc = vec![0f32; width];
+            for r in rows.chunks_exact(width) {
+                acc.iter_mut().zip(r).for_each(|(a, &v)| *a += v);
+            }
+            acc
+        })
+        .collect();
+    let mut total = zeros(Shape::new([width]));
+    let t = total.storage_mut::<f32>();
+    for p in &partials {
+        t.iter_mut().zip(p).for_each(|(t, p)| *t += p);
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::module::Param;
+    use clipa_core::numeric::{normal_data, relative_error};
+
+    /// The kernel against Burn's linear under autodiff: the output and the
+    /// gradients of the input, weight and bias through a weighted sum, at
+    /// a row count that is no multiple of the task size, on an
+    /// intermediate input as in the model.
+    #[test]
+    fn flex_linear_matches_burns() {
+        let device = Default::default();
+        let (rows, d_in, d_out) = (2 * ROWS + 9, 19, 23);
+        let leaf = |shape: Vec<usize>, seed| {
+            Param::from_tensor(Tensor::<Backend, 2>::from_data(
+                normal_data(shape, seed, 1.0),
+                &device,
+            ))
+        };
+        let w = leaf(vec![d_in, d_out], 2);
+        let b = Param::from_tensor(Tensor::<Backend, 1>::from_data(
+            normal_data([d_out], 3, 1.0),
+            &device,
+        ));
+        let mix = Tensor::<Backend, 2>::from_data(normal_data([rows, d_out], 9, 1.0), &device);
+        let run = |fused: bool| {
+            let x = Tensor::<Backend, 2>::from_data(normal_data([rows, d_in], 1, 1.0), &device)
+                .require_grad();
+            let h = x.clone() * 1.5;
+            let y = if fused {
+                FlexLinear.linear(h, w.val(), b.val())
+            } else {
+                burn::tensor::module::linear(h, w.val(), Some(b.val()))
+            };
+            let grads = (y.clone() * mix.clone()).sum().backward();
+            let got = |t: Option<Tensor<Flex, 2>>| t.expect("a gradient").into_data();
+            [
+                y.into_data(),
+                got(x.grad(&grads)),
+                got(w.val().grad(&grads)),
+                b.val().grad(&grads).expect("a bias gradient").into_data(),
+            ]
+        };
+        let (fused, composed) = (run(true), run(false));
+        for (name, (f, c)) in ["y", "dx", "dw", "db"]
+            .iter()
+            .zip(fused.iter().zip(&composed))
+        {
+            let err = relative_error(f, c);
+            assert!(err <= 1e-6, "{name}: relative error {err:.2e}");
+        }
+    }
+}
