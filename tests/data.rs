@@ -9,7 +9,7 @@ use std::path::Path;
 use image::codecs::jpeg::JpegEncoder;
 use image::{Rgb, RgbImage};
 
-use crate::common::{clipa, text};
+use crate::common::{clipa, scratch, text};
 
 /// A 28² JPEG of a keyed colour pattern.
 fn jpeg(key: u32) -> Vec<u8> {
@@ -55,9 +55,7 @@ fn good(first: u32, n: u32) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn bad_samples_and_shards_are_skipped_counted_and_reported() {
-    let dir = std::env::temp_dir().join(format!("clipa-it-baddata-{}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = scratch("baddata");
     write_tar(&dir.join("shard-0.tar"), &good(0, 40));
     let mut members = good(100, 40);
     let mut truncated = jpeg(7);
@@ -112,5 +110,4 @@ fn bad_samples_and_shards_are_skipped_counted_and_reported() {
         stdout.contains("skipped data:") && stdout.contains("bad shards"),
         "{stdout}"
     );
-    std::fs::remove_dir_all(dir).ok();
 }

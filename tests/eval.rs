@@ -138,7 +138,6 @@ fn eval_json_is_the_same_on_cpu_and_wgpu() {
         let wgpu: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON");
         assert_eq!(wgpu, cpu, "cpu and wgpu disagree");
     }
-    std::fs::remove_dir_all(dir).ok();
 }
 
 #[test]
@@ -217,7 +216,6 @@ fn eval_uses_the_models_own_resize_unless_told() {
     let bad = clipa(&["eval", "--checkpoint", s(&crop), "--resize", "stretch"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(text(&bad).1.contains("expected center-crop or squash"));
-    std::fs::remove_dir_all(dir).ok();
 }
 
 #[test]
@@ -268,7 +266,6 @@ fn classify_prints_each_images_top_labels() {
         s(&red),
     ]);
     assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
-    std::fs::remove_dir_all(dir).ok();
 }
 
 /// Converts part of Debian's Fashion-MNIST, trains the `tiny` model on it
@@ -335,5 +332,4 @@ fn fashion_mnist_tiny_run_scores_well_above_chance() {
     eprintln!("fashion-mnist tiny run: zero-shot top-1 {top1:.3} (chance 0.1)");
     assert_eq!(v["zeroshot"]["samples"], 2000, "{v}");
     assert!(top1 > 0.35, "top-1 {top1} is not well above chance: {v}");
-    std::fs::remove_dir_all(dir).ok();
 }

@@ -46,7 +46,6 @@ fn tiny_sweep_writes_csv_and_figures_and_skips_done_points() {
     assert_eq!(stderr.matches("(done)").count(), 2, "{stderr}");
     assert!(!stderr.contains("precision:"), "trained again:\n{stderr}");
     assert!(stdout.contains("sweep: 2 of 2 points done"), "{stdout}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -78,7 +77,6 @@ fn sweep_mistakes_are_one_line_errors() {
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr.contains("presets: cpu, tiny"), "{stderr}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -171,7 +169,6 @@ text_tokens = [4]
         .collect();
     assert!(gflop.iter().all(|g| *g == gflop[0]), "{csv}");
     assert_eq!(png_size(&out.join("figures/strategies.png")), (960, 540));
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -232,5 +229,4 @@ fn plan_gives_the_papers_choices_for_the_papers_budgets() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
     }
-    std::fs::remove_dir_all(&dir).ok();
 }

@@ -2,16 +2,15 @@
 //! run folder, a run killed with SIGKILL at a random step resumes to the
 //! uninterrupted loss curve, user mistakes are one-line errors.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::{clipa, curve, s, scratch, skip_or_fail, text};
+use crate::common::{Scratch, clipa, curve, s, scratch, skip_or_fail, text};
 
-fn run_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("clipa-it-{name}-{}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    dir
+/// A run folder path with nothing there yet (`clipa train` creates it),
+/// deleted when the returned guard drops.
+fn run_dir(name: &str) -> Scratch {
+    Scratch::absent(name)
 }
 
 const TINY: [&str; 8] = [
@@ -54,7 +53,6 @@ fn tiny_run_writes_config_metrics_checkpoints_and_evaluates() {
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("chance 2.50%"), "{stdout}");
-    std::fs::remove_dir_all(dir).ok();
 }
 
 /// SIGKILL at a random moment (never a clean shutdown), then `--resume
@@ -155,8 +153,6 @@ fn a_killed_run_resumes_to_the_same_loss_curve() {
         stderr.contains("cannot resume") && stderr.contains("model"),
         "{stderr}"
     );
-    std::fs::remove_dir_all(full).ok();
-    std::fs::remove_dir_all(cut).ok();
 }
 
 #[test]
@@ -251,8 +247,6 @@ fn user_mistakes_are_one_line_errors() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
-    std::fs::remove_dir_all(&bf16_run).ok();
-    std::fs::remove_dir_all(&missing_run).ok();
 }
 
 #[test]
@@ -370,5 +364,4 @@ fn config_evaluators_log_named_metrics() {
         last["evals"]["colours/per_class_recall"].is_number(),
         "{last}"
     );
-    std::fs::remove_dir_all(dir).ok();
 }

@@ -107,10 +107,11 @@ pub fn load_model<B: Backend>(dir: &Path, device: &B::Device) -> Result<ClipMode
 mod tests {
     use super::*;
     use crate::numeric::TestBackend;
+    use crate::scratch::Scratch;
 
     #[test]
     fn save_then_load_gives_the_same_model() {
-        let dir = std::env::temp_dir().join(format!("clipa-ckpt-{}", std::process::id()));
+        let dir = Scratch::absent("ckpt");
         let device = Default::default();
         let model = ClipConfig::tiny().init::<TestBackend>(&device);
         save_model(&dir, &model).unwrap();
@@ -134,7 +135,6 @@ mod tests {
             err.contains("tensor visual.proj has shape [64, 1]"),
             "{err}"
         );
-        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -131,10 +131,11 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scratch::Scratch;
 
     #[test]
     fn round_trip_keeps_bits_and_metadata() {
-        let dir = std::env::temp_dir().join(format!("clipa-io-{}", std::process::id()));
+        let dir = Scratch::absent("io");
         let path = dir.join("t.safetensors");
         let mut sd = StateDict::new();
         sd.insert(
@@ -151,13 +152,11 @@ mod tests {
         let back = read_safetensors(&path).unwrap();
         assert_eq!(back.tensors, sd);
         assert_eq!(back.metadata, meta);
-        std::fs::remove_dir_all(dir).ok();
     }
 
     #[test]
     fn garbage_is_a_named_format_error() {
-        let dir = std::env::temp_dir().join(format!("clipa-io-bad-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = Scratch::new("io-bad");
         let path = dir.join("x.safetensors");
         std::fs::write(&path, b"not a tensor file").unwrap();
         let err = read_safetensors(&path).unwrap_err().to_string();
@@ -165,6 +164,5 @@ mod tests {
             err.contains("x.safetensors") && err.contains("not a safetensors file"),
             "{err}"
         );
-        std::fs::remove_dir_all(dir).ok();
     }
 }

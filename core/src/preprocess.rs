@@ -97,14 +97,14 @@ pub fn u8_batch_to_tensor<B: Backend>(
 mod tests {
     use super::*;
     use crate::model::EvalResize;
+    use crate::scratch::Scratch;
 
     #[test]
     fn eval_images_use_the_models_own_resize() {
         // 40×20: red in x < 5, blue elsewhere. The centre 20×20 square is
         // x ∈ [10, 30), so a centre crop never sees red (the bicubic taps of
         // output column 0 reach x ≥ 7); a squash does.
-        let dir = std::env::temp_dir().join(format!("clipa-pre-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = Scratch::new("pre");
         let img = image::RgbImage::from_fn(40, 20, |x, _| {
             image::Rgb(if x < 5 { [255, 0, 0] } else { [0, 0, 255] })
         });
@@ -144,7 +144,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("bad.jpg"), "{err}");
-        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

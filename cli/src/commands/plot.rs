@@ -172,12 +172,43 @@ fn draw(path: &Path, title: &str, points: &[(f64, f64)], bounds: &[f64]) -> anyh
 mod tests {
     use super::*;
 
-    /// A fresh, empty folder under the system temp dir.
-    fn temp_dir(name: &str) -> PathBuf {
+    /// A test's folder under the system temp dir, removed with everything
+    /// in it when dropped (also while a failing test unwinds), so that test
+    /// runs leave nothing behind. `clipa-core` has the same guard, but only
+    /// for its own unit tests.
+    struct Scratch(PathBuf);
+
+    impl std::ops::Deref for Scratch {
+        type Target = Path;
+
+        /// The folder's path, so that `dir.join(..)` and `&dir` as `&Path` work.
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl AsRef<Path> for Scratch {
+        /// The folder's path, for `std::fs` functions that take `AsRef<Path>`.
+        fn as_ref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Scratch {
+        /// Removes the folder; errors are ignored, since a leftover folder
+        /// must not fail the test.
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A fresh, empty folder under the system temp dir, deleted when the
+    /// returned guard drops: bind it for the whole test.
+    fn temp_dir(name: &str) -> Scratch {
         let dir = std::env::temp_dir().join(format!("clipa-plot-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        dir
+        Scratch(dir)
     }
 
     fn line(step: u64, stage: usize, zeroshot: Option<f64>) -> String {

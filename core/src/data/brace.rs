@@ -243,6 +243,7 @@ fn parse_weights(w: &str, n: usize) -> Result<Vec<f64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scratch::Scratch;
 
     #[test]
     fn numeric_ranges_keep_padding() {
@@ -286,10 +287,8 @@ mod tests {
         }
     }
 
-    fn temp_dir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("clipa-brace-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    fn temp_dir(name: &str) -> Scratch {
+        Scratch::new(&format!("brace-{name}"))
     }
 
     #[test]
@@ -319,6 +318,5 @@ mod tests {
         let e = parse_sources(&none, None).unwrap_err().to_string();
         assert!(e.contains(&none) && e.contains("no existing file"), "{e}");
         assert!(parse_sources(&format!("{spec}::"), None).is_err());
-        std::fs::remove_dir_all(d).unwrap();
     }
 }

@@ -224,10 +224,11 @@ impl CsvDataset {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scratch::Scratch;
     use std::sync::atomic::Ordering::Relaxed;
 
-    fn dir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("clipa-csv-{name}-{}", std::process::id()));
+    fn dir(name: &str) -> Scratch {
+        let d = Scratch::new(&format!("csv-{name}"));
         std::fs::create_dir_all(d.join("img")).unwrap();
         for f in ["a", "b", "c"] {
             std::fs::write(d.join("img").join(format!("{f}.jpg")), f.as_bytes()).unwrap();
@@ -279,7 +280,6 @@ mod tests {
         let once: Vec<String> = ds.open(1, &stats).unwrap().map(|s| s.key).collect();
         let twice: Vec<String> = ds.open(1, &stats).unwrap().map(|s| s.key).collect();
         assert_eq!((once.len(), &once), (1, &twice));
-        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
@@ -313,6 +313,5 @@ mod tests {
             ..Default::default()
         };
         assert!(CsvDataset::open(&d.join("caps.tsv"), &comma).is_err());
-        std::fs::remove_dir_all(d).unwrap();
     }
 }

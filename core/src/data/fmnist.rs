@@ -370,6 +370,7 @@ mod tests {
     use crate::data::folder::ImageFolder;
     use crate::data::shards::WebDataset;
     use crate::data::{DataStats, ImagePayload, ShardSource};
+    use crate::scratch::Scratch;
 
     fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
         let mut out = vec![0, 0, 8, dims.len() as u8];
@@ -386,10 +387,8 @@ mod tests {
 
     /// 2×3 images whose pixel `p` of image `i` is `10 i + p`; train images
     /// gzipped, the rest plain.
-    fn tiny(name: &str, train: &[u8], test: &[u8]) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("clipa-fmnist-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
+    fn tiny(name: &str, train: &[u8], test: &[u8]) -> Scratch {
+        let d = Scratch::new(&format!("fmnist-{name}"));
         let pixels = |n: usize| {
             (0..n * 6)
                 .map(|k| ((k / 6) * 10 + k % 6) as u8)
@@ -482,7 +481,6 @@ mod tests {
             |root: &str| std::fs::read(d.join(root).join("train/shard-000001.tar")).unwrap();
         assert_eq!(shard("out"), shard("again"));
         assert_eq!(again.train_shards, 3);
-        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
@@ -502,7 +500,6 @@ mod tests {
             "{}",
             err(&d)
         );
-        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
@@ -515,10 +512,10 @@ mod tests {
             );
             return;
         }
-        let out = std::env::temp_dir().join(format!("clipa-fmnist-debian-{}", std::process::id()));
+        let out = Scratch::absent("fmnist-debian");
         let opts = FashionMnistOptions {
             input: input.into(),
-            out: out.clone(),
+            out: out.to_path_buf(),
             samples_per_shard: 20,
             seed: 0,
             limit_train: Some(50),
@@ -561,6 +558,5 @@ mod tests {
                 .iter()
                 .any(|(p, l)| *l == 9 && p.ends_with("00000.png"))
         );
-        std::fs::remove_dir_all(out).unwrap();
     }
 }

@@ -178,10 +178,11 @@ impl ShardSource for ImageFolder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scratch::Scratch;
     use std::sync::atomic::Ordering::Relaxed;
 
-    fn tree(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("clipa-folder-{name}-{}", std::process::id()));
+    fn tree(name: &str) -> Scratch {
+        let d = Scratch::new(&format!("folder-{name}"));
         for (class, files) in [
             ("n02_golden_retriever", &["b.JPG", "a.png", "notes.txt"][..]),
             ("n01_tench", &["z.webp"]),
@@ -229,7 +230,6 @@ mod tests {
         std::fs::remove_file(d.join("n01_tench/z.webp")).unwrap();
         assert_eq!(ds.open(0, &stats).unwrap().count(), 1);
         assert_eq!(stats.bad_images.load(Relaxed), 1);
-        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
@@ -251,6 +251,5 @@ mod tests {
         let empty = d.join("n01_tench");
         let e = open(&empty, None).unwrap_err().to_string();
         assert!(e.contains("no class subfolders"), "{e}");
-        std::fs::remove_dir_all(d).unwrap();
     }
 }

@@ -404,6 +404,7 @@ impl Iterator for Samples<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scratch::Scratch;
     use std::sync::atomic::Ordering::Relaxed;
 
     fn tar_bytes(members: &[(&str, &[u8])]) -> Vec<u8> {
@@ -417,10 +418,8 @@ mod tests {
         b.into_inner().unwrap()
     }
 
-    fn dir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("clipa-shards-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    fn dir(name: &str) -> Scratch {
+        Scratch::new(&format!("shards-{name}"))
     }
 
     fn one_shard(path: &Path) -> WebDataset {
@@ -507,7 +506,6 @@ mod tests {
             .map(|g| g.2)
             .collect();
         assert_eq!(from_gz, got.iter().map(|g| g.2.clone()).collect::<Vec<_>>());
-        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
@@ -535,7 +533,6 @@ mod tests {
         assert_eq!(got[0].0, "s.tar/4");
         assert_eq!(stats.bad_captions.load(Relaxed), 4);
         assert_eq!(stats.bad_shards.load(Relaxed), 0);
-        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
@@ -565,7 +562,6 @@ mod tests {
         // A missing file is an error at open.
         let missing = one_shard(&d.join("nope.tar"));
         assert!(matches!(missing.open(0, &stats), Err(Error::Io { .. })));
-        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[test]

@@ -324,6 +324,7 @@ impl Accuracy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scratch::Scratch;
 
     #[test]
     fn top1_top5_and_per_class_recall_by_hand() {
@@ -376,12 +377,10 @@ mod tests {
         for s in ["photo", "simple", "openai", "/tmp/my templates.txt"] {
             assert_eq!(s.parse::<TemplateSet>().unwrap().to_string(), s);
         }
-        let dir = std::env::temp_dir().join(format!("clipa-tpl-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = Scratch::new("tpl");
         let path = dir.join("t.txt");
         std::fs::write(&path, "a photo of {}.\nno placeholder\n").unwrap();
         let err = TemplateSet::File(path).load().unwrap_err().to_string();
         assert!(err.contains("no placeholder"), "{err}");
-        std::fs::remove_dir_all(dir).ok();
     }
 }

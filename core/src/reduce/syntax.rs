@@ -274,6 +274,7 @@ fn push_word<'a>(word: &'a str, out: &mut Vec<&'a str>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scratch::Scratch;
     use PartOfSpeech::*;
 
     #[test]
@@ -308,8 +309,7 @@ mod tests {
 
     #[test]
     fn lexicon_files_load_plain_and_gzip() {
-        let dir = std::env::temp_dir().join(format!("clipa-lexicon-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let dir = Scratch::new("lexicon");
         let text = "# mine\ncat\tnoun\n\nPurr\tverb\ncat adjective\n";
         let plain = dir.join("lex.tsv");
         std::fs::write(&plain, text).expect("write");
@@ -335,7 +335,6 @@ mod tests {
             Lexicon::from_file(dir.join("missing")),
             Err(Error::Io { .. })
         ));
-        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[test]

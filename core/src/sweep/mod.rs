@@ -534,6 +534,7 @@ pub fn to_csv(results: &[PointResult]) -> String {
 mod tests {
     use super::*;
     use crate::numeric::TestBackend;
+    use crate::scratch::Scratch;
     use crate::train::StepMetrics;
 
     /// Counts points and can stop the sweep at a given log line.
@@ -571,13 +572,12 @@ mod tests {
 
     #[test]
     fn tiny_sweep_records_flops_and_accuracy_and_resumes_after_a_stop() {
-        let out = std::env::temp_dir().join(format!("clipa-sweep-{}", std::process::id()));
-        std::fs::remove_dir_all(&out).ok();
+        let out = Scratch::absent("sweep");
         let device = Default::default();
         let cfg = tiny();
         let flag = Arc::new(AtomicBool::new(false));
         let opts = SweepOptions {
-            output: out.clone(),
+            output: out.to_path_buf(),
             interrupt: flag.clone(),
             lexicon: None,
         };
@@ -628,7 +628,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("pretrain/finetune"), "{err}");
-        std::fs::remove_dir_all(&out).ok();
     }
 
     #[test]

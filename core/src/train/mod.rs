@@ -714,6 +714,7 @@ mod tests {
     use super::*;
     use crate::numeric::TestBackend;
     use crate::reduce::{ImageReduction, TextReduction};
+    use crate::scratch::Scratch;
 
     struct Stopper {
         at: Option<u64>,
@@ -759,10 +760,10 @@ mod tests {
         cfg
     }
 
-    fn run_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("clipa-train-{name}-{}", std::process::id()));
-        std::fs::remove_dir_all(&dir).ok();
-        dir
+    /// A run folder path with nothing there yet (training creates it),
+    /// deleted when the returned guard drops.
+    fn run_dir(name: &str) -> Scratch {
+        Scratch::absent(&format!("train-{name}"))
     }
 
     fn losses(dir: &Path) -> Vec<(u64, f64)> {
@@ -794,12 +795,16 @@ mod tests {
         model_cfg.text.context_length = 16;
         crate::checkpoint::save_model(&init, &model_cfg.init::<TestBackend>(&device)).unwrap();
         let run = |world: usize| {
+            // Dropped when this closure returns: a run folder with its
+            // checkpoints is large (155 MB for 4 replicas), and only the
+            // losses and weights read here are compared afterwards.
+            let output = run_dir(&format!("dp-{world}"));
             let opts = RunOptions {
-                output: run_dir(&format!("dp-{world}")),
+                output: output.to_path_buf(),
                 resume: None,
                 interrupt: Arc::new(AtomicBool::new(false)),
                 lexicon: None,
-                init_from: Some(init.clone()),
+                init_from: Some(init.to_path_buf()),
             };
             let mut obs = Stopper {
                 at: None,
@@ -850,12 +855,13 @@ mod tests {
             }
         }
         // A batch that does not split evenly is refused before any work.
+        let output = run_dir("dp-3");
         let opts = RunOptions {
-            output: run_dir("dp-3"),
+            output: output.to_path_buf(),
             resume: None,
             interrupt: Arc::new(AtomicBool::new(false)),
             lexicon: None,
-            init_from: Some(init.clone()),
+            init_from: Some(init.to_path_buf()),
         };
         let err = train_parallel::<TestBackend>(cfg, &opts, &[device; 3], &mut Silent).unwrap_err();
         assert!(
@@ -878,14 +884,15 @@ mod tests {
         let mut model_cfg = cfg.model_config().unwrap();
         model_cfg.text.context_length = 16;
         crate::checkpoint::save_model(&init, &model_cfg.init::<TestBackend>(&device)).unwrap();
-        let opts = |name: &str, resume| RunOptions {
-            output: run_dir(name),
+        let opts = |output: &Path, resume| RunOptions {
+            output: output.to_path_buf(),
             resume,
             interrupt: Arc::new(AtomicBool::new(false)),
             lexicon: None,
-            init_from: Some(init.clone()),
+            init_from: Some(init.to_path_buf()),
         };
-        let full = opts("full", None);
+        let full_dir = run_dir("full");
+        let full = opts(&full_dir, None);
         let mut obs = Stopper {
             at: None,
             flag: full.interrupt.clone(),
@@ -909,7 +916,8 @@ mod tests {
             [16, 64]
         );
 
-        let cut = opts("cut", None);
+        let cut_dir = run_dir("cut");
+        let cut = opts(&cut_dir, None);
         let mut obs = Stopper {
             at: Some(4),
             flag: cut.interrupt.clone(),
@@ -960,9 +968,6 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("stages[1].batch_size"), "{err}");
-        for d in [&init, &full.output, &resumed.output] {
-            std::fs::remove_dir_all(d).ok();
-        }
     }
 
     #[test]
@@ -974,8 +979,9 @@ mod tests {
         cfg.stages[0].warmup_steps = 0;
         cfg.stages[0].base_lr = 1e35; // the first update overflows the weights
         cfg.data.workers = 1;
+        let nan_dir = run_dir("nan");
         let opts = RunOptions {
-            output: run_dir("nan"),
+            output: nan_dir.to_path_buf(),
             resume: None,
             interrupt: Arc::new(AtomicBool::new(false)),
             lexicon: None,
@@ -995,12 +1001,12 @@ mod tests {
         );
         // With --skip-nonfinite the run goes on and counts the skipped steps.
         cfg.skip_nonfinite = 10;
+        let skip_dir = run_dir("nan-skip");
         let opts = RunOptions {
-            output: run_dir("nan-skip"),
+            output: skip_dir.to_path_buf(),
             ..opts
         };
         let s = train::<TestBackend>(cfg, &opts, &device, &mut obs).unwrap();
         assert_eq!(s.nonfinite_skipped, 3);
-        std::fs::remove_dir_all(&opts.output).ok();
     }
 }

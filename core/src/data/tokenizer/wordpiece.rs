@@ -221,6 +221,7 @@ fn is_cjk(c: char) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scratch::Scratch;
 
     const VOCAB: &[&str] = &[
         "[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "cafe", "un", "##aff", "##able", ",", "!", "a",
@@ -285,8 +286,7 @@ mod tests {
 
     #[test]
     fn reads_vocab_file_and_rejects_bad_ones() {
-        let dir = std::env::temp_dir().join(format!("clipa-wordpiece-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let dir = Scratch::new("wordpiece");
         let good = dir.join("vocab.txt");
         std::fs::write(&good, VOCAB.join("\n") + "\n").expect("write vocab");
         let t = WordPieceTokenizer::from_vocab_file(&good).expect("valid vocab file");
@@ -300,6 +300,5 @@ mod tests {
         let err =
             WordPieceTokenizer::from_vocab_file(&dir.join("missing.txt")).expect_err("missing");
         assert!(matches!(err, Error::Io { .. }), "{err}");
-        std::fs::remove_dir_all(&dir).expect("clean temp dir");
     }
 }
