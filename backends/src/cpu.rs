@@ -55,9 +55,9 @@ pub fn select(
 }
 
 /// Registers the CPU backend's fused kernels with core, once per process:
-/// [`FlexAdamW`], [`FlexLinear`] and [`FlexLayerNorm`] (training; flex's
-/// own linear and LayerNorm are one op each at inference), and [`FlexGelu`] and [`FlexAttention`]
-/// (training and inference). [`select`]
+/// [`FlexAdamW`], [`FlexLayerNorm`] (training; flex's own LayerNorm is
+/// one op at inference), and [`FlexLinear`], [`FlexGelu`] and
+/// [`FlexAttention`] (training and inference). [`select`]
 /// calls it, so every command and bench that runs on the CPU backend gets
 /// them.
 pub fn register_kernels() {
@@ -70,6 +70,7 @@ pub fn register_kernels() {
         kernels::register::<dyn AttentionKernel<Flex>>(Arc::new(FlexAttention));
         kernels::register::<dyn LayerNormKernel<Backend>>(Arc::new(FlexLayerNorm));
         kernels::register::<dyn LinearKernel<Backend>>(Arc::new(FlexLinear));
+        kernels::register::<dyn LinearKernel<Flex>>(Arc::new(FlexLinear));
     });
 }
 
@@ -383,6 +384,7 @@ mod tests {
         assert!(kernels::lookup::<dyn AttentionKernel<Flex>>().is_some());
         assert!(kernels::lookup::<dyn LayerNormKernel<Backend>>().is_some());
         assert!(kernels::lookup::<dyn LinearKernel<Backend>>().is_some());
+        assert!(kernels::lookup::<dyn LinearKernel<Flex>>().is_some());
         let opt = clipa_core::train::optim::AdamW::<Flex>::new(Default::default());
         assert!(opt.is_fused());
     }

@@ -29,11 +29,32 @@ use rayon::prelude::*;
 
 use super::{Backend, dense_flex, zeros};
 
-/// The linear-layer kernel of the CPU backend under autodiff.
+/// The linear-layer kernel of the CPU backend, for training
+/// (`Autodiff<Flex>`) and inference (`Flex`).
 pub struct FlexLinear;
 
 /// Rows per rayon task of the bias gradient's column sums.
 const ROWS: usize = 256;
+
+impl LinearKernel<Flex> for FlexLinear {
+    fn linear(
+        &self,
+        x: Tensor<Flex, 2>,
+        w: Tensor<Flex, 2>,
+        b: Tensor<Flex, 1>,
+    ) -> Tensor<Flex, 2> {
+        if [x.dtype(), w.dtype(), b.dtype()]
+            .iter()
+            .any(|d| *d != DType::F32)
+        {
+            return burn::tensor::module::linear(x, w, Some(b));
+        }
+        let x = dense_flex(x.into_primitive().tensor());
+        let w = dense_flex(w.into_primitive().tensor());
+        let b = dense_flex(b.into_primitive().tensor());
+        Tensor::from_primitive(TensorPrimitive::Float(forward(&x, &w, &b)))
+    }
+}
 
 impl LinearKernel<Backend> for FlexLinear {
     fn linear(
