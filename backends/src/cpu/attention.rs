@@ -134,6 +134,19 @@ struct Shared(*mut f32);
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
+impl Shared {
+    /// The pointer `offset` elements in. A method taking `self`, so that a
+    /// closure calling it captures the whole `Shared` (Send) rather than
+    /// its raw-pointer field (not Send).
+    ///
+    /// # Safety
+    /// `offset` must lie within the buffer.
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.0.add(offset) }
+    }
+}
+
 /// `dst[m×n] = beta · lhs[m×k] · rhs[k×n]`, single-threaded (the caller
 /// runs one task per pair), each operand given by its pointer and its
 /// (column, row) strides.
@@ -195,7 +208,6 @@ fn forward(
         .enumerate()
         .for_each(|(pair, p)| {
             let at = d.offset(pair);
-            let o = o;
             // SAFETY: q, k, v and out hold `pairs` column blocks of
             // `tokens` rows, row stride `rs`, starting at `at`; `p` is
             // this task's own `[t, t]` tile; the output block is this
@@ -212,7 +224,7 @@ fn forward(
                 softmax_rows(p, t, causal);
                 product(
                     [t, hd, t],
-                    (o.0.add(at), 1, rs),
+                    (o.at(at), 1, rs),
                     (p.as_ptr(), 1, t as isize),
                     (v[at..].as_ptr(), 1, rs),
                     1.0,
@@ -298,7 +310,7 @@ fn backward(saved: &Saved, dout: &FlexTensor) -> [FlexTensor; 3] {
                 // dV = Pᵀ·dO: Pᵀ read in place.
                 product(
                     [t, hd, t],
-                    (dv.0.add(at), 1, rs),
+                    (dv.at(at), 1, rs),
                     (p.as_ptr(), ts, 1),
                     (dout[at..].as_ptr(), 1, rs),
                     1.0,
@@ -321,7 +333,7 @@ fn backward(saved: &Saved, dout: &FlexTensor) -> [FlexTensor; 3] {
                 // dQ = s·dS·K.
                 product(
                     [t, hd, t],
-                    (dq.0.add(at), 1, rs),
+                    (dq.at(at), 1, rs),
                     (ds.as_ptr(), 1, ts),
                     (k[at..].as_ptr(), 1, rs),
                     d.scale(),
@@ -329,7 +341,7 @@ fn backward(saved: &Saved, dout: &FlexTensor) -> [FlexTensor; 3] {
                 // dK = s·dSᵀ·Q.
                 product(
                     [t, hd, t],
-                    (dk.0.add(at), 1, rs),
+                    (dk.at(at), 1, rs),
                     (ds.as_ptr(), ts, 1),
                     (q[at..].as_ptr(), 1, rs),
                     d.scale(),
