@@ -81,7 +81,8 @@ pub fn register_kernels() {
 /// libm; at bench-tiny's img32 the composed GELU's `erf` alone took 6 % of
 /// a training step. Here one parallel pass computes the value and, under
 /// autodiff, the slope `Φ(x) + x·φ(x)` (one `erf`, one `exp` per element),
-/// which the backward step multiplies the incoming gradient by, in place.
+/// which the backward step multiplies the incoming gradient by (in place
+/// where that buffer is not shared).
 /// Flex's own fused `gelu_backward` is exact too, but computes `erf` again
 /// on one thread, and measured no faster than the composition.
 pub struct FlexGelu;
@@ -244,9 +245,11 @@ fn zeros(shape: Shape) -> FlexTensor {
     FlexTensor::filled_typed(shape, DType::F32, 0f32)
 }
 
-/// `t` as a contiguous buffer holding exactly its elements, in row-major
-/// order from offset 0 (a view is copied out first).
+/// `t` (float32: the byte count assumes it) as a contiguous buffer holding
+/// exactly its elements, in row-major order from offset 0 (a view is
+/// copied out first).
 fn dense_flex(t: FlexTensor) -> FlexTensor {
+    debug_assert_eq!(t.dtype(), DType::F32, "the kernels take float32 only");
     let exact = t.is_contiguous()
         && t.layout().start_offset() == 0
         && t.bytes().len() == t.layout().num_elements() * size_of::<f32>();

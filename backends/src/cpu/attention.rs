@@ -44,6 +44,7 @@ impl AttentionKernel<Flex> for FlexAttention {
         if [&q, &k, &v].iter().any(|t| t.dtype() != DType::F32) {
             return attention_composed(q, k, v, causal);
         }
+        same_shapes(&q, &k, &v);
         let [q, k, v] = [q, k, v].map(|t| dense_flex(t.into_primitive().tensor()));
         let (out, _) = forward(&q, &k, &v, causal);
         Tensor::from_primitive(TensorPrimitive::Float(out))
@@ -61,6 +62,7 @@ impl AttentionKernel<Backend> for FlexAttention {
         if [&q, &k, &v].iter().any(|t| t.dtype() != DType::F32) {
             return attention_composed(q, k, v, causal);
         }
+        same_shapes(&q, &k, &v);
         let [q, k, v] = [q, k, v].map(|t| t.into_primitive().tensor());
         let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
         let [qd, kd, vd] = [q, k, v].map(|t| dense_flex(t.primitive));
@@ -83,6 +85,23 @@ impl AttentionKernel<Backend> for FlexAttention {
         };
         Tensor::from_primitive(TensorPrimitive::Float(out))
     }
+}
+
+/// Self-attention only: the `gemm` calls read k and v with q's sizes, so
+/// anything else (cross-attention's other token count) must stop here
+/// rather than read out of bounds.
+fn same_shapes<B: burn::tensor::backend::Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+) {
+    assert!(
+        q.dims() == k.dims() && q.dims() == v.dims(),
+        "attention kernel: q, k and v must have one shape, got {:?}, {:?}, {:?}",
+        q.dims(),
+        k.dims(),
+        v.dims()
+    );
 }
 
 /// The sizes of one attention call.

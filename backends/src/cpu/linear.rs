@@ -89,10 +89,16 @@ impl LinearKernel<Backend> for FlexLinear {
     }
 }
 
-/// `[rows, d_in]`, `[d_in, d_out]`.
+/// `[rows, d_in, d_out]` of `x` `[rows, d_in]` and `w` `[d_in, d_out]`.
+/// The `gemm` calls trust these sizes, so a weight that does not fit
+/// stops here rather than being read out of bounds.
 fn dims(x: &FlexTensor, w: &FlexTensor) -> [usize; 3] {
     let [rows, d_in] = x.layout().shape().dims::<2>();
-    let [_, d_out] = w.layout().shape().dims::<2>();
+    let [w_in, d_out] = w.layout().shape().dims::<2>();
+    assert_eq!(
+        w_in, d_in,
+        "linear kernel: weight rows must match the input width"
+    );
     [rows, d_in, d_out]
 }
 
@@ -140,6 +146,7 @@ fn forward(x: &FlexTensor, w: &FlexTensor, b: &FlexTensor) -> FlexTensor {
     let [rows, d_in, d_out] = dims(x, w);
     let mut y = zeros(Shape::new([rows, d_out]));
     let bias = b.storage::<f32>();
+    assert_eq!(bias.len(), d_out, "linear kernel: one bias per output");
     let ys = y.storage_mut::<f32>();
     ys.par_chunks_mut(d_out)
         .with_min_len(ROWS)

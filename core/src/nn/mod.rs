@@ -35,7 +35,7 @@ use burn::tensor::{FloatDType, Tensor};
 /// cubek-matmul 0.2 has no split-K of its own. The chunks were the fastest
 /// of the three on the GPU and keep most of the one-GEMM gain on the CPU.
 /// See docs/BENCHMARKS.md. A backend with a registered [`LinearKernel`]
-/// (the CPU's) takes the product whole instead, as `[rows, d_in]`.
+/// (the CPU's) takes a layer with a bias whole instead, as `[rows, d_in]`.
 pub fn linear_in<B: Backend, const D: usize>(lin: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
     let w = lin.weight.val(); // [d_in, d_out]
     let b = lin.bias.as_ref().map(|b| b.val()); // [d_out]
