@@ -506,6 +506,16 @@ mod tests {
         }
     }
 
+    /// `b` copied into buffers of its own, with fresh autodiff nodes.
+    fn owned(b: DeviceBatch<B>) -> DeviceBatch<B> {
+        let device = b.images.device();
+        DeviceBatch {
+            images: Tensor::from_data(b.images.into_data(), &device),
+            keep: b.keep.map(|k| Tensor::from_data(k.into_data(), &device)),
+            ids: Tensor::from_data(b.ids.into_data(), &device),
+        }
+    }
+
     #[test]
     fn replicas_give_the_loss_and_gradients_of_the_global_batch() {
         let _turn = crate::dist::tests::exclusive();
@@ -528,7 +538,16 @@ mod tests {
             let got: Vec<(f64, GradientsParams)> = std::thread::scope(|s| {
                 let handles: Vec<_> = (0..world)
                     .map(|r| {
-                        let (model, part) = (model.clone(), slice(&b, r, world));
+                        // Each replica owns its model and batch, as in
+                        // training (each builds its model and reads its
+                        // rows from host data): no tensor, buffer or
+                        // autodiff node is shared between the threads.
+                        // Slices of one shared batch made conv1's gradient
+                        // wrong in 8 of 150 runs of this test; owned
+                        // copies in 2 of 200, which is still a defect
+                        // (see the speed issue's note of 2026-11-29).
+                        let model = ClipModel::<B>::from_inner(model.valid());
+                        let part = owned(slice(&b, r, world));
                         s.spawn(move || {
                             let rep = Replica::<B>::join(r, world, &Default::default()).unwrap();
                             let out =
