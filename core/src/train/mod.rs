@@ -821,9 +821,16 @@ mod tests {
         for world in [2, 4] {
             let (got_losses, got) = run(world);
             assert_eq!(got_losses.len(), 6);
+            // The losses within 2e-4 relative and the matrices (below)
+            // within 1e-4: flex's reductions sum in an order that depends
+            // on work stealing, and six AdamW steps, whose normalised
+            // update gives a float-noise gradient a full step, carry that
+            // noise into the weights. Measured misses of the earlier 1e-5
+            // bounds: step losses 1.5e-5, 5e-5 (2 replicas, in CI) and
+            // 9.8e-5 apart; conv1 2.6e-5.
             for ((step, a), (_, b)) in want_losses.iter().zip(&got_losses) {
                 assert!(
-                    (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                    (a - b).abs() <= 2e-4 * a.abs().max(1.0),
                     "{world} replicas, step {step}: loss {b} vs {a}"
                 );
             }
@@ -847,7 +854,7 @@ mod tests {
             assert_eq!(want.len(), got.len());
             for (name, w) in want.iter().filter(|(n, _)| !n.ends_with("attn.key.bias")) {
                 let err = crate::numeric::relative_error(&got[name], w);
-                let tol = if w.shape.len() == 1 { 5e-3 } else { 1e-5 };
+                let tol = if w.shape.len() == 1 { 5e-3 } else { 1e-4 };
                 if err > tol / 10.0 {
                     eprintln!("{world} replicas: {name} relative error {err:.2e}");
                 }
