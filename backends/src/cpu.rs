@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use crate::{BackendError, BackendKind, DeviceInfo};
 
 mod attention;
+mod gemm;
 mod layer_norm;
 mod linear;
 

@@ -12,10 +12,12 @@
 //! the layout the output projection reads. Backward is four `gemm` calls
 //! and one pass over the tile per pair, from the saved probabilities.
 //!
-//! Uses `unsafe`, as `linear` does: `gemm` takes raw pointers and strides, and the tasks write disjoint column blocks of one
-//! output buffer through a shared pointer. Each block says why it holds.
+//! Uses `unsafe` to call the shared `gemm` product (`super::gemm`) and
+//! because the tasks write disjoint column blocks of one output buffer
+//! through a shared pointer. Each block says why it holds.
 #![allow(unsafe_code)]
 
+use super::gemm::{Parallelism, product};
 use burn::backend::Flex;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -24,7 +26,6 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use clipa_core::nn::{AttentionKernel, attention_composed};
-use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
 use super::{Backend, dense_flex, zeros};
@@ -166,47 +167,6 @@ impl Shared {
     }
 }
 
-/// `dst[m×n] = beta · lhs[m×k] · rhs[k×n]`, single-threaded (the caller
-/// runs one task per pair), each operand given by its pointer and its
-/// (column, row) strides.
-///
-/// # Safety
-/// Every pointer must address a matrix of the given size and strides
-/// within its buffer, and nothing else may write `dst`'s elements.
-#[allow(clippy::too_many_arguments)]
-unsafe fn product(
-    [m, n, k]: [usize; 3],
-    dst: (*mut f32, isize, isize),
-    lhs: (*const f32, isize, isize),
-    rhs: (*const f32, isize, isize),
-    beta: f32,
-) {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            dst.0,
-            dst.1,
-            dst.2,
-            false,
-            lhs.0,
-            lhs.1,
-            lhs.2,
-            rhs.0,
-            rhs.1,
-            rhs.2,
-            0.0,
-            beta,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
-}
-
 /// The output `[batch, tokens, heads, head_dim]` and the probabilities
 /// `[batch, heads, tokens, tokens]` (masked entries exactly zero).
 fn forward(
@@ -238,7 +198,9 @@ fn forward(
                     (p.as_mut_ptr(), 1, t as isize),
                     (q[at..].as_ptr(), 1, rs),
                     (k[at..].as_ptr(), rs, 1),
+                    0.0,
                     d.scale(),
+                    Parallelism::None,
                 );
                 softmax_rows(p, t, causal);
                 product(
@@ -246,7 +208,9 @@ fn forward(
                     (o.at(at), 1, rs),
                     (p.as_ptr(), 1, t as isize),
                     (v[at..].as_ptr(), 1, rs),
+                    0.0,
                     1.0,
+                    Parallelism::None,
                 );
             }
         });
@@ -332,7 +296,9 @@ fn backward(saved: &Saved, dout: &FlexTensor) -> [FlexTensor; 3] {
                     (dv.at(at), 1, rs),
                     (p.as_ptr(), ts, 1),
                     (dout[at..].as_ptr(), 1, rs),
+                    0.0,
                     1.0,
+                    Parallelism::None,
                 );
                 // dP = dO·Vᵀ.
                 product(
@@ -340,7 +306,9 @@ fn backward(saved: &Saved, dout: &FlexTensor) -> [FlexTensor; 3] {
                     (ds.as_mut_ptr(), 1, ts),
                     (dout[at..].as_ptr(), 1, rs),
                     (v[at..].as_ptr(), rs, 1),
+                    0.0,
                     1.0,
+                    Parallelism::None,
                 );
             }
             for (ds, p) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
@@ -355,7 +323,9 @@ fn backward(saved: &Saved, dout: &FlexTensor) -> [FlexTensor; 3] {
                     (dq.at(at), 1, rs),
                     (ds.as_ptr(), 1, ts),
                     (k[at..].as_ptr(), 1, rs),
+                    0.0,
                     d.scale(),
+                    Parallelism::None,
                 );
                 // dK = s·dSᵀ·Q.
                 product(
@@ -363,7 +333,9 @@ fn backward(saved: &Saved, dout: &FlexTensor) -> [FlexTensor; 3] {
                     (dk.at(at), 1, rs),
                     (ds.as_ptr(), ts, 1),
                     (q[at..].as_ptr(), 1, rs),
+                    0.0,
                     d.scale(),
+                    Parallelism::None,
                 );
             }
         },

@@ -12,10 +12,11 @@
 //! its operands, so a deep product is no worse on the CPU than chunks),
 //! and `db` as per-task column sums added in task order.
 //!
-//! Uses `unsafe` for `gemm`'s raw pointers and strides; each block says
-//! why it holds.
+//! Uses `unsafe` to call the shared `gemm` product (`super::gemm`); each
+//! block says why it holds.
 #![allow(unsafe_code)]
 
+use super::gemm::{Parallelism, product};
 use burn::backend::Flex;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -24,7 +25,6 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use clipa_core::nn::LinearKernel;
-use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
 use super::{Backend, dense_flex, zeros};
@@ -102,45 +102,6 @@ fn dims(x: &FlexTensor, w: &FlexTensor) -> [usize; 3] {
     [rows, d_in, d_out]
 }
 
-/// `dst[m×n] = alpha·dst + lhs[m×k]·rhs[k×n]` on rayon's threads, each
-/// operand given by its pointer and its (column, row) strides.
-///
-/// # Safety
-/// Every pointer must address a matrix of the given size and strides
-/// within its buffer, and nothing else may access `dst` meanwhile.
-unsafe fn product(
-    [m, n, k]: [usize; 3],
-    dst: (*mut f32, isize, isize),
-    lhs: (*const f32, isize, isize),
-    rhs: (*const f32, isize, isize),
-    alpha: f32,
-) {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            dst.0,
-            dst.1,
-            dst.2,
-            alpha != 0.0,
-            lhs.0,
-            lhs.1,
-            lhs.2,
-            rhs.0,
-            rhs.1,
-            rhs.2,
-            alpha,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::Rayon(0),
-        );
-    }
-}
-
 /// `x·w + b`, `[rows, d_out]`: the bias rows, with `x·w` added onto them.
 fn forward(x: &FlexTensor, w: &FlexTensor, b: &FlexTensor) -> FlexTensor {
     let [rows, d_in, d_out] = dims(x, w);
@@ -162,6 +123,8 @@ fn forward(x: &FlexTensor, w: &FlexTensor, b: &FlexTensor) -> FlexTensor {
             (x.as_ptr(), 1, d_in as isize),
             (w.as_ptr(), 1, d_out as isize),
             1.0,
+            1.0,
+            Parallelism::Rayon(0),
         );
     }
     y
@@ -201,6 +164,8 @@ impl Backward<Flex, 3> for LinearBackward {
                     (dys.as_ptr(), 1, d_out as isize),
                     (ws.as_ptr(), d_out as isize, 1),
                     0.0,
+                    1.0,
+                    Parallelism::Rayon(0),
                 );
             }
             grads.register::<Flex>(node.id, dx);
@@ -217,6 +182,8 @@ impl Backward<Flex, 3> for LinearBackward {
                     (xs.as_ptr(), d_in as isize, 1),
                     (dys.as_ptr(), 1, d_out as isize),
                     0.0,
+                    1.0,
+                    Parallelism::Rayon(0),
                 );
             }
             grads.register::<Flex>(node.id, dw);
