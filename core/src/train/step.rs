@@ -201,7 +201,7 @@ pub fn loss_and_grads<B: AutodiffBackend>(
     replica: &Replica<B>,
 ) -> Result<(f64, GradientsParams)> {
     // The softmax loss has no bias, even where the model carries one.
-    let bias = || match kind {
+    let bias = |model: &ClipModel<B>| match kind {
         LossKind::Sigmoid => model.bias(),
         LossKind::Softmax => None,
     };
@@ -212,14 +212,21 @@ pub fn loss_and_grads<B: AutodiffBackend>(
             batch.keep.clone(),
             batch.ids.clone(),
             checkpoint,
-            |img, txt| {
+            |model, img, txt| {
                 if replica.world() == 1 {
-                    let loss = contrastive_loss(kind, img, txt, model.logit_scale.val(), bias());
+                    let bias = bias(model);
+                    let loss = contrastive_loss(kind, img, txt, model.logit_scale.val(), bias);
                     let value = loss.clone().into_scalar().elem::<f64>();
                     return Ok((loss, value));
                 }
                 let features = Tensor::cat(vec![img.clone().inner(), txt.clone().inner()], 1);
-                let g = feature_grads(kind, features, model.logit_scale.val(), bias(), replica)?;
+                let g = feature_grads(
+                    kind,
+                    features,
+                    model.logit_scale.val(),
+                    bias(model),
+                    replica,
+                )?;
                 Ok((surrogate(img, txt, &g, 0, Some(model)), g.loss))
             },
         )?
@@ -244,7 +251,7 @@ pub fn loss_and_grads<B: AutodiffBackend>(
             0,
         );
         drop(inner);
-        let g = feature_grads(kind, cached, model.logit_scale.val(), bias(), replica)?;
+        let g = feature_grads(kind, cached, model.logit_scale.val(), bias(model), replica)?;
         let mut acc = GradientsAccumulator::<ClipModel<B>>::new();
         for j in 0..micro {
             let (_, grads) = backward_through(
@@ -253,7 +260,7 @@ pub fn loss_and_grads<B: AutodiffBackend>(
                 batch.keep.as_ref().map(|k| slice2(k, j)),
                 slice2(&batch.ids, j),
                 checkpoint,
-                |img, txt| {
+                |model, img, txt| {
                     Ok((
                         surrogate(img, txt, &g, j * size, (j == 0).then_some(model)),
                         g.loss,
@@ -268,8 +275,10 @@ pub fn loss_and_grads<B: AutodiffBackend>(
 }
 
 /// Computes unit image and text features with gradients, reduces them to a
-/// loss with `loss_of` (which returns the scalar to back-propagate and the
-/// loss value to report), and back-propagates it to every parameter.
+/// loss with `loss_of` (which gets the model whose parameters carry the
+/// graph, for the temperature and bias, and returns the scalar to
+/// back-propagate and the loss value to report), and back-propagates it to
+/// every parameter.
 ///
 /// With `checkpoint` (per-block activation checkpointing, OpenCLIP's
 /// `--grad-checkpointing`), the towers first run without a graph, keeping
@@ -285,12 +294,26 @@ pub fn backward_through<B: AutodiffBackend>(
     keep: Option<Tensor<B, 2, Int>>,
     ids: Tensor<B, 2, Int>,
     checkpoint: bool,
-    loss_of: impl FnOnce(Tensor<B, 2>, Tensor<B, 2>) -> Result<(Tensor<B, 1>, f64)>,
+    loss_of: impl FnOnce(&ClipModel<B>, Tensor<B, 2>, Tensor<B, 2>) -> Result<(Tensor<B, 1>, f64)>,
 ) -> Result<(f64, GradientsParams)> {
+    // Fresh autodiff leaves for every parameter (the same buffers and
+    // parameter ids, new graph nodes), so that no leaf that an earlier
+    // backward pass consumed is reused: Burn 0.21 drops a consumed leaf's
+    // graph entry, the next op on it starts a one-node graph, and a
+    // `backward()` on another thread (a replica) can sweep that graph while
+    // its child op is still being registered, silently losing the
+    // parameter's gradient (tracel-ai/burn#5573, fixed after 0.21 by #5647).
+    // That happened here with micro-batches and checkpointing, which run
+    // several backward passes per optimiser step: conv1's gradient came out
+    // 13–340 % wrong in about 1 run in 100 of the 4-replica test. The
+    // phases below (heads, each block, the stems) use disjoint parameters,
+    // so one renewal per call covers them all.
+    let renewed = ClipModel::from_inner(model.valid());
+    let model = &renewed;
     if !checkpoint {
         let img = l2_normalize(model.encode_image(images, keep));
         let txt = l2_normalize(model.encode_text(ids));
-        let (loss, value) = loss_of(img, txt)?;
+        let (loss, value) = loss_of(model, img, txt)?;
         return Ok((value, GradientsParams::from_grads(loss.backward(), model)));
     }
     let (vision, text) = (&model.visual, &model.text);
@@ -327,7 +350,7 @@ pub fn backward_through<B: AutodiffBackend>(
     let t_top = Tensor::from_inner(t_kept[t_kept.len() - 1].clone()).require_grad();
     let img = l2_normalize(vision.pool(v_top.clone()));
     let txt = l2_normalize(text.pool(t_top.clone(), ids.clone()));
-    let (loss, value) = loss_of(img, txt)?;
+    let (loss, value) = loss_of(model, img, txt)?;
     let grads = loss.backward();
     let output_grad = |x: &Tensor<B, 3>, grads: &B::Gradients| {
         x.grad(grads)
@@ -542,10 +565,6 @@ mod tests {
                         // training (each builds its model and reads its
                         // rows from host data): no tensor, buffer or
                         // autodiff node is shared between the threads.
-                        // Slices of one shared batch made conv1's gradient
-                        // wrong in 8 of 150 runs of this test; owned
-                        // copies in 2 of 200, which is still a defect
-                        // (see the speed issue's note of 2026-11-29).
                         let model = ClipModel::<B>::from_inner(model.valid());
                         let part = owned(slice(&b, r, world));
                         s.spawn(move || {
@@ -569,6 +588,59 @@ mod tests {
                 assert_same_grads(&model, &want, grads, 1e-4, &what);
             }
         }
+    }
+
+    /// Backward passes on another thread (a replica's, say) never cost this
+    /// thread a gradient. With micro-batches every parameter goes through
+    /// several backward passes in one call; on Burn 0.21 a concurrent
+    /// `backward()` could sweep the one-node graph that a consumed leaf's
+    /// next op starts (tracel-ai/burn#5573), unless [`backward_through`]
+    /// renews the leaves first. The sweeper here runs tiny backward passes
+    /// without pause, to open that window as often as it can.
+    #[test]
+    fn concurrent_backward_passes_lose_no_gradient() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let device = Default::default();
+        let mut cfg = ClipConfig::tiny();
+        cfg.text.context_length = 8;
+        let model: ClipModel<B> = cfg.init(&device);
+        let b = batch(&device, 4, false);
+        let single = Replica::single();
+        let (want_loss, want) =
+            loss_and_grads(&model, &b, LossKind::Softmax, 1, false, &single).unwrap();
+        let stop = AtomicBool::new(false);
+        let sweeps = std::thread::scope(|s| {
+            let sweeper = s.spawn(|| {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let x = Tensor::<B, 1>::from_floats([1.0, 2.0], &device).require_grad();
+                    let _ = (x.clone() * x).sum().backward();
+                    n += 1;
+                }
+                n
+            });
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                for round in 0..12 {
+                    let checkpoint = round % 2 == 1;
+                    let (loss, got) =
+                        loss_and_grads(&model, &b, LossKind::Softmax, 4, checkpoint, &single)
+                            .unwrap();
+                    let what = format!("round {round}, checkpointed {checkpoint}");
+                    assert!(
+                        (loss - want_loss).abs() < 1e-5 * want_loss.abs().max(1.0),
+                        "{what}: loss {loss} vs {want_loss}"
+                    );
+                    assert_same_grads(&model, &want, &got, 1e-4, &what);
+                }
+            }));
+            stop.store(true, Ordering::Relaxed);
+            let sweeps = sweeper.join().unwrap();
+            if let Err(panic) = result {
+                std::panic::resume_unwind(panic);
+            }
+            sweeps
+        });
+        assert!(sweeps > 0, "the sweeper ran");
     }
 
     #[test]
