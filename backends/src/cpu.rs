@@ -23,6 +23,9 @@ mod attention;
 mod gemm;
 mod layer_norm;
 mod linear;
+mod vmath;
+
+use vmath::widest;
 
 pub use attention::FlexAttention;
 pub use layer_norm::FlexLayerNorm;
@@ -81,9 +84,11 @@ pub fn register_kernels() {
 /// backward on flex, whose `erf` and `exp` run on one thread with scalar
 /// libm; at bench-tiny's img32 the composed GELU's `erf` alone took 6 % of
 /// a training step. Here one parallel pass computes the value and, under
-/// autodiff, the slope `Φ(x) + x·φ(x)` (one `erf`, one `exp` per element),
+/// autodiff, the slope `Φ(x) + x·φ(x)` (two `exp`s per element, in
+/// [`vmath`]'s vectorised float32 math rather than libm's scalar calls),
 /// which the backward step multiplies the incoming gradient by (in place
-/// where that buffer is not shared).
+/// where that buffer is not shared). Φ comes from `erfc`, so the far left
+/// tail has no cancellation: more accurate than `½(1 + erf)`.
 /// Flex's own fused `gelu_backward` is exact too, but computes `erf` again
 /// on one thread, and measured no faster than the composition.
 pub struct FlexGelu;
@@ -102,7 +107,7 @@ impl GeluKernel<Flex> for FlexGelu {
 fn gelu_in_place(mut x: FlexTensor) -> FlexTensor {
     x.storage_mut::<f32>()
         .par_chunks_mut(CHUNK)
-        .for_each(|c| c.iter_mut().for_each(|v| *v = gelu_value(*v)));
+        .for_each(|c| widest(|| c.iter_mut().for_each(|v| *v = vmath::gelu(*v))));
     x
 }
 
@@ -127,9 +132,11 @@ impl GeluKernel<Backend> for FlexGelu {
                     .zip(slope.storage_mut::<f32>().par_chunks_mut(CHUNK))
                     .zip(input.storage::<f32>().par_chunks(CHUNK))
                     .for_each(|((y, d), x)| {
-                        for ((y, d), &x) in y.iter_mut().zip(d.iter_mut()).zip(x) {
-                            (*y, *d) = gelu_value_and_slope(x);
-                        }
+                        widest(|| {
+                            for ((y, d), &x) in y.iter_mut().zip(d.iter_mut()).zip(x) {
+                                (*y, *d) = vmath::gelu_and_slope(x);
+                            }
+                        })
                     });
                 prep.finish(slope, y)
             }
@@ -154,36 +161,10 @@ impl Backward<Flex, 1> for GeluBackward {
             grad.storage_mut::<f32>()
                 .par_chunks_mut(CHUNK)
                 .zip(slope.storage::<f32>().par_chunks(CHUNK))
-                .for_each(|(g, d)| g.iter_mut().zip(d).for_each(|(g, d)| *g *= d));
+                .for_each(|(g, d)| widest(|| g.iter_mut().zip(d).for_each(|(g, d)| *g *= d)));
             grad
         });
     }
-}
-
-/// `erf(x/√2)`, the one transcendental GELU's value and slope share, as
-/// flex computes it (libm's `erff`).
-fn erf_scaled(x: f32) -> f32 {
-    libm::erff(x * std::f64::consts::FRAC_1_SQRT_2 as f32)
-}
-
-/// GELU's value from `e = erf(x/√2)`, operation for operation as
-/// [`gelu_composed`] computes it on flex.
-fn gelu_from_erf(x: f32, e: f32) -> f32 {
-    (x * (e + 1.0)) * 0.5
-}
-
-/// GELU's value.
-fn gelu_value(x: f32) -> f32 {
-    gelu_from_erf(x, erf_scaled(x))
-}
-
-/// GELU's value and derivative `Φ(x) + x·φ(x)`, with `Φ(x) = ½(1 + e)`,
-/// `e = erf(x/√2)` computed once for both, and `φ(x) = exp(−x²/2)/√(2π)`.
-fn gelu_value_and_slope(x: f32) -> (f32, f32) {
-    let inv_sqrt_2pi = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
-    let e = erf_scaled(x);
-    let slope = 0.5 * (1.0 + e) + x * inv_sqrt_2pi * (-0.5 * x * x).exp();
-    (gelu_from_erf(x, e), slope)
 }
 
 /// AdamW in one pass over each parameter, on rayon's threads.
@@ -226,7 +207,7 @@ impl AdamWKernel<Flex> for FlexAdamW {
             .zip(ms.par_chunks_mut(CHUNK))
             .zip(vs.par_chunks_mut(CHUNK))
             .zip(g.storage::<f32>().par_chunks(CHUNK))
-            .for_each(|(((w, m), v), g)| k.apply(w, m, v, g));
+            .for_each(|(((w, m), v), g)| widest(|| k.apply(w, m, v, g)));
         [w, m, v].map(|t| Tensor::from_primitive(TensorPrimitive::Float(t)))
     }
 }
@@ -285,6 +266,7 @@ impl Coefficients {
 
     /// The update of one chunk, operation for operation as
     /// [`adamw_composed`] (multiplying by an exact 1 where it skips a pass).
+    #[inline(always)]
     fn apply(&self, w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
         for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
             let g = g * self.grad_scale;

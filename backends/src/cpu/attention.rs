@@ -28,6 +28,7 @@ use burn_flex::FlexTensor;
 use clipa_core::nn::{AttentionKernel, attention_composed};
 use rayon::prelude::*;
 
+use super::vmath::{self, widest};
 use super::{Backend, dense_flex, zeros};
 
 /// The attention kernel of the CPU backend, for training (`Autodiff<Flex>`)
@@ -218,20 +219,20 @@ fn forward(
 }
 
 /// Row-wise softmax of a `[t, t]` tile in place, each row's later columns
-/// set to zero where `causal` (as the −∞ mask gives).
+/// set to zero where `causal` (as the −∞ mask gives). The maximum, the
+/// exponentials and the sum each vectorise ([`vmath`]).
 fn softmax_rows(p: &mut [f32], t: usize, causal: bool) {
-    for (i, row) in p.chunks_exact_mut(t).enumerate() {
-        let seen = if causal { i + 1 } else { t };
-        let (row, future) = row.split_at_mut(seen);
-        future.fill(0.0);
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        let mut sum = 0.0;
-        for s in row.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+    widest(|| {
+        for (i, row) in p.chunks_exact_mut(t).enumerate() {
+            let seen = if causal { i + 1 } else { t };
+            let (row, future) = row.split_at_mut(seen);
+            future.fill(0.0);
+            let max = vmath::max(row);
+            row.iter_mut().for_each(|s| *s = vmath::exp(*s - max));
+            let sum = vmath::sum(row);
+            row.iter_mut().for_each(|s| *s /= sum);
         }
-        row.iter_mut().for_each(|s| *s /= sum);
-    }
+    })
 }
 
 /// What backward needs: the inputs and the probabilities.
@@ -311,10 +312,12 @@ fn backward(saved: &Saved, dout: &FlexTensor) -> [FlexTensor; 3] {
                     Parallelism::None,
                 );
             }
-            for (ds, p) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
-                let dot: f32 = ds.iter().zip(p).map(|(g, p)| g * p).sum();
-                ds.iter_mut().zip(p).for_each(|(g, p)| *g = p * (*g - dot));
-            }
+            widest(|| {
+                for (ds, p) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                    let dot = vmath::dot(ds, p);
+                    ds.iter_mut().zip(p).for_each(|(g, p)| *g = p * (*g - dot));
+                }
+            });
             // SAFETY: as above.
             unsafe {
                 // dQ = s·dS·K.

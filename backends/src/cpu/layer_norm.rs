@@ -23,6 +23,7 @@ use burn_flex::FlexTensor;
 use clipa_core::nn::LayerNormKernel;
 use rayon::prelude::*;
 
+use super::vmath::{self, dot, sum, widest};
 use super::{Backend, dense_flex, zeros};
 
 /// The LayerNorm kernel of the CPU backend under autodiff.
@@ -119,17 +120,19 @@ fn forward(
     let n = width as f32;
     // One row; returns √(var + ε).
     let row = |x: &[f32], y: &mut [f32], x_hat: Option<&mut [f32]>| -> f32 {
-        let mean = sum(x) / n;
-        // y holds the centred row until the last pass.
-        y.iter_mut().zip(x).for_each(|(c, &x)| *c = x - mean);
-        let sd = (dot(y, y) / n + eps).sqrt();
-        if let Some(x_hat) = x_hat {
-            x_hat.iter_mut().zip(&*y).for_each(|(h, &c)| *h = c / sd);
-        }
-        y.iter_mut()
-            .zip(gamma.iter().zip(beta))
-            .for_each(|(c, (&g, &b))| *c = *c / sd * g + b);
-        sd
+        widest(|| {
+            let mean = sum(x) / n;
+            // y holds the centred row until the last pass.
+            y.iter_mut().zip(x).for_each(|(c, &x)| *c = x - mean);
+            let sd = (dot(y, y) / n + eps).sqrt();
+            if let Some(x_hat) = x_hat {
+                x_hat.iter_mut().zip(&*y).for_each(|(h, &c)| *h = c / sd);
+            }
+            y.iter_mut()
+                .zip(gamma.iter().zip(beta))
+                .for_each(|(c, (&g, &b))| *c = *c / sd * g + b);
+            sd
+        })
     };
     let ys = y.storage_mut::<f32>().par_chunks_mut(width);
     let xs = x.par_chunks(width);
@@ -186,69 +189,38 @@ fn backward(saved: &Saved, dy: &FlexTensor) -> [FlexTensor; 3] {
         .zip(dy_s.par_chunks(ROWS * width))
         .zip(std.par_chunks(ROWS))
         .map(|(((dx, x_hat), dy), std)| {
-            let mut acc = vec![0f32; 2 * width];
-            let (dgamma, dbeta) = acc.split_at_mut(width);
-            let rows = dx
-                .chunks_exact_mut(width)
-                .zip(x_hat.chunks_exact(width))
-                .zip(dy.chunks_exact(width))
-                .zip(std);
-            for (((dx, h), dy), &sd) in rows {
-                // dx holds g = dy·γ until the last pass.
-                dx.iter_mut()
-                    .zip(dy.iter().zip(gamma))
-                    .for_each(|(g, (&d, &w))| *g = d * w);
-                let mean_g = sum(dx) / n;
-                let mean_gh = dot(dx, h) / n;
-                dx.iter_mut()
-                    .zip(h)
-                    .for_each(|(g, &h)| *g = (*g - mean_g - h * mean_gh) / sd);
-                dgamma
-                    .iter_mut()
-                    .zip(dy.iter().zip(h))
-                    .for_each(|(a, (&d, &h))| *a += d * h);
-                dbeta.iter_mut().zip(dy).for_each(|(a, &d)| *a += d);
-            }
-            acc
+            widest(|| {
+                let mut acc = vec![0f32; 2 * width];
+                let (dgamma, dbeta) = acc.split_at_mut(width);
+                let rows = dx
+                    .chunks_exact_mut(width)
+                    .zip(x_hat.chunks_exact(width))
+                    .zip(dy.chunks_exact(width))
+                    .zip(std);
+                for (((dx, h), dy), &sd) in rows {
+                    // dx holds g = dy·γ until the last pass.
+                    dx.iter_mut()
+                        .zip(dy.iter().zip(gamma))
+                        .for_each(|(g, (&d, &w))| *g = d * w);
+                    let mean_g = sum(dx) / n;
+                    let mean_gh = dot(dx, h) / n;
+                    dx.iter_mut()
+                        .zip(h)
+                        .for_each(|(g, &h)| *g = (*g - mean_g - h * mean_gh) / sd);
+                    dgamma
+                        .iter_mut()
+                        .zip(dy.iter().zip(h))
+                        .for_each(|(a, (&d, &h))| *a += d * h);
+                    dbeta.iter_mut().zip(dy).for_each(|(a, &d)| *a += d);
+                }
+                acc
+            })
         })
         .collect();
-    let mut total = vec![0f32; 2 * width];
-    for p in &partials {
-        total.iter_mut().zip(p).for_each(|(t, p)| *t += p);
-    }
+    let mut total = vmath::add_in_order(&partials, 2 * width);
     let dbeta = total.split_off(width);
     let param = |v: Vec<f32>| FlexTensor::from_data(burn::tensor::TensorData::new(v, [width]));
     [dx, param(total), param(dbeta)]
-}
-
-/// Σ x, in 16 interleaved partial sums so that it vectorises (a single
-/// float accumulator is one serial chain of dependent adds).
-fn sum(x: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let chunks = x.chunks_exact(16);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        acc.iter_mut().zip(c).for_each(|(a, &v)| *a += v);
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// Σ a·b, vectorised as [`sum`].
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(a, b)| a * b)
-        .sum();
-    for (a, b) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += a[i] * b[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ use burn_flex::FlexTensor;
 use clipa_core::nn::LinearKernel;
 use rayon::prelude::*;
 
+use super::vmath::{self, widest};
 use super::{Backend, dense_flex, zeros};
 
 /// The linear-layer kernel of the CPU backend, for training
@@ -201,19 +202,17 @@ fn column_sums(m: &[f32], width: usize) -> FlexTensor {
     let partials: Vec<Vec<f32>> = m
         .par_chunks(ROWS * width)
         .map(|rows| {
-            let mut acc = vec![0f32; width];
-            for r in rows.chunks_exact(width) {
-                acc.iter_mut().zip(r).for_each(|(a, &v)| *a += v);
-            }
-            acc
+            widest(|| {
+                let mut acc = vec![0f32; width];
+                for r in rows.chunks_exact(width) {
+                    acc.iter_mut().zip(r).for_each(|(a, &v)| *a += v);
+                }
+                acc
+            })
         })
         .collect();
-    let mut total = zeros(Shape::new([width]));
-    let t = total.storage_mut::<f32>();
-    for p in &partials {
-        t.iter_mut().zip(p).for_each(|(t, p)| *t += p);
-    }
-    total
+    let total = vmath::add_in_order(&partials, width);
+    FlexTensor::from_data(burn::tensor::TensorData::new(total, [width]))
 }
 
 #[cfg(test)]
