@@ -25,7 +25,7 @@ mod layer_norm;
 mod linear;
 mod vmath;
 
-use vmath::widest;
+use vmath::vectorised;
 
 pub use attention::FlexAttention;
 pub use layer_norm::FlexLayerNorm;
@@ -107,8 +107,31 @@ impl GeluKernel<Flex> for FlexGelu {
 fn gelu_in_place(mut x: FlexTensor) -> FlexTensor {
     x.storage_mut::<f32>()
         .par_chunks_mut(CHUNK)
-        .for_each(|c| widest(|| c.iter_mut().for_each(|v| *v = vmath::gelu(*v))));
+        .for_each(gelu_chunk);
     x
+}
+
+vectorised! {
+    /// GELU in place over one chunk.
+    fn gelu_chunk(c: &mut [f32]) {
+        c.iter_mut().for_each(|v| *v = vmath::gelu(*v));
+    }
+}
+
+vectorised! {
+    /// GELU and its slope over one chunk of x.
+    fn gelu_and_slope_chunk(y: &mut [f32], slope: &mut [f32], x: &[f32]) {
+        for ((y, d), &x) in y.iter_mut().zip(slope.iter_mut()).zip(x) {
+            (*y, *d) = vmath::gelu_and_slope(x);
+        }
+    }
+}
+
+vectorised! {
+    /// `g ⊙= d` over one chunk.
+    fn multiply_chunk(g: &mut [f32], d: &[f32]) {
+        g.iter_mut().zip(d).for_each(|(g, d)| *g *= d);
+    }
 }
 
 impl GeluKernel<Backend> for FlexGelu {
@@ -131,13 +154,7 @@ impl GeluKernel<Backend> for FlexGelu {
                     .par_chunks_mut(CHUNK)
                     .zip(slope.storage_mut::<f32>().par_chunks_mut(CHUNK))
                     .zip(input.storage::<f32>().par_chunks(CHUNK))
-                    .for_each(|((y, d), x)| {
-                        widest(|| {
-                            for ((y, d), &x) in y.iter_mut().zip(d.iter_mut()).zip(x) {
-                                (*y, *d) = vmath::gelu_and_slope(x);
-                            }
-                        })
-                    });
+                    .for_each(|((y, d), x)| gelu_and_slope_chunk(y, d, x));
                 prep.finish(slope, y)
             }
             OpsKind::UnTracked(prep) => prep.finish(gelu_in_place(input)),
@@ -161,7 +178,7 @@ impl Backward<Flex, 1> for GeluBackward {
             grad.storage_mut::<f32>()
                 .par_chunks_mut(CHUNK)
                 .zip(slope.storage::<f32>().par_chunks(CHUNK))
-                .for_each(|(g, d)| widest(|| g.iter_mut().zip(d).for_each(|(g, d)| *g *= d)));
+                .for_each(|(g, d)| multiply_chunk(g, d));
             grad
         });
     }
@@ -207,7 +224,7 @@ impl AdamWKernel<Flex> for FlexAdamW {
             .zip(ms.par_chunks_mut(CHUNK))
             .zip(vs.par_chunks_mut(CHUNK))
             .zip(g.storage::<f32>().par_chunks(CHUNK))
-            .for_each(|(((w, m), v), g)| widest(|| k.apply(w, m, v, g)));
+            .for_each(|(((w, m), v), g)| adamw_chunk(&k, w, m, v, g));
         [w, m, v].map(|t| Tensor::from_primitive(TensorPrimitive::Float(t)))
     }
 }
@@ -263,16 +280,17 @@ impl Coefficients {
             keep: s.keep as f32,
         }
     }
+}
 
+vectorised! {
     /// The update of one chunk, operation for operation as
     /// [`adamw_composed`] (multiplying by an exact 1 where it skips a pass).
-    #[inline(always)]
-    fn apply(&self, w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+    fn adamw_chunk(k: &Coefficients, w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
         for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-            let g = g * self.grad_scale;
-            *m = *m * self.beta1 + g * self.one_minus_beta1;
-            *v = *v * self.beta2 + g * g * self.one_minus_beta2;
-            *w = *w * self.keep - *m / (v.sqrt() + self.eps) * self.step_size;
+            let g = g * k.grad_scale;
+            *m = *m * k.beta1 + g * k.one_minus_beta1;
+            *v = *v * k.beta2 + g * g * k.one_minus_beta2;
+            *w = *w * k.keep - *m / (v.sqrt() + k.eps) * k.step_size;
         }
     }
 }

@@ -28,7 +28,7 @@ use burn_flex::FlexTensor;
 use clipa_core::nn::{AttentionKernel, attention_composed};
 use rayon::prelude::*;
 
-use super::vmath::{self, widest};
+use super::vmath::{self, vectorised};
 use super::{Backend, dense_flex, zeros};
 
 /// The attention kernel of the CPU backend, for training (`Autodiff<Flex>`)
@@ -218,11 +218,11 @@ fn forward(
     (out, probs)
 }
 
-/// Row-wise softmax of a `[t, t]` tile in place, each row's later columns
-/// set to zero where `causal` (as the −∞ mask gives). The maximum, the
-/// exponentials and the sum each vectorise ([`vmath`]).
-fn softmax_rows(p: &mut [f32], t: usize, causal: bool) {
-    widest(|| {
+vectorised! {
+    /// Row-wise softmax of a `[t, t]` tile in place, each row's later columns
+    /// set to zero where `causal` (as the −∞ mask gives). The maximum, the
+    /// exponentials and the sum each vectorise ([`vmath`]).
+    fn softmax_rows(p: &mut [f32], t: usize, causal: bool) {
         for (i, row) in p.chunks_exact_mut(t).enumerate() {
             let seen = if causal { i + 1 } else { t };
             let (row, future) = row.split_at_mut(seen);
@@ -232,7 +232,18 @@ fn softmax_rows(p: &mut [f32], t: usize, causal: bool) {
             let sum = vmath::sum(row);
             row.iter_mut().for_each(|s| *s /= sum);
         }
-    })
+    }
+}
+
+vectorised! {
+    /// The softmax's backward over a `[t, t]` tile in place: `dP` becomes
+    /// `dS = P ⊙ (dP − rowsum(dP ⊙ P))`.
+    fn softmax_backward_rows(ds: &mut [f32], p: &[f32], t: usize) {
+        for (ds, p) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+            let dot = vmath::dot(ds, p);
+            ds.iter_mut().zip(p).for_each(|(g, p)| *g = p * (*g - dot));
+        }
+    }
 }
 
 /// What backward needs: the inputs and the probabilities.
@@ -312,12 +323,7 @@ fn backward(saved: &Saved, dout: &FlexTensor) -> [FlexTensor; 3] {
                     Parallelism::None,
                 );
             }
-            widest(|| {
-                for (ds, p) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
-                    let dot = vmath::dot(ds, p);
-                    ds.iter_mut().zip(p).for_each(|(g, p)| *g = p * (*g - dot));
-                }
-            });
+            softmax_backward_rows(ds, p, t);
             // SAFETY: as above.
             unsafe {
                 // dQ = s·dS·K.

@@ -23,7 +23,7 @@ use burn_flex::FlexTensor;
 use clipa_core::nn::LayerNormKernel;
 use rayon::prelude::*;
 
-use super::vmath::{self, dot, sum, widest};
+use super::vmath::{self, dot, sum, vectorised};
 use super::{Backend, dense_flex, zeros};
 
 /// The LayerNorm kernel of the CPU backend under autodiff.
@@ -117,22 +117,9 @@ fn forward(
         gamma.storage::<f32>(),
         beta.storage::<f32>(),
     );
-    let n = width as f32;
     // One row; returns √(var + ε).
     let row = |x: &[f32], y: &mut [f32], x_hat: Option<&mut [f32]>| -> f32 {
-        widest(|| {
-            let mean = sum(x) / n;
-            // y holds the centred row until the last pass.
-            y.iter_mut().zip(x).for_each(|(c, &x)| *c = x - mean);
-            let sd = (dot(y, y) / n + eps).sqrt();
-            if let Some(x_hat) = x_hat {
-                x_hat.iter_mut().zip(&*y).for_each(|(h, &c)| *h = c / sd);
-            }
-            y.iter_mut()
-                .zip(gamma.iter().zip(beta))
-                .for_each(|(c, (&g, &b))| *c = *c / sd * g + b);
-            sd
-        })
+        normalise_row(x, y, x_hat, gamma, beta, eps)
     };
     let ys = y.storage_mut::<f32>().par_chunks_mut(width);
     let xs = x.par_chunks(width);
@@ -180,7 +167,6 @@ fn backward(saved: &Saved, dy: &FlexTensor) -> [FlexTensor; 3] {
         saved.gamma.storage::<f32>(),
         dy.storage::<f32>(),
     );
-    let n = width as f32;
     // Each task: ROWS rows of dx, and its partial [dγ | dβ].
     let partials: Vec<Vec<f32>> = dx
         .storage_mut::<f32>()
@@ -188,39 +174,77 @@ fn backward(saved: &Saved, dy: &FlexTensor) -> [FlexTensor; 3] {
         .zip(x_hat.par_chunks(ROWS * width))
         .zip(dy_s.par_chunks(ROWS * width))
         .zip(std.par_chunks(ROWS))
-        .map(|(((dx, x_hat), dy), std)| {
-            widest(|| {
-                let mut acc = vec![0f32; 2 * width];
-                let (dgamma, dbeta) = acc.split_at_mut(width);
-                let rows = dx
-                    .chunks_exact_mut(width)
-                    .zip(x_hat.chunks_exact(width))
-                    .zip(dy.chunks_exact(width))
-                    .zip(std);
-                for (((dx, h), dy), &sd) in rows {
-                    // dx holds g = dy·γ until the last pass.
-                    dx.iter_mut()
-                        .zip(dy.iter().zip(gamma))
-                        .for_each(|(g, (&d, &w))| *g = d * w);
-                    let mean_g = sum(dx) / n;
-                    let mean_gh = dot(dx, h) / n;
-                    dx.iter_mut()
-                        .zip(h)
-                        .for_each(|(g, &h)| *g = (*g - mean_g - h * mean_gh) / sd);
-                    dgamma
-                        .iter_mut()
-                        .zip(dy.iter().zip(h))
-                        .for_each(|(a, (&d, &h))| *a += d * h);
-                    dbeta.iter_mut().zip(dy).for_each(|(a, &d)| *a += d);
-                }
-                acc
-            })
-        })
+        .map(|(((dx, x_hat), dy), std)| backward_rows(dx, x_hat, dy, std, gamma))
         .collect();
     let mut total = vmath::add_in_order(&partials, 2 * width);
     let dbeta = total.split_off(width);
     let param = |v: Vec<f32>| FlexTensor::from_data(burn::tensor::TensorData::new(v, [width]));
     [dx, param(total), param(dbeta)]
+}
+
+vectorised! {
+    /// One row of [`forward`]: `y = x̂·γ + β` and, when given, x̂; returns
+    /// √(var + ε).
+    fn normalise_row(
+        x: &[f32],
+        y: &mut [f32],
+        x_hat: Option<&mut [f32]>,
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+    ) -> f32 {
+        let n = x.len() as f32;
+        let mean = sum(x) / n;
+        // y holds the centred row until the last pass.
+        y.iter_mut().zip(x).for_each(|(c, &x)| *c = x - mean);
+        let sd = (dot(y, y) / n + eps).sqrt();
+        if let Some(x_hat) = x_hat {
+            x_hat.iter_mut().zip(&*y).for_each(|(h, &c)| *h = c / sd);
+        }
+        y.iter_mut()
+            .zip(gamma.iter().zip(beta))
+            .for_each(|(c, (&g, &b))| *c = *c / sd * g + b);
+        sd
+    }
+}
+
+vectorised! {
+    /// One task of [`backward`]: its rows of dx `[rows, width]`, written in
+    /// place, and its partial `[dγ | dβ]` `[2·width]`.
+    fn backward_rows(
+        dx: &mut [f32],
+        x_hat: &[f32],
+        dy: &[f32],
+        std: &[f32],
+        gamma: &[f32],
+    ) -> Vec<f32> {
+        let width = gamma.len();
+        let n = width as f32;
+        let mut acc = vec![0f32; 2 * width];
+        let (dgamma, dbeta) = acc.split_at_mut(width);
+        let rows = dx
+            .chunks_exact_mut(width)
+            .zip(x_hat.chunks_exact(width))
+            .zip(dy.chunks_exact(width))
+            .zip(std);
+        for (((dx, h), dy), &sd) in rows {
+            // dx holds g = dy·γ until the last pass.
+            dx.iter_mut()
+                .zip(dy.iter().zip(gamma))
+                .for_each(|(g, (&d, &w))| *g = d * w);
+            let mean_g = sum(dx) / n;
+            let mean_gh = dot(dx, h) / n;
+            dx.iter_mut()
+                .zip(h)
+                .for_each(|(g, &h)| *g = (*g - mean_g - h * mean_gh) / sd);
+            dgamma
+                .iter_mut()
+                .zip(dy.iter().zip(h))
+                .for_each(|(a, (&d, &h))| *a += d * h);
+            dbeta.iter_mut().zip(dy).for_each(|(a, &d)| *a += d);
+        }
+        acc
+    }
 }
 
 #[cfg(test)]
@@ -272,15 +296,5 @@ mod tests {
             let err = relative_error(g, &gc[name]);
             assert!(err <= 1e-5, "{name}: relative error {err:.2e}");
         }
-    }
-
-    #[test]
-    fn vectorised_sums_match_serial_ones() {
-        let x: Vec<f32> = (0..53).map(|i| (i as f32 * 0.37).sin()).collect();
-        let y: Vec<f32> = (0..53).map(|i| (i as f32 * 0.11).cos()).collect();
-        let serial: f32 = x.iter().sum();
-        assert!((sum(&x) - serial).abs() <= 1e-5, "{} vs {serial}", sum(&x));
-        let serial: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
-        assert!((dot(&x, &y) - serial).abs() <= 1e-5);
     }
 }

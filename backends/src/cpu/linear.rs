@@ -27,7 +27,7 @@ use burn_flex::FlexTensor;
 use clipa_core::nn::LinearKernel;
 use rayon::prelude::*;
 
-use super::vmath::{self, widest};
+use super::vmath::{self, vectorised};
 use super::{Backend, dense_flex, zeros};
 
 /// The linear-layer kernel of the CPU backend, for training
@@ -201,18 +201,21 @@ impl Backward<Flex, 3> for LinearBackward {
 fn column_sums(m: &[f32], width: usize) -> FlexTensor {
     let partials: Vec<Vec<f32>> = m
         .par_chunks(ROWS * width)
-        .map(|rows| {
-            widest(|| {
-                let mut acc = vec![0f32; width];
-                for r in rows.chunks_exact(width) {
-                    acc.iter_mut().zip(r).for_each(|(a, &v)| *a += v);
-                }
-                acc
-            })
-        })
+        .map(|rows| add_rows(rows, width))
         .collect();
     let total = vmath::add_in_order(&partials, width);
     FlexTensor::from_data(burn::tensor::TensorData::new(total, [width]))
+}
+
+vectorised! {
+    /// Σ over the rows of one task's block.
+    fn add_rows(rows: &[f32], width: usize) -> Vec<f32> {
+        let mut acc = vec![0f32; width];
+        for r in rows.chunks_exact(width) {
+            acc.iter_mut().zip(r).for_each(|(a, &v)| *a += v);
+        }
+        acc
+    }
 }
 
 #[cfg(test)]

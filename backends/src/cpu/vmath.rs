@@ -1,9 +1,9 @@
 //! Float32 math that vectorises, for the CPU kernels' element-wise loops.
 //!
-//! - [`widest`] runs a loop compiled for the widest vector unit the CPU has
-//!   (AVX-512 or AVX2 with FMA on x86-64; the baseline elsewhere). Release
-//!   builds target baseline x86-64, SSE2, so without it every loop here
-//!   runs 4 lanes wide at most.
+//! - [`vectorised`] defines a function compiled for each vector unit and
+//!   runs the widest the CPU has (AVX-512 or AVX2 with FMA on x86-64; the
+//!   baseline elsewhere). Release builds target baseline x86-64, SSE2, so
+//!   without it every loop here runs 4 lanes wide at most.
 //! - [`exp`] and [`normal_cdf`] are plain arithmetic, shifts and selects,
 //!   which LLVM vectorises; libm's `expf` and `erff` are calls, one element
 //!   at a time. They took 10–11 % of a bench-tiny img32 training step.
@@ -16,40 +16,78 @@
 //! so the results do not depend on the vector unit either.
 #![allow(unsafe_code)]
 
-/// Runs `f`, compiled for the widest vector unit this CPU has: `f` is
-/// inlined into a function built with those target features, so the loops
-/// in it vectorise to that width.
+/// Defines a function whose body is compiled once for each vector unit
+/// (AVX-512, AVX2 with FMA, the baseline) and picks the widest this CPU has
+/// at each call.
+///
+/// The body becomes an `#[inline(always)]` function that each
+/// `#[target_feature]` instance calls directly, so it is always inlined and
+/// its loops vectorise to that width. A closure passed to such an instance
+/// is not: once its own loop is inlined into it, LLVM judged it too big to
+/// inline at three call sites, and it stayed one function compiled for
+/// SSE2 (the first try, seen in the profile as `xmm` code).
+macro_rules! vectorised {
+    (
+        $(#[$meta:meta])*
+        $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block
+    ) => {
+        $(#[$meta])*
+        // The one `unsafe` is the call of an instance for the features
+        // `unit` found; it is written here, not where the macro is used.
+        #[allow(unsafe_code)]
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                match $crate::cpu::vmath::unit() {
+                    // SAFETY: the CPU has every feature the instance is
+                    // compiled for.
+                    $crate::cpu::vmath::Unit::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    $crate::cpu::vmath::Unit::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::cpu::vmath::Unit::Baseline => {}
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(super) use vectorised;
+
+/// The widest vector unit of this CPU that [`vectorised`] compiles for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Unit {
+    /// AVX-512 (with AVX2 and FMA): 16 float32 lanes.
+    Avx512,
+    /// AVX2 with FMA: 8 lanes.
+    Avx2,
+    /// The build's baseline: SSE2 on x86-64, NEON on aarch64.
+    Baseline,
+}
+
+/// This CPU's [`Unit`] (std caches the feature detection).
 #[inline]
-pub(super) fn widest<R>(f: impl FnOnce() -> R) -> R {
+pub(super) fn unit() -> Unit {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU has every feature `avx512` is compiled for.
-            return unsafe { avx512(f) };
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx2") && has!("fma") {
+            return Unit::Avx512;
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: as above, for `avx2`.
-            return unsafe { avx2(f) };
+        if has!("avx2") && has!("fma") {
+            return Unit::Avx2;
         }
     }
-    f()
-}
-
-/// `f()` with AVX-512 enabled.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
-
-/// `f()` with AVX2 enabled.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
+    Unit::Baseline
 }
 
 /// e^x, within 2 ulp of the exact value for −87.3 ≤ x ≤ 88; below, the
@@ -192,12 +230,15 @@ pub(super) fn max(x: &[f32]) -> f32 {
 /// order: the rayon tasks' partial sums of a parameter gradient, whose
 /// result must not depend on which thread finished first.
 pub(super) fn add_in_order(partials: &[Vec<f32>], len: usize) -> Vec<f32> {
-    let mut total = vec![0f32; len];
-    widest(|| {
-        for p in partials {
-            total.iter_mut().zip(p).for_each(|(t, p)| *t += p);
+    vectorised! {
+        fn add(total: &mut [f32], partials: &[Vec<f32>]) {
+            for p in partials {
+                total.iter_mut().zip(p).for_each(|(t, p)| *t += p);
+            }
         }
-    });
+    }
+    let mut total = vec![0f32; len];
+    add(&mut total, partials);
     total
 }
 
@@ -210,15 +251,25 @@ mod tests {
         (0..=n).map(move |i| (lo + (hi - lo) * i as f64 / n as f64) as f32)
     }
 
+    vectorised! {
+        /// e^x of each element, at the widest unit.
+        fn exp_all(xs: &[f32]) -> Vec<f32> {
+            xs.iter().map(|&x| exp(x)).collect()
+        }
+    }
+
     /// Within 2 ulp of the double-precision e^x from −87.3 to 88, and the
-    /// stated values outside and at NaN, at every vector width (the loop
-    /// runs under [`widest`] and on its own).
+    /// stated values outside and at NaN, at the widest vector unit and at
+    /// the baseline.
     #[test]
     fn exp_is_within_two_ulp() {
         let xs: Vec<f32> = grid(-87.3, 88.0, 400_000).collect();
         for wide in [true, false] {
-            let run = || xs.iter().map(|&x| exp(x)).collect::<Vec<f32>>();
-            let got = if wide { widest(run) } else { run() };
+            let got = if wide {
+                exp_all(&xs)
+            } else {
+                xs.iter().map(|&x| exp(x)).collect()
+            };
             let mut worst = 0f64;
             for (&x, &y) in xs.iter().zip(&got) {
                 let want = (x as f64).exp();
@@ -241,14 +292,17 @@ mod tests {
     #[test]
     fn normal_cdf_and_gelu_slope_match_double_precision() {
         let xs: Vec<f32> = grid(-13.0, 13.0, 520_000).collect();
-        let got: Vec<(f32, f32, f32)> = widest(|| {
-            xs.iter()
-                .map(|&x| {
-                    let (y, s) = gelu_and_slope(x);
-                    (normal_cdf(x), y, s)
-                })
-                .collect()
-        });
+        vectorised! {
+            fn all(xs: &[f32]) -> Vec<(f32, f32, f32)> {
+                xs.iter()
+                    .map(|&x| {
+                        let (y, s) = gelu_and_slope(x);
+                        (normal_cdf(x), y, s)
+                    })
+                    .collect()
+            }
+        }
+        let got = all(&xs);
         let (mut cdf_err, mut slope_err, mut gelu_err) = (0f64, 0f64, 0f64);
         for (&x, &(c, y, s)) in xs.iter().zip(&got) {
             let x = x as f64;
