@@ -17,7 +17,7 @@
 //! through a shared pointer. Each block says why it holds.
 #![allow(unsafe_code)]
 
-use super::gemm::{Parallelism, product};
+use super::gemm::{Parallelism, Unset, product};
 use burn::backend::Flex;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -29,7 +29,7 @@ use clipa_core::nn::{AttentionKernel, attention_composed};
 use rayon::prelude::*;
 
 use super::vmath::{self, vectorised};
-use super::{Backend, dense_flex, zeros};
+use super::{Backend, dense_flex};
 
 /// The attention kernel of the CPU backend, for training (`Autodiff<Flex>`)
 /// and inference (`Flex`).
@@ -146,28 +146,6 @@ impl Dims {
     }
 }
 
-/// A raw pointer that rayon tasks share to write disjoint parts of one
-/// buffer (each task owns one (batch row, head) pair's column block).
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-// SAFETY: every task writes only its own pair's elements (`Dims::offset`),
-// so no two threads touch the same address.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// The pointer `offset` elements in. A method taking `self`, so that a
-    /// closure calling it captures the whole `Shared` (Send) rather than
-    /// its raw-pointer field (not Send).
-    ///
-    /// # Safety
-    /// `offset` must lie within the buffer.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
-        // SAFETY: forwarded from the caller.
-        unsafe { self.0.add(offset) }
-    }
-}
-
 /// The output `[batch, tokens, heads, head_dim]` and the probabilities
 /// `[batch, heads, tokens, tokens]` (masked entries exactly zero).
 fn forward(
@@ -178,44 +156,44 @@ fn forward(
 ) -> (FlexTensor, FlexTensor) {
     let d = Dims::of(q);
     let (t, hd, rs) = (d.tokens, d.head_dim, d.row_stride());
-    let mut out = zeros(q.layout().shape().clone());
-    let mut probs = zeros(Shape::new([d.pairs / d.heads, d.heads, t, t]));
+    let mut out = Unset::new(q.layout().shape().clone());
+    let mut probs = Unset::new(Shape::new([d.pairs / d.heads, d.heads, t, t]));
     let (q, k, v) = (q.storage::<f32>(), k.storage::<f32>(), v.storage::<f32>());
-    let o = Shared(out.storage_mut::<f32>().as_mut_ptr());
-    probs
-        .storage_mut::<f32>()
-        .par_chunks_mut(t * t)
-        .enumerate()
-        .for_each(|(pair, p)| {
-            let at = d.offset(pair);
-            // SAFETY: q, k, v and out hold `pairs` column blocks of
-            // `tokens` rows, row stride `rs`, starting at `at`; `p` is
-            // this task's own `[t, t]` tile; the output block is this
-            // pair's alone.
-            unsafe {
-                // scores = q·kᵀ/√d: kᵀ read in place (columns are k's rows).
-                product(
-                    [t, t, hd],
-                    (p.as_mut_ptr(), 1, t as isize),
-                    (q[at..].as_ptr(), 1, rs),
-                    (k[at..].as_ptr(), rs, 1),
-                    0.0,
-                    d.scale(),
-                    Parallelism::None,
-                );
-                softmax_rows(p, t, causal);
-                product(
-                    [t, hd, t],
-                    (o.at(at), 1, rs),
-                    (p.as_ptr(), 1, t as isize),
-                    (v[at..].as_ptr(), 1, rs),
-                    0.0,
-                    1.0,
-                    Parallelism::None,
-                );
-            }
-        });
-    (out, probs)
+    let (o, pr) = (out.ptr(), probs.ptr());
+    (0..d.pairs).into_par_iter().for_each(|pair| {
+        let at = d.offset(pair);
+        // SAFETY: q, k, v and out hold `pairs` column blocks of `tokens`
+        // rows, row stride `rs`, starting at `at`; the pair's `[t, t]`
+        // tile of probs and its output block are this task's alone. The
+        // scores product writes the whole tile before the softmax reads
+        // it (as a slice), and the output product its whole block.
+        unsafe {
+            let p = pr.at(pair * t * t);
+            // scores = q·kᵀ/√d: kᵀ read in place (columns are k's rows).
+            product(
+                [t, t, hd],
+                (p, 1, t as isize),
+                (q[at..].as_ptr(), 1, rs),
+                (k[at..].as_ptr(), rs, 1),
+                0.0,
+                d.scale(),
+                Parallelism::None,
+            );
+            let p = std::slice::from_raw_parts_mut(p, t * t);
+            softmax_rows(p, t, causal);
+            product(
+                [t, hd, t],
+                (o.at(at), 1, rs),
+                (p.as_ptr(), 1, t as isize),
+                (v[at..].as_ptr(), 1, rs),
+                0.0,
+                1.0,
+                Parallelism::None,
+            );
+        }
+    });
+    // SAFETY: the pairs' tiles cover probs, and their column blocks out.
+    unsafe { (out.finish(), probs.finish()) }
 }
 
 vectorised! {
@@ -283,10 +261,8 @@ fn backward(saved: &Saved, dout: &FlexTensor) -> [FlexTensor; 3] {
     let d = Dims::of(&saved.q);
     let (t, hd, rs) = (d.tokens, d.head_dim, d.row_stride());
     let shape = saved.q.layout().shape().clone();
-    let mut grads = [(); 3].map(|_| zeros(shape.clone()));
-    let [dq, dk, dv] = grads
-        .each_mut()
-        .map(|g| Shared(g.storage_mut::<f32>().as_mut_ptr()));
+    let mut grads = [(); 3].map(|_| Unset::new(shape.clone()));
+    let [dq, dk, dv] = grads.each_mut().map(|g| g.ptr());
     let (q, k, v) = (
         saved.q.storage::<f32>(),
         saved.k.storage::<f32>(),
@@ -349,7 +325,9 @@ fn backward(saved: &Saved, dout: &FlexTensor) -> [FlexTensor; 3] {
             }
         },
     );
-    grads
+    // SAFETY: every pair wrote its column block of each, and the blocks
+    // cover them.
+    grads.map(|g| unsafe { g.finish() })
 }
 
 #[cfg(test)]

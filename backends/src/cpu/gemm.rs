@@ -3,6 +3,9 @@
 //! reason).
 #![allow(unsafe_code)]
 
+use burn::tensor::{Bytes, DType, Shape};
+use burn_flex::{FlexTensor, Layout};
+
 pub(super) use gemm::Parallelism;
 
 /// A matrix operand: its first element and its (column, row) strides.
@@ -47,5 +50,68 @@ pub(super) unsafe fn product(
             false,
             parallelism,
         );
+    }
+}
+
+/// A raw pointer that rayon tasks share to write disjoint parts of one
+/// buffer (in attention, each task owns one (batch row, head) pair's column
+/// block).
+#[derive(Clone, Copy)]
+pub(super) struct Shared(*mut f32);
+// SAFETY: the kernels give each task its own elements to write (attention:
+// `Dims::offset`), so no two threads touch the same address.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// The pointer `offset` elements in. A method taking `self`, so that a
+    /// closure calling it captures the whole `Shared` (Send) rather than
+    /// its raw-pointer field (not Send).
+    ///
+    /// # Safety
+    /// `offset` must lie within the buffer.
+    pub(super) unsafe fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// A float32 output buffer that the kernels write in full (`product` with
+/// `alpha` 0 reads nothing), so it is never zeroed: the `memset` of a
+/// zeroed allocation was 4–5 % of a bench-tiny img32 training step, half
+/// of it the linear layers' outputs and gradients.
+pub(super) struct Unset {
+    buf: Vec<f32>,
+    shape: Shape,
+}
+
+impl Unset {
+    /// Room for a `shape` tensor, none of it written yet.
+    pub(super) fn new(shape: Shape) -> Self {
+        Self {
+            buf: Vec::with_capacity(shape.num_elements()),
+            shape,
+        }
+    }
+
+    /// The buffer's first element, to write through.
+    pub(super) fn ptr(&mut self) -> Shared {
+        Shared(self.buf.as_mut_ptr())
+    }
+
+    /// The written buffer as a contiguous tensor of its shape.
+    ///
+    /// # Safety
+    /// Every element must have been written through [`Unset::ptr`].
+    pub(super) unsafe fn finish(self) -> FlexTensor {
+        let Self { mut buf, shape } = self;
+        // SAFETY: the capacity is at least the element count, and the
+        // caller wrote all of them.
+        unsafe { buf.set_len(shape.num_elements()) };
+        FlexTensor::new(
+            Bytes::from_elems(buf),
+            Layout::contiguous(shape),
+            DType::F32,
+        )
     }
 }

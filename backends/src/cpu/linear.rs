@@ -16,7 +16,7 @@
 //! block says why it holds.
 #![allow(unsafe_code)]
 
-use super::gemm::{Parallelism, product};
+use super::gemm::{Parallelism, Unset, product};
 use burn::backend::Flex;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -28,7 +28,7 @@ use clipa_core::nn::LinearKernel;
 use rayon::prelude::*;
 
 use super::vmath::{self, vectorised};
-use super::{Backend, dense_flex, zeros};
+use super::{Backend, dense_flex};
 
 /// The linear-layer kernel of the CPU backend, for training
 /// (`Autodiff<Flex>`) and inference (`Flex`).
@@ -106,29 +106,31 @@ fn dims(x: &FlexTensor, w: &FlexTensor) -> [usize; 3] {
 /// `x·w + b`, `[rows, d_out]`: the bias rows, with `x·w` added onto them.
 fn forward(x: &FlexTensor, w: &FlexTensor, b: &FlexTensor) -> FlexTensor {
     let [rows, d_in, d_out] = dims(x, w);
-    let mut y = zeros(Shape::new([rows, d_out]));
+    let mut y = Unset::new(Shape::new([rows, d_out]));
     let bias = b.storage::<f32>();
     assert_eq!(bias.len(), d_out, "linear kernel: one bias per output");
-    let ys = y.storage_mut::<f32>();
-    ys.par_chunks_mut(d_out)
-        .with_min_len(ROWS)
-        .for_each(|r| r.copy_from_slice(bias));
+    let ys = y.ptr();
+    (0..rows).into_par_iter().with_min_len(ROWS).for_each(|r| {
+        // SAFETY: row r of y, d_out elements within its [rows, d_out]
+        // buffer, is this task's alone; bias is d_out long.
+        unsafe { std::ptr::copy_nonoverlapping(bias.as_ptr(), ys.at(r * d_out), d_out) }
+    });
     let (x, w) = (x.storage::<f32>(), w.storage::<f32>());
     // SAFETY: x is [rows, d_in], w [d_in, d_out], y [rows, d_out], all
     // contiguous row-major buffers of exactly that size (`dense_flex`,
-    // `zeros`); y is this function's own.
+    // `Unset`); y is this function's own, every row holding the bias.
     unsafe {
         product(
             [rows, d_out, d_in],
-            (ys.as_mut_ptr(), 1, d_out as isize),
+            (ys.at(0), 1, d_out as isize),
             (x.as_ptr(), 1, d_in as isize),
             (w.as_ptr(), 1, d_out as isize),
             1.0,
             1.0,
             Parallelism::Rayon(0),
         );
+        y.finish()
     }
-    y
 }
 
 /// What backward needs.
@@ -154,39 +156,42 @@ impl Backward<Flex, 3> for LinearBackward {
         let [px, pw, pb] = ops.parents;
         let (dys, xs, ws) = (dy.storage::<f32>(), x.storage::<f32>(), w.storage::<f32>());
         if let Some(node) = px {
-            let mut dx = zeros(Shape::new([rows, d_in]));
+            let mut dx = Unset::new(Shape::new([rows, d_in]));
             // SAFETY: dy is [rows, d_out] and w [d_in, d_out], contiguous;
             // wᵀ is read in place (column stride d_out, row stride 1); dx
-            // is this step's own [rows, d_in] buffer.
-            unsafe {
+            // is this step's own [rows, d_in] buffer, which the product
+            // (alpha 0) writes in full.
+            let dx = unsafe {
                 product(
                     [rows, d_in, d_out],
-                    (dx.storage_mut::<f32>().as_mut_ptr(), 1, d_in as isize),
+                    (dx.ptr().at(0), 1, d_in as isize),
                     (dys.as_ptr(), 1, d_out as isize),
                     (ws.as_ptr(), d_out as isize, 1),
                     0.0,
                     1.0,
                     Parallelism::Rayon(0),
                 );
-            }
+                dx.finish()
+            };
             grads.register::<Flex>(node.id, dx);
         }
         if let Some(node) = pw {
-            let mut dw = zeros(Shape::new([d_in, d_out]));
+            let mut dw = Unset::new(Shape::new([d_in, d_out]));
             // SAFETY: xᵀ is read in place from x [rows, d_in] (column
             // stride d_in, row stride 1); dy is [rows, d_out]; dw is this
-            // step's own [d_in, d_out] buffer.
-            unsafe {
+            // step's own [d_in, d_out] buffer, written in full as dx.
+            let dw = unsafe {
                 product(
                     [d_in, d_out, rows],
-                    (dw.storage_mut::<f32>().as_mut_ptr(), 1, d_out as isize),
+                    (dw.ptr().at(0), 1, d_out as isize),
                     (xs.as_ptr(), d_in as isize, 1),
                     (dys.as_ptr(), 1, d_out as isize),
                     0.0,
                     1.0,
                     Parallelism::Rayon(0),
                 );
-            }
+                dw.finish()
+            };
             grads.register::<Flex>(node.id, dw);
         }
         if let Some(node) = pb {
