@@ -19,6 +19,7 @@ use rayon::prelude::*;
 
 use crate::{BackendError, BackendKind, DeviceInfo};
 
+mod alloc;
 mod attention;
 mod gemm;
 mod layer_norm;
@@ -61,12 +62,13 @@ pub fn select(
 /// Registers the CPU backend's fused kernels with core, once per process:
 /// [`FlexAdamW`], [`FlexLayerNorm`] (training; flex's own LayerNorm is
 /// one op at inference), and [`FlexLinear`], [`FlexGelu`] and
-/// [`FlexAttention`] (training and inference). [`select`]
-/// calls it, so every command and bench that runs on the CPU backend gets
-/// them.
+/// [`FlexAttention`] (training and inference); and, on glibc, the
+/// allocator settings of [`alloc`]. [`select`] calls it, so every command
+/// and bench that runs on the CPU backend gets them.
 pub fn register_kernels() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
+        alloc::keep_freed_memory();
         kernels::register::<dyn AdamWKernel<Flex>>(Arc::new(FlexAdamW));
         kernels::register::<dyn GeluKernel<Backend>>(Arc::new(FlexGelu));
         kernels::register::<dyn GeluKernel<Flex>>(Arc::new(FlexGelu));
