@@ -3,6 +3,7 @@
 //! `ndarray` by the measurement in `docs/BENCHMARKS.md`: 1.8–2.2× faster on
 //! transformer forward+backward.
 
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Once};
 
 use burn::backend::Flex;
@@ -26,6 +27,7 @@ mod layer_norm;
 mod linear;
 mod vmath;
 
+use gemm::Unset;
 use vmath::vectorised;
 
 pub use attention::FlexAttention;
@@ -121,10 +123,18 @@ vectorised! {
 }
 
 vectorised! {
-    /// GELU and its slope over one chunk of x.
-    fn gelu_and_slope_chunk(y: &mut [f32], slope: &mut [f32], x: &[f32]) {
+    /// GELU and its slope over one chunk of x, written into every slot of
+    /// `y` and `slope` (each as long as `x`).
+    fn gelu_and_slope_chunk(
+        y: &mut [MaybeUninit<f32>],
+        slope: &mut [MaybeUninit<f32>],
+        x: &[f32],
+    ) {
+        assert!(y.len() == x.len() && slope.len() == x.len(), "one slot per input");
         for ((y, d), &x) in y.iter_mut().zip(slope.iter_mut()).zip(x) {
-            (*y, *d) = vmath::gelu_and_slope(x);
+            let (value, s) = vmath::gelu_and_slope(x);
+            y.write(value);
+            d.write(s);
         }
     }
 }
@@ -151,12 +161,18 @@ impl GeluKernel<Backend> for FlexGelu {
         {
             OpsKind::Tracked(prep) => {
                 let shape = input.layout().shape().clone();
-                let (mut y, mut slope) = (zeros(shape.clone()), zeros(shape));
-                y.storage_mut::<f32>()
+                // Written in full by the rayon tasks, never zeroed first (a
+                // `memset` of both on this thread while the workers wait).
+                let (mut y, mut slope) = (Unset::new(shape.clone()), Unset::new(shape));
+                y.slots()
                     .par_chunks_mut(CHUNK)
-                    .zip(slope.storage_mut::<f32>().par_chunks_mut(CHUNK))
+                    .zip(slope.slots().par_chunks_mut(CHUNK))
                     .zip(input.storage::<f32>().par_chunks(CHUNK))
                     .for_each(|((y, d), x)| gelu_and_slope_chunk(y, d, x));
+                // SAFETY: the chunks of both cover every element, and
+                // `gelu_and_slope_chunk` writes each one.
+                #[allow(unsafe_code)]
+                let (y, slope) = unsafe { (y.finish(), slope.finish()) };
                 prep.finish(slope, y)
             }
             OpsKind::UnTracked(prep) => prep.finish(gelu_in_place(input)),

@@ -99,10 +99,16 @@ impl Unset {
         Shared(self.buf.as_mut_ptr())
     }
 
+    /// The buffer's elements, to write as slices.
+    pub(super) fn slots(&mut self) -> &mut [std::mem::MaybeUninit<f32>] {
+        &mut self.buf.spare_capacity_mut()[..self.shape.num_elements()]
+    }
+
     /// The written buffer as a contiguous tensor of its shape.
     ///
     /// # Safety
-    /// Every element must have been written through [`Unset::ptr`].
+    /// Every element must have been written, through [`Unset::ptr`] or
+    /// [`Unset::slots`].
     pub(super) unsafe fn finish(self) -> FlexTensor {
         let Self { mut buf, shape } = self;
         // SAFETY: the capacity is at least the element count, and the

@@ -114,7 +114,7 @@ impl<B: Backend> TextTransformer<B> {
         let x = self.token_embedding.forward(ids); // [batch, len, width]
         trace.record("token_embedding", || x.clone());
         let pos = self.positional_embedding.val().narrow(0, 0, len); // [len, width]
-        x + pos.unsqueeze::<3>()
+        crate::nn::add_rows(x, pos)
     }
 
     fn pool_traced(

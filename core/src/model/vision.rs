@@ -182,7 +182,7 @@ impl<B: Backend> VisionTransformer<B> {
             .reshape([1, 1, w])
             .expand([batch, 1, w]); // [batch, 1, width]
         let x = Tensor::cat(vec![cls, x], 1); // [batch, 1 + patches, width]
-        let x = x + self.position_table(gh, gw).unsqueeze::<3>();
+        let x = crate::nn::add_rows(x, self.position_table(gh, gw));
         let x = match keep {
             None => x,
             Some(keep) => {
