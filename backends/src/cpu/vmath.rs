@@ -64,6 +64,9 @@ macro_rules! vectorised {
 pub(super) use vectorised;
 
 /// The widest vector unit of this CPU that [`vectorised`] compiles for.
+// Only x86-64 has instances to pick between; elsewhere `vectorised` never
+// asks.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Unit {
     /// AVX-512 (with AVX2 and FMA): 16 float32 lanes.
@@ -75,6 +78,7 @@ pub(super) enum Unit {
 }
 
 /// This CPU's [`Unit`] (std caches the feature detection).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline]
 pub(super) fn unit() -> Unit {
     #[cfg(target_arch = "x86_64")]
