@@ -206,7 +206,7 @@ impl Backward<Flex, 3> for LinearBackward {
 fn column_sums(m: &[f32], width: usize) -> FlexTensor {
     let partials: Vec<Vec<f32>> = m
         .par_chunks(ROWS * width)
-        .map(|rows| add_rows(rows, width))
+        .map(|rows| sum_rows(rows, width))
         .collect();
     let total = vmath::add_in_order(&partials, width);
     FlexTensor::from_data(burn::tensor::TensorData::new(total, [width]))
@@ -214,7 +214,7 @@ fn column_sums(m: &[f32], width: usize) -> FlexTensor {
 
 vectorised! {
     /// Σ over the rows of one task's block.
-    fn add_rows(rows: &[f32], width: usize) -> Vec<f32> {
+    fn sum_rows(rows: &[f32], width: usize) -> Vec<f32> {
         let mut acc = vec![0f32; width];
         for r in rows.chunks_exact(width) {
             acc.iter_mut().zip(r).for_each(|(a, &v)| *a += v);

@@ -441,6 +441,13 @@ mod tests {
         }
     }
 
+    /// The tiny model's config at the 8-token context [`batch`] fills.
+    fn tiny_config() -> ClipConfig {
+        let mut cfg = ClipConfig::tiny();
+        cfg.text.context_length = 8;
+        cfg
+    }
+
     fn batch(device: &burn::tensor::Device<B>, n: usize, masked: bool) -> DeviceBatch<B> {
         let images = Tensor::from_data(normal_data([n, 3, 32, 32], 5, 1.0), device);
         let ids: Vec<i64> = (0..n as i64)
@@ -462,9 +469,7 @@ mod tests {
     #[test]
     fn micro_batches_give_the_loss_and_gradients_of_the_full_batch() {
         let device = Default::default();
-        let mut cfg = ClipConfig::tiny();
-        cfg.text.context_length = 8;
-        let model: ClipModel<B> = cfg.init(&device);
+        let model: ClipModel<B> = tiny_config().init(&device);
         for (kind, masked) in [(LossKind::Softmax, false), (LossKind::Softmax, true)] {
             let b = batch(&device, 8, masked);
             let (l1, g1) = loss_and_grads(&model, &b, kind, 1, false, &Replica::single()).unwrap();
@@ -480,9 +485,7 @@ mod tests {
     #[test]
     fn per_block_checkpointing_gives_the_same_loss_and_gradients() {
         let device = Default::default();
-        let mut cfg = ClipConfig::tiny();
-        cfg.text.context_length = 8;
-        let model: ClipModel<B> = cfg.init(&device);
+        let model: ClipModel<B> = tiny_config().init(&device);
         // Plain, masked, and with micro-batches (whose cached features come
         // from the same no-grad pass the checkpointing uses).
         for (masked, micro) in [(false, 1), (true, 1), (true, 2)] {
@@ -543,8 +546,7 @@ mod tests {
     fn replicas_give_the_loss_and_gradients_of_the_global_batch() {
         let _turn = crate::dist::tests::exclusive();
         let device = Default::default();
-        let mut cfg = ClipConfig::tiny();
-        cfg.text.context_length = 8;
+        let mut cfg = tiny_config();
         cfg.init_logit_bias = Some(-2.0);
         let model: ClipModel<B> = cfg.init(&device);
         // (replicas, micro-batches per replica, loss, masked patches)
@@ -601,9 +603,7 @@ mod tests {
     fn concurrent_backward_passes_lose_no_gradient() {
         use std::sync::atomic::{AtomicBool, Ordering};
         let device = Default::default();
-        let mut cfg = ClipConfig::tiny();
-        cfg.text.context_length = 8;
-        let model: ClipModel<B> = cfg.init(&device);
+        let model: ClipModel<B> = tiny_config().init(&device);
         let b = batch(&device, 4, false);
         let single = Replica::single();
         let (want_loss, want) =
@@ -646,8 +646,7 @@ mod tests {
     #[test]
     fn sigmoid_loss_trains_the_bias() {
         let device = Default::default();
-        let mut cfg = ClipConfig::tiny();
-        cfg.text.context_length = 8;
+        let mut cfg = tiny_config();
         cfg.init_logit_scale = 10f64.ln();
         cfg.init_logit_bias = Some(-10.0);
         let model: ClipModel<B> = cfg.init(&device);
