@@ -11,10 +11,12 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
-use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use clipa_core::kernels;
-use clipa_core::nn::{AttentionKernel, GeluKernel, LayerNormKernel, LinearKernel, gelu_composed};
+use clipa_core::nn::{
+    AttentionKernel, EmbeddingKernel, GeluKernel, LayerNormKernel, LinearKernel, gelu_composed,
+};
 use clipa_core::train::optim::{AdamWKernel, AdamWScalars, adamw_composed};
 use rayon::prelude::*;
 
@@ -22,6 +24,7 @@ use crate::{BackendError, BackendKind, DeviceInfo};
 
 mod alloc;
 mod attention;
+mod embedding;
 mod gemm;
 mod layer_norm;
 mod linear;
@@ -31,6 +34,7 @@ use gemm::Unset;
 use vmath::vectorised;
 
 pub use attention::FlexAttention;
+pub use embedding::FlexEmbedding;
 pub use layer_norm::FlexLayerNorm;
 pub use linear::FlexLinear;
 
@@ -62,8 +66,8 @@ pub fn select(
 }
 
 /// Registers the CPU backend's fused kernels with core, once per process:
-/// [`FlexAdamW`], [`FlexLayerNorm`] (training; flex's own LayerNorm is
-/// one op at inference), and [`FlexLinear`], [`FlexGelu`] and
+/// [`FlexAdamW`], [`FlexLayerNorm`] and [`FlexEmbedding`] (training;
+/// flex's own LayerNorm and lookup are one op at inference), and [`FlexLinear`], [`FlexGelu`] and
 /// [`FlexAttention`] (training and inference); and, on glibc, the
 /// allocator settings of [`alloc`]. [`select`] calls it, so every command
 /// and bench that runs on the CPU backend gets them.
@@ -77,6 +81,7 @@ pub fn register_kernels() {
         kernels::register::<dyn AttentionKernel<Backend>>(Arc::new(FlexAttention));
         kernels::register::<dyn AttentionKernel<Flex>>(Arc::new(FlexAttention));
         kernels::register::<dyn LayerNormKernel<Backend>>(Arc::new(FlexLayerNorm));
+        kernels::register::<dyn EmbeddingKernel<Backend>>(Arc::new(FlexEmbedding));
         kernels::register::<dyn LinearKernel<Backend>>(Arc::new(FlexLinear));
         kernels::register::<dyn LinearKernel<Flex>>(Arc::new(FlexLinear));
     });
@@ -253,15 +258,6 @@ fn dense(t: Tensor<Flex, 1>) -> FlexTensor {
     dense_flex(t.into_primitive().tensor())
 }
 
-/// A new float32 tensor of zeros. `FlexTensor::empty` allocates bytes and
-/// then copies them once more to reach 16-byte alignment (cubecl's
-/// `Bytes::from_bytes_vec` goes by the declared alignment of a `Vec<u8>`,
-/// 1); a `Vec<f32>` is stored as allocated, and its zeros come from
-/// `calloc`, fresh pages for a large tensor.
-fn zeros(shape: Shape) -> FlexTensor {
-    FlexTensor::filled_typed(shape, DType::F32, 0f32)
-}
-
 /// `t` (float32: the byte count assumes it) as a contiguous buffer holding
 /// exactly its elements, in row-major order from offset 0 (a view is
 /// copied out first).
@@ -405,6 +401,7 @@ mod tests {
         assert!(kernels::lookup::<dyn AttentionKernel<Backend>>().is_some());
         assert!(kernels::lookup::<dyn AttentionKernel<Flex>>().is_some());
         assert!(kernels::lookup::<dyn LayerNormKernel<Backend>>().is_some());
+        assert!(kernels::lookup::<dyn EmbeddingKernel<Backend>>().is_some());
         assert!(kernels::lookup::<dyn LinearKernel<Backend>>().is_some());
         assert!(kernels::lookup::<dyn LinearKernel<Flex>>().is_some());
         let opt = clipa_core::train::optim::AdamW::<Flex>::new(Default::default());

@@ -121,3 +121,12 @@ impl Unset {
         )
     }
 }
+
+/// Writes `value` into every slot and returns them as the floats they now
+/// are.
+pub(super) fn filled(slots: &mut [std::mem::MaybeUninit<f32>], value: f32) -> &mut [f32] {
+    slots.fill(std::mem::MaybeUninit::new(value));
+    // SAFETY: every element was just written, and `MaybeUninit<f32>` has
+    // the layout of `f32`.
+    unsafe { &mut *(std::ptr::from_mut(slots) as *mut [f32]) }
+}

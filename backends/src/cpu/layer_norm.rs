@@ -9,8 +9,10 @@
 //! backward) in one pass; backward computes
 //! `dx = (g − mean(g) − x̂·mean(g·x̂)) / √(var + ε)` with `g = dy·γ`, and the
 //! parameter gradients `dγ = Σ dy·x̂`, `dβ = Σ dy` as per-task partial sums
-//! added in task order (deterministic). Inference needs no kernel: flex's
-//! own `layer_norm` is already one pass.
+//! added in task order (deterministic). dx goes straight into the input's
+//! earlier gradient where it has one (the residual stream's, in a block).
+//! No output is zeroed before it is written. Inference needs no kernel:
+//! flex's own `layer_norm` is already one pass.
 
 use burn::backend::Flex;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -22,9 +24,12 @@ use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use clipa_core::nn::LayerNormKernel;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
+use std::sync::Arc;
 
-use super::vmath::{self, dot, sum, vectorised};
-use super::{Backend, dense_flex, zeros};
+use super::gemm::Unset;
+use super::vmath::{self, product_sum_and_dot, sum, sum_sq_dev, vectorised};
+use super::{Backend, dense_flex};
 
 /// The LayerNorm kernel of the CPU backend under autodiff.
 pub struct FlexLayerNorm;
@@ -36,11 +41,11 @@ const ROWS: usize = 64;
 impl LayerNormKernel<Backend> for FlexLayerNorm {
     fn layer_norm(
         &self,
-        x: Tensor<Backend, 2>,
+        x: Tensor<Backend, 3>,
         gamma: Tensor<Backend, 1>,
         beta: Tensor<Backend, 1>,
         eps: f64,
-    ) -> Tensor<Backend, 2> {
+    ) -> Tensor<Backend, 3> {
         if [x.dtype(), gamma.dtype(), beta.dtype()]
             .iter()
             .any(|d| *d != DType::F32)
@@ -74,11 +79,11 @@ impl LayerNormKernel<Backend> for FlexLayerNorm {
 
 /// Burn's own LayerNorm op, for dtypes the kernel does not take.
 fn composed(
-    x: Tensor<Backend, 2>,
+    x: Tensor<Backend, 3>,
     gamma: Tensor<Backend, 1>,
     beta: Tensor<Backend, 1>,
     eps: f64,
-) -> Tensor<Backend, 2> {
+) -> Tensor<Backend, 3> {
     let y = <Backend as ModuleOps<Backend>>::layer_norm(
         x.into_primitive().tensor(),
         gamma.into_primitive().tensor(),
@@ -91,9 +96,10 @@ fn composed(
 /// What backward needs.
 #[derive(Clone, Debug)]
 struct Saved {
-    /// The normalised input x̂ = (x − mean)/√(var + ε), `[rows, width]`.
+    /// The normalised input x̂ = (x − mean)/√(var + ε), x's shape
+    /// `[batch, tokens, width]`.
     x_hat: FlexTensor,
-    /// √(var + ε) per row, `[rows]`.
+    /// √(var + ε) per row, `[batch·tokens]`.
     std: FlexTensor,
     /// γ, `[width]`.
     gamma: FlexTensor,
@@ -101,7 +107,10 @@ struct Saved {
 
 /// `x̂·γ + β`, and, when `save`, x̂ and √(var + ε) per row for backward.
 /// As the decomposition computes it: the mean, the centred row, the biased
-/// variance as the mean of its squares, √(var + ε), a division.
+/// variance as the mean of its squares, √(var + ε), a division. The outputs
+/// are written in full by the rayon tasks, never zeroed first (a `memset`
+/// of all three on this thread while the workers waited: 2 % of a
+/// bench-tiny img32 step).
 fn forward(
     x: &FlexTensor,
     gamma: &FlexTensor,
@@ -109,34 +118,38 @@ fn forward(
     eps: f32,
     save: bool,
 ) -> (FlexTensor, Option<(FlexTensor, FlexTensor)>) {
-    let [rows, width] = x.layout().shape().dims::<2>();
     let shape = x.layout().shape().clone();
-    let mut y = zeros(shape.clone());
+    let width = gamma.layout().shape().num_elements();
+    let rows = shape.num_elements() / width;
+    let mut y = Unset::new(shape.clone());
     let (x, gamma, beta) = (
         x.storage::<f32>(),
         gamma.storage::<f32>(),
         beta.storage::<f32>(),
     );
-    // One row; returns √(var + ε).
-    let row = |x: &[f32], y: &mut [f32], x_hat: Option<&mut [f32]>| -> f32 {
-        normalise_row(x, y, x_hat, gamma, beta, eps)
-    };
-    let ys = y.storage_mut::<f32>().par_chunks_mut(width);
+    let ys = y.slots().par_chunks_mut(width);
     let xs = x.par_chunks(width);
     if !save {
         ys.zip(xs).with_min_len(ROWS).for_each(|(y, x)| {
-            row(x, y, None);
+            normalise_row(x, y, None, gamma, beta, eps);
         });
-        return (y, None);
+        // SAFETY: the rows cover y, and `normalise_row` writes each one.
+        #[allow(unsafe_code)]
+        return (unsafe { y.finish() }, None);
     }
-    let mut x_hat = zeros(shape);
-    let mut std = zeros(Shape::new([rows]));
+    let (mut x_hat, mut std) = (Unset::new(shape), Unset::new(Shape::new([rows])));
     ys.zip(xs)
-        .zip(x_hat.storage_mut::<f32>().par_chunks_mut(width))
-        .zip(std.storage_mut::<f32>().par_iter_mut())
+        .zip(x_hat.slots().par_chunks_mut(width))
+        .zip(std.slots().par_iter_mut())
         .with_min_len(ROWS)
-        .for_each(|(((y, x), h), sd)| *sd = row(x, y, Some(h)));
-    (y, Some((x_hat, std)))
+        .for_each(|(((y, x), h), sd)| {
+            sd.write(normalise_row(x, y, Some(h), gamma, beta, eps));
+        });
+    // SAFETY: the rows cover y and x̂, and `normalise_row` writes each one
+    // and returns the row's √(var + ε), written into its slot of `std`.
+    #[allow(unsafe_code)]
+    let out = unsafe { (y.finish(), Some((x_hat.finish(), std.finish()))) };
+    out
 }
 
 /// The backward step of [`FlexLayerNorm`].
@@ -148,8 +161,39 @@ impl Backward<Flex, 3> for LayerNormBackward {
 
     fn backward(self, ops: Ops<Saved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dy = dense_flex(grads.consume::<Flex>(&ops.node));
-        let [dx, dgamma, dbeta] = backward(&ops.state, &dy);
-        for (parent, g) in ops.parents.into_iter().zip([dx, dgamma, dbeta]) {
+        let [x, gamma, beta] = ops.parents;
+        // In a pre-LN block the norm's input is the residual stream, whose
+        // gradient from the residual add is registered before this step
+        // runs. dx is added into it in the same pass, rather than by
+        // autodiff's `register` afterwards: that is flex's element-wise
+        // add, on this thread while the workers wait, 16 times a step at
+        // bench-tiny. `Gradients::remove` takes a tensor, so a probe
+        // carries the parent's node.
+        let earlier = x.as_ref().and_then(|node| {
+            let mut probe = Tensor::<Backend, 1>::empty([0], &Default::default())
+                .into_primitive()
+                .tensor();
+            probe.node = node.clone();
+            probe.rc = Arc::new(node.id);
+            grads.remove::<Flex>(&probe)
+        });
+        let into = match earlier.map(dense_flex) {
+            Some(g)
+                if g.dtype() == DType::F32
+                    && g.layout().shape() == ops.state.x_hat.layout().shape() =>
+            {
+                Some(g)
+            }
+            // Another dtype or shape: put back, for `register` to add.
+            Some(g) => {
+                let node = x.as_ref().expect("a gradient was found for it");
+                grads.register::<Flex>(node.id, g);
+                None
+            }
+            None => None,
+        };
+        let (dx, [dgamma, dbeta]) = backward(&ops.state, &dy, into);
+        for (parent, g) in [x, gamma, beta].into_iter().zip([dx, dgamma, dbeta]) {
             if let Some(node) = parent {
                 grads.register::<Flex>(node.id, g);
             }
@@ -157,62 +201,105 @@ impl Backward<Flex, 3> for LayerNormBackward {
     }
 }
 
-/// `[dx, dγ, dβ]` from the output's gradient `dy` `[rows, width]`.
-fn backward(saved: &Saved, dy: &FlexTensor) -> [FlexTensor; 3] {
-    let [rows, width] = saved.x_hat.layout().shape().dims::<2>();
-    let mut dx = zeros(Shape::new([rows, width]));
-    let (x_hat, std, gamma, dy_s) = (
-        saved.x_hat.storage::<f32>(),
-        saved.std.storage::<f32>(),
-        saved.gamma.storage::<f32>(),
-        dy.storage::<f32>(),
-    );
+/// Where a task writes its rows of dx.
+enum Dx<'a> {
+    /// A new buffer: each element written.
+    Unset(&'a mut [MaybeUninit<f32>]),
+    /// The input's earlier gradient: dx added to each element.
+    Add(&'a mut [f32]),
+}
+
+/// `(dx, [dγ, dβ])` from the output's gradient `dy` (x's shape). dx is
+/// added into `into` where given (the input's earlier gradient, float32, of
+/// x's shape) as `dx + into` element by element, the bits of autodiff's own
+/// `register` (which adds the new gradient to the old); else it is written
+/// into a new buffer, never zeroed first.
+fn backward(
+    saved: &Saved,
+    dy: &FlexTensor,
+    mut into: Option<FlexTensor>,
+) -> (FlexTensor, [FlexTensor; 2]) {
+    let width = saved.gamma.layout().shape().num_elements();
+    let task = ROWS * width;
+    let mut fresh = Unset::new(saved.x_hat.layout().shape().clone());
     // Each task: ROWS rows of dx, and its partial [dγ | dβ].
-    let partials: Vec<Vec<f32>> = dx
-        .storage_mut::<f32>()
-        .par_chunks_mut(ROWS * width)
-        .zip(x_hat.par_chunks(ROWS * width))
-        .zip(dy_s.par_chunks(ROWS * width))
-        .zip(std.par_chunks(ROWS))
-        .map(|(((dx, x_hat), dy), std)| backward_rows(dx, x_hat, dy, std, gamma))
-        .collect();
+    let partials = match into.as_mut() {
+        Some(g) => tasks(
+            saved,
+            dy,
+            g.storage_mut::<f32>().par_chunks_mut(task).map(Dx::Add),
+        ),
+        None => tasks(saved, dy, fresh.slots().par_chunks_mut(task).map(Dx::Unset)),
+    };
+    let dx = match into {
+        Some(g) => g,
+        // SAFETY: the tasks cover every row, and `backward_rows` writes
+        // each element of its rows.
+        #[allow(unsafe_code)]
+        None => unsafe { fresh.finish() },
+    };
     let mut total = vmath::add_in_order(&partials, 2 * width);
     let dbeta = total.split_off(width);
     let param = |v: Vec<f32>| FlexTensor::from_data(burn::tensor::TensorData::new(v, [width]));
-    [dx, param(total), param(dbeta)]
+    (dx, [param(total), param(dbeta)])
+}
+
+/// Runs [`backward_rows`] on each task's rows of dx, `ROWS` rows apiece,
+/// and returns the tasks' partial `[dγ | dβ]` in task order.
+fn tasks<'a>(
+    saved: &Saved,
+    dy: &FlexTensor,
+    dx: impl IndexedParallelIterator<Item = Dx<'a>>,
+) -> Vec<Vec<f32>> {
+    let width = saved.gamma.layout().shape().num_elements();
+    let (x_hat, std, gamma) = (
+        saved.x_hat.storage::<f32>(),
+        saved.std.storage::<f32>(),
+        saved.gamma.storage::<f32>(),
+    );
+    dx.zip(x_hat.par_chunks(ROWS * width))
+        .zip(dy.storage::<f32>().par_chunks(ROWS * width))
+        .zip(std.par_chunks(ROWS))
+        .map(|(((dx, x_hat), dy), std)| backward_rows(dx, x_hat, dy, std, gamma))
+        .collect()
 }
 
 vectorised! {
-    /// One row of [`forward`]: `y = x̂·γ + β` and, when given, x̂; returns
-    /// √(var + ε).
+    /// One row of [`forward`]: writes `y = x̂·γ + β` and, when given, x̂;
+    /// returns √(var + ε). The centred row is recomputed where it is used,
+    /// the same rounded `x − mean` each time.
     fn normalise_row(
         x: &[f32],
-        y: &mut [f32],
-        x_hat: Option<&mut [f32]>,
+        y: &mut [MaybeUninit<f32>],
+        x_hat: Option<&mut [MaybeUninit<f32>]>,
         gamma: &[f32],
         beta: &[f32],
         eps: f32,
     ) -> f32 {
         let n = x.len() as f32;
         let mean = sum(x) / n;
-        // y holds the centred row until the last pass.
-        y.iter_mut().zip(x).for_each(|(c, &x)| *c = x - mean);
-        let sd = (dot(y, y) / n + eps).sqrt();
+        let sd = (sum_sq_dev(x, mean) / n + eps).sqrt();
         if let Some(x_hat) = x_hat {
-            x_hat.iter_mut().zip(&*y).for_each(|(h, &c)| *h = c / sd);
+            x_hat.iter_mut().zip(x).for_each(|(h, &x)| {
+                h.write((x - mean) / sd);
+            });
         }
         y.iter_mut()
+            .zip(x)
             .zip(gamma.iter().zip(beta))
-            .for_each(|(c, (&g, &b))| *c = *c / sd * g + b);
+            .for_each(|((y, &x), (&g, &b))| {
+                y.write((x - mean) / sd * g + b);
+            });
         sd
     }
 }
 
 vectorised! {
-    /// One task of [`backward`]: its rows of dx `[rows, width]`, written in
-    /// place, and its partial `[dγ | dβ]` `[2·width]`.
+    /// One task of [`backward`]: its rows of dx `[rows, width]`, and its
+    /// partial `[dγ | dβ]` `[2·width]`. With `g = dy·γ`,
+    /// `dx = (g − mean(g) − x̂·mean(g·x̂)) / √(var + ε)`.
     fn backward_rows(
-        dx: &mut [f32],
+        dx: Dx<'_>,
         x_hat: &[f32],
         dy: &[f32],
         std: &[f32],
@@ -220,23 +307,25 @@ vectorised! {
     ) -> Vec<f32> {
         let width = gamma.len();
         let n = width as f32;
+        let mut dx = dx;
         let mut acc = vec![0f32; 2 * width];
         let (dgamma, dbeta) = acc.split_at_mut(width);
-        let rows = dx
-            .chunks_exact_mut(width)
-            .zip(x_hat.chunks_exact(width))
-            .zip(dy.chunks_exact(width))
-            .zip(std);
-        for (((dx, h), dy), &sd) in rows {
-            // dx holds g = dy·γ until the last pass.
-            dx.iter_mut()
-                .zip(dy.iter().zip(gamma))
-                .for_each(|(g, (&d, &w))| *g = d * w);
-            let mean_g = sum(dx) / n;
-            let mean_gh = dot(dx, h) / n;
-            dx.iter_mut()
-                .zip(h)
-                .for_each(|(g, &h)| *g = (*g - mean_g - h * mean_gh) / sd);
+        let rows = x_hat.chunks_exact(width).zip(dy.chunks_exact(width)).zip(std);
+        for (r, ((h, dy), &sd)) in rows.enumerate() {
+            let (sum_g, dot_gh) = product_sum_and_dot(dy, gamma, h);
+            let (mean_g, mean_gh) = (sum_g / n, dot_gh / n);
+            let grad = |d: f32, w: f32, h: f32| (d * w - mean_g - h * mean_gh) / sd;
+            let terms = dy.iter().zip(gamma).zip(h);
+            let span = r * width..(r + 1) * width;
+            match &mut dx {
+                Dx::Unset(out) => out[span].iter_mut().zip(terms).for_each(|(o, ((&d, &w), &h))| {
+                    o.write(grad(d, w, h));
+                }),
+                Dx::Add(out) => out[span]
+                    .iter_mut()
+                    .zip(terms)
+                    .for_each(|(o, ((&d, &w), &h))| *o += grad(d, w, h)),
+            }
             dgamma
                 .iter_mut()
                 .zip(dy.iter().zip(h))
@@ -258,11 +347,14 @@ mod tests {
     /// The kernel against Burn's LayerNorm under autodiff: the output and
     /// the gradients of the input, γ and β through a weighted sum, at a
     /// row count that is no multiple of the task size and a width that is
-    /// no multiple of 16, on an intermediate input as in the model.
+    /// no multiple of 16, on an intermediate input as in the model. The
+    /// input also feeds a residual-like second use, created after the norm
+    /// (its gradient is registered first, and the kernel adds dx into it)
+    /// and before it (autodiff adds the two).
     #[test]
     fn flex_layer_norm_matches_burns() {
         let device = Default::default();
-        let (rows, width) = (3 * ROWS + 7, 37);
+        let (batch, tokens, width) = (3, ROWS + 5, 37);
         let mut ln = LayerNormConfig::new(width)
             .with_epsilon(1e-5)
             .init::<Backend>(&device);
@@ -271,30 +363,55 @@ mod tests {
             |seed| Param::from_tensor(Tensor::from_data(normal_data([width], seed, 1.0), &device));
         ln.gamma = param(5);
         ln.beta = Some(param(6));
-        let w = Tensor::<Backend, 2>::from_data(normal_data([rows, width], 9, 1.0), &device);
-        let run = |fused: bool| {
-            let x = Tensor::<Backend, 2>::from_data(normal_data([rows, width], 1, 2.0), &device)
-                .require_grad();
+        let weights = |seed| {
+            Tensor::<Backend, 3>::from_data(normal_data([batch, tokens, width], seed, 1.0), &device)
+        };
+        let (w, w2) = (weights(9), weights(10));
+        let run = |fused: bool, residual_after: Option<bool>| {
+            let x = Tensor::<Backend, 3>::from_data(
+                normal_data([batch, tokens, width], 1, 2.0),
+                &device,
+            )
+            .require_grad();
             let h = x.clone() * 1.5 + 0.3;
+            let residual = || (h.clone() * w2.clone()).sum();
+            let before = (residual_after == Some(false)).then(residual);
             let y = if fused {
                 let beta = ln.beta.as_ref().expect("a bias").val();
-                FlexLayerNorm.layer_norm(h, ln.gamma.val(), beta, 1e-5)
+                FlexLayerNorm.layer_norm(h.clone(), ln.gamma.val(), beta, 1e-5)
             } else {
-                ln.forward(h)
+                ln.forward(h.clone())
             };
-            let grads = (y.clone() * w.clone()).sum().backward();
+            let after = (residual_after == Some(true)).then(residual);
+            let mut loss = (y.clone() * w.clone()).sum();
+            for r in [before, after].into_iter().flatten() {
+                loss = loss + r;
+            }
+            let grads = loss.backward();
             let dx = x.grad(&grads).expect("x has a gradient").into_data();
             (y.into_data(), dx, grads_dict(&ln, &grads))
         };
-        let ((yf, dxf, gf), (yc, dxc, gc)) = (run(true), run(false));
-        let err = relative_error(&yf, &yc);
-        assert!(err <= 1e-6, "value relative error {err:.2e}");
-        let err = relative_error(&dxf, &dxc);
-        assert!(err <= 1e-5, "dx relative error {err:.2e}");
-        assert_eq!(gf.len(), 2, "γ and β get gradients");
-        for (name, g) in &gf {
-            let err = relative_error(g, &gc[name]);
-            assert!(err <= 1e-5, "{name}: relative error {err:.2e}");
+        for residual_after in [None, Some(true), Some(false)] {
+            let ((yf, dxf, gf), (yc, dxc, gc)) =
+                (run(true, residual_after), run(false, residual_after));
+            let err = relative_error(&yf, &yc);
+            assert!(
+                err <= 1e-6,
+                "{residual_after:?}: value relative error {err:.2e}"
+            );
+            let err = relative_error(&dxf, &dxc);
+            assert!(
+                err <= 1e-5,
+                "{residual_after:?}: dx relative error {err:.2e}"
+            );
+            assert_eq!(gf.len(), 2, "γ and β get gradients");
+            for (name, g) in &gf {
+                let err = relative_error(g, &gc[name]);
+                assert!(
+                    err <= 1e-5,
+                    "{residual_after:?} {name}: relative error {err:.2e}"
+                );
+            }
         }
     }
 }

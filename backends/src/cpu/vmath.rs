@@ -211,6 +211,51 @@ pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Σ (x − c)², vectorised as [`dot`]: the bits of `dot(d, d)` for the
+/// rounded differences `d = x − c`, without storing them.
+#[inline(always)]
+pub(super) fn sum_sq_dev(x: &[f32], c: f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().map(|&x| (x - c) * (x - c)).sum();
+    for x in chunks {
+        acc.iter_mut()
+            .zip(x)
+            .for_each(|(a, &x)| *a += (x - c) * (x - c));
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `(Σ g, Σ g·h)` for the rounded products `g = a·b`, vectorised as
+/// [`sum`] and [`dot`]: the bits of `(sum(g), dot(g, h))`, in one pass and
+/// without storing g.
+#[inline(always)]
+pub(super) fn product_sum_and_dot(a: &[f32], b: &[f32], h: &[f32]) -> (f32, f32) {
+    let (mut sums, mut dots) = ([0f32; 16], [0f32; 16]);
+    let (ca, cb, ch) = (a.chunks_exact(16), b.chunks_exact(16), h.chunks_exact(16));
+    let tail = || {
+        ca.remainder()
+            .iter()
+            .zip(cb.remainder())
+            .map(|(&a, &b)| a * b)
+    };
+    let sum_tail: f32 = tail().sum();
+    let dot_tail: f32 = tail().zip(ch.remainder()).map(|(g, &h)| g * h).sum();
+    for ((a, b), h) in ca.zip(cb).zip(ch) {
+        let lanes = |s: &[f32]| -> [f32; 16] { s.try_into().expect("chunks of 16") };
+        let (a, b, h) = (lanes(a), lanes(b), lanes(h));
+        for i in 0..16 {
+            let g = a[i] * b[i];
+            sums[i] += g;
+            dots[i] += g * h[i];
+        }
+    }
+    (
+        sums.iter().sum::<f32>() + sum_tail,
+        dots.iter().sum::<f32>() + dot_tail,
+    )
+}
+
 /// The largest element (−∞ for none), NaN if any element is NaN, in 16
 /// partial maxima as [`sum`].
 #[inline(always)]
@@ -259,6 +304,33 @@ mod tests {
         /// e^x of each element, at the widest unit.
         fn exp_all(xs: &[f32]) -> Vec<f32> {
             xs.iter().map(|&x| exp(x)).collect()
+        }
+    }
+
+    /// The one-pass sums give the bits of the stored-intermediate ones
+    /// (LayerNorm's results do not move when its scratch rows go), at
+    /// lengths below, at and past a multiple of the 16 lanes.
+    #[test]
+    fn one_pass_sums_equal_the_stored_ones() {
+        let seq = |n: usize, k: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i as f32 * k).sin() * 3.0) + 0.25)
+                .collect()
+        };
+        for n in [5, 16, 37, 256, 300] {
+            let (x, b, h) = (seq(n, 0.37), seq(n, 1.13), seq(n, 0.71));
+            let mean = sum(&x) / n as f32;
+            let d: Vec<f32> = x.iter().map(|&x| x - mean).collect();
+            assert_eq!(
+                sum_sq_dev(&x, mean).to_bits(),
+                dot(&d, &d).to_bits(),
+                "n {n}"
+            );
+            let g: Vec<f32> = x.iter().zip(&b).map(|(&a, &b)| a * b).collect();
+            let (s, t) = product_sum_and_dot(&x, &b, &h);
+            assert_eq!(s.to_bits(), sum(&g).to_bits(), "n {n}");
+            assert_eq!(t.to_bits(), dot(&g, &h).to_bits(), "n {n}");
+            assert!(t.abs() > 0.1, "a sum that is not trivially zero");
         }
     }
 

@@ -111,7 +111,7 @@ impl<B: Backend> TextTransformer<B> {
             "text length {len} outside 1..={}",
             self.config.context_length
         );
-        let x = self.token_embedding.forward(ids); // [batch, len, width]
+        let x = crate::nn::embedding_in(&self.token_embedding, ids); // [batch, len, width]
         trace.record("token_embedding", || x.clone());
         let pos = self.positional_embedding.val().narrow(0, 0, len); // [len, width]
         crate::nn::add_rows(x, pos)

@@ -6,10 +6,12 @@
 
 mod attention;
 mod block;
+mod embedding;
 mod norm;
 
 pub use attention::{Attention, AttentionConfig, AttentionKernel, attention_composed};
 pub use block::{Activation, GeluKernel, Mlp, ResidualBlock, ResidualBlockConfig, gelu_composed};
+pub use embedding::{EmbeddingKernel, embedding_in};
 pub use norm::{LayerNormKernel, layer_norm_in};
 
 use burn::nn::Linear;

@@ -29,9 +29,17 @@ pub fn layer_norm_in<B: Backend, const D: usize>(
     let shape = x.shape();
     let width = shape[D - 1];
     let rows = shape.num_elements() / width;
+    let (gamma, beta) = (ln.gamma.val(), beta.val());
+    if D == 3 {
+        // The same tensor, graph node included (a reshape would add a node
+        // between the residual stream and the norm, and the kernel could
+        // not add its input gradient into the residual's).
+        let y = kernel.layer_norm(Tensor::from_primitive(x.into_primitive()), gamma, beta, eps);
+        return Tensor::from_primitive(y.into_primitive());
+    }
     kernel
-        .layer_norm(x.reshape([rows, width]), ln.gamma.val(), beta.val(), eps)
-        .reshape(shape) // [rows, width] → x's shape
+        .layer_norm(x.reshape([1, rows, width]), gamma, beta, eps)
+        .reshape(shape) // [1, rows, width] → x's shape
 }
 
 /// A backend's own LayerNorm with a bias, registered per backend type
@@ -43,13 +51,13 @@ pub trait LayerNormKernel<B: Backend>: Send + Sync {
     /// within float rounding.
     ///
     /// # Shapes
-    /// - `x`: `[rows, width]`; `gamma`, `beta`: `[width]`
-    /// - output: `[rows, width]`
+    /// - `x`: `[batch, tokens, width]`; `gamma`, `beta`: `[width]`
+    /// - output: `[batch, tokens, width]`
     fn layer_norm(
         &self,
-        x: Tensor<B, 2>,
+        x: Tensor<B, 3>,
         gamma: Tensor<B, 1>,
         beta: Tensor<B, 1>,
         eps: f64,
-    ) -> Tensor<B, 2>;
+    ) -> Tensor<B, 3>;
 }
