@@ -11,7 +11,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use clipa_core::kernels;
 use clipa_core::nn::{
@@ -256,6 +256,40 @@ impl AdamWKernel<Flex> for FlexAdamW {
 /// (a view is copied out first).
 fn dense(t: Tensor<Flex, 1>) -> FlexTensor {
     dense_flex(t.into_primitive().tensor())
+}
+
+/// The gradient registered so far for parent `i` of `ops`, taken out of
+/// `grads` for the step to add its own into and register again: `Some`
+/// only where it is float32 and of `shape` (and then dense). A gradient of
+/// another kind is left registered, for autodiff's `register` to add to as
+/// before.
+///
+/// A kernel's backward that writes a gradient in a pass of its own can add
+/// the earlier one in that same pass (or let `gemm` accumulate onto it),
+/// where `register` would add the two with flex's element-wise add on the
+/// thread that drives the step while the rayon workers wait: 32 such sums
+/// of `[batch, tokens, width]` per bench-tiny step (the residual stream,
+/// and the input the query, key and value projections share).
+/// `Gradients::remove` takes a tensor, so a probe carries the node.
+fn take_earlier_grad<S, const N: usize>(
+    grads: &mut Gradients,
+    ops: &Ops<S, N>,
+    i: usize,
+    shape: &Shape,
+) -> Option<FlexTensor> {
+    let node = ops.parents[i].as_ref()?;
+    let mut probe = Tensor::<Backend, 1>::empty([0], &Default::default())
+        .into_primitive()
+        .tensor();
+    probe.node = node.clone();
+    probe.rc = Arc::new(node.id);
+    let g = grads.remove::<Flex>(&probe)?;
+    if g.dtype() == DType::F32 && g.layout().shape() == shape {
+        Some(dense_flex(g))
+    } else {
+        grads.register::<Flex>(node.id, g);
+        None
+    }
 }
 
 /// `t` (float32: the byte count assumes it) as a contiguous buffer holding

@@ -25,11 +25,10 @@ use burn_flex::FlexTensor;
 use clipa_core::nn::LayerNormKernel;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
-use std::sync::Arc;
 
 use super::gemm::Unset;
 use super::vmath::{self, product_sum_and_dot, sum, sum_sq_dev, vectorised};
-use super::{Backend, dense_flex};
+use super::{Backend, dense_flex, take_earlier_grad};
 
 /// The LayerNorm kernel of the CPU backend under autodiff.
 pub struct FlexLayerNorm;
@@ -161,37 +160,12 @@ impl Backward<Flex, 3> for LayerNormBackward {
 
     fn backward(self, ops: Ops<Saved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dy = dense_flex(grads.consume::<Flex>(&ops.node));
-        let [x, gamma, beta] = ops.parents;
         // In a pre-LN block the norm's input is the residual stream, whose
         // gradient from the residual add is registered before this step
-        // runs. dx is added into it in the same pass, rather than by
-        // autodiff's `register` afterwards: that is flex's element-wise
-        // add, on this thread while the workers wait, 16 times a step at
-        // bench-tiny. `Gradients::remove` takes a tensor, so a probe
-        // carries the parent's node.
-        let earlier = x.as_ref().and_then(|node| {
-            let mut probe = Tensor::<Backend, 1>::empty([0], &Default::default())
-                .into_primitive()
-                .tensor();
-            probe.node = node.clone();
-            probe.rc = Arc::new(node.id);
-            grads.remove::<Flex>(&probe)
-        });
-        let into = match earlier.map(dense_flex) {
-            Some(g)
-                if g.dtype() == DType::F32
-                    && g.layout().shape() == ops.state.x_hat.layout().shape() =>
-            {
-                Some(g)
-            }
-            // Another dtype or shape: put back, for `register` to add.
-            Some(g) => {
-                let node = x.as_ref().expect("a gradient was found for it");
-                grads.register::<Flex>(node.id, g);
-                None
-            }
-            None => None,
-        };
+        // runs: dx is added into it.
+        let shape = ops.state.x_hat.layout().shape().clone();
+        let into = take_earlier_grad(grads, &ops, 0, &shape);
+        let [x, gamma, beta] = ops.parents;
         let (dx, [dgamma, dbeta]) = backward(&ops.state, &dy, into);
         for (parent, g) in [x, gamma, beta].into_iter().zip([dx, dgamma, dbeta]) {
             if let Some(node) = parent {

@@ -26,9 +26,10 @@ use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use clipa_core::nn::LinearKernel;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 use super::vmath::{self, vectorised};
-use super::{Backend, dense_flex};
+use super::{Backend, dense_flex, take_earlier_grad};
 
 /// The linear-layer kernel of the CPU backend, for training
 /// (`Autodiff<Flex>`) and inference (`Flex`).
@@ -40,85 +41,138 @@ const ROWS: usize = 256;
 impl LinearKernel<Flex> for FlexLinear {
     fn linear(
         &self,
-        x: Tensor<Flex, 2>,
+        x: Tensor<Flex, 3>,
         w: Tensor<Flex, 2>,
         b: Tensor<Flex, 1>,
-    ) -> Tensor<Flex, 2> {
-        if [x.dtype(), w.dtype(), b.dtype()]
-            .iter()
-            .any(|d| *d != DType::F32)
+        residual: Option<Tensor<Flex, 3>>,
+    ) -> Tensor<Flex, 3> {
+        let dtypes = [Some(x.dtype()), Some(w.dtype()), Some(b.dtype())];
+        if dtypes
+            .into_iter()
+            .chain([residual.as_ref().map(Tensor::dtype)])
+            .flatten()
+            .any(|d| d != DType::F32)
         {
-            return burn::tensor::module::linear(x, w, Some(b));
+            let y = burn::tensor::module::linear(x, w, Some(b));
+            return residual.map_or(y.clone(), |r| r + y);
         }
         let x = dense_flex(x.into_primitive().tensor());
         let w = dense_flex(w.into_primitive().tensor());
         let b = dense_flex(b.into_primitive().tensor());
-        Tensor::from_primitive(TensorPrimitive::Float(forward(&x, &w, &b)))
+        let r = residual.map(|r| dense_flex(r.into_primitive().tensor()));
+        Tensor::from_primitive(TensorPrimitive::Float(forward(&x, &w, &b, r.as_ref())))
     }
 }
 
 impl LinearKernel<Backend> for FlexLinear {
     fn linear(
         &self,
-        x: Tensor<Backend, 2>,
+        x: Tensor<Backend, 3>,
         w: Tensor<Backend, 2>,
         b: Tensor<Backend, 1>,
-    ) -> Tensor<Backend, 2> {
-        if [x.dtype(), w.dtype(), b.dtype()]
-            .iter()
-            .any(|d| *d != DType::F32)
+        residual: Option<Tensor<Backend, 3>>,
+    ) -> Tensor<Backend, 3> {
+        let dtypes = [Some(x.dtype()), Some(w.dtype()), Some(b.dtype())];
+        if dtypes
+            .into_iter()
+            .chain([residual.as_ref().map(Tensor::dtype)])
+            .flatten()
+            .any(|d| d != DType::F32)
         {
-            return burn::tensor::module::linear(x, w, Some(b));
+            let y = burn::tensor::module::linear(x, w, Some(b));
+            return match residual {
+                Some(r) => r + y,
+                None => y,
+            };
         }
         let [x, w, b] = [
             x.into_primitive().tensor(),
             w.into_primitive().tensor(),
             b.into_primitive().tensor(),
         ];
+        let r = residual.map(|r| r.into_primitive().tensor());
         let nodes = [x.node.clone(), w.node.clone(), b.node.clone()];
+        let r_node = r.as_ref().map(|r| r.node.clone());
         let [x, w, b] = [x, w, b].map(|t| dense_flex(t.primitive));
-        let y = forward(&x, &w, &b);
-        let out = match LinearBackward
-            .prepare::<NoCheckpointing>(nodes)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(Saved { x, w }, y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
+        let r = r.map(|r| dense_flex(r.primitive));
+        let y = forward(&x, &w, &b, r.as_ref());
+        let saved = Saved { x, w };
+        // Two steps, as the residual is a fourth parent or none.
+        let out = match r_node {
+            None => match LinearBackward
+                .prepare::<NoCheckpointing>(nodes)
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(saved, y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            },
+            Some(r_node) => {
+                let [x_node, w_node, b_node] = nodes;
+                match LinearAddBackward
+                    .prepare::<NoCheckpointing>([x_node, w_node, b_node, r_node])
+                    .compute_bound()
+                    .stateful()
+                {
+                    OpsKind::Tracked(prep) => prep.finish(saved, y),
+                    OpsKind::UnTracked(prep) => prep.finish(y),
+                }
+            }
         };
         Tensor::from_primitive(TensorPrimitive::Float(out))
     }
 }
 
-/// `[rows, d_in, d_out]` of `x` `[rows, d_in]` and `w` `[d_in, d_out]`.
-/// The `gemm` calls trust these sizes, so a weight that does not fit
-/// stops here rather than being read out of bounds.
+/// `[rows, d_in, d_out]` of `x` `[batch, tokens, d_in]` and `w`
+/// `[d_in, d_out]`. The `gemm` calls trust these sizes, so a weight that
+/// does not fit stops here rather than being read out of bounds.
 fn dims(x: &FlexTensor, w: &FlexTensor) -> [usize; 3] {
-    let [rows, d_in] = x.layout().shape().dims::<2>();
+    let [batch, tokens, d_in] = x.layout().shape().dims::<3>();
     let [w_in, d_out] = w.layout().shape().dims::<2>();
     assert_eq!(
         w_in, d_in,
         "linear kernel: weight rows must match the input width"
     );
-    [rows, d_in, d_out]
+    [batch * tokens, d_in, d_out]
 }
 
-/// `x·w + b`, `[rows, d_out]`: the bias rows, with `x·w` added onto them.
-fn forward(x: &FlexTensor, w: &FlexTensor, b: &FlexTensor) -> FlexTensor {
+/// `x·w + b` (`+ r`), `[batch, tokens, d_out]`: the bias rows (each plus
+/// its row of r), with `x·w` added onto them.
+fn forward(x: &FlexTensor, w: &FlexTensor, b: &FlexTensor, r: Option<&FlexTensor>) -> FlexTensor {
     let [rows, d_in, d_out] = dims(x, w);
-    let mut y = Unset::new(Shape::new([rows, d_out]));
+    let [batch, tokens, _] = x.layout().shape().dims::<3>();
+    let shape = Shape::new([batch, tokens, d_out]);
+    let mut y = Unset::new(shape.clone());
     let bias = b.storage::<f32>();
     assert_eq!(bias.len(), d_out, "linear kernel: one bias per output");
+    match r {
+        Some(r) => {
+            assert_eq!(
+                r.layout().shape(),
+                &shape,
+                "linear kernel: the residual is the output's shape"
+            );
+            y.slots()
+                .par_chunks_mut(d_out)
+                .zip(r.storage::<f32>().par_chunks(d_out))
+                .with_min_len(ROWS)
+                .for_each(|(y, r)| add_bias_row(y, r, bias));
+        }
+        None => y
+            .slots()
+            .par_chunks_mut(d_out)
+            .with_min_len(ROWS)
+            .for_each(|y| {
+                y.iter_mut().zip(bias).for_each(|(y, &b)| {
+                    y.write(b);
+                });
+            }),
+    }
     let ys = y.ptr();
-    (0..rows).into_par_iter().with_min_len(ROWS).for_each(|r| {
-        // SAFETY: row r of y, d_out elements within its [rows, d_out]
-        // buffer, is this task's alone; bias is d_out long.
-        unsafe { std::ptr::copy_nonoverlapping(bias.as_ptr(), ys.at(r * d_out), d_out) }
-    });
     let (x, w) = (x.storage::<f32>(), w.storage::<f32>());
     // SAFETY: x is [rows, d_in], w [d_in, d_out], y [rows, d_out], all
     // contiguous row-major buffers of exactly that size (`dense_flex`,
-    // `Unset`); y is this function's own, every row holding the bias.
+    // `Unset`); y is this function's own, every row written above.
     unsafe {
         product(
             [rows, d_out, d_in],
@@ -133,16 +187,25 @@ fn forward(x: &FlexTensor, w: &FlexTensor, b: &FlexTensor) -> FlexTensor {
     }
 }
 
+vectorised! {
+    /// One row of y: `r + b`, written in full.
+    fn add_bias_row(y: &mut [MaybeUninit<f32>], r: &[f32], bias: &[f32]) {
+        y.iter_mut().zip(r.iter().zip(bias)).for_each(|(y, (&r, &b))| {
+            y.write(r + b);
+        });
+    }
+}
+
 /// What backward needs.
 #[derive(Clone, Debug)]
 struct Saved {
-    /// The input `[rows, d_in]`.
+    /// The input `[batch, tokens, d_in]`.
     x: FlexTensor,
     /// The weight `[d_in, d_out]`.
     w: FlexTensor,
 }
 
-/// The backward step of [`FlexLinear`].
+/// The backward step of [`FlexLinear`]: parents x, w and b.
 #[derive(Debug)]
 struct LinearBackward;
 
@@ -150,53 +213,97 @@ impl Backward<Flex, 3> for LinearBackward {
     type State = Saved;
 
     fn backward(self, ops: Ops<Saved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let dy = dense_flex(grads.consume::<Flex>(&ops.node));
-        let Saved { x, w } = &ops.state;
-        let [rows, d_in, d_out] = dims(x, w);
-        let [px, pw, pb] = ops.parents;
-        let (dys, xs, ws) = (dy.storage::<f32>(), x.storage::<f32>(), w.storage::<f32>());
-        if let Some(node) = px {
-            let mut dx = Unset::new(Shape::new([rows, d_in]));
-            // SAFETY: dy is [rows, d_out] and w [d_in, d_out], contiguous;
-            // wᵀ is read in place (column stride d_out, row stride 1); dx
-            // is this step's own [rows, d_in] buffer, which the product
-            // (alpha 0) writes in full.
-            let dx = unsafe {
+        backward(ops, grads);
+    }
+}
+
+/// The backward step of [`FlexLinear`] with a residual: parents x, w, b
+/// and the residual, whose gradient is the output's.
+#[derive(Debug)]
+struct LinearAddBackward;
+
+impl Backward<Flex, 4> for LinearAddBackward {
+    type State = Saved;
+
+    fn backward(self, ops: Ops<Saved, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        backward(ops, grads);
+    }
+}
+
+/// Registers the gradients of x, w, b and (as parent 3, where `N` is 4)
+/// the residual.
+fn backward<const N: usize>(ops: Ops<Saved, N>, grads: &mut Gradients) {
+    let dy = dense_flex(grads.consume::<Flex>(&ops.node));
+    let [rows, d_in, d_out] = dims(&ops.state.x, &ops.state.w);
+    // The query, key and value projections share one input: the second
+    // and third add their dx onto the gradient the first registered
+    // (`gemm` with alpha 1), where `register` would add the two.
+    let earlier = take_earlier_grad(grads, &ops, 0, ops.state.x.layout().shape());
+    let Saved { x, w } = &ops.state;
+    let (dys, xs, ws) = (dy.storage::<f32>(), x.storage::<f32>(), w.storage::<f32>());
+    let parent = |i: usize| ops.parents.get(i).cloned().flatten();
+    if let Some(node) = parent(0) {
+        // dy is [rows, d_out] and w [d_in, d_out], contiguous; wᵀ is read
+        // in place (column stride d_out, row stride 1).
+        let dx_of = |dst: *mut f32, alpha: f32| {
+            // SAFETY: dst is a contiguous [rows, d_in] buffer that only
+            // this product touches (the callers' below).
+            unsafe {
                 product(
                     [rows, d_in, d_out],
-                    (dx.ptr().at(0), 1, d_in as isize),
+                    (dst, 1, d_in as isize),
                     (dys.as_ptr(), 1, d_out as isize),
                     (ws.as_ptr(), d_out as isize, 1),
-                    0.0,
+                    alpha,
                     1.0,
                     Parallelism::Rayon(0),
                 );
-                dx.finish()
-            };
-            grads.register::<Flex>(node.id, dx);
-        }
-        if let Some(node) = pw {
-            let mut dw = Unset::new(Shape::new([d_in, d_out]));
-            // SAFETY: xᵀ is read in place from x [rows, d_in] (column
-            // stride d_in, row stride 1); dy is [rows, d_out]; dw is this
-            // step's own [d_in, d_out] buffer, written in full as dx.
-            let dw = unsafe {
-                product(
-                    [d_in, d_out, rows],
-                    (dw.ptr().at(0), 1, d_out as isize),
-                    (xs.as_ptr(), d_in as isize, 1),
-                    (dys.as_ptr(), 1, d_out as isize),
-                    0.0,
-                    1.0,
-                    Parallelism::Rayon(0),
-                );
-                dw.finish()
-            };
-            grads.register::<Flex>(node.id, dw);
-        }
-        if let Some(node) = pb {
-            grads.register::<Flex>(node.id, column_sums(dys, d_out));
-        }
+            }
+        };
+        let dx = match earlier {
+            // Onto the earlier gradient (x's shape, dense, float32; copied
+            // first where shared).
+            Some(mut g) => {
+                dx_of(g.storage_mut::<f32>().as_mut_ptr(), 1.0);
+                g
+            }
+            // A new buffer, which the product (alpha 0) writes in full.
+            None => {
+                let mut dx = Unset::new(x.layout().shape().clone());
+                // SAFETY: offset 0 of a buffer of rows·d_in elements.
+                dx_of(unsafe { dx.ptr().at(0) }, 0.0);
+                // SAFETY: written in full just above.
+                unsafe { dx.finish() }
+            }
+        };
+        grads.register::<Flex>(node.id, dx);
+    }
+    if let Some(node) = parent(1) {
+        let mut dw = Unset::new(Shape::new([d_in, d_out]));
+        // SAFETY: xᵀ is read in place from x [rows, d_in] (column stride
+        // d_in, row stride 1); dy is [rows, d_out]; dw is this step's own
+        // [d_in, d_out] buffer, which the product (alpha 0) writes in full.
+        let dw = unsafe {
+            product(
+                [d_in, d_out, rows],
+                (dw.ptr().at(0), 1, d_out as isize),
+                (xs.as_ptr(), d_in as isize, 1),
+                (dys.as_ptr(), 1, d_out as isize),
+                0.0,
+                1.0,
+                Parallelism::Rayon(0),
+            );
+            dw.finish()
+        };
+        grads.register::<Flex>(node.id, dw);
+    }
+    if let Some(node) = parent(2) {
+        grads.register::<Flex>(node.id, column_sums(dys, d_out));
+    }
+    if let Some(node) = parent(3) {
+        // The residual's gradient is the output's (a shared buffer, no
+        // copy).
+        grads.register::<Flex>(node.id, dy.clone());
     }
 }
 
@@ -230,13 +337,16 @@ mod tests {
     use clipa_core::numeric::{normal_data, relative_error};
 
     /// The kernel against Burn's linear under autodiff: the output and the
-    /// gradients of the input, weight and bias through a weighted sum, at
-    /// a row count that is no multiple of the task size, on an
-    /// intermediate input as in the model.
+    /// gradients of the input, weight and bias (and the residual) through a
+    /// weighted sum, at a row count that is no multiple of the task size,
+    /// on an intermediate input as in the model. Cases: plain; with a
+    /// residual; and the input shared by three layers (as the query, key
+    /// and value projections share theirs), each adding its dx onto the
+    /// gradient the one after it registered.
     #[test]
     fn flex_linear_matches_burns() {
         let device = Default::default();
-        let (rows, d_in, d_out) = (2 * ROWS + 9, 19, 23);
+        let (batch, tokens, d_in, d_out) = (2, ROWS + 9, 19, 23);
         let leaf = |shape: Vec<usize>, seed| {
             Param::from_tensor(Tensor::<Backend, 2>::from_data(
                 normal_data(shape, seed, 1.0),
@@ -248,32 +358,55 @@ mod tests {
             normal_data([d_out], 3, 1.0),
             &device,
         ));
-        let mix = Tensor::<Backend, 2>::from_data(normal_data([rows, d_out], 9, 1.0), &device);
-        let run = |fused: bool| {
-            let x = Tensor::<Backend, 2>::from_data(normal_data([rows, d_in], 1, 1.0), &device)
-                .require_grad();
+        let data = |seed, width| normal_data([batch, tokens, width], seed, 1.0);
+        let mix = Tensor::<Backend, 3>::from_data(data(9, d_out), &device);
+        let run = |fused: bool, residual: bool, uses: usize| {
+            let x = Tensor::<Backend, 3>::from_data(data(1, d_in), &device).require_grad();
+            let r = Tensor::<Backend, 3>::from_data(data(4, d_out), &device).require_grad();
             let h = x.clone() * 1.5;
-            let y = if fused {
-                FlexLinear.linear(h, w.val(), b.val())
-            } else {
-                burn::tensor::module::linear(h, w.val(), Some(b.val()))
-            };
-            let grads = (y.clone() * mix.clone()).sum().backward();
+            let g = r.clone() * 0.5;
+            let mut loss = None;
+            for u in 0..uses {
+                let y = if fused {
+                    FlexLinear.linear(h.clone(), w.val(), b.val(), residual.then(|| g.clone()))
+                } else {
+                    let y = burn::tensor::module::linear(h.clone(), w.val(), Some(b.val()));
+                    if residual { g.clone() + y } else { y }
+                };
+                let term = (y * mix.clone() * (u as f64 + 1.0)).sum();
+                loss = Some(match loss {
+                    Some(l) => l + term,
+                    None => term,
+                });
+            }
+            let loss = loss.expect("one use at least");
+            let value = loss.clone().into_data();
+            let grads = loss.backward();
             let got = |t: Option<Tensor<Flex, 2>>| t.expect("a gradient").into_data();
-            [
-                y.into_data(),
-                got(x.grad(&grads)),
+            let got3 = |t: Option<Tensor<Flex, 3>>| t.expect("a gradient").into_data();
+            let mut out = vec![
+                value,
+                got3(x.grad(&grads)),
                 got(w.val().grad(&grads)),
                 b.val().grad(&grads).expect("a bias gradient").into_data(),
-            ]
+            ];
+            if residual {
+                out.push(got3(r.grad(&grads)));
+            }
+            out
         };
-        let (fused, composed) = (run(true), run(false));
-        for (name, (f, c)) in ["y", "dx", "dw", "db"]
-            .iter()
-            .zip(fused.iter().zip(&composed))
-        {
-            let err = relative_error(f, c);
-            assert!(err <= 1e-6, "{name}: relative error {err:.2e}");
+        for (residual, uses) in [(false, 1), (true, 1), (false, 3)] {
+            let (fused, composed) = (run(true, residual, uses), run(false, residual, uses));
+            for (name, (f, c)) in ["loss", "dx", "dw", "db", "dr"]
+                .iter()
+                .zip(fused.iter().zip(&composed))
+            {
+                let err = relative_error(f, c);
+                assert!(
+                    err <= 1e-6,
+                    "residual {residual}, {uses} uses, {name}: relative error {err:.2e}"
+                );
+            }
         }
     }
 }

@@ -10,7 +10,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
-use super::linear_in;
+use super::{linear_add_in, linear_in};
 
 /// Configuration of [`Attention`].
 #[derive(Config, Debug)]
@@ -64,6 +64,20 @@ impl<B: Backend> Attention<B> {
     /// - `x`: `[batch, tokens, width]`
     /// - output: `[batch, tokens, width]`
     pub fn forward(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
+        self.forward_onto(x, causal, None)
+    }
+
+    /// `residual + self.forward(x, causal)`, the residual added by the
+    /// output projection ([`linear_add_in`]) where given.
+    ///
+    /// # Shapes
+    /// - `x`, `residual` and the output: `[batch, tokens, width]`
+    pub fn forward_onto(
+        &self,
+        x: Tensor<B, 3>,
+        causal: bool,
+        residual: Option<Tensor<B, 3>>,
+    ) -> Tensor<B, 3> {
         let [batch, tokens, width] = x.dims();
         let head_dim = width / self.heads;
         // The projections' own layout, each head a column block: a free
@@ -77,7 +91,11 @@ impl<B: Backend> Attention<B> {
             Some(kernel) => kernel.attention(q, k, v, causal),
             None => attention_composed(q, k, v, causal),
         }; // [batch, tokens, heads, head_dim]
-        linear_in(&self.out, y.reshape([batch, tokens, width]))
+        let y = y.reshape([batch, tokens, width]);
+        match residual {
+            Some(r) => linear_add_in(&self.out, y, r),
+            None => linear_in(&self.out, y),
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use burn::tensor::{FloatDType, Tensor};
 
-use super::{Attention, AttentionConfig, layer_norm_in, linear_in};
+use super::{Attention, AttentionConfig, layer_norm_in, linear_add_in, linear_in};
 
 /// The MLP non-linearity.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +103,16 @@ impl<B: Backend> Mlp<B> {
         let h = linear_in(&self.c_fc, x); // [batch, tokens, mlp_width]
         linear_in(&self.c_proj, self.activation.forward(h))
     }
+
+    /// `residual + self.forward(x)`, the residual added by the
+    /// contraction ([`linear_add_in`]).
+    ///
+    /// # Shapes
+    /// `x`, `residual` and the output: `[batch, tokens, width]`
+    pub fn forward_onto(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
+        let h = linear_in(&self.c_fc, x); // [batch, tokens, mlp_width]
+        linear_add_in(&self.c_proj, self.activation.forward(h), residual)
+    }
 }
 
 /// A pre-LN transformer block.
@@ -164,8 +174,9 @@ impl<B: Backend> ResidualBlock<B> {
         let ln_1 = |x| layer_norm_in(&self.ln_1, self.ln_eps, x);
         let ln_2 = |x| layer_norm_in(&self.ln_2, self.ln_eps, x);
         let Some(dt) = self.compute else {
-            let x = x.clone() + self.attn.forward(ln_1(x), causal);
-            return x.clone() + self.mlp.forward(ln_2(x));
+            // Each residual add is done by the branch's last projection.
+            let x = self.attn.forward_onto(ln_1(x.clone()), causal, Some(x));
+            return self.mlp.forward_onto(ln_2(x.clone()), x);
         };
         let home = FloatDType::from(x.dtype());
         let branch = self.attn.forward(ln_1(x.clone()).cast(dt), causal);

@@ -37,8 +37,33 @@ use burn::tensor::{FloatDType, Tensor};
 /// cubek-matmul 0.2 has no split-K of its own. The chunks were the fastest
 /// of the three on the GPU and keep most of the one-GEMM gain on the CPU.
 /// See docs/BENCHMARKS.md. A backend with a registered [`LinearKernel`]
-/// (the CPU's) takes a layer with a bias whole instead, as `[rows, d_in]`.
+/// (the CPU's) takes a layer with a bias whole instead, as
+/// `[batch, tokens, d_in]`.
 pub fn linear_in<B: Backend, const D: usize>(lin: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    linear_onto(lin, x, None)
+}
+
+/// `residual + x·W + b`, as [`linear_in`] then an add: a residual block's
+/// last projection. A backend with a [`LinearKernel`] adds the residual
+/// where it writes the bias rows, so the sum costs no pass of its own (on
+/// flex, an element-wise add on one thread while the others wait).
+///
+/// # Shapes
+/// `x`: `[..., d_in]`, `residual`: `[..., d_out]` → `[..., d_out]`
+pub fn linear_add_in<B: Backend, const D: usize>(
+    lin: &Linear<B>,
+    x: Tensor<B, D>,
+    residual: Tensor<B, D>,
+) -> Tensor<B, D> {
+    linear_onto(lin, x, Some(residual))
+}
+
+/// [`linear_in`] with the residual of [`linear_add_in`] where given.
+fn linear_onto<B: Backend, const D: usize>(
+    lin: &Linear<B>,
+    x: Tensor<B, D>,
+    residual: Option<Tensor<B, D>>,
+) -> Tensor<B, D> {
     let w = lin.weight.val(); // [d_in, d_out]
     let b = lin.bias.as_ref().map(|b| b.val()); // [d_out]
     let (w, b) = if w.dtype() == x.dtype() {
@@ -49,31 +74,64 @@ pub fn linear_in<B: Backend, const D: usize>(lin: &Linear<B>, x: Tensor<B, D>) -
     };
     let mut dims = x.dims();
     let d_in = dims[D - 1];
+    let d_out = w.dims()[1];
     let rows: usize = dims[..D - 1].iter().product();
     if let (Some(kernel), Some(b)) = (crate::kernels::lookup::<dyn LinearKernel<B>>(), b.as_ref()) {
-        dims[D - 1] = w.dims()[1];
-        let x = x.reshape([rows, d_in]); // [rows, d_in]
-        return kernel.linear(x, w, b.clone()).reshape(dims); // [..., d_out]
+        dims[D - 1] = d_out;
+        // A 3-D tensor goes as it is, graph node included: a reshape would
+        // put a node of its own between the input and the kernel, whose
+        // backward could then not add into the input's earlier gradient
+        // (the query, key and value projections share one input).
+        let three = |t: Tensor<B, D>, width: usize| -> Tensor<B, 3> {
+            if D == 3 {
+                Tensor::from_primitive(t.into_primitive())
+            } else {
+                t.reshape([1, rows, width])
+            }
+        };
+        let y = kernel.linear(
+            three(x, d_in),
+            w,
+            b.clone(),
+            residual.map(|r| three(r, d_out)),
+        ); // [batch, tokens, d_out]
+        return if D == 3 {
+            Tensor::from_primitive(y.into_primitive())
+        } else {
+            y.reshape(dims)
+        };
     }
-    if D <= 2 {
-        return burn::tensor::module::linear(x, w, b);
+    let y = if D <= 2 {
+        burn::tensor::module::linear(x, w, b)
+    } else {
+        let chunks = split_k_chunks(rows);
+        let x = x.reshape([chunks, rows / chunks, d_in]); // [chunks, rows/chunks, d_in]
+        dims[D - 1] = d_out;
+        burn::tensor::module::linear(x, w, b).reshape(dims) // [..., d_out]
+    };
+    match residual {
+        Some(r) => r + y,
+        None => y,
     }
-    let chunks = split_k_chunks(rows);
-    let x = x.reshape([chunks, rows / chunks, d_in]); // [chunks, rows/chunks, d_in]
-    dims[D - 1] = w.dims()[1];
-    burn::tensor::module::linear(x, w, b).reshape(dims) // [..., d_out]
 }
 
 /// A backend's own `x·W + b`, registered per backend type
-/// ([`crate::kernels`]) and used by [`linear_in`].
+/// ([`crate::kernels`]) and used by [`linear_in`] and [`linear_add_in`].
 pub trait LinearKernel<B: Backend>: Send + Sync {
-    /// `x·w + b`: the value of Burn's `linear` and, on an autodiff backend,
-    /// its gradients for `x`, `w` and `b`, each within float rounding.
+    /// `x·w + b`, plus `residual` where given: the value of Burn's
+    /// `linear` (and the add) and, on an autodiff backend, the gradients
+    /// of `x`, `w`, `b` and `residual`, each within float rounding.
     ///
     /// # Shapes
-    /// - `x`: `[rows, d_in]`; `w`: `[d_in, d_out]`; `b`: `[d_out]`
-    /// - output: `[rows, d_out]`
-    fn linear(&self, x: Tensor<B, 2>, w: Tensor<B, 2>, b: Tensor<B, 1>) -> Tensor<B, 2>;
+    /// - `x`: `[batch, tokens, d_in]`; `w`: `[d_in, d_out]`; `b`: `[d_out]`
+    /// - `residual` and the output: `[batch, tokens, d_out]`
+    fn linear(
+        &self,
+        x: Tensor<B, 3>,
+        w: Tensor<B, 2>,
+        b: Tensor<B, 1>,
+        residual: Option<Tensor<B, 3>>,
+    ) -> Tensor<B, 3>;
 }
 
 /// Target depth of each chunk's weight-gradient GEMM in [`linear_in`].
