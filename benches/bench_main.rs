@@ -25,7 +25,7 @@ trait PerBackend {
     fn bench<B: AutodiffBackend>(c: &mut Criterion, label: &str, device: B::Device);
 }
 
-/// [`PerBackend`] as a job for `clipa_backends::run`, which maps each
+/// [`PerBackend`] as a job for `clipa_backends::run_here`, which maps each
 /// backend kind to its Burn type and device the way the CLI does.
 struct Job<'a, P> {
     c: &'a mut Criterion,
@@ -61,7 +61,7 @@ fn for_each_backend<P: PerBackend>(c: &mut Criterion, cpu_label: &str) {
             label: label.clone(),
             topic: PhantomData,
         };
-        if let Err(err) = clipa_backends::run(kind, None, job) {
+        if let Err(err) = clipa_backends::run_here(kind, None, job) {
             eprintln!("skipping {label} benches: {err}");
         }
     }

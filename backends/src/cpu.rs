@@ -65,6 +65,26 @@ pub fn select(
     }
 }
 
+/// Runs `job` on one of rayon's worker threads (where the pool has two or
+/// more), the calling thread waiting for it.
+///
+/// Every kernel and every flex op is a rayon parallel loop. Called from a
+/// thread outside the pool, each one is injected into the pool's queue, a
+/// sleeping worker is woken, and the caller sleeps until the last task is
+/// done and wakes it: two thread hand-offs per op, hundreds per training
+/// step, with only the workers computing. Called from a worker, the loop
+/// splits on that worker's own deque, the worker computes its share, and
+/// the serial code between the ops runs on it without a hand-off.
+///
+/// A one-thread pool runs `job` here instead: its one worker, blocked in a
+/// job that waits on another thread's rayon work, would deadlock.
+pub(crate) fn on_worker<R: Send>(job: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_num_threads() < 2 {
+        return job();
+    }
+    rayon::scope(|_| job())
+}
+
 /// Registers the CPU backend's fused kernels with core, once per process:
 /// [`FlexAdamW`], [`FlexLayerNorm`] and [`FlexEmbedding`] (training;
 /// flex's own LayerNorm and lookup are one op at inference), and [`FlexLinear`], [`FlexGelu`] and

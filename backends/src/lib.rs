@@ -129,8 +129,30 @@ pub fn probe(kind: BackendKind, index: Option<usize>) -> Result<DeviceInfo, Back
     }
 }
 
-/// Runs `job` on device `index` (or the best one) of backend `kind`.
-pub fn run<J: BackendJob>(
+/// Runs `job` on device `index` (or the best one) of backend `kind`. On the
+/// CPU backend it runs on one of rayon's worker threads
+/// (`cpu::on_worker`), hence `Send`.
+pub fn run<J: BackendJob + Send>(
+    kind: BackendKind,
+    index: Option<usize>,
+    job: J,
+) -> Result<J::Output, BackendError>
+where
+    J::Output: Send,
+{
+    #[cfg(feature = "cpu")]
+    if matches!(kind, BackendKind::Cpu) {
+        let (device, info) = cpu::select(index)?;
+        return Ok(cpu::on_worker(|| job.run::<cpu::Backend>(device, &info))?);
+    }
+    run_here(kind, index, job)
+}
+
+/// [`run`] on the calling thread, for a job that cannot move to another
+/// (criterion's harness holds thread-bound state). On the CPU backend each
+/// parallel op then hands off to rayon's workers and back
+/// (`cpu::on_worker` says what that costs).
+pub fn run_here<J: BackendJob>(
     kind: BackendKind,
     index: Option<usize>,
     job: J,

@@ -305,9 +305,12 @@ impl<B: AutodiffBackend> BenchRun<B> {
             .model
             .take()
             .expect("the model is put back after every step");
+        // Built before the clock starts, as the inference step and the peer
+        // benchmark (which draws its batches up front) do: tokenising and
+        // drawing masks is the loader's work, not the step's.
+        let batch = self.batch(step);
         self.sync()?;
         let t0 = Instant::now();
-        let batch = self.batch(step);
         let (loss, grads) = loss_and_grads(
             &model,
             &batch,
