@@ -46,15 +46,8 @@ impl LinearKernel<Flex> for FlexLinear {
         b: Tensor<Flex, 1>,
         residual: Option<Tensor<Flex, 3>>,
     ) -> Tensor<Flex, 3> {
-        let dtypes = [Some(x.dtype()), Some(w.dtype()), Some(b.dtype())];
-        if dtypes
-            .into_iter()
-            .chain([residual.as_ref().map(Tensor::dtype)])
-            .flatten()
-            .any(|d| d != DType::F32)
-        {
-            let y = burn::tensor::module::linear(x, w, Some(b));
-            return residual.map_or(y.clone(), |r| r + y);
+        if !all_f32(&x, &w, &b, residual.as_ref()) {
+            return composed(x, w, b, residual);
         }
         let x = dense_flex(x.into_primitive().tensor());
         let w = dense_flex(w.into_primitive().tensor());
@@ -72,18 +65,8 @@ impl LinearKernel<Backend> for FlexLinear {
         b: Tensor<Backend, 1>,
         residual: Option<Tensor<Backend, 3>>,
     ) -> Tensor<Backend, 3> {
-        let dtypes = [Some(x.dtype()), Some(w.dtype()), Some(b.dtype())];
-        if dtypes
-            .into_iter()
-            .chain([residual.as_ref().map(Tensor::dtype)])
-            .flatten()
-            .any(|d| d != DType::F32)
-        {
-            let y = burn::tensor::module::linear(x, w, Some(b));
-            return match residual {
-                Some(r) => r + y,
-                None => y,
-            };
+        if !all_f32(&x, &w, &b, residual.as_ref()) {
+            return composed(x, w, b, residual);
         }
         let [x, w, b] = [
             x.into_primitive().tensor(),
@@ -120,6 +103,34 @@ impl LinearKernel<Backend> for FlexLinear {
             }
         };
         Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+}
+
+/// Whether every operand is float32, the one dtype the kernel takes.
+fn all_f32<B: burn::tensor::backend::Backend>(
+    x: &Tensor<B, 3>,
+    w: &Tensor<B, 2>,
+    b: &Tensor<B, 1>,
+    residual: Option<&Tensor<B, 3>>,
+) -> bool {
+    [x.dtype(), w.dtype(), b.dtype()]
+        .into_iter()
+        .chain(residual.map(Tensor::dtype))
+        .all(|d| d == DType::F32)
+}
+
+/// Burn's own linear, then the residual add: for the dtypes the kernel
+/// does not take.
+fn composed<B: burn::tensor::backend::Backend>(
+    x: Tensor<B, 3>,
+    w: Tensor<B, 2>,
+    b: Tensor<B, 1>,
+    residual: Option<Tensor<B, 3>>,
+) -> Tensor<B, 3> {
+    let y = burn::tensor::module::linear(x, w, Some(b));
+    match residual {
+        Some(r) => r + y,
+        None => y,
     }
 }
 
