@@ -87,9 +87,10 @@ pub(crate) fn on_worker<R: Send>(job: impl FnOnce() -> R + Send) -> R {
 
 /// Registers the CPU backend's fused kernels with core, once per process:
 /// [`FlexAdamW`], [`FlexLayerNorm`] and [`FlexEmbedding`] (training;
-/// flex's own LayerNorm and lookup are one op at inference), and [`FlexLinear`], [`FlexGelu`] and
-/// [`FlexAttention`] (training and inference); and, on glibc, the
-/// allocator settings of [`alloc`]. [`select`] calls it, so every command
+/// flex's own LayerNorm and lookup are one op at inference), and
+/// [`FlexLinear`], [`FlexGelu`] and [`FlexAttention`] (training and
+/// inference); and, on glibc, the allocator settings of [`alloc`].
+/// [`select`] calls it, so every command
 /// and bench that runs on the CPU backend gets them.
 pub fn register_kernels() {
     static ONCE: Once = Once::new();

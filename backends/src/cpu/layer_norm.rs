@@ -191,26 +191,29 @@ enum Dx<'a> {
 fn backward(
     saved: &Saved,
     dy: &FlexTensor,
-    mut into: Option<FlexTensor>,
+    into: Option<FlexTensor>,
 ) -> (FlexTensor, [FlexTensor; 2]) {
     let width = saved.gamma.layout().shape().num_elements();
     let task = ROWS * width;
-    let mut fresh = Unset::new(saved.x_hat.layout().shape().clone());
     // Each task: ROWS rows of dx, and its partial [dγ | dβ].
-    let partials = match into.as_mut() {
-        Some(g) => tasks(
-            saved,
-            dy,
-            g.storage_mut::<f32>().par_chunks_mut(task).map(Dx::Add),
-        ),
-        None => tasks(saved, dy, fresh.slots().par_chunks_mut(task).map(Dx::Unset)),
-    };
-    let dx = match into {
-        Some(g) => g,
-        // SAFETY: the tasks cover every row, and `backward_rows` writes
-        // each element of its rows.
-        #[allow(unsafe_code)]
-        None => unsafe { fresh.finish() },
+    let (dx, partials) = match into {
+        Some(mut g) => {
+            let partials = tasks(
+                saved,
+                dy,
+                g.storage_mut::<f32>().par_chunks_mut(task).map(Dx::Add),
+            );
+            (g, partials)
+        }
+        None => {
+            let mut fresh = Unset::new(saved.x_hat.layout().shape().clone());
+            let partials = tasks(saved, dy, fresh.slots().par_chunks_mut(task).map(Dx::Unset));
+            // SAFETY: the tasks cover every row, and `backward_rows` writes
+            // each element of its rows.
+            #[allow(unsafe_code)]
+            let dx = unsafe { fresh.finish() };
+            (dx, partials)
+        }
     };
     let mut total = vmath::add_in_order(&partials, 2 * width);
     let dbeta = total.split_off(width);
