@@ -4,6 +4,7 @@
 //! transformer forward+backward.
 
 use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 
 use burn::backend::Flex;
@@ -82,7 +83,38 @@ pub(crate) fn on_worker<R: Send>(job: impl FnOnce() -> R + Send) -> R {
     if rayon::current_num_threads() < 2 {
         return job();
     }
-    rayon::scope(|_| job())
+    let done = AtomicBool::new(false);
+    rayon::scope(|s| {
+        let driver = rayon::current_thread_index();
+        let done = &done;
+        s.spawn_broadcast(move |_, ctx| {
+            if Some(ctx.index()) != driver {
+                keep_warm(done);
+            }
+        });
+        let out = job();
+        done.store(true, Ordering::Release);
+        out
+    })
+}
+
+/// Keeps a worker looking for work until `done`: it runs whatever rayon
+/// tasks it finds, and between them gives its core to any other runnable
+/// thread (`sched_yield`) instead of going to sleep.
+///
+/// An idle rayon worker sleeps after about 32 rounds of looking, and the
+/// next parallel op must wake it: a futex wake-up, an inter-processor
+/// interrupt, on a VM a halted vCPU resumed, tens of microseconds before it
+/// takes its half. A training step is hundreds of short parallel ops with
+/// serial code between them, so that latency is paid hundreds of times a
+/// step. OpenMP's default wait policy (PyTorch's CPU threads) spins for the
+/// same reason.
+fn keep_warm(done: &AtomicBool) {
+    while !done.load(Ordering::Acquire) {
+        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+            std::thread::yield_now();
+        }
+    }
 }
 
 /// Registers the CPU backend's fused kernels with core, once per process:
