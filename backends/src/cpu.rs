@@ -6,6 +6,7 @@
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
+use std::time::{Duration, Instant};
 
 use burn::backend::Flex;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -77,6 +78,9 @@ pub fn select(
 /// splits on that worker's own deque, the worker computes its share, and
 /// the serial code between the ops runs on it without a hand-off.
 ///
+/// The other workers do not go to sleep between the job's ops while it
+/// runs ([`keep_warm`]).
+///
 /// A one-thread pool runs `job` here instead: its one worker, blocked in a
 /// job that waits on another thread's rayon work, would deadlock.
 pub(crate) fn on_worker<R: Send>(job: impl FnOnce() -> R + Send) -> R {
@@ -92,10 +96,20 @@ pub(crate) fn on_worker<R: Send>(job: impl FnOnce() -> R + Send) -> R {
                 keep_warm(done);
             }
         });
-        let out = job();
-        done.store(true, Ordering::Release);
-        out
+        // Set on the way out, a panic included: the scope waits for the
+        // workers' loops, which would otherwise never end.
+        let _stop = StopOnDrop(done);
+        job()
     })
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// Keeps a worker looking for work until `done`: it runs whatever rayon
@@ -109,10 +123,27 @@ pub(crate) fn on_worker<R: Send>(job: impl FnOnce() -> R + Send) -> R {
 /// serial code between them, so that latency is paid hundreds of times a
 /// step. OpenMP's default wait policy (PyTorch's CPU threads) spins for the
 /// same reason.
+///
+/// After [`SPIN_FOR`] without work (the job waits on its data loader, say)
+/// the worker naps [`NAP`] between looks, as OpenMP's threads go to sleep
+/// after their spin count: an idle job does not hold a core, and the first
+/// op after the pause runs on the other workers for at most one nap.
 fn keep_warm(done: &AtomicBool) {
+    /// Far longer than the serial code between two ops of a step.
+    const SPIN_FOR: Duration = Duration::from_millis(5);
+    /// Short against the ops it may delay, long against a wake-up.
+    const NAP: Duration = Duration::from_micros(500);
+    let mut idle_since: Option<Instant> = None;
     while !done.load(Ordering::Acquire) {
-        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+        if rayon::yield_now() == Some(rayon::Yield::Executed) {
+            idle_since = None;
+            continue;
+        }
+        let since = *idle_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < SPIN_FOR {
             std::thread::yield_now();
+        } else {
+            std::thread::sleep(NAP);
         }
     }
 }
@@ -401,6 +432,37 @@ mod tests {
     use super::*;
     use burn::tensor::TensorData;
     use clipa_core::numeric::{normal_data, relative_error};
+
+    /// A job on a worker returns its value with the other workers kept
+    /// looking for work, its parallel loops still split across the pool,
+    /// and a job that panics hands the panic back instead of leaving the
+    /// scope waiting forever on those workers.
+    #[test]
+    fn a_job_on_a_worker_returns_splits_its_loops_and_passes_panics_on() {
+        let caller = std::thread::current().id();
+        let (sum, threads) = on_worker(|| {
+            let ids = std::sync::Mutex::new(std::collections::HashSet::new());
+            let sum: u64 = (0..1_000_000usize)
+                .into_par_iter()
+                .with_max_len(1_000)
+                .map(|i| {
+                    let i = i as u64;
+                    ids.lock().unwrap().insert(std::thread::current().id());
+                    // Long enough that an idle worker steals a share.
+                    std::hint::black_box((0..50).fold(i, |a, b| a ^ b))
+                })
+                .sum();
+            (sum, ids.into_inner().unwrap())
+        });
+        let want: u64 = (0..1_000_000u64).map(|i| (0..50).fold(i, |a, b| a ^ b)).sum();
+        assert_eq!(sum, want);
+        assert!(!threads.contains(&caller), "the job ran on a worker");
+        if rayon::current_num_threads() >= 2 {
+            assert!(threads.len() >= 2, "one thread did every task: {threads:?}");
+        }
+        let panicked = std::panic::catch_unwind(|| on_worker(|| panic!("a failing job")));
+        assert!(panicked.is_err());
+    }
 
     /// The fused kernel gives the composed update: with and without
     /// clipping and decay, from zero and from non-zero moments, on a length
