@@ -454,7 +454,9 @@ mod tests {
                 .sum();
             (sum, ids.into_inner().unwrap())
         });
-        let want: u64 = (0..1_000_000u64).map(|i| (0..50).fold(i, |a, b| a ^ b)).sum();
+        let want: u64 = (0..1_000_000u64)
+            .map(|i| (0..50).fold(i, |a, b| a ^ b))
+            .sum();
         assert_eq!(sum, want);
         assert!(!threads.contains(&caller), "the job ran on a worker");
         if rayon::current_num_threads() >= 2 {
