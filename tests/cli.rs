@@ -103,6 +103,30 @@ fn check_rejects_inconsistent_shapes() {
     );
 }
 
+/// `RAYON_NUM_THREADS` sets the CPU backend's compute threads, and the
+/// bench reports the count it ran on (the one-thread pool runs the job on
+/// the calling thread, `cpu::on_worker`).
+#[test]
+fn bench_reports_the_cpu_threads_it_ran_on() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clipa"))
+        .args(["bench", "--model", "tiny", "--batch-size", "2"])
+        .args(["--steps", "1", "--warmup", "1", "--json"])
+        .env_remove("CLIPA_BACKEND")
+        .env_remove("CLIPA_DEVICE")
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .expect("the clipa binary runs");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(v["threads"], 1, "{v}");
+    assert_eq!(v["device"], "cpu:0 (flex, 1 thread)", "{v}");
+    assert!(
+        v["cases"][0]["median_ms"].as_f64().is_some_and(|x| x > 0.0),
+        "{v}"
+    );
+}
+
 #[test]
 fn bench_json_reports_every_field() {
     let out = clipa(&[

@@ -54,10 +54,10 @@ pub fn select(
             DeviceInfo {
                 kind: BackendKind::Cpu,
                 index: 0,
-                name: format!(
-                    "flex, {} threads",
-                    std::thread::available_parallelism().map_or(1, |n| n.get())
-                ),
+                name: match crate::cpu_threads() {
+                    1 => "flex, 1 thread".into(),
+                    n => format!("flex, {n} threads"),
+                },
             },
         )),
         n => Err(BackendError::NoDevice {

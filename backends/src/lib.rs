@@ -129,6 +129,19 @@ pub fn probe(kind: BackendKind, index: Option<usize>) -> Result<DeviceInfo, Back
     }
 }
 
+/// The threads the CPU backend computes on: rayon's pool, one per core
+/// unless `RAYON_NUM_THREADS` says otherwise.
+pub fn cpu_threads() -> usize {
+    #[cfg(feature = "cpu")]
+    {
+        rayon::current_num_threads()
+    }
+    #[cfg(not(feature = "cpu"))]
+    {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
 /// Runs `job` on device `index` (or the best one) of backend `kind`. On the
 /// CPU backend it runs on one of rayon's worker threads
 /// (`cpu::on_worker`), hence `Send`.

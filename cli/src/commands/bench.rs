@@ -117,7 +117,9 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &BenchArgs) -> anyhow
             quiet: args.json,
         },
     )?;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The CPU backend's compute threads (rayon's pool), which
+    // `RAYON_NUM_THREADS` sets, as the peer's `--threads` does.
+    let threads = clipa_backends::cpu_threads();
     if args.json {
         let report = Report {
             device: info.to_string(),
