@@ -1,7 +1,7 @@
 //! The binary's contract: help and version, one-line errors with exit code
 //! 2, `backends` and `check`.
 
-use crate::common::{clipa, text};
+use crate::common::{clipa, clipa_with_env, text};
 
 #[test]
 fn help_and_version() {
@@ -108,14 +108,21 @@ fn check_rejects_inconsistent_shapes() {
 /// the calling thread, `cpu::on_worker`).
 #[test]
 fn bench_reports_the_cpu_threads_it_ran_on() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clipa"))
-        .args(["bench", "--model", "tiny", "--batch-size", "2"])
-        .args(["--steps", "1", "--warmup", "1", "--json"])
-        .env_remove("CLIPA_BACKEND")
-        .env_remove("CLIPA_DEVICE")
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .expect("the clipa binary runs");
+    let out = clipa_with_env(
+        &[
+            "bench",
+            "--model",
+            "tiny",
+            "--batch-size",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--json",
+        ],
+        &[("RAYON_NUM_THREADS", "1")],
+    );
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");

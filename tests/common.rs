@@ -102,10 +102,16 @@ pub fn curve(dir: &Path) -> Vec<(u64, f64)> {
 
 /// Runs the `clipa` binary built for this test run.
 pub fn clipa(args: &[&str]) -> Output {
+    clipa_with_env(args, &[])
+}
+
+/// [`clipa`] with extra environment variables set.
+pub fn clipa_with_env(args: &[&str], vars: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_clipa"))
         .args(args)
         .env_remove("CLIPA_BACKEND")
         .env_remove("CLIPA_DEVICE")
+        .envs(vars.iter().copied())
         .output()
         .expect("the clipa binary runs")
 }
