@@ -38,12 +38,15 @@ pub enum Command {
     Check(CheckArgs),
     /// List the model presets with parameter counts and GFLOPs per sample.
     Models(ModelsArgs),
-    /// Convert OpenCLIP weights (safetensors) into a clipa checkpoint folder.
+    /// Convert OpenCLIP weights (a hub folder, or safetensors / PyTorch
+    /// weights and a config) into a clipa checkpoint folder.
     ImportOpenclip(ImportArgs),
     /// Write a clipa checkpoint as OpenCLIP weights (safetensors) and config.
     ExportOpenclip(ExportArgs),
-    /// Compute L2-normalised image embeddings with a checkpoint.
+    /// Compute L2-normalised image and text embeddings with a checkpoint.
     Embed(EmbedArgs),
+    /// Print the token ids a checkpoint's tokenizer gives captions.
+    Tokenize(TokenizeArgs),
     /// Train a CLIP model (default: the `demo` preset on the built-in
     /// synthetic data, on the CPU).
     Train(Box<TrainArgs>),
@@ -76,6 +79,10 @@ pub struct BenchArgs {
     /// Model preset (see `clipa models`).
     #[arg(long, default_value = "bench-tiny")]
     pub model: String,
+    /// Vocabulary (`vocab.txt` or `tokenizer.json`) of a WordPiece model
+    /// (the CLIPA-v2 presets `clipa-*`).
+    #[arg(long)]
+    pub vocab: Option<PathBuf>,
     /// Global batch.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
@@ -184,9 +191,16 @@ pub struct TrainArgs {
     /// Training preset (demo, tiny, fmnist, clipa-b16-i112-t16, …).
     #[arg(long)]
     pub preset: Option<String>,
-    /// Model preset, overriding the training preset's (see `clipa models`).
+    /// Model preset, overriding the training preset's (see `clipa models`),
+    /// or an OpenCLIP model-config JSON file (`*.json`; a clipa_torch
+    /// config's `text_mask` becomes every stage's text reduction).
     #[arg(long)]
     pub model: Option<String>,
+    /// Vocabulary of a WordPiece model: a `vocab.txt` or `tokenizer.json`
+    /// (the bert-base-uncased tokenizer files, or any CLIPA hub folder's).
+    /// The CLIPA-v2 recipes need it; checkpoints keep a copy.
+    #[arg(long)]
+    pub vocab: Option<PathBuf>,
     /// Training data: WebDataset shards (`/data/{00000..00099}.tar`, sources
     /// joined by `::`) or a CSV/TSV file. Default: built-in synthetic data.
     #[arg(long)]
@@ -402,15 +416,28 @@ pub struct ModelsArgs {
     pub json: bool,
 }
 
-/// Flags of `clipa import-openclip`.
+/// Flags of `clipa import-openclip`: a downloaded hub folder (`--dir`), or
+/// weights and a config.
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["dir", "weights"])))]
 pub struct ImportArgs {
-    /// OpenCLIP state dict as safetensors (pickle files are refused).
+    /// A downloaded OpenCLIP hub folder (`UCSC-VLAA/ViT-*-CLIPA*`):
+    /// `open_clip_config.json`, `open_clip_model.safetensors` or
+    /// `open_clip_pytorch_model.bin`, and its tokenizer files.
+    #[arg(long, conflicts_with_all = ["weights", "config"])]
+    pub dir: Option<PathBuf>,
+    /// OpenCLIP state dict: safetensors, or a PyTorch file (`.bin`, `.pt`,
+    /// `.pth`), which is read without running any of its code.
+    #[arg(long, requires = "config")]
+    pub weights: Option<PathBuf>,
+    /// OpenCLIP model-config JSON (`embed_dim`, `vision_cfg`, `text_cfg`),
+    /// or a hub `open_clip_config.json`.
+    #[arg(long, requires = "weights")]
+    pub config: Option<PathBuf>,
+    /// Vocabulary (`vocab.txt` or `tokenizer.json`) of a model with an
+    /// `hf_tokenizer_name` (with --dir: instead of the folder's own).
     #[arg(long)]
-    pub weights: PathBuf,
-    /// OpenCLIP model-config JSON (`embed_dim`, `vision_cfg`, `text_cfg`).
-    #[arg(long)]
-    pub config: PathBuf,
+    pub vocab: Option<PathBuf>,
     /// Checkpoint folder to write.
     #[arg(long)]
     pub out: PathBuf,
@@ -433,21 +460,48 @@ pub struct ExportArgs {
     pub custom_text: bool,
 }
 
-/// Flags of `clipa embed`.
+/// Flags of `clipa embed`: images, captions, or both.
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("inputs").required(true).multiple(true).args(["images", "texts"])))]
 pub struct EmbedArgs {
     /// clipa checkpoint folder.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Image files, or folders of PNG/JPEG files.
-    #[arg(long, num_args = 1.., required = true)]
+    /// Image files, or folders (searched recursively for PNG, JPEG and
+    /// WebP files).
+    #[arg(long, num_args = 1..)]
     pub images: Vec<PathBuf>,
-    /// safetensors file to write (`image_features` [N, D]; names in metadata).
+    /// A text file of captions, one a line.
+    #[arg(long)]
+    pub texts: Option<PathBuf>,
+    /// safetensors file to write: `image_features` [N, D] and
+    /// `text_features` [M, D], L2-normalised; file names and captions in
+    /// its metadata.
     #[arg(long)]
     pub out: PathBuf,
-    /// Images per forward pass.
+    /// Images or captions per forward pass.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+}
+
+/// Flags of `clipa tokenize`.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("captions").required(true).args(["texts", "text"])))]
+pub struct TokenizeArgs {
+    /// clipa checkpoint folder (its tokenizer and context length).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// A text file of captions, one a line.
+    #[arg(long)]
+    pub texts: Option<PathBuf>,
+    /// Captions given on the command line.
+    pub text: Vec<String>,
+    /// Ids per caption (default: the model's context length).
+    #[arg(long)]
+    pub context_length: Option<usize>,
+    /// Print one JSON object (`{"context_length", "ids": [[...], ...]}`).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags of `clipa check`.

@@ -28,6 +28,8 @@ pub struct BenchCase {
     pub name: String,
     /// The model, at its full resolution and context.
     pub model: ClipConfig,
+    /// The model's tokenizer, which turns the bench captions into ids.
+    pub tokenizer: Tokenizer,
     /// Global batch.
     pub batch: usize,
     /// Image side before reduction.
@@ -84,6 +86,7 @@ pub fn peer_sweep() -> Result<Vec<BenchCase>> {
     let base = BenchCase {
         name: String::new(),
         model: ClipConfig::bench_tiny(),
+        tokenizer: Tokenizer::clip(),
         batch: 64,
         image_size: 32,
         image_reduction: ImageReduction::None,
@@ -260,7 +263,7 @@ impl<B: AutodiffBackend> BenchRun<B> {
                 eps: 1e-6,
                 weight_decay: 0.1,
             }),
-            tokenizer: Tokenizer::clip(),
+            tokenizer: case.tokenizer.clone(),
             reducer: TextReducer::new(case.text_reduction, case.text_length),
             captions: captions(case.batch),
             images: Tensor::from_data(normal_data([case.batch, 3, px, px], 7, 1.0), device),
@@ -452,6 +455,7 @@ mod tests {
         let case = BenchCase {
             name: "tiny".into(),
             model: ClipConfig::tiny(),
+            tokenizer: Tokenizer::clip(),
             batch: 4,
             image_size: 32,
             image_reduction: "random:0.5".parse().unwrap(),

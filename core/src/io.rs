@@ -1,5 +1,6 @@
-//! safetensors reading and writing for state dicts. Only safetensors is
-//! loaded: pickle files run code when unpickled.
+//! State-dict files: safetensors, read and written, and PyTorch checkpoints
+//! (`torch.save`), read by [`crate::torchfile`]'s restricted unpickler,
+//! which rebuilds tensors and containers and runs no code.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -59,6 +60,58 @@ pub fn read_safetensors(path: &Path) -> Result<TensorFile> {
     Ok(TensorFile {
         tensors,
         metadata: meta.metadata().clone().unwrap_or_default(),
+    })
+}
+
+/// Reads a state dict by its file name: safetensors, or a PyTorch
+/// checkpoint (`.bin`, `.pt`, `.pth`: zip or legacy format, read without
+/// running any of its code). Half-precision tensors are widened to f32.
+pub fn read_weights(path: &Path) -> Result<TensorFile> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("safetensors") => read_safetensors(path),
+        Some("bin" | "pt" | "pth") => read_torch(path),
+        _ => Err(format_err(
+            path,
+            "unknown weights format: expected .safetensors, or a PyTorch .bin, .pt or .pth",
+        )),
+    }
+}
+
+/// Reads a PyTorch checkpoint's tensors (see [`crate::torchfile`]).
+pub fn read_torch(path: &Path) -> Result<TensorFile> {
+    use crate::torchfile::{TorchDtype, read_torch_bytes};
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let raw = read_torch_bytes(&bytes).map_err(|e| format_err(path, e.to_string()))?;
+    let mut tensors = StateDict::new();
+    for (name, t) in raw {
+        let dtype = match t.dtype {
+            TorchDtype::F32 => DType::F32,
+            TorchDtype::F64 => DType::F64,
+            TorchDtype::F16 => DType::F16,
+            TorchDtype::BF16 => DType::BF16,
+            TorchDtype::I64 => DType::I64,
+            TorchDtype::I32 => DType::I32,
+            other => {
+                return Err(format_err(
+                    path,
+                    format!("tensor {name} has unsupported dtype {other:?}"),
+                ));
+            }
+        };
+        let data = TensorData::from_bytes_vec(t.bytes, t.shape, dtype);
+        let data = match dtype {
+            DType::F16 | DType::BF16 | DType::F64 => data.convert::<f32>(),
+            _ => data,
+        };
+        tensors.insert(name, data);
+    }
+    Ok(TensorFile {
+        tensors,
+        metadata: HashMap::new(),
     })
 }
 

@@ -27,6 +27,7 @@ pub(crate) mod scratch;
 pub mod selftest;
 pub mod state;
 pub mod sweep;
+pub mod torchfile;
 pub mod train;
 
 pub use error::{Error, Result};

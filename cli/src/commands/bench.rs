@@ -5,6 +5,7 @@ use anyhow::{Context, ensure};
 use burn::tensor::backend::AutodiffBackend;
 use clipa_backends::{BackendJob, BackendKind, DeviceInfo, PeakMemory};
 use clipa_core::bench::{self, BenchCase, BenchHooks, BenchResult, BenchSteps};
+use clipa_core::data::tokenizer::Tokenizer;
 use clipa_core::model::ClipConfig;
 use clipa_core::train::Precision;
 use serde::Serialize;
@@ -88,8 +89,10 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &BenchArgs) -> anyhow
         cases
     } else {
         let model = ClipConfig::preset(&args.model)?;
+        let tokenizer = Tokenizer::for_text(&model.text, args.vocab.as_deref())?;
         let mut case = BenchCase {
             name: String::new(),
+            tokenizer,
             image_size: args.image_size.unwrap_or(model.vision.image_size as u32),
             text_length: args.text_length.unwrap_or(model.text.context_length),
             model,

@@ -8,7 +8,6 @@ use burn::tensor::ElementConversion;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::AutodiffBackend;
 use clipa_backends::{BackendJob, BackendKind, DeviceInfo};
-use clipa_core::data::tokenizer::Tokenizer;
 use clipa_core::eval::{TemplateSet, ZeroShotTask};
 use clipa_core::model::l2_normalize;
 use clipa_core::{checkpoint, preprocess};
@@ -35,9 +34,9 @@ impl BackendJob for Classify {
         device: B::Device,
         info: &DeviceInfo,
     ) -> clipa_core::Result<Self::Output> {
-        let model = checkpoint::load_model::<B::InnerBackend>(&self.checkpoint, &device)?;
+        let (model, tokenizer) =
+            checkpoint::load_model::<B::InnerBackend>(&self.checkpoint, &device)?;
         tracing::info!("classifying {} images on {info}", self.images.len());
-        let tokenizer = Tokenizer::clip();
         let classifier = self.task.classifier_cached(
             &model,
             &tokenizer,

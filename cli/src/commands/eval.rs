@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use burn::tensor::backend::AutodiffBackend;
 use clipa_backends::{BackendJob, BackendKind, DeviceInfo};
-use clipa_core::data::tokenizer::Tokenizer;
 use clipa_core::eval::{
     EvalResize, EvalResult, EvaluatorConfig, RetrievalEval, RetrievalResult, TemplateSet,
     ZeroShotEval, ZeroShotResult,
@@ -50,10 +49,9 @@ impl BackendJob for EvalJob {
         device: B::Device,
         info: &DeviceInfo,
     ) -> clipa_core::Result<Report> {
-        let model =
+        let (model, tokenizer) =
             clipa_core::checkpoint::load_model::<B::InnerBackend>(&self.checkpoint, &device)?;
         eprintln!("evaluating {} on {info}", self.checkpoint.display());
-        let tokenizer = Tokenizer::clip();
         let mut report = Report {
             zeroshot: None,
             retrieval: None,

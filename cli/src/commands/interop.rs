@@ -3,25 +3,33 @@
 
 use std::collections::HashMap;
 
-use anyhow::Context;
 use clipa_core::{checkpoint, io, openclip};
 
 use crate::args::{ExportArgs, ImportArgs};
 
-/// OpenCLIP safetensors + config JSON → clipa checkpoint folder.
+/// An OpenCLIP hub folder, or weights + config JSON → clipa checkpoint
+/// folder. Nothing is written unless every piece was read and fits.
 pub fn import(args: &ImportArgs) -> anyhow::Result<()> {
-    let json = std::fs::read_to_string(&args.config)
-        .with_context(|| format!("cannot read {}", args.config.display()))?;
-    let cfg =
-        openclip::parse_config(&json).with_context(|| format!("{}", args.config.display()))?;
-    let file = io::read_safetensors(&args.weights)?;
-    let state = openclip::import_state(&file.tensors, &cfg.clip, cfg.custom_text)
-        .with_context(|| format!("{}", args.weights.display()))?;
-    checkpoint::save(&args.out, &cfg.clip, &state)?;
+    let imported = match (&args.dir, &args.weights, &args.config) {
+        (Some(dir), _, _) => openclip::import_dir(dir, args.vocab.as_deref())?,
+        (None, Some(weights), Some(config)) => {
+            openclip::import_files(weights, config, args.vocab.as_deref())?
+        }
+        _ => anyhow::bail!("give --dir FOLDER, or --weights FILE with --config FILE"),
+    };
+    checkpoint::save(
+        &args.out,
+        &imported.config,
+        &imported.state,
+        &imported.tokenizer,
+    )?;
     println!(
-        "imported {} tensors ({:.2} M parameters) into {}",
-        file.tensors.len(),
-        cfg.clip.num_params() as f64 / 1e6,
+        "imported {} tensors from {} ({:.2} M parameters; {}, context {}) into {}",
+        imported.source_tensors,
+        imported.weights.display(),
+        imported.config.num_params() as f64 / 1e6,
+        imported.tokenizer.describe(),
+        imported.config.text.context_length,
         args.out.display()
     );
     Ok(())
@@ -29,7 +37,8 @@ pub fn import(args: &ImportArgs) -> anyhow::Result<()> {
 
 /// clipa checkpoint folder → OpenCLIP safetensors (+ config JSON).
 pub fn export(args: &ExportArgs) -> anyhow::Result<()> {
-    let (cfg, state) = checkpoint::load(&args.checkpoint)?;
+    let ckpt = checkpoint::load(&args.checkpoint)?;
+    let (cfg, state) = (ckpt.config, ckpt.state);
     let config = openclip::config_json(&cfg, args.custom_text)?;
     let out = openclip::export_state(&state, &cfg, args.custom_text);
     let meta = HashMap::from([

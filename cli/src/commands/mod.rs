@@ -15,7 +15,21 @@ mod plot;
 mod sweep;
 mod train;
 
+use std::io::Write;
+
+use anyhow::Context;
+
 use crate::args::{Args, Command};
+
+/// Writes one line to `out`. A closed pipe (`clipa tokenize … | head -1`)
+/// ends the process quietly with success, as `head` expects of a writer;
+/// any other write failure is an error.
+pub(crate) fn write_line(out: &mut impl Write, line: &str) -> anyhow::Result<()> {
+    match writeln!(out, "{line}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        other => other.context("cannot write to standard output"),
+    }
+}
 
 /// Runs the subcommand the user picked.
 pub fn dispatch(args: &Args) -> anyhow::Result<()> {
@@ -26,6 +40,7 @@ pub fn dispatch(args: &Args) -> anyhow::Result<()> {
         Command::ImportOpenclip(import) => interop::import(import),
         Command::ExportOpenclip(export) => interop::export(export),
         Command::Embed(embed) => embed::run(args.backend, args.device, embed),
+        Command::Tokenize(t) => embed::tokenize(t),
         Command::Train(train) => train::run(args.backend, args.device, train),
         Command::Eval(eval_args) => eval::run(args.backend, args.device, eval_args),
         Command::Classify(c) => classify::run(args.backend, args.device, c),

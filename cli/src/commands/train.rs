@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use burn::tensor::backend::AutodiffBackend;
 use clipa_backends::{BackendJob, BackendKind, DeviceInfo, MultiDeviceJob};
+use clipa_core::data::tokenizer::Tokenizer;
 use clipa_core::eval::ZeroShotResult;
 use clipa_core::train::{
     self, LossKind, Observer, Resume, RunOptions, StageConfig, StepMetrics, TrainConfig,
@@ -38,6 +39,15 @@ fn resolve(args: &TrainArgs, output: &Path) -> anyhow::Result<TrainConfig> {
     };
     if let Some(m) = &args.model {
         cfg.model = m.clone();
+        // A clipa_torch config's `text_mask` is how that model reads text.
+        if let Some(mask) = cfg.model_text_mask()? {
+            for s in &mut cfg.stages {
+                s.text_reduction = mask;
+            }
+        }
+    }
+    if args.vocab.is_some() {
+        cfg.vocab = args.vocab.clone();
     }
     if let Some(seed) = args.seed {
         cfg.seed = seed;
@@ -364,6 +374,11 @@ fn print_report(s: &TrainSummary) {
 pub fn run(kind: BackendKind, device: Option<usize>, args: &TrainArgs) -> anyhow::Result<()> {
     let output = args.output.clone().unwrap_or_else(|| default_output(args));
     let cfg = resolve(args, &output)?;
+    if args.resume.is_none() && args.init_from.is_none() {
+        // A fresh run's tokenizer comes from its model and `vocab`: a missing
+        // or mismatched vocabulary fails here, before anything is trained.
+        Tokenizer::for_text(&cfg.model_config()?.text, cfg.vocab.as_deref())?;
+    }
     if args.dry_run {
         print!("{}", cfg.to_toml());
         return Ok(());

@@ -108,6 +108,44 @@ impl ImageFolder {
     }
 }
 
+/// The image files of `inputs`: files as given, folders searched
+/// recursively (sorted, subfolders in name order), keeping JPEG, PNG and
+/// WebP files, as the loader reads them.
+pub fn image_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            let mut stack = vec![input.clone()];
+            let mut found = Vec::new();
+            while let Some(dir) = stack.pop() {
+                for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+                    let path = entry.map_err(|e| Error::io(&dir, e))?.path();
+                    if path.is_dir() {
+                        stack.push(path);
+                    } else if is_image(&path) {
+                        found.push(path);
+                    }
+                }
+            }
+            found.sort();
+            out.extend(found);
+        } else if input.is_file() {
+            out.push(input.clone());
+        } else {
+            return Err(Error::Config(format!(
+                "{} is neither an image file nor a folder",
+                input.display()
+            )));
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::Config(
+            "no JPEG, PNG or WebP images found in the given paths".into(),
+        ));
+    }
+    Ok(out)
+}
+
 fn is_image(path: &Path) -> bool {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     ["jpg", "jpeg", "png", "webp"]

@@ -43,6 +43,40 @@ pub enum TextPool {
     First,
 }
 
+/// The tokenizer a model reads its captions with. It is part of the model's
+/// config, and so of every checkpoint's `config.json`: ids from another
+/// tokenizer index the wrong rows of the token embedding, or none at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TokenizerConfig {
+    /// OpenAI CLIP's byte-level BPE, 49,408 ids, `[SOT] … [EOT]` (OpenCLIP's
+    /// default tokenizer, CLIPA-v1's PyTorch models).
+    #[default]
+    ClipBpe,
+    /// BERT WordPiece over a `vocab.txt` kept beside the weights (CLIPA-v2:
+    /// `bert-base-uncased`), run as OpenCLIP's `HFTokenizer` runs it:
+    /// `[CLS] … [SEP]` cut to the context length and padded with 0.
+    WordPiece {
+        /// Lower-case before splitting (`do_lower_case`).
+        lowercase: bool,
+        /// Strip accents: NFD, then drop the combining marks.
+        strip_accents: bool,
+        /// Write the pad id 0 where `[SEP]` was (OpenCLIP's
+        /// `strip_sep_token`, set by every CLIPA-v2 model).
+        strip_sep_token: bool,
+    },
+}
+
+impl TokenizerConfig {
+    /// BERT uncased WordPiece as CLIPA-v2's OpenCLIP configs run it
+    /// (`hf_tokenizer_name: bert-base-uncased`, `strip_sep_token`).
+    pub const BERT_UNCASED: Self = Self::WordPiece {
+        lowercase: true,
+        strip_accents: true,
+        strip_sep_token: true,
+    };
+}
+
 /// How an evaluation image becomes the model's input square: the model's
 /// own preprocessing, carried in its config so that `clipa eval`,
 /// `classify`, `embed` and the trainer's evaluators all agree.
@@ -150,6 +184,9 @@ pub struct TextConfig {
     /// Pooling.
     #[config(default = "TextPool::Argmax")]
     pub pool: TextPool,
+    /// The tokenizer whose ids index `vocab_size` rows.
+    #[config(default = "TokenizerConfig::ClipBpe")]
+    pub tokenizer: TokenizerConfig,
     /// MLP activation.
     #[config(default = "Activation::Gelu")]
     pub activation: Activation,
@@ -245,7 +282,10 @@ pub mod sizes {
 }
 
 /// The names `--model` accepts, in the order `clipa models` lists them.
-pub const PRESETS: [&str; 15] = [
+pub const PRESETS: [&str; 18] = [
+    "clipa-v1-b16",
+    "clipa-v1-l16",
+    "clipa-v1-h14",
     "clipa-s16",
     "clipa-b16",
     "clipa-l14",
@@ -312,10 +352,39 @@ impl ClipConfig {
             .with_causal(false)
             .with_pool(TextPool::Last)
             .with_activation(Activation::GeluTanh)
-            .with_ln_eps(1e-6);
+            .with_ln_eps(1e-6)
+            .with_tokenizer(TokenizerConfig::BERT_UNCASED);
         Self::new(embed_dim, vision, text)
             .with_normalization(Normalization::IMAGENET)
             .with_eval_resize(EvalResize::Squash)
+    }
+
+    /// A CLIPA-v1 model as the PyTorch code (`clipa_torch`) trained the 8×A100
+    /// runs: OpenCLIP's ViT with `ln_pre`, exact GELU and LayerNorm eps 1e-5,
+    /// sin-cos image positions (`--pos-embed sin_cos_2d`), `pool` over the
+    /// image tokens, and a causal CLIP-BPE text tower pooled at EOT. ImageNet
+    /// statistics and a square bilinear resize, as its test scripts
+    /// (`--square-resize-only --interpolation bilinear`).
+    fn clipa_v1(
+        embed_dim: usize,
+        vision: Size,
+        patch: usize,
+        pool: VisionPool,
+        text: Size,
+        ctx: usize,
+    ) -> Self {
+        let vision = VisionConfig::from_size(vision, patch, 224)
+            .with_pos_embed(PosEmbed::SinCos2d)
+            .with_pool(pool)
+            // OpenCLIP's `global_average_pool`: the mean, then `ln_post`.
+            .with_final_ln_after_pool(pool != VisionPool::Cls);
+        Self::new(
+            embed_dim,
+            vision,
+            TextConfig::from_size(text, ctx, CLIP_VOCAB),
+        )
+        .with_normalization(Normalization::IMAGENET)
+        .with_eval_resize(EvalResize::Squash)
     }
 
     /// An OpenAI-CLIP-architecture model (OpenCLIP defaults, exact GELU).
@@ -334,11 +403,24 @@ impl ClipConfig {
         )
     }
 
-    /// CLIPA S/16.
+    /// CLIPA-v1 B/16 (`ViT-B-16-CL16.json`: CLS pooling, 16 text tokens).
+    pub fn clipa_v1_b16() -> Self {
+        Self::clipa_v1(512, sizes::B, 16, VisionPool::Cls, sizes::TEXT_B, 16)
+    }
+    /// CLIPA-v1 L/16 (`ViT-L-16-CL32-GAP.json`: mean over CLS and patches).
+    pub fn clipa_v1_l16() -> Self {
+        Self::clipa_v1(768, sizes::L, 16, VisionPool::AvgAll, sizes::TEXT_L, 32)
+    }
+    /// CLIPA-v1 H/14 (`ViT-H-14-CL32-GAP.json`), the v2 report's Table 1
+    /// scaling runs.
+    pub fn clipa_v1_h14() -> Self {
+        Self::clipa_v1(1024, sizes::H, 14, VisionPool::AvgAll, sizes::TEXT_H, 32)
+    }
+    /// CLIPA-v2-architecture S/16 (JAX; BERT WordPiece text).
     pub fn clipa_s16() -> Self {
         Self::clipa(384, sizes::S, 16, sizes::S)
     }
-    /// CLIPA B/16.
+    /// CLIPA-v2-architecture B/16 (JAX; BERT WordPiece text).
     pub fn clipa_b16() -> Self {
         Self::clipa(512, sizes::B, 16, sizes::TEXT_B)
     }
@@ -346,15 +428,15 @@ impl ClipConfig {
     pub fn clipa_l14() -> Self {
         Self::clipa(768, sizes::L, 14, sizes::TEXT_L)
     }
-    /// CLIPA L/16.
+    /// CLIPA-v2-architecture L/16 (JAX; BERT WordPiece text).
     pub fn clipa_l16() -> Self {
         Self::clipa(768, sizes::L, 16, sizes::TEXT_L)
     }
-    /// CLIPA H/14.
+    /// CLIPA-v2 H/14 (BERT WordPiece text).
     pub fn clipa_h14() -> Self {
         Self::clipa(1024, sizes::H, 14, sizes::TEXT_H)
     }
-    /// CLIPA bigG/14.
+    /// CLIPA-v2 bigG/14 (BERT WordPiece text).
     pub fn clipa_g14() -> Self {
         Self::clipa(1280, sizes::G, 14, sizes::TEXT_G)
     }
@@ -414,6 +496,9 @@ impl ClipConfig {
     /// Looks a preset up by its `--model` name.
     pub fn preset(name: &str) -> Result<Self> {
         Ok(match name {
+            "clipa-v1-b16" => Self::clipa_v1_b16(),
+            "clipa-v1-l16" => Self::clipa_v1_l16(),
+            "clipa-v1-h14" => Self::clipa_v1_h14(),
             "clipa-s16" => Self::clipa_s16(),
             "clipa-b16" => Self::clipa_b16(),
             "clipa-l14" => Self::clipa_l14(),
@@ -488,6 +573,13 @@ impl ClipConfig {
         if t.context_length == 0 || t.vocab_size == 0 {
             return bad("text: context length and vocab size must be positive".into());
         }
+        if t.tokenizer == TokenizerConfig::ClipBpe && t.vocab_size < CLIP_VOCAB {
+            return bad(format!(
+                "text: CLIP BPE emits ids up to {} but the token embedding has {} rows",
+                CLIP_VOCAB - 1,
+                t.vocab_size
+            ));
+        }
         Ok(())
     }
 }
@@ -506,7 +598,7 @@ mod tests {
             ClipConfig::preset("vit-z99")
                 .unwrap_err()
                 .to_string()
-                .contains("presets: clipa-s16")
+                .contains("presets: clipa-v1-b16")
         );
     }
 
@@ -528,6 +620,40 @@ mod tests {
                 .to_string()
                 .contains("text: heads (3)")
         );
+    }
+
+    #[test]
+    fn each_paper_version_has_its_tokenizer() {
+        for v1 in ["clipa-v1-b16", "clipa-v1-l16", "clipa-v1-h14"] {
+            let t = ClipConfig::preset(v1).unwrap().text;
+            assert_eq!(t.tokenizer, TokenizerConfig::ClipBpe, "{v1}");
+            assert_eq!(
+                (t.vocab_size, t.causal, t.pool),
+                (CLIP_VOCAB, true, TextPool::Argmax)
+            );
+        }
+        for v2 in [
+            "clipa-s16",
+            "clipa-b16",
+            "clipa-l14",
+            "clipa-l16",
+            "clipa-h14",
+            "clipa-g14",
+        ] {
+            let t = ClipConfig::preset(v2).unwrap().text;
+            assert_eq!(t.tokenizer, TokenizerConfig::BERT_UNCASED, "{v2}");
+            assert_eq!(
+                (t.vocab_size, t.causal, t.pool),
+                (BERT_VOCAB, false, TextPool::Last)
+            );
+        }
+        // The v1 L/16 and H/14 pool over CLS and patches; B/16 takes CLS.
+        assert_eq!(ClipConfig::clipa_v1_b16().vision.pool, VisionPool::Cls);
+        assert_eq!(ClipConfig::clipa_v1_l16().vision.pool, VisionPool::AvgAll);
+        let mut bad = ClipConfig::tiny();
+        bad.text.vocab_size = 32_000;
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("CLIP BPE emits ids up to 49407"), "{err}");
     }
 
     #[test]

@@ -11,7 +11,8 @@ mod vision;
 
 pub use clip::{ClipModel, ClipOutput, l2_normalize};
 pub use config::{
-    ClipConfig, EvalResize, Normalization, PosEmbed, TextConfig, TextPool, VisionConfig, VisionPool,
+    ClipConfig, EvalResize, Normalization, PosEmbed, TextConfig, TextPool, TokenizerConfig,
+    VisionConfig, VisionPool,
 };
 pub use text::TextTransformer;
 pub use trace::Trace;

@@ -6,9 +6,11 @@ use std::collections::BTreeSet;
 use serde_json::{Map, Value};
 
 use crate::model::{
-    ClipConfig, EvalResize, PosEmbed, TextConfig, TextPool, VisionConfig, VisionPool,
+    ClipConfig, EvalResize, PosEmbed, TextConfig, TextPool, TokenizerConfig, VisionConfig,
+    VisionPool,
 };
 use crate::nn::Activation;
+use crate::reduce::TextReduction;
 use crate::{Error, Result};
 
 /// A parsed OpenCLIP model config.
@@ -20,6 +22,9 @@ pub struct OpenClipConfig {
     pub custom_text: bool,
     /// `hf_tokenizer_name`, when the config names one.
     pub hf_tokenizer: Option<String>,
+    /// clipa_torch's `text_mask` (`ViT-L-16-CL8-Syntax-GAP.json`): the text
+    /// reduction the model was trained with; `None` for truncation.
+    pub text_mask: Option<TextReduction>,
 }
 
 fn unsupported(key: &str, value: &Value) -> Error {
@@ -111,6 +116,17 @@ impl<'a> Fields<'a> {
         } else {
             Activation::Gelu
         };
+        // clipa_torch spells the tanh GELU `gelu_approximate`.
+        match self.str("gelu_approximate")? {
+            Some("tanh") => act = Activation::GeluTanh,
+            None | Some("none") => {}
+            Some(other) => {
+                return Err(unsupported(
+                    &self.key("gelu_approximate"),
+                    &Value::from(other),
+                ));
+            }
+        }
         if let Some(kwargs) = self.get("act_kwargs") {
             let mut f = Fields::new("act_kwargs", kwargs)?;
             match f.str("approximate")? {
@@ -305,7 +321,8 @@ fn parse_model_config(root: &Value) -> Result<OpenClipConfig> {
         layers: v.usize("layers", Some(12))?,
         heads: heads_from(&mut v, width)?,
         mlp_width: mlp_from(&mut v, width)?,
-        pos_embed: match v.str("pos_embed_type")? {
+        // `pos_embed` is clipa_torch's name for OpenCLIP's `pos_embed_type`.
+        pos_embed: match v.str("pos_embed_type")?.or(v.str("pos_embed")?) {
             None | Some("learnable") => PosEmbed::Learnable,
             Some("sin_cos_2d") => PosEmbed::SinCos2d,
             Some(other) => {
@@ -337,12 +354,44 @@ fn parse_model_config(root: &Value) -> Result<OpenClipConfig> {
     v.only("input_patchnorm", |x| x == &Value::Bool(false))?;
     v.only("output_tokens", |x| x == &Value::Bool(false))?;
     v.only("timm_model_name", |_| false)?;
+    v.only("pool_style", |x| x.as_str() == Some("open_clip"))?;
     let eval_resize = v.eval_resize()?.unwrap_or_default();
     let (mean, std) = (v.triple("image_mean")?, v.triple("image_std")?);
     v.finish()?;
 
     let mut t = Fields::new("text_cfg", text_value)?;
     let width = t.usize("width", Some(512))?;
+    let hf_tokenizer = t.str("hf_tokenizer_name")?.map(str::to_string);
+    let tokenizer = match &hf_tokenizer {
+        None => TokenizerConfig::ClipBpe,
+        Some(name) => {
+            // OpenCLIP's HFTokenizer: `clean="whitespace"` by default, and
+            // `strip_sep_token` from the config's `tokenizer_kwargs`.
+            let mut strip_sep_token = false;
+            if let Some(kwargs) = t.get("tokenizer_kwargs") {
+                let mut k = Fields::new("text_cfg.tokenizer_kwargs", kwargs)?;
+                strip_sep_token = k.bool("strip_sep_token", false)?;
+                k.only("clean", |x| x.as_str() == Some("whitespace"))?;
+                k.finish()?;
+            }
+            // BERT's uncased vocabularies lower-case and strip accents.
+            let uncased = !name.contains("-cased");
+            TokenizerConfig::WordPiece {
+                lowercase: uncased,
+                strip_accents: uncased,
+                strip_sep_token,
+            }
+        }
+    };
+    let text_mask = match t.str("text_mask")? {
+        None | Some("first") => None,
+        Some("syntax") => Some(TextReduction::Syntax),
+        Some("random") => Some(TextReduction::Random),
+        Some("block") => Some(TextReduction::Block),
+        Some(other) => return Err(unsupported("text_cfg.text_mask", &Value::from(other))),
+    };
+    // clipa_torch's `attention_mask: false` is OpenCLIP's `no_causal_mask`.
+    let causal = !t.bool("no_causal_mask", false)? && t.bool("attention_mask", true)?;
     let text = TextConfig {
         context_length: t.usize("context_length", Some(77))?,
         vocab_size: t.usize("vocab_size", Some(49_408))?,
@@ -350,19 +399,20 @@ fn parse_model_config(root: &Value) -> Result<OpenClipConfig> {
         layers: t.usize("layers", Some(12))?,
         heads: t.usize("heads", Some(8))?,
         mlp_width: mlp_from(&mut t, width)?,
-        causal: !t.bool("no_causal_mask", false)?,
+        causal,
         pool: match t.str("pool_type")? {
             None | Some("argmax") => TextPool::Argmax,
             Some("last") => TextPool::Last,
             Some("first") => TextPool::First,
             Some(other) => return Err(unsupported("text_cfg.pool_type", &Value::from(other))),
         },
+        tokenizer,
         activation: t.activation(quick_gelu)?,
         ln_eps: t.ln_eps()?,
     };
-    let hf_tokenizer = t.str("hf_tokenizer_name")?.map(str::to_string);
-    t.only("tokenizer_kwargs", |_| true)?;
-    t.only("pad_id", |_| true)?;
+    t.only("pad_id", |x| x.as_u64() == Some(0))?;
+    t.only("pool_style", |x| x.as_str() == Some("open_clip"))?;
+    t.only("bert_tokenizer", |x| x == &Value::Bool(false))?;
     t.only("ls_init_value", |_| false)?;
     t.only("embed_cls", |x| x == &Value::Bool(false))?;
     t.only("proj_bias", |x| x == &Value::Bool(false))?;
@@ -387,6 +437,7 @@ fn parse_model_config(root: &Value) -> Result<OpenClipConfig> {
         clip,
         custom_text,
         hf_tokenizer,
+        text_mask,
     })
 }
 
@@ -421,7 +472,7 @@ pub fn config_json(cfg: &ClipConfig, custom_text: bool) -> Result<Value> {
         "image_mean": cfg.normalization.mean,
         "image_std": cfg.normalization.std,
     });
-    let text = serde_json::json!({
+    let mut text = serde_json::json!({
         "context_length": t.context_length,
         "vocab_size": t.vocab_size,
         "width": t.width,
@@ -433,6 +484,20 @@ pub fn config_json(cfg: &ClipConfig, custom_text: bool) -> Result<Value> {
         "act_kwargs": act(t.activation),
         "norm_kwargs": {"eps": t.ln_eps},
     });
+    if let TokenizerConfig::WordPiece {
+        lowercase,
+        strip_sep_token,
+        ..
+    } = t.tokenizer
+    {
+        let name = if lowercase {
+            "bert-base-uncased"
+        } else {
+            "bert-base-cased"
+        };
+        text["hf_tokenizer_name"] = Value::from(name);
+        text["tokenizer_kwargs"] = serde_json::json!({"strip_sep_token": strip_sep_token});
+    }
     let mut root = serde_json::json!({
         "embed_dim": cfg.embed_dim,
         "vision_cfg": vision,

@@ -1,5 +1,5 @@
 //! OpenCLIP interoperability: model-config JSON and state-dict key mapping,
-//! both directions.
+//! both directions, and importing downloaded hub folders.
 //!
 //! Key layout follows OpenCLIP's `CLIP` (and `CustomTextCLIP` when
 //! `custom_text` is set, which nests the text tower under `text.`).
@@ -14,9 +14,11 @@
 //! the same tensors bit for bit.
 
 mod config;
+mod hub;
 mod keys;
 
 pub use config::{OpenClipConfig, config_json, parse_config};
+pub use hub::{HUB_CONFIG, HUB_WEIGHTS, Imported, VOCAB_FILES, import_dir, import_files};
 pub use keys::{clipa_shapes, export_state, import_state};
 
 #[cfg(test)]

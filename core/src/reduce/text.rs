@@ -5,7 +5,7 @@
 //!
 //! Every strategy returns exactly `context` ids built by
 //! [`Tokenizer::wrap`], so the special tokens (`[SOT]…[EOT]` for CLIP BPE,
-//! `[CLS]` for WordPiece) are always there and the content budget is
+//! `[CLS]…[SEP]` for WordPiece) are always there and the content budget is
 //! `keep = context - num_special()`. A caption whose content already fits is
 //! never reduced: every strategy then equals truncation.
 //!
@@ -208,7 +208,7 @@ mod random_tests {
     }
 
     #[test]
-    fn same_key_same_draw_and_wordpiece_keeps_cls_only() {
+    fn same_key_same_draw_and_wordpiece_keeps_its_specials() {
         let t = clip();
         let a = RandomKeep.reduce(&t, LONG, 8, &mut Rng::keyed(&[5, 6]));
         assert_eq!(a, RandomKeep.reduce(&t, LONG, 8, &mut Rng::keyed(&[5, 6])));
@@ -217,12 +217,13 @@ mod random_tests {
             .count();
         assert!(differ >= 19, "{differ}");
         let wp = wordpiece();
-        let row = RandomKeep.reduce(&wp, "a b c d e f g h", 4, &mut Rng::new(3));
-        assert_eq!(row.len(), 4);
+        let row = RandomKeep.reduce(&wp, "a b c d e f g h", 5, &mut Rng::new(3));
+        assert_eq!(row.len(), 5);
         assert_eq!(row[0], 2, "[CLS] first");
+        assert_eq!(row[4], 0, "the stripped [SEP] last");
         assert!(
-            row[1..].windows(2).all(|w| w[0] < w[1])
-                && row[1..].iter().all(|id| (4..12).contains(id)),
+            row[1..4].windows(2).all(|w| w[0] < w[1])
+                && row[1..4].iter().all(|id| (4..12).contains(id)),
             "{row:?}"
         );
     }

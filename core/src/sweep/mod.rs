@@ -397,8 +397,9 @@ fn run_phase<B: AutodiffBackend>(
             run_dir.display()
         ))
     })?;
-    let model = crate::checkpoint::load_model::<B::InnerBackend>(&checkpoint, &device.clone())?;
-    let (top1, top5, metrics) = evaluate(&run_cfg, data, cfg, &model, device)?;
+    let (model, tokenizer) =
+        crate::checkpoint::load_model::<B::InnerBackend>(&checkpoint, &device.clone())?;
+    let (top1, top5, metrics) = evaluate(&run_cfg, data, cfg, &model, &tokenizer, device)?;
     let stage = &run_cfg.stages[0];
     let flops = stage.train_flops(&ClipConfig::preset(&point.model)?);
     let result = PhaseResult {
@@ -427,18 +428,18 @@ fn evaluate<B: burn::tensor::backend::Backend>(
     data: &DataPaths,
     cfg: &SweepConfig,
     model: &crate::model::ClipModel<B>,
+    tokenizer: &Tokenizer,
     device: &B::Device,
 ) -> Result<(f64, f64, BTreeMap<String, f64>)> {
-    let tokenizer = Tokenizer::clip();
     let mut eval_cfg = run_cfg.clone();
     eval_cfg.data.zeroshot_data = data.zeroshot_data.clone();
     eval_cfg.data.classnames = data.classnames.clone();
-    let z = train::data::zeroshot_eval(&eval_cfg, model, &tokenizer, device)?
+    let z = train::data::zeroshot_eval(&eval_cfg, model, tokenizer, device)?
         .ok_or_else(|| Error::Config("the sweep's data has no zero-shot set".into()))?;
     let mut metrics = BTreeMap::new();
     for e in &cfg.evaluators {
         for (k, v) in e
-            .run(model, &tokenizer, device, None, &mut |_| {})?
+            .run(model, tokenizer, device, None, &mut |_| {})?
             .metrics()
         {
             metrics.insert(format!("{}/{k}", e.name()), v);

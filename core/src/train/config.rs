@@ -225,6 +225,12 @@ pub struct TrainConfig {
     /// Zero-shot evaluation every N steps (0: only at the end of a stage).
     #[serde(default)]
     pub eval_every: u64,
+    /// The vocabulary (`vocab.txt` or `tokenizer.json`) of a model whose
+    /// tokenizer needs one: the CLIPA-v2 presets read BERT uncased
+    /// WordPiece. Every checkpoint keeps a copy, so a resumed run reads its
+    /// own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab: Option<PathBuf>,
     /// Data.
     #[serde(default)]
     pub data: DataConfig,
@@ -290,14 +296,16 @@ fn steps_for(samples: u64, batch: usize) -> u64 {
 /// CLIPA-v2 pre-training length: 1,281,167 × 10,000 samples (12.8B).
 const V2_SAMPLES: u64 = 12_811_670_000;
 
-/// CLIPA-v1 unmasked fine-tune: 131M samples at 224 px and 32 tokens, at
-/// the recipe's batch and warmup (B/16: 8192, 3072; L/16: 7168, 3571).
-fn v1_unmask_tune(batch: usize, warmup: u64) -> StageConfig {
+/// CLIPA-v1 unmasked fine-tune: 131M samples at 224 px, at the recipe's
+/// text length, batch and warmup (`clipa_torch/scripts/exp/gpu`: B/16
+/// `ViT-B-16-CL16`, 16 tokens, 8192, 3072; L/16 `ViT-L-16-CL32-GAP`, 32
+/// tokens, 7168, 3571).
+fn v1_unmask_tune(text_length: usize, batch: usize, warmup: u64) -> StageConfig {
     stage(
         "unmask-tune-224",
         224,
         "none",
-        32,
+        text_length,
         "truncate",
         steps_for(131_072_000, batch),
         batch,
@@ -374,6 +382,7 @@ impl TrainConfig {
     /// A run of `model` through `stages` with the default settings.
     pub(crate) fn base(model: &str, stages: Vec<StageConfig>) -> Self {
         Self {
+            vocab: None,
             model: model.into(),
             seed: 0,
             loss: LossKind::Softmax,
@@ -406,7 +415,10 @@ impl TrainConfig {
     ///     `clipa-b16-i112-t16`, `clipa-l16-i64-t16`, `clipa-l16-i96-t8`;
     ///   - the v2 report's Table 1 scaling run `clipa-h14-i84-t8` (2.56B
     ///     samples at 84 px, then 128M unmasked at 224 px);
-    ///   - CLIPA-v2, 12.8B samples at 70 or 84 px and 8 syntax tokens, then
+    ///
+    ///     these four train the PyTorch `clipa-v1-*` models (CLIP BPE);
+    ///   - CLIPA-v2, on the JAX models (`clipa-*`, BERT WordPiece: they need
+    ///     `vocab`), 12.8B samples at 70 or 84 px and 8 syntax tokens, then
     ///     512M at 224 px with 30 % (bigG: 40 %) of the patches masked, and
     ///     optionally 128M at 336 px with 40 % masked:
     ///     `clipa-v2-l14-84-224`, `clipa-v2-h14-70-224`, `clipa-v2-h14-84-224`,
@@ -485,7 +497,7 @@ impl TrainConfig {
                 ],
             ),
             "clipa-b16-i112-t16" => Self::base(
-                "clipa-b16",
+                "clipa-v1-b16",
                 vec![
                     stage(
                         "i112-t16",
@@ -498,11 +510,11 @@ impl TrainConfig {
                         8e-6,
                         782,
                     ),
-                    v1_unmask_tune(8192, 3072),
+                    v1_unmask_tune(16, 8192, 3072),
                 ],
             ),
             "clipa-l16-i96-t8" => Self::base(
-                "clipa-l16",
+                "clipa-v1-l16",
                 vec![
                     stage(
                         "i96-t8",
@@ -515,7 +527,7 @@ impl TrainConfig {
                         8e-6,
                         1563,
                     ),
-                    v1_unmask_tune(7168, 3571),
+                    v1_unmask_tune(32, 7168, 3571),
                 ],
             ),
             "clipa-v2-h14-84-224-336" => Self::base(
@@ -527,7 +539,7 @@ impl TrainConfig {
                 ],
             ),
             "clipa-l16-i64-t16" => Self::base(
-                "clipa-l16",
+                "clipa-v1-l16",
                 vec![
                     stage(
                         "i64-t16",
@@ -540,11 +552,11 @@ impl TrainConfig {
                         8e-6,
                         1563,
                     ),
-                    v1_unmask_tune(7168, 3571),
+                    v1_unmask_tune(32, 7168, 3571),
                 ],
             ),
             "clipa-h14-i84-t8" => Self::base(
-                "clipa-h14",
+                "clipa-v1-h14",
                 vec![
                     v2_pretrain(84, 2_560_000_000, 8e-6),
                     stage(
@@ -606,9 +618,30 @@ impl TrainConfig {
         toml::to_string_pretty(self).expect("a TrainConfig always serialises")
     }
 
-    /// The model architecture at stage 0's sizes.
+    /// The model architecture at stage 0's sizes: a preset, or an OpenCLIP
+    /// model-config JSON file when `model` ends in `.json`.
     pub fn model_config(&self) -> Result<ClipConfig> {
-        ClipConfig::preset(&self.model)
+        Ok(self.model_source()?.0)
+    }
+
+    /// The text reduction a clipa_torch model config names (`"text_mask":
+    /// "syntax"` in `ViT-L-16-CL8-Syntax-GAP.json`): the CLI makes it every
+    /// stage's, as clipa_torch tokenizes that model's captions with it.
+    pub fn model_text_mask(&self) -> Result<Option<TextReduction>> {
+        Ok(self.model_source()?.1)
+    }
+
+    fn model_source(&self) -> Result<(ClipConfig, Option<TextReduction>)> {
+        if !self.model.ends_with(".json") {
+            return Ok((ClipConfig::preset(&self.model)?, None));
+        }
+        let path = std::path::Path::new(&self.model);
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let parsed = crate::openclip::parse_config(&text).map_err(|e| Error::Format {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Ok((parsed.clip, parsed.text_mask))
     }
 
     /// Total steps over all stages.

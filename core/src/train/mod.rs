@@ -321,18 +321,20 @@ fn train_replica<B: AutodiffBackend>(
         Some(Resume::Latest) => runstate::latest(run)?,
         Some(Resume::Dir(d)) => Some(d.clone()),
     };
-    let (model, mut manifest, mut optim_state) = match &resume_from {
+    // The tokenizer comes with the weights: from the checkpoint a run
+    // resumes or starts from, else from the model preset and `vocab`.
+    let (model, tokenizer, mut manifest, mut optim_state) = match &resume_from {
         Some(dir) => {
-            let (manifest, model_cfg, weights, optim) = runstate::load(dir)?;
+            let (manifest, saved, optim) = runstate::load(dir)?;
             runstate::check_resumable(&manifest.config, &cfg)?;
-            let model: ClipModel<B> = model_cfg.init(device);
-            let model = load_state_dict(model, &weights)?;
+            let model: ClipModel<B> = saved.config.init(device);
+            let model = load_state_dict(model, &saved.state)?;
             observer.message(&format!(
                 "resuming from {} (step {})",
                 dir.display(),
                 manifest.step
             ));
-            (model, manifest, Some(optim))
+            (model, saved.tokenizer, manifest, Some(optim))
         }
         None => {
             if opts.resume.is_some() {
@@ -350,16 +352,24 @@ fn train_replica<B: AutodiffBackend>(
                 model_cfg.init_logit_scale = 10f64.ln();
                 model_cfg.init_logit_bias = Some(-10.0);
             }
-            let model = match &opts.init_from {
+            let (model, tokenizer) = match &opts.init_from {
                 Some(dir) => {
-                    let model = crate::checkpoint::load_model::<B>(dir, device)?;
+                    if let Some(vocab) = &cfg.vocab {
+                        return Err(Error::Config(format!(
+                            "a vocabulary ({}) and --init-from {}: the checkpoint carries its own tokenizer",
+                            vocab.display(),
+                            dir.display()
+                        )));
+                    }
+                    let loaded = crate::checkpoint::load_model::<B>(dir, device)?;
                     observer.message(&format!("initialised from {}", dir.display()));
-                    model
+                    loaded
                 }
                 None => {
+                    let tokenizer = Tokenizer::for_text(&model_cfg.text, cfg.vocab.as_deref())?;
                     let _turn = feed.init.lock().unwrap_or_else(|e| e.into_inner());
                     B::seed(device, cfg.seed);
-                    model_cfg.init(device)
+                    (model_cfg.init(device), tokenizer)
                 }
             };
             let manifest = Manifest {
@@ -373,7 +383,7 @@ fn train_replica<B: AutodiffBackend>(
                 train_seconds: 0.0,
                 config: cfg.clone(),
             };
-            (model, manifest, None)
+            (model, tokenizer, manifest, None)
         }
     };
     // Replicas start from replica 0's weights (equal already, unless a
@@ -398,7 +408,6 @@ fn train_replica<B: AutodiffBackend>(
     } else {
         None
     };
-    let tokenizer = Tokenizer::clip();
     let lexicon = match &opts.lexicon {
         Some(p) => Some(Arc::new(crate::reduce::syntax::Lexicon::from_file(p)?)),
         None => None,
@@ -620,6 +629,7 @@ fn train_replica<B: AutodiffBackend>(
                         &manifest,
                         &model.config,
                         &state_dict(&model),
+                        &tokenizer,
                         &opt.state_dict(),
                         cfg.keep_checkpoints,
                     )?;
@@ -793,7 +803,12 @@ mod tests {
         let init = run_dir("dp-init");
         let mut model_cfg = cfg.model_config().unwrap();
         model_cfg.text.context_length = 16;
-        crate::checkpoint::save_model(&init, &model_cfg.init::<TestBackend>(&device)).unwrap();
+        crate::checkpoint::save_model(
+            &init,
+            &model_cfg.init::<TestBackend>(&device),
+            &Tokenizer::clip(),
+        )
+        .unwrap();
         let run = |world: usize| {
             // Dropped when this closure returns: a run folder with its
             // checkpoints is large (155 MB for 4 replicas), and only the
@@ -814,8 +829,8 @@ mod tests {
             let devices = vec![device; world];
             let s = train_parallel::<TestBackend>(cfg.clone(), &opts, &devices, &mut obs).unwrap();
             assert_eq!(s.steps, 6);
-            let (_, _, weights, _) = runstate::load(s.checkpoint.as_ref().unwrap()).unwrap();
-            (losses(&opts.output), weights)
+            let (_, saved, _) = runstate::load(s.checkpoint.as_ref().unwrap()).unwrap();
+            (losses(&opts.output), saved.state)
         };
         let (want_losses, want) = run(1);
         for world in [2, 4] {
@@ -890,7 +905,12 @@ mod tests {
         let init = run_dir("init");
         let mut model_cfg = cfg.model_config().unwrap();
         model_cfg.text.context_length = 16;
-        crate::checkpoint::save_model(&init, &model_cfg.init::<TestBackend>(&device)).unwrap();
+        crate::checkpoint::save_model(
+            &init,
+            &model_cfg.init::<TestBackend>(&device),
+            &Tokenizer::clip(),
+        )
+        .unwrap();
         let opts = |output: &Path, resume| RunOptions {
             output: output.to_path_buf(),
             resume,
@@ -908,8 +928,8 @@ mod tests {
         let summary = train::<TestBackend>(cfg.clone(), &full, &device, &mut obs).unwrap();
         assert_eq!(summary.steps, 6);
         assert_eq!(obs.stages, [0, 1]);
-        let (_, last_cfg, weights, _) =
-            runstate::load(summary.checkpoint.as_ref().unwrap()).unwrap();
+        let (_, saved, _) = runstate::load(summary.checkpoint.as_ref().unwrap()).unwrap();
+        let (last_cfg, weights) = (saved.config, saved.state);
         assert_eq!(
             (last_cfg.vision.image_size, last_cfg.text.context_length),
             (32, 16)

@@ -15,8 +15,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::config::TrainConfig;
+use crate::checkpoint::Checkpoint;
 use crate::data::DataStatsSnapshot;
 use crate::data::loader::LoaderState;
+use crate::data::tokenizer::Tokenizer;
 use crate::io::{read_safetensors, sync_dir, write_atomic, write_safetensors};
 use crate::model::ClipConfig;
 use crate::state::StateDict;
@@ -64,6 +66,7 @@ pub fn save(
     manifest: &Manifest,
     model_config: &ClipConfig,
     model: &StateDict,
+    tokenizer: &Tokenizer,
     optimizer: &StateDict,
     keep: usize,
 ) -> Result<PathBuf> {
@@ -75,7 +78,7 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    crate::checkpoint::save(&tmp, model_config, model)?;
+    crate::checkpoint::save(&tmp, model_config, model, tokenizer)?;
     write_safetensors(&tmp.join(OPTIMIZER_FILE), optimizer, HashMap::new())?;
     let json = serde_json::to_string_pretty(manifest).expect("manifests serialise");
     write_atomic(&tmp.join(MANIFEST_FILE), json.as_bytes())?;
@@ -123,9 +126,9 @@ pub fn latest(run: &Path) -> Result<Option<PathBuf>> {
     Ok(list(run)?.pop().map(|(_, p)| p))
 }
 
-/// Reads a checkpoint folder: manifest, model config, weights and
-/// optimiser state.
-pub fn load(dir: &Path) -> Result<(Manifest, ClipConfig, StateDict, StateDict)> {
+/// Reads a checkpoint folder: manifest, model (config, weights, tokenizer)
+/// and optimiser state.
+pub fn load(dir: &Path) -> Result<(Manifest, Checkpoint, StateDict)> {
     let path = dir.join(MANIFEST_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let manifest: Manifest = serde_json::from_str(&text).map_err(|e| Error::Format {
@@ -141,14 +144,14 @@ pub fn load(dir: &Path) -> Result<(Manifest, ClipConfig, StateDict, StateDict)> 
             ),
         });
     }
-    let (model_config, weights) = crate::checkpoint::load(dir)?;
+    let model = crate::checkpoint::load(dir)?;
     let optimizer = read_safetensors(&dir.join(OPTIMIZER_FILE))?.tensors;
-    Ok((manifest, model_config, weights, optimizer))
+    Ok((manifest, model, optimizer))
 }
 
 /// The settings that may change between a run and its resumption; every
 /// other difference makes the resume refuse.
-const MUTABLE: [&str; 9] = [
+const MUTABLE: [&str; 10] = [
     "log_every",
     "checkpoint_every",
     "keep_checkpoints",
@@ -159,6 +162,9 @@ const MUTABLE: [&str; 9] = [
     "skip_nonfinite",
     // Memory, not arithmetic: a run may resume on a smaller GPU.
     "grad_checkpointing",
+    // Where the vocabulary was read from: a resumed run reads its own copy
+    // in the checkpoint.
+    "vocab",
 ];
 
 /// Checks that `now` may continue a run saved with `saved`; the error names

@@ -1,18 +1,19 @@
-//! BERT uncased WordPiece, as HuggingFace `BertTokenizer(do_lower_case=True)`
+//! BERT WordPiece as OpenCLIP's `HFTokenizer` runs it for CLIPA-v2 models
+//! (`open_clip/tokenizer.py`): OpenCLIP's caption cleaning (`ftfy`, HTML
+//! unescaping, whitespace), then HuggingFace's `BertTokenizer`
 //! (`models/bert/tokenization_bert.py`: `BasicTokenizer`, then
-//! `WordpieceTokenizer`). Like big_vision's `bert_ops.py`, which fed CLIPA-v2
-//! through tensorflow_text, a caption becomes `[CLS]` + ids with no `[SEP]`,
-//! and a literal `[CLS]` in a caption is plain text. (tensorflow_text
-//! lower-cases by NFKC case folding, so rare characters such as `ß` or `½`
-//! may split differently there.)
+//! `WordpieceTokenizer`), then `[CLS] … [SEP]` truncated to the context
+//! length, padded with 0, and with `strip_sep_token` the `[SEP]` replaced by
+//! 0. A literal `[CLS]` in a caption is plain text.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use unicode_categories::UnicodeCategories;
 use unicode_normalization::UnicodeNormalization;
 
-use super::pad_to;
+use super::{clean, pad_to};
 use crate::error::{Error, Result};
 
 /// Words longer than this many characters become `[UNK]` (HF
@@ -20,35 +21,54 @@ use crate::error::{Error, Result};
 const MAX_WORD_CHARS: usize = 100;
 
 /// WordPiece over a `vocab.txt` (one token per line, id = line number).
+///
+/// Cheap to clone: the vocabulary is shared.
 #[derive(Clone)]
 pub struct WordPieceTokenizer {
-    vocab: HashMap<String, u32>,
-    size: usize,
+    /// The tokens in id order, as read (written back into checkpoints).
+    tokens: Arc<Vec<String>>,
+    vocab: Arc<HashMap<String, u32>>,
     cls: u32,
+    sep: u32,
     unk: u32,
+    lowercase: bool,
+    strip_accents: bool,
+    strip_sep: bool,
 }
 
 impl std::fmt::Debug for WordPieceTokenizer {
     // The vocabulary itself (30k entries for BERT) would flood any log.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WordPieceTokenizer")
-            .field("vocab_size", &self.size)
+            .field("vocab_size", &self.tokens.len())
             .field("cls", &self.cls)
+            .field("sep", &self.sep)
             .field("unk", &self.unk)
+            .field("lowercase", &self.lowercase)
+            .field("strip_accents", &self.strip_accents)
+            .field("strip_sep", &self.strip_sep)
             .finish()
     }
 }
 
 impl WordPieceTokenizer {
-    /// Reads a BERT `vocab.txt`. It must contain `[CLS]` and `[UNK]`.
+    /// Reads a vocabulary: a BERT `vocab.txt`, or a HuggingFace
+    /// `tokenizer.json` whose model is WordPiece. It must contain `[CLS]`,
+    /// `[SEP]` and `[UNK]`. The options start as BERT uncased with
+    /// `strip_sep_token` (CLIPA-v2's); see [`Self::with_options`].
     pub fn from_vocab_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let tokens = text.lines().map(str::to_string).collect();
+        let as_format = |reason: String| Error::Format {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let tokens = if text.trim_start().starts_with('{') {
+            tokens_from_json(&text).map_err(as_format)?
+        } else {
+            text.lines().map(str::to_string).collect()
+        };
         Self::from_tokens(tokens).map_err(|e| match e {
-            Error::Config(reason) => Error::Format {
-                path: path.to_path_buf(),
-                reason,
-            },
+            Error::Config(reason) => as_format(reason),
             other => other,
         })
     }
@@ -56,48 +76,81 @@ impl WordPieceTokenizer {
     /// Builds the tokenizer from tokens in id order. A token listed twice
     /// keeps its last id, as HF `load_vocab` does.
     pub fn from_tokens(tokens: Vec<String>) -> Result<Self> {
-        let size = tokens.len();
-        if u32::try_from(size).is_err() {
+        if u32::try_from(tokens.len()).is_err() {
             return Err(Error::Config(format!(
-                "vocabulary of {size} tokens is too large"
+                "vocabulary of {} tokens is too large",
+                tokens.len()
             )));
         }
-        let vocab: HashMap<String, u32> = tokens.into_iter().zip(0u32..).collect();
+        let vocab: HashMap<String, u32> = tokens.iter().cloned().zip(0u32..).collect();
         let special = |name: &str| {
             vocab
                 .get(name)
                 .copied()
                 .ok_or_else(|| Error::Config(format!("WordPiece vocabulary has no {name} token")))
         };
-        let (cls, unk) = (special("[CLS]")?, special("[UNK]")?);
+        let (cls, sep, unk) = (special("[CLS]")?, special("[SEP]")?, special("[UNK]")?);
         Ok(Self {
-            vocab,
-            size,
+            tokens: Arc::new(tokens),
+            vocab: Arc::new(vocab),
             cls,
+            sep,
             unk,
+            lowercase: true,
+            strip_accents: true,
+            strip_sep: true,
         })
+    }
+
+    /// Sets lower-casing, accent stripping and `strip_sep_token`.
+    pub fn with_options(mut self, lowercase: bool, strip_accents: bool, strip_sep: bool) -> Self {
+        self.lowercase = lowercase;
+        self.strip_accents = strip_accents;
+        self.strip_sep = strip_sep;
+        self
+    }
+
+    /// `(lowercase, strip_accents, strip_sep_token)`.
+    pub fn options(&self) -> (bool, bool, bool) {
+        (self.lowercase, self.strip_accents, self.strip_sep)
+    }
+
+    /// The vocabulary as a `vocab.txt`: one token a line, in id order.
+    pub fn vocab_txt(&self) -> String {
+        let mut out = String::with_capacity(self.tokens.len() * 8);
+        for t in self.tokens.iter() {
+            out.push_str(t);
+            out.push('\n');
+        }
+        out
     }
 
     /// Number of ids (lines of `vocab.txt`).
     pub fn vocab_size(&self) -> usize {
-        self.size
+        self.tokens.len()
     }
 
-    /// Content ids of `text` (no `[CLS]`), untruncated.
+    /// Content ids of `text` (no `[CLS]`/`[SEP]`), untruncated: OpenCLIP's
+    /// cleaning, then BERT's basic split and WordPiece.
     pub fn encode(&self, text: &str) -> Vec<u32> {
         let mut ids = Vec::new();
         let mut piece = String::new();
-        for word in basic_tokenize(text) {
+        let cleaned = clean::clean(text);
+        for word in basic_tokenize(&cleaned, self.lowercase, self.strip_accents) {
             self.wordpiece(&word, &mut piece, &mut ids);
         }
         ids
     }
 
-    /// `[CLS] + content`, cut to `context` and padded with 0.
+    /// `[CLS] + content + [SEP]` in exactly `context` slots, as HF's
+    /// `truncation=True, padding="max_length"`: the content is cut to
+    /// `context - 2` ids so that `[SEP]` stays, then padded with 0. With
+    /// `strip_sep_token` the `[SEP]` slot holds 0.
     pub fn wrap(&self, content: &[u32], context: usize) -> Vec<u32> {
-        let mut ids = Vec::with_capacity(context);
+        let mut ids = Vec::with_capacity(context.max(2));
         ids.push(self.cls);
-        ids.extend(content.iter().take(context.saturating_sub(1)));
+        ids.extend(content.iter().take(context.saturating_sub(2)));
+        ids.push(if self.strip_sep { 0 } else { self.sep });
         ids.truncate(context);
         pad_to(ids, context)
     }
@@ -137,9 +190,41 @@ impl WordPieceTokenizer {
     }
 }
 
-/// HF `BasicTokenizer.tokenize` with `do_lower_case=True`: words and single
-/// punctuation / CJK characters, lower-cased and without accents.
-fn basic_tokenize(text: &str) -> Vec<String> {
+/// The `model.vocab` map of a HuggingFace `tokenizer.json` as tokens in id
+/// order; the ids must be exactly `0..n`.
+fn tokens_from_json(text: &str) -> std::result::Result<Vec<String>, String> {
+    let root: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("not a tokenizer.json: {e}"))?;
+    let model = &root["model"];
+    match model["type"].as_str() {
+        Some("WordPiece") => {}
+        other => {
+            return Err(format!(
+                "tokenizer model {} is not supported: clipa reads CLIP BPE and WordPiece",
+                other.unwrap_or("(none)")
+            ));
+        }
+    }
+    let vocab = model["vocab"]
+        .as_object()
+        .ok_or("tokenizer.json has no model.vocab map")?;
+    let mut tokens = vec![None; vocab.len()];
+    for (token, id) in vocab {
+        let slot = id
+            .as_u64()
+            .and_then(|i| tokens.get_mut(usize::try_from(i).ok()?))
+            .ok_or_else(|| format!("token {token:?} has id {id}, outside 0..{}", vocab.len()))?;
+        if slot.replace(token.clone()).is_some() {
+            return Err(format!("id {id} is given to two tokens"));
+        }
+    }
+    // n distinct ids below n: every slot is filled.
+    Ok(tokens.into_iter().flatten().collect())
+}
+
+/// HF `BasicTokenizer.tokenize`: words and single punctuation / CJK
+/// characters, optionally lower-cased and without accents.
+fn basic_tokenize(text: &str, lowercase: bool, strip_accents: bool) -> Vec<String> {
     // _clean_text + _tokenize_chinese_chars in one pass.
     let mut spaced = String::with_capacity(text.len() + 8);
     for c in text.chars() {
@@ -163,14 +248,21 @@ fn basic_tokenize(text: &str) -> Vec<String> {
     // cleaning: Rust's whitespace is the same set.
     for token in spaced.split(char::is_whitespace).filter(|t| !t.is_empty()) {
         // Lower-case, then strip accents: NFD and drop non-spacing marks.
-        let plain: String = if token.is_ascii() {
-            token.to_ascii_lowercase()
-        } else {
-            token
-                .to_lowercase()
-                .nfd()
-                .filter(|c| !c.is_mark_nonspacing())
-                .collect()
+        let plain: String = match (token.is_ascii(), lowercase) {
+            (true, true) => token.to_ascii_lowercase(),
+            (true, false) => token.to_string(),
+            (false, _) => {
+                let cased = if lowercase {
+                    token.to_lowercase()
+                } else {
+                    token.to_string()
+                };
+                if strip_accents {
+                    cased.nfd().filter(|c| !c.is_mark_nonspacing()).collect()
+                } else {
+                    cased
+                }
+            }
         };
         let mut word = String::new();
         for c in plain.chars() {
@@ -274,14 +366,33 @@ mod tests {
         assert_eq!(t.encode(&"a".repeat(101)), [1]);
     }
 
+    // HF `tok(text, max_length=n, padding="max_length", truncation=True)`,
+    // then OpenCLIP's `strip_sep_token` (the [SEP] id 3 becomes 0).
     #[test]
-    fn wraps_with_cls_truncates_and_pads() {
+    fn wraps_like_hf_and_strips_sep() {
+        let keep = tokenizer().with_options(true, true, false);
+        let content = keep.encode("the cafe the cafe");
+        assert_eq!(keep.wrap(&content, 7), [2, 4, 5, 4, 5, 3, 0]);
+        assert_eq!(keep.wrap(&content, 4), [2, 4, 5, 3]);
+        let strip = tokenizer();
+        assert_eq!(strip.options(), (true, true, true));
+        assert_eq!(strip.wrap(&content, 7), [2, 4, 5, 4, 5, 0, 0]);
+        assert_eq!(strip.wrap(&content, 4), [2, 4, 5, 0]);
+        assert_eq!(strip.wrap(&content, 1), [2]);
+        assert!(strip.wrap(&content, 0).is_empty());
+    }
+
+    #[test]
+    fn cleans_like_openclip_and_honours_case_options() {
         let t = tokenizer();
-        let content = t.encode("the cafe the cafe");
-        assert_eq!(t.wrap(&content, 7), [2, 4, 5, 4, 5, 0, 0]);
-        assert_eq!(t.wrap(&content, 3), [2, 4, 5]);
-        assert_eq!(t.wrap(&content, 1), [2]);
-        assert!(t.wrap(&content, 0).is_empty());
+        // OpenCLIP's `basic_clean` unescapes HTML before BERT sees it.
+        assert_eq!(t.encode("the &amp; cafe"), t.encode("the & cafe"));
+        assert_eq!(t.encode("  the\n\ncafe  "), [4, 5]);
+        let cased = tokenizer().with_options(false, false, true);
+        assert_eq!(cased.encode("The cafe"), [1, 5]);
+        assert_eq!(cased.encode("the café"), [4, 1]);
+        let no_accents = tokenizer().with_options(false, true, true);
+        assert_eq!(no_accents.encode("the café"), [4, 5]);
     }
 
     #[test]
@@ -300,5 +411,30 @@ mod tests {
         let err =
             WordPieceTokenizer::from_vocab_file(&dir.join("missing.txt")).expect_err("missing");
         assert!(matches!(err, Error::Io { .. }), "{err}");
+        assert_eq!(t.vocab_txt(), VOCAB.join("\n") + "\n");
+    }
+
+    #[test]
+    fn reads_the_vocabulary_of_a_tokenizer_json() {
+        let dir = Scratch::new("wordpiece-json");
+        let vocab: serde_json::Map<String, serde_json::Value> = VOCAB
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), serde_json::json!(i)))
+            .collect();
+        let json = serde_json::json!({"model": {"type": "WordPiece", "vocab": vocab}});
+        let path = dir.join("tokenizer.json");
+        std::fs::write(&path, json.to_string()).expect("write tokenizer.json");
+        let t = WordPieceTokenizer::from_vocab_file(&path).expect("valid tokenizer.json");
+        assert_eq!(t.vocab_txt(), tokenizer().vocab_txt());
+        let bpe = serde_json::json!({"model": {"type": "BPE", "vocab": {}}});
+        std::fs::write(&path, bpe.to_string()).expect("write tokenizer.json");
+        let err = WordPieceTokenizer::from_vocab_file(&path).expect_err("BPE");
+        assert!(err.to_string().contains("tokenizer model BPE"), "{err}");
+        let gap =
+            serde_json::json!({"model": {"type": "WordPiece", "vocab": {"[CLS]": 0, "[SEP]": 5}}});
+        std::fs::write(&path, gap.to_string()).expect("write tokenizer.json");
+        let err = WordPieceTokenizer::from_vocab_file(&path).expect_err("gap");
+        assert!(err.to_string().contains("outside 0..2"), "{err}");
     }
 }
