@@ -21,11 +21,28 @@ use crate::data::ImagePayload;
 
 mod color;
 mod jpeg;
+mod pil;
 use crate::model::EvalResize;
 use crate::rng::Rng;
 use crate::{Error, Result};
 pub use color::{ColorJitter, to_grayscale};
 use jpeg::{JpegPlan, Outcome};
+use pil::PilFilter;
+
+/// torchvision's `Resize(size)` then `CenterCrop(size)` on a `w`×`h` image:
+/// the resized size (shorter side `size`, the longer one floored) and the
+/// crop's top-left corner (Python's `round`, ties to even).
+fn center_crop(w: usize, h: usize, size: usize) -> ((usize, usize), usize, usize) {
+    let (short, long) = (w.min(h), w.max(h));
+    let new_long = (size * long / short).max(1);
+    let (nw, nh) = if w <= h {
+        (size, new_long)
+    } else {
+        (new_long, size)
+    };
+    let offset = |n: usize| ((n - size) as f64 / 2.0).round_ties_even() as usize;
+    ((nw, nh), offset(nw), offset(nh))
+}
 
 /// Decodes encoded bytes (JPEG, PNG, WebP; the format is sniffed) to RGB;
 /// grey and RGBA become RGB. `key` names the sample in the error.
@@ -339,23 +356,13 @@ impl Augmenter {
             }
             ImageTransform::EvalCenterCrop => {
                 // The source region that Resize(size) + CenterCrop(size)
-                // shows; a fractional box over the whole image gives the
-                // very same filter taps as resizing everything first.
-                let (short, long) = (w.min(h), w.max(h));
-                let new_long =
-                    (u64::from(self.size) * u64::from(long) / u64::from(short)).max(1) as f64;
-                let (nw, nh) = if w <= h {
-                    (f64::from(self.size), new_long)
-                } else {
-                    (new_long, f64::from(self.size))
-                };
+                // shows (it plans a JPEG's decode scale).
+                let ((nw, nh), left, top) = center_crop(w as usize, h as usize, self.size as usize);
+                let (sx, sy) = (f64::from(w) / nw as f64, f64::from(h) / nh as f64);
                 let s = f64::from(self.size);
-                let left = ((nw - s) / 2.0).round_ties_even();
-                let top = ((nh - s) / 2.0).round_ties_even();
-                let (sx, sy) = (f64::from(w) / nw, f64::from(h) / nh);
                 Region {
-                    left: left * sx,
-                    top: top * sy,
+                    left: left as f64 * sx,
+                    top: top as f64 * sy,
                     width: s * sx,
                     height: s * sy,
                 }
@@ -382,12 +389,13 @@ impl Augmenter {
             reason,
         };
         let (w, h) = img.dimensions();
-        let src =
-            ImageRef::new(w, h, img.as_raw(), PixelType::U8x3).map_err(|e| bad(e.to_string()))?;
-        let mut dst = Image::from_slice_u8(self.size, self.size, out, PixelType::U8x3)
-            .map_err(|e| bad(e.to_string()))?;
-        let resized = match self.transform {
-            ImageTransform::Train(_) | ImageTransform::EvalSquash => {
+        let size = self.size as usize;
+        match self.transform {
+            ImageTransform::Train(_) => {
+                let src = ImageRef::new(w, h, img.as_raw(), PixelType::U8x3)
+                    .map_err(|e| bad(e.to_string()))?;
+                let mut dst = Image::from_slice_u8(self.size, self.size, out, PixelType::U8x3)
+                    .map_err(|e| bad(e.to_string()))?;
                 // Crop first so the filter stops at the crop border, as
                 // torchvision's `img.crop(box).resize(...)` does. The box
                 // is whole pixels at full scale; on a DCT-downscaled decode
@@ -400,16 +408,32 @@ impl Augmenter {
                     .map_err(|e| bad(e.to_string()))?;
                 let opts =
                     ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
-                self.resizer.resize(&view, &mut dst, &opts)
+                self.resizer
+                    .resize(&view, &mut dst, &opts)
+                    .map_err(|e| bad(format!("resize failed: {e}")))?;
             }
+            // Evaluation reproduces PIL's pixels (OpenCLIP's transforms run on
+            // PIL images), from the pixels as decoded.
+            ImageTransform::EvalSquash => pil::resize_crop(
+                img.as_raw(),
+                (w as usize, h as usize),
+                (size, size),
+                (0, 0, size, size),
+                PilFilter::Bilinear,
+                out,
+            ),
             ImageTransform::EvalCenterCrop => {
-                let opts = ResizeOptions::new()
-                    .resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom))
-                    .crop(region.left, region.top, region.width, region.height);
-                self.resizer.resize(&src, &mut dst, &opts)
+                let (resized, left, top) = center_crop(w as usize, h as usize, size);
+                pil::resize_crop(
+                    img.as_raw(),
+                    (w as usize, h as usize),
+                    resized,
+                    (left, top, size, size),
+                    PilFilter::Bicubic,
+                    out,
+                );
             }
-        };
-        resized.map_err(|e| bad(format!("resize failed: {e}")))?;
+        }
         if let ImageTransform::Train(aug) = self.transform {
             if let Some(s) = aug.color_jitter
                 && rng.bernoulli(JITTER_P)
