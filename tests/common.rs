@@ -150,6 +150,24 @@ pub fn fixture_dir(name: &str) -> Option<std::path::PathBuf> {
     }
 }
 
+/// The CLIPA-v2-style hub fixture folder (`openclip_hub/clipa_v2_tiny`
+/// beside the OpenCLIP fixtures), or `None` after [`missing_fixtures`] has
+/// reported its absence.
+pub fn hub_fixture() -> Option<PathBuf> {
+    let root = std::env::var_os("CLIPA_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/openclip")
+        });
+    let dir = root.join("../openclip_hub/clipa_v2_tiny");
+    if dir.is_dir() {
+        Some(dir)
+    } else {
+        missing_fixtures("openclip_hub/clipa_v2_tiny");
+        None
+    }
+}
+
 /// Called when the OpenCLIP fixtures (`shared/fixtures/openclip` beside
 /// the checkout, or `CLIPA_FIXTURES`) are missing: a failure under CI,
 /// unless `CLIPA_FIXTURES_OPTIONAL=1` says the CI host has no copy of them

@@ -60,7 +60,7 @@ fn import_errors_name_the_problem() {
         stderr.contains("tensor visual.proj has shape [64, 64], the config expects [64, 32]"),
         "{stderr}"
     );
-    // A pickle is refused: it is not safetensors.
+    // A PyTorch file that is not a checkpoint is named, not a panic.
     let pickle = tmp.join("model.bin");
     std::fs::write(&pickle, b"\x80\x04\x95 pickle").unwrap();
     let config = fx.join("model_cfg/CLIPA-tiny-ref.json");
@@ -75,7 +75,9 @@ fn import_errors_name_the_problem() {
     ]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr.contains("not a safetensors file"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("model.bin: "), "{stderr}");
+    assert!(!tmp.join("y").exists(), "nothing written");
 }
 
 #[test]
@@ -154,9 +156,10 @@ fn models_lists_presets_with_openclip_gflops() {
     assert!((bench - 19.14).abs() < 0.01, "{bench}");
     let table = clipa(&["models"]);
     let (stdout, _) = text(&table);
+    // CLIPA-v1's three PyTorch models and CLIPA-v2's six JAX ones.
     assert_eq!(
         stdout.lines().filter(|l| l.starts_with("clipa-")).count(),
-        6,
+        9,
         "{stdout}"
     );
 }

@@ -7,7 +7,9 @@ mod common; // shared helpers: running the binary, GPU-or-skip policy
 mod data; // bad data on disk: skipped, counted and reported by `clipa train`
 mod distributed; // `clipa train --devices`: the data-parallel path through the binary, device-list errors
 mod eval; // `clipa eval` json on cpu and wgpu, `clipa classify`, Fashion-MNIST end to end
+mod hub; // released CLIPA models: hub folders, pickles (and malicious ones), embed and tokenize against OpenCLIP
 mod interop; // import-openclip / export-openclip / embed / models through the binary
 mod parity; // OpenCLIP fixtures: features, logits, activations, loss, gradients
+mod presets; // every training preset takes a step with its own tokenizer; `clipa plan`'s command starts
 mod scaling; // `clipa sweep` (resume, csv, figures) and `clipa plan` (the paper's budgets)
 mod train; // `clipa train`/`eval`: run folder, kill-and-resume, one-line errors

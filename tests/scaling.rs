@@ -188,7 +188,7 @@ fn plan_gives_the_papers_choices_for_the_papers_budgets() {
         assert!(stdout.contains(&format!("zero-shot: {acc}")), "{stdout}");
         assert!(
             stdout.contains(&format!(
-                "run it: clipa --backend cuda train --preset {preset}"
+                "run it: clipa --backend cuda train --preset {preset} --devices all\n"
             )),
             "{stdout}"
         );
@@ -214,7 +214,23 @@ fn plan_gives_the_papers_choices_for_the_papers_budgets() {
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("extrapolated"), "{stdout}");
-    let dry = clipa(&["train", "--config", s(&file), "--dry-run"]);
+    // A CLIPA-v2 recipe: the run line asks for the WordPiece vocabulary.
+    assert!(
+        stdout.contains("--devices all --vocab vocab.txt"),
+        "{stdout}"
+    );
+    let Some(hub) = crate::common::hub_fixture() else {
+        return;
+    };
+    let vocab = hub.join("vocab.txt");
+    let dry = clipa(&[
+        "train",
+        "--config",
+        s(&file),
+        "--vocab",
+        s(&vocab),
+        "--dry-run",
+    ]);
     let (toml, stderr) = text(&dry);
     assert!(dry.status.success(), "{stderr}");
     // 5e8 samples at batch 65,536 (H/14's recipe) is 7,630 steps.

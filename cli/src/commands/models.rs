@@ -1,7 +1,7 @@
 //! `clipa models`: the presets, their size and cost per sample.
 
-use clipa_core::model::ClipConfig;
 use clipa_core::model::config::PRESETS;
+use clipa_core::model::{ClipConfig, TokenizerConfig};
 
 use crate::args::ModelsArgs;
 
@@ -33,6 +33,10 @@ pub fn run(args: &ModelsArgs) -> anyhow::Result<()> {
             "text_gflops": f.text as f64 / 1e9,
             "total_gflops": f.forward() as f64 / 1e9,
             "train_gflops": f.train() as f64 / 1e9,
+            "tokenizer": match cfg.text.tokenizer {
+                TokenizerConfig::ClipBpe => "clip-bpe",
+                TokenizerConfig::WordPiece { .. } => "wordpiece",
+            },
         }));
     }
     anyhow::ensure!(
@@ -45,7 +49,7 @@ pub fn run(args: &ModelsArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<11} {:>9} {:>6} {:>7} {:>5} {:>9} {:>8} {:>9} {:>10}",
+        "{:<13} {:>9} {:>6} {:>7} {:>5} {:>9} {:>8} {:>9} {:>10}  {}",
         "model",
         "params(M)",
         "image",
@@ -54,11 +58,12 @@ pub fn run(args: &ModelsArgs) -> anyhow::Result<()> {
         "img GFLOP",
         "txt GFLOP",
         "fwd GFLOP",
-        "train GFLOP"
+        "train GFLOP",
+        "tokenizer"
     );
     for r in rows {
         println!(
-            "{:<11} {:>9.2} {:>6} {:>7} {:>5} {:>9.2} {:>8.2} {:>9.2} {:>10.2}",
+            "{:<13} {:>9.2} {:>6} {:>7} {:>5} {:>9.2} {:>8.2} {:>9.2} {:>10.2}  {}",
             r["name"].as_str().unwrap_or_default(),
             r["params_m"].as_f64().unwrap_or_default(),
             r["image_size"],
@@ -68,10 +73,14 @@ pub fn run(args: &ModelsArgs) -> anyhow::Result<()> {
             r["text_gflops"].as_f64().unwrap_or_default(),
             r["total_gflops"].as_f64().unwrap_or_default(),
             r["train_gflops"].as_f64().unwrap_or_default(),
+            r["tokenizer"].as_str().unwrap_or_default(),
         );
     }
     println!(
         "GFLOPs per image–text pair, forward (2 × multiply-adds of matrix products); training ≈ 3× forward."
+    );
+    println!(
+        "wordpiece models (CLIPA-v2) read BERT uncased WordPiece: training from scratch needs --vocab FILE."
     );
     Ok(())
 }

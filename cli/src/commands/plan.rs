@@ -2,11 +2,15 @@
 //! assumptions behind it, and every published recipe costed on the budget.
 
 use anyhow::Context;
-use clipa_core::model::ClipConfig;
+use clipa_core::model::{ClipConfig, TokenizerConfig};
 use clipa_core::plan::{self, Budget, Candidate, POINTS_PER_DECADE, a100_calibration};
 use clipa_core::train::{StageConfig, TrainConfig};
 
 use crate::args::PlanArgs;
+
+/// GPUs in one machine (DGX/HGX A100 and H100 nodes): past this a budget
+/// needs training across machines.
+const GPUS_PER_MACHINE: usize = 8;
 
 /// `clipa plan`.
 pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
@@ -101,30 +105,47 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "nothing better is published".into())
         ),
     }
-    match &args.write {
+    // The whole budget: every GPU of the machine, and the vocabulary a
+    // WordPiece (CLIPA-v2) model needs.
+    let devices = if budget.gpus > 1 {
+        " --devices all"
+    } else {
+        ""
+    };
+    let wordpiece =
+        ClipConfig::preset(&rec.config.model)?.text.tokenizer != TokenizerConfig::ClipBpe;
+    let vocab = if wordpiece { " --vocab vocab.txt" } else { "" };
+    let source = match &args.write {
         Some(path) => {
             std::fs::write(path, rec.config.to_toml())
                 .with_context(|| format!("cannot write {}", path.display()))?;
-            println!(
-                "  run it: clipa --backend cuda train --config {}",
-                path.display()
-            );
+            Some(format!("--config {}", path.display()))
         }
         None if budget.samples.is_none() && !shortened => {
-            println!(
-                "  run it: clipa --backend cuda train --preset {}",
-                rec.run.preset
-            )
+            Some(format!("--preset {}", rec.run.preset))
         }
+        None => None,
+    };
+    match source {
+        Some(source) => println!("  run it: clipa --backend cuda train {source}{devices}{vocab}"),
         None => println!(
-            "  run it: add --write plan.toml, then clipa --backend cuda train --config plan.toml"
+            "  run it: add --write plan.toml, then clipa --backend cuda train --config plan.toml{devices}{vocab}"
         ),
     }
-    if budget.gpus > 1 {
+    if wordpiece {
         println!(
-            "  note: clipa trains on one GPU per process today (data-parallel training is not built yet), so {} GPUs \
-             need that first",
-            budget.gpus
+            "  vocab.txt: the BERT uncased WordPiece vocabulary CLIPA-v2 models read (the \
+             bert-base-uncased tokenizer files, or any CLIPA hub folder's vocab.txt)"
+        );
+    }
+    if budget.gpus > GPUS_PER_MACHINE {
+        println!(
+            "  note: training across machines is not available yet: one clipa process trains on \
+             the GPUs of one machine (--devices), so {} GPUs need {} machines of {GPUS_PER_MACHINE} \
+             that clipa cannot join; on one machine the run takes {:.0} h",
+            budget.gpus,
+            budget.gpus.div_ceil(GPUS_PER_MACHINE),
+            rec.hours * budget.gpus as f64 / GPUS_PER_MACHINE as f64
         );
     }
 
