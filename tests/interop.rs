@@ -98,7 +98,14 @@ fn embed_writes_unit_features_in_input_order() {
                 colour[2],
             ])
         });
-        img.save(images.join(format!("img{i}.png"))).unwrap();
+        // The last one as WebP in a subfolder: folders are searched
+        // recursively, as the loader reads them.
+        let path = match i {
+            2 => images.join("sub/img2.webp"),
+            _ => images.join(format!("img{i}.png")),
+        };
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        img.save(path).unwrap();
     }
     std::fs::write(images.join("notes.txt"), "not an image").unwrap();
     let feats = tmp.join("f.safetensors");
@@ -125,8 +132,24 @@ fn embed_writes_unit_features_in_input_order() {
     assert_ne!(v[..64], v[64..128], "different images, different features");
     let names: Vec<String> = serde_json::from_str(&file.metadata["image_names"]).unwrap();
     assert!(
-        names[0].ends_with("img0.png") && names[2].ends_with("img2.png"),
+        names[0].ends_with("img0.png") && names[2].ends_with("sub/img2.webp"),
         "{names:?}"
+    );
+    // The checkpoint's tokenizer (CLIP BPE): `open_clip.tokenize(text, 10)`.
+    let out = clipa(&[
+        "tokenize",
+        "--checkpoint",
+        s(&ckpt),
+        "--context-length",
+        "10",
+        "a photo of a cat.",
+        "",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stdout,
+        "49406 320 1125 539 320 2368 269 49407 0 0\n49406 49407 0 0 0 0 0 0 0 0\n"
     );
 }
 

@@ -219,3 +219,50 @@ fn plans_run_command_starts_the_recommended_preset_on_every_gpu() {
         "{stdout}"
     );
 }
+
+/// A clipa_torch model config (`ViT-L-16-CL8-Syntax-GAP.json`, here at a
+/// tiny width) trains as clipa_torch trains it: its `text_mask` becomes
+/// every stage's text reduction, and `--text-reduction` still overrides.
+#[test]
+fn a_clipa_torch_config_trains_with_its_text_mask() {
+    let tmp = scratch("torch-config");
+    let model = tmp.join("ViT-tiny-CL8-Syntax-GAP.json");
+    std::fs::write(
+        &model,
+        r#"{"embed_dim": 64,
+            "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32,
+                           "patch_size": 4, "global_average_pool": true},
+            "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 64, "heads": 2,
+                         "layers": 2, "text_mask": "syntax"}}"#,
+    )
+    .unwrap();
+    let run = tmp.join("run");
+    let out = clipa(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--model",
+        s(&model),
+        "--steps",
+        "3",
+        "--output",
+        s(&run),
+    ]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let toml = std::fs::read_to_string(run.join("run.toml")).unwrap();
+    assert!(toml.contains("text_reduction = \"syntax\""), "{toml}");
+    assert_eq!(crate::common::curve(&run).len(), 3, "three logged steps");
+    let dry = clipa(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--model",
+        s(&model),
+        "--text-reduction",
+        "block",
+        "--dry-run",
+    ]);
+    let (toml, stderr) = text(&dry);
+    assert!(dry.status.success(), "{stderr}");
+    assert!(toml.contains("text_reduction = \"block\""), "{toml}");
+}

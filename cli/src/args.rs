@@ -140,6 +140,10 @@ pub struct SweepArgs {
     /// Word → part-of-speech lexicon for syntax masking (default: shipped).
     #[arg(long)]
     pub lexicon: Option<PathBuf>,
+    /// Vocabulary of the grid's WordPiece (CLIPA-v2) models: a `vocab.txt`
+    /// or `tokenizer.json` (overrides the sweep file's `vocab`).
+    #[arg(long)]
+    pub vocab: Option<PathBuf>,
     /// Print the resolved sweep file and exit.
     #[arg(long)]
     pub dry_run: bool,

@@ -26,7 +26,7 @@ use crate::args::SweepArgs;
 
 /// `clipa sweep`.
 pub fn run(kind: BackendKind, device: Option<usize>, args: &SweepArgs) -> anyhow::Result<()> {
-    let cfg = match (&args.config, &args.preset) {
+    let mut cfg = match (&args.config, &args.preset) {
         (Some(path), _) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
@@ -34,6 +34,9 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &SweepArgs) -> anyhow
         }
         (None, name) => SweepConfig::preset(name.as_deref().unwrap_or("cpu"))?,
     };
+    if args.vocab.is_some() {
+        cfg.vocab = args.vocab.clone();
+    }
     cfg.validate()?;
     if args.dry_run {
         print!("{}", cfg.to_toml());

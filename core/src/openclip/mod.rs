@@ -114,6 +114,70 @@ mod tests {
         assert!(err.contains("preprocess_cfg.sd"), "{err}");
     }
 
+    /// clipa_torch's `ViT-L-16-CL8-Syntax-GAP.json` (UCSC-VLAA/CLIPA,
+    /// `clipa_torch/open_clip/model_configs/`), as published.
+    const CLIPA_TORCH_L16_CL8: &str = r#"{"embed_dim": 768,
+      "vision_cfg": {"image_size": 224, "layers": 24, "width": 1024, "patch_size": 16,
+        "global_average_pool": true},
+      "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 768, "heads": 12,
+        "layers": 12, "text_mask": "syntax"}}"#;
+
+    #[test]
+    fn clipa_torch_v1_configs_parse_with_their_text_mask() {
+        let parsed = parse_config(CLIPA_TORCH_L16_CL8).unwrap();
+        assert_eq!(parsed.text_mask, Some(crate::reduce::TextReduction::Syntax));
+        let cfg = parsed.clip;
+        assert_eq!(cfg.vision.pool, VisionPool::AvgAll);
+        assert!(cfg.vision.ln_pre && cfg.text.causal);
+        assert_eq!(cfg.text.tokenizer, crate::model::TokenizerConfig::ClipBpe);
+        assert_eq!((cfg.text.context_length, cfg.vision.heads), (8, 16));
+        // The same architecture as clipa's CLIPA-v1 L/16 preset, at 8 tokens
+        // and with OpenCLIP's learned image positions.
+        let mut preset = ClipConfig::clipa_v1_l16();
+        preset.text.context_length = 8;
+        preset.vision.pos_embed = PosEmbed::Learnable;
+        preset.normalization = cfg.normalization;
+        preset.eval_resize = cfg.eval_resize;
+        assert_eq!(cfg, preset);
+        // clipa_torch's own spellings of OpenCLIP keys.
+        let torch_keys = CLIPA_TORCH_L16_CL8
+            .replace(
+                "\"global_average_pool\": true",
+                "\"global_average_pool\": true, \"pos_embed\": \"sin_cos_2d\", \"gelu_approximate\": \"tanh\", \"ln_pre\": false",
+            )
+            .replace("\"text_mask\": \"syntax\"", "\"text_mask\": \"first\", \"attention_mask\": false");
+        let parsed = parse_config(&torch_keys).unwrap();
+        assert_eq!(parsed.text_mask, None);
+        assert_eq!(parsed.clip.vision.pos_embed, PosEmbed::SinCos2d);
+        assert_eq!(parsed.clip.vision.activation, Activation::GeluTanh);
+        assert!(!parsed.clip.vision.ln_pre && !parsed.clip.text.causal);
+        let bad = CLIPA_TORCH_L16_CL8.replace("\"syntax\"", "\"noun\"");
+        let err = parse_config(&bad).unwrap_err().to_string();
+        assert!(err.contains("text_cfg.text_mask"), "{err}");
+    }
+
+    #[test]
+    fn hf_tokenizer_configs_become_wordpiece_and_back() {
+        let hub = CLIPA_STYLE.replace(
+            "\"pool_type\": \"last\",",
+            "\"pool_type\": \"last\", \"hf_tokenizer_name\": \"bert-base-uncased\", \"tokenizer_kwargs\": {\"strip_sep_token\": true},",
+        ).replace("49408", "32000");
+        let parsed = parse_config(&hub).unwrap();
+        assert_eq!(parsed.hf_tokenizer.as_deref(), Some("bert-base-uncased"));
+        assert_eq!(
+            parsed.clip.text.tokenizer,
+            crate::model::TokenizerConfig::BERT_UNCASED
+        );
+        let json = config_json(&parsed.clip, false).unwrap();
+        assert_eq!(json["text_cfg"]["hf_tokenizer_name"], "bert-base-uncased");
+        assert_eq!(parse_config(&json.to_string()).unwrap().clip, parsed.clip);
+        let err =
+            parse_config(&hub.replace("\"strip_sep_token\": true", "\"clean\": \"canonicalize\""))
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("tokenizer_kwargs.clean"), "{err}");
+    }
+
     #[test]
     fn unknown_keys_and_values_are_named() {
         let bad = CLIPA_STYLE.replace("\"no_ln_pre\": true", "\"no_ln_pre\": true, \"rope\": true");

@@ -208,6 +208,11 @@ pub struct SweepConfig {
     /// Extra evaluations after each phase (zero-shot folders, retrieval).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub evaluators: Vec<EvaluatorConfig>,
+    /// The WordPiece vocabulary (`vocab.txt` or `tokenizer.json`) of the
+    /// grid's CLIPA-v2 models (`clipa-s16`, `clipa-b16`, …); fine-tunes read
+    /// the copy in their pre-training checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab: Option<std::path::PathBuf>,
 }
 
 /// Names accepted by [`SweepConfig::preset`].
@@ -285,6 +290,7 @@ impl SweepConfig {
                     },
                 ],
                 evaluators: Vec::new(),
+                vocab: None,
             },
             "tiny" => Self {
                 name: "tiny".into(),
@@ -312,6 +318,7 @@ impl SweepConfig {
                     text_tokens: vec![16],
                 }],
                 evaluators: Vec::new(),
+                vocab: None,
             },
             other => {
                 return Err(Error::Config(format!(
@@ -416,7 +423,13 @@ impl SweepConfig {
         {
             return Err(Error::Config("data.eval_images must be positive".into()));
         }
-        self.points().map(|_| ())
+        // Every model's tokenizer, before any point trains.
+        for point in self.points()? {
+            let model = crate::model::ClipConfig::preset(&point.model)?;
+            crate::data::tokenizer::Tokenizer::for_text(&model.text, self.vocab.as_deref())
+                .map_err(|e| Error::Config(format!("model {}: {e}", point.model)))?;
+        }
+        Ok(())
     }
 }
 

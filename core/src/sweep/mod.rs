@@ -341,6 +341,10 @@ fn phase_config(
     // The sweep scores each phase itself (below), once; the trainer would
     // score the same folder again at the stage end.
     run.data.train_data = data.train_data.clone();
+    // A fine-tune starts from its pre-training checkpoint, tokenizer and all.
+    if kind == PhaseKind::Pretrain {
+        run.vocab = cfg.vocab.clone();
+    }
     run.validate()?;
     Ok(run)
 }
