@@ -83,10 +83,11 @@ impl BenchCase {
 /// The cases of `shared/bench/README.md`, which OpenCLIP's peer benchmark
 /// also runs: `bench-tiny` at batch 64.
 pub fn peer_sweep() -> Result<Vec<BenchCase>> {
+    let model = ClipConfig::bench_tiny();
     let base = BenchCase {
         name: String::new(),
-        model: ClipConfig::bench_tiny(),
-        tokenizer: Tokenizer::clip(),
+        tokenizer: Tokenizer::for_text(&model.text, None)?,
+        model,
         batch: 64,
         image_size: 32,
         image_reduction: ImageReduction::None,

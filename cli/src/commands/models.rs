@@ -49,7 +49,7 @@ pub fn run(args: &ModelsArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<13} {:>9} {:>6} {:>7} {:>5} {:>9} {:>8} {:>9} {:>10}  {}",
+        "{:<13} {:>9} {:>6} {:>7} {:>5} {:>9} {:>8} {:>9} {:>10}  tokenizer",
         "model",
         "params(M)",
         "image",
@@ -59,7 +59,6 @@ pub fn run(args: &ModelsArgs) -> anyhow::Result<()> {
         "txt GFLOP",
         "fwd GFLOP",
         "train GFLOP",
-        "tokenizer"
     );
     for r in rows {
         println!(
