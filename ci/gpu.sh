@@ -10,7 +10,6 @@
 #   mkdir -p .gpu && cp "$CARGO_TARGET_DIR/release/clipa" .gpu/clipa && cp TESTS .gpu/clipa-tests
 #   cp BENCH .gpu/clipa-bench               # optional: leave it out if the tree is too large
 #   strip .gpu/clipa* && gzip -9 .gpu/clipa*   # the carried tree is limited to 64 MiB
-#   cp -r ../shared/fixtures/openclip .gpu/fixtures   # the parity tests' references (29 MB)
 # then run `bash ci/gpu.sh` there with `.gpu` (and `.gl`, Vulkan's loader) carried.
 # It prints one table of ms/step, images/s, TFLOP/s and MFU, clipa beside
 # OpenCLIP (ci/peer_gpu.py; open_clip's wheels may travel in .gpu/whl).
@@ -47,13 +46,14 @@ run 60 "$BIN" backends
 run 90 "$BIN" --backend cuda check
 # Parity with OpenCLIP on CUDA: both reference models' outputs, every
 # activation, the loss and every parameter gradient (tests/parity.rs, at the
-# TF32 tolerance of 1e-2). The test binary finds the references through
-# CLIPA_FIXTURES; it runs from cli/, as cargo runs it.
-if [ -x "$TESTS" ] && [ -d .gpu/fixtures ]; then
-    run 120 sh -c "cd cli && CLIPA_FIXTURES=\"$PWD/.gpu/fixtures\" \"$(realpath "$TESTS")\" \
+# TF32 tolerance of 1e-2). The test binary finds the references (the
+# repository's tests/fixtures, carried with the tree) through CLIPA_FIXTURES;
+# it runs from cli/, as cargo runs it.
+if [ -x "$TESTS" ]; then
+    run 120 sh -c "cd cli && CLIPA_FIXTURES=\"$PWD/tests/fixtures\" \"$(realpath "$TESTS")\" \
         parity:: --test-threads 1 --nocapture"
 else
-    echo "no .gpu/clipa-tests or .gpu/fixtures: the OpenCLIP parity tests on cuda were not run"
+    echo "no .gpu/clipa-tests: the OpenCLIP parity tests on cuda were not run"
     status=1
 fi
 # A ViT-B/16 block at 224 px (197 tokens, width 768, 12 heads), batch 32:

@@ -53,6 +53,19 @@ cargo check --workspace --features cuda
 step "tests (the README's test command)"
 bash ci/test.sh
 
+step "the reference fixtures are the repository's own: parity, tokenizer and hub tests with ../shared hidden"
+# The project's shared/ folder sits beside the checkout on our CI hosts; an
+# empty read-only tmpfs over it, in a private mount namespace, proves that
+# no test still reads its fixtures from there (GitHub's runner has none).
+# The same command as the test step, filtered, so nothing is rebuilt.
+shared="$(cd .. && pwd)/shared"
+if [ -d "$shared" ] && unshare -m true 2>/dev/null; then
+    unshare -m sh -c "mount -t tmpfs -o ro none '$shared' && ls -A '$shared' | wc -l | grep -qx 0 \
+        && bash ci/test.sh -- tokenizer torchfile parity hub"
+else
+    echo "no ../shared here (or no mount namespace): the test run above already had none"
+fi
+
 step "the WGPU adapter the tests ran on, and the self-test through the binary"
 "$CARGO_TARGET_DIR/release/clipa" backends
 "$CARGO_TARGET_DIR/release/clipa" --backend wgpu check

@@ -131,54 +131,70 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
-/// The folder of OpenCLIP fixture `name` (`CLIPA_FIXTURES`, else
-/// `shared/fixtures/openclip` beside the checkout), or `None` after
-/// [`missing_fixtures`] has reported its absence.
-pub fn fixture_dir(name: &str) -> Option<std::path::PathBuf> {
-    let root = std::env::var_os("CLIPA_FIXTURES")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../../shared/fixtures/openclip")
-        });
-    let dir = root.join(name);
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        missing_fixtures(name);
-        None
-    }
-}
-
-/// The CLIPA-v2-style hub fixture folder (`openclip_hub/clipa_v2_tiny`
-/// beside the OpenCLIP fixtures), or `None` after [`missing_fixtures`] has
-/// reported its absence.
-pub fn hub_fixture() -> Option<PathBuf> {
-    let root = std::env::var_os("CLIPA_FIXTURES")
+/// The repository's reference fixtures, `tests/fixtures/` (made by
+/// `tests/fixtures/make_fixtures.py`), or the folder `CLIPA_FIXTURES` names
+/// (`ci/gpu.sh` runs the test binary away from the checkout).
+fn fixtures_root() -> PathBuf {
+    std::env::var_os("CLIPA_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/openclip")
-        });
-    let dir = root.join("../openclip_hub/clipa_v2_tiny");
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        missing_fixtures("openclip_hub/clipa_v2_tiny");
-        None
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"))
+}
+
+/// The folder of OpenCLIP parity fixture `name` (`openai_style`,
+/// `clipa_style`), ready to read: the repository keeps its safetensors files
+/// gzipped, and they are unpacked once into cargo's per-target temporary
+/// folder, where they are reused by later runs.
+pub fn fixture_dir(name: &str) -> PathBuf {
+    static UNPACK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = UNPACK.lock().unwrap_or_else(|e| e.into_inner());
+    let src = fixtures_root().join("openclip").join(name);
+    assert!(src.is_dir(), "fixture {} is missing", src.display());
+    let dst = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("fixtures")
+        .join(name);
+    copy_unpacked(&src, &dst);
+    dst
+}
+
+/// Copies the folder `src` into `dst`, gunzipping `*.gz` files; a file whose
+/// copy is already there, byte for byte, is left alone.
+fn copy_unpacked(src: &Path, dst: &Path) {
+    use std::io::Read;
+    std::fs::create_dir_all(dst).expect("fixture folder");
+    for entry in std::fs::read_dir(src).expect("fixture folder readable") {
+        let path = entry.expect("fixture entry").path();
+        let name = path.file_name().unwrap().to_str().expect("utf-8 name");
+        if path.is_dir() {
+            copy_unpacked(&path, &dst.join(name));
+            continue;
+        }
+        let bytes = std::fs::read(&path).expect("fixture readable");
+        let (name, bytes) = match name.strip_suffix(".gz") {
+            Some(stem) => {
+                let mut out = Vec::new();
+                flate2::read::GzDecoder::new(&bytes[..])
+                    .read_to_end(&mut out)
+                    .expect("fixture gunzips");
+                (stem, out)
+            }
+            None => (name, bytes),
+        };
+        let target = dst.join(name);
+        if std::fs::read(&target).is_ok_and(|old| old == bytes) {
+            continue;
+        }
+        // Written whole, then renamed: a concurrent test binary never reads half.
+        let tmp = dst.join(format!(".{name}.{}", std::process::id()));
+        std::fs::write(&tmp, &bytes).expect("fixture copy");
+        std::fs::rename(&tmp, &target).expect("fixture copy");
     }
 }
 
-/// Called when the OpenCLIP fixtures (`shared/fixtures/openclip` beside
-/// the checkout, or `CLIPA_FIXTURES`) are missing: a failure under CI,
-/// unless `CLIPA_FIXTURES_OPTIONAL=1` says the CI host has no copy of them
-/// (GitHub Actions), in which case the tests print why they skipped.
-pub fn missing_fixtures(test: &str) {
-    let reason = "OpenCLIP fixtures not found (set CLIPA_FIXTURES)";
-    if std::env::var("CLIPA_FIXTURES_OPTIONAL").is_ok_and(|v| v == "1") {
-        eprintln!("SKIPPED {test}: {reason}");
-    } else {
-        skip_or_fail(test, reason);
-    }
+/// The CLIPA-v2-style hub fixture folder (`openclip_hub/clipa_v2_tiny`).
+pub fn hub_fixture() -> PathBuf {
+    let dir = fixtures_root().join("openclip_hub/clipa_v2_tiny");
+    assert!(dir.is_dir(), "fixture {} is missing", dir.display());
+    dir
 }
 
 /// Called when a test needs a device that is not there: panics in CI,

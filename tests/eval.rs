@@ -11,12 +11,11 @@ use crate::common::{
     clipa, fixture_dir, import_fixture, import_openclip, s, scratch, skip_or_fail, text,
 };
 
-/// Imports the `openai_style` fixture; `None` when fixtures are absent.
-fn fixture_checkpoint(dir: &Path) -> Option<PathBuf> {
-    let fx = fixture_dir("openai_style")?;
+/// Imports the `openai_style` fixture.
+fn fixture_checkpoint(dir: &Path) -> PathBuf {
     let ckpt = dir.join("ckpt");
-    import_fixture(&fx, &ckpt);
-    Some(ckpt)
+    import_fixture(&fixture_dir("openai_style"), &ckpt);
+    ckpt
 }
 
 /// A keyed 40×32 image: a colour with a gradient.
@@ -61,9 +60,7 @@ fn eval_sets(dir: &Path) -> (PathBuf, PathBuf) {
 #[test]
 fn eval_json_is_the_same_on_cpu_and_wgpu() {
     let dir = scratch("evaljson");
-    let Some(ckpt) = fixture_checkpoint(&dir) else {
-        return;
-    };
+    let ckpt = fixture_checkpoint(&dir);
     let (folder, csv) = eval_sets(&dir);
     let args = |backend: &'static str| {
         vec![
@@ -143,9 +140,7 @@ fn eval_json_is_the_same_on_cpu_and_wgpu() {
 #[test]
 fn eval_uses_the_models_own_resize_unless_told() {
     let dir = scratch("evalresize");
-    let Some(fx) = fixture_dir("openai_style") else {
-        return;
-    };
+    let fx = fixture_dir("openai_style");
     let crop = dir.join("crop");
     import_fixture(&fx, &crop);
     // The same weights with a CLIPA-style config: squash, bilinear.
@@ -221,9 +216,7 @@ fn eval_uses_the_models_own_resize_unless_told() {
 #[test]
 fn classify_prints_each_images_top_labels() {
     let dir = scratch("classify");
-    let Some(ckpt) = fixture_checkpoint(&dir) else {
-        return;
-    };
+    let ckpt = fixture_checkpoint(&dir);
     let (folder, _) = eval_sets(&dir);
     let red = folder.join("red");
     let out = clipa(&[

@@ -8,7 +8,7 @@ use crate::common::{clipa, fixture_dir, import_fixture, s, scratch, text};
 #[test]
 fn import_then_export_is_bit_exact() {
     for name in ["openai_style", "clipa_style"] {
-        let Some(fx) = fixture_dir(name) else { return };
+        let fx = fixture_dir(name);
         let tmp = scratch(name);
         let (ckpt, exported) = (tmp.join("ckpt"), tmp.join("back.safetensors"));
         let weights = import_fixture(&fx, &ckpt);
@@ -33,9 +33,7 @@ fn import_then_export_is_bit_exact() {
 
 #[test]
 fn import_errors_name_the_problem() {
-    let Some(fx) = fixture_dir("openai_style") else {
-        return;
-    };
+    let fx = fixture_dir("openai_style");
     let tmp = scratch("import-errors");
     let weights = fx.join("openclip_tiny_weights.safetensors");
     // A config that does not describe these weights: every mismatch is named.
@@ -82,9 +80,7 @@ fn import_errors_name_the_problem() {
 
 #[test]
 fn embed_writes_unit_features_in_input_order() {
-    let Some(fx) = fixture_dir("openai_style") else {
-        return;
-    };
+    let fx = fixture_dir("openai_style");
     let tmp = scratch("embed");
     let ckpt = tmp.join("ckpt");
     import_fixture(&fx, &ckpt);

@@ -1,6 +1,6 @@
 //! Parity with OpenCLIP on the reference fixtures in
-//! `shared/fixtures/openclip/` (made by `make_fixture.py` there, OpenCLIP
-//! 3.3.0, float32 CPU): both tiny models go through the import path and must
+//! `tests/fixtures/openclip/` (made by `tests/fixtures/make_fixtures.py`,
+//! OpenCLIP 3.3.0, float32 CPU): both tiny models go through the import path and must
 //! match OpenCLIP's features, logits, every per-block activation, the loss
 //! and every parameter gradient.
 
@@ -22,9 +22,9 @@ struct Fixture {
     io: StateDict,
 }
 
-fn load(name: &'static str) -> Option<Fixture> {
-    let dir = fixture_dir(name)?;
-    Some(Fixture {
+fn load(name: &'static str) -> Fixture {
+    let dir = fixture_dir(name);
+    Fixture {
         name,
         config_json: std::fs::read_to_string(dir.join("model_cfg/CLIPA-tiny-ref.json"))
             .expect("config"),
@@ -34,7 +34,7 @@ fn load(name: &'static str) -> Option<Fixture> {
         io: read_safetensors(&dir.join("openclip_tiny_io.safetensors"))
             .expect("io")
             .tensors,
-    })
+    }
 }
 
 /// Runs one fixture on backend `B` and checks every reference tensor.
@@ -171,14 +171,13 @@ fn worst_rows(got: &TensorData, want: &TensorData) -> String {
 }
 
 fn on_cpu(name: &'static str) {
-    if let Some(fx) = load(name) {
-        check::<clipa_backends::CpuBackend>(&fx, &Default::default(), 1e-5, 1e-4);
-    }
+    let fx = load(name);
+    check::<clipa_backends::CpuBackend>(&fx, &Default::default(), 1e-5, 1e-4);
 }
 
 #[cfg(feature = "wgpu")]
 fn on_wgpu(name: &'static str) {
-    let Some(fx) = load(name) else { return };
+    let fx = load(name);
     match clipa_backends::wgpu_device(None) {
         Ok((device, info)) => {
             eprintln!("{name} on {info}");
@@ -196,7 +195,7 @@ fn on_wgpu(name: &'static str) {
 /// `ci/gpu.sh` runs these on a lent one.
 #[cfg(feature = "cuda")]
 fn on_cuda(name: &'static str) {
-    let Some(fx) = load(name) else { return };
+    let fx = load(name);
     match clipa_backends::cuda_device(None) {
         Ok((device, info)) => {
             eprintln!("{name} on {info}");
@@ -243,9 +242,7 @@ fn clipa_style_matches_openclip_on_cuda() {
 /// The fixture's frozen sin-cos table is what clipa computes itself.
 #[test]
 fn sincos_table_matches_openclip() {
-    let Some(fx) = load("clipa_style") else {
-        return;
-    };
+    let fx = load("clipa_style");
     let table = clipa_core::model::posemb::sincos_2d(64, 8, 8);
     let got = TensorData::new(table, [65, 64]);
     let err = relative_error(&got, &fx.weights["visual.positional_embedding"]);

@@ -5,7 +5,7 @@ use std::io::Write;
 
 const FIXTURES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/fixtures/openclip_hub/clipa_v2_tiny"
+    "/../tests/fixtures/openclip_hub/clipa_v2_tiny"
 );
 
 fn fixture(name: &str) -> Vec<u8> {
