@@ -1,24 +1,23 @@
 //! Per-batch cost of every token-reduction strategy next to one `bench-tiny`
 //! training step on the CPU (issue: reduction must cost < 2 % of a step).
 //!
-//! The step is the real one (`loss_and_grads` + AdamW) at batch 64 on the
+//! The step is the real one (`train_step`) at batch 64 on the
 //! 32 px / patch 4 grid (8×8 = 64 patches), text context 32, so the ratio
 //! `reduce/<strategy> ÷ train_step` is the overhead a run pays.
 
 use std::hint::black_box;
 
 use burn::module::AutodiffModule;
-use burn::tensor::{Int, Tensor, TensorData};
 use clipa_backends::CpuBackend;
 use clipa_core::data::synthetic::{Split, SyntheticCaptions};
 use clipa_core::data::tokenizer::Tokenizer;
 use clipa_core::dist::Replica;
 use clipa_core::model::ClipConfig;
-use clipa_core::numeric::normal_data;
 use clipa_core::reduce::{ImageReduction, TextReducer, TextReduction};
 use clipa_core::train::LossKind;
+use clipa_core::train::batch::DeviceBatch;
 use clipa_core::train::optim::{AdamW, AdamWConfig};
-use clipa_core::train::step::{DeviceBatch, loss_and_grads};
+use clipa_core::train::step::{StepConfig, train_step};
 use criterion::Criterion;
 
 const BATCH: usize = 64;
@@ -76,27 +75,38 @@ pub fn bench(c: &mut Criterion) {
             row
         })
         .collect();
-    let batch = DeviceBatch::<CpuBackend> {
-        images: Tensor::from_data(normal_data([BATCH, 3, 32, 32], 1, 1.0), &device),
-        keep: None,
-        ids: Tensor::<CpuBackend, 2, Int>::from_data(
-            TensorData::new(ids, [BATCH, CONTEXT]),
-            &device,
-        ),
+    let pixels: Vec<u8> = (0..BATCH * 32 * 32 * 3)
+        .map(|i| (i * 37 % 251) as u8)
+        .collect();
+    let batch = DeviceBatch::<CpuBackend>::from_host(
+        &pixels,
+        &ids,
+        None,
+        0..BATCH,
+        32,
+        &cfg.normalization,
+        &device,
+    );
+    let step = StepConfig {
+        loss: LossKind::Softmax,
+        accum_steps: 1,
+        grad_checkpointing: false,
+        grad_clip: None,
+        timed: false,
     };
     group.bench_function("bench-tiny_b64_i32_t32", |b| {
         b.iter(|| {
-            let (loss, grads) = loss_and_grads(
-                &model,
+            let stats;
+            (model, stats) = train_step(
+                model.clone(),
+                &mut opt,
                 &batch,
-                LossKind::Softmax,
-                1,
-                false,
+                1e-4,
+                &step,
                 &Replica::single(),
             )
             .expect("one replica needs no collective");
-            model = opt.step(1e-4, model.clone(), grads, 1.0);
-            black_box(loss)
+            black_box(stats.loss)
         })
     });
     group.finish();

@@ -114,7 +114,8 @@ fn reduced_train_steps_match_cpu_on_wgpu() {
     use clipa_core::reduce::{ImageReduction, TextReducer, TextReduction};
     use clipa_core::state::{StateDict, load_state_dict, state_dict};
     use clipa_core::train::LossKind;
-    use clipa_core::train::step::{DeviceBatch, loss_and_grads};
+    use clipa_core::train::batch::DeviceBatch;
+    use clipa_core::train::grads::loss_and_grads;
 
     use crate::common::skip_or_fail;
 

@@ -7,13 +7,10 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::AutodiffBackend;
-use clipa_backends::{BackendJob, BackendKind, DeviceInfo};
-use clipa_core::bench::{self, BenchCase, BenchHooks, BenchResult, BenchSteps};
 use clipa_core::data::tokenizer::Tokenizer;
 use clipa_core::model::TokenizerConfig;
+use clipa_core::train::TrainConfig;
 use clipa_core::train::config::PRESETS;
-use clipa_core::train::{Precision, TrainConfig};
 
 use crate::common::{clipa, hub_fixture, s, scratch, text};
 
@@ -23,111 +20,95 @@ use crate::common::{clipa, hub_fixture, s, scratch, text};
 /// CLIPA's H/14 (1.0 B) and bigG/14 (2.5 B) are over it.
 const MAX_PARAMS: u64 = 500_000_000;
 
-struct NoHooks;
-
-impl BenchHooks for NoHooks {
-    fn reset_peak_memory(&mut self) {}
-    fn peak_memory(&mut self) -> Option<u64> {
-        None
-    }
-}
-
-/// One training step per case, on the backend `clipa` runs.
-struct Steps(Vec<BenchCase>);
-
-impl BackendJob for Steps {
-    type Output = Vec<BenchResult>;
-
-    fn run<B: AutodiffBackend>(
-        self,
-        device: B::Device,
-        _: &DeviceInfo,
-    ) -> clipa_core::Result<Self::Output> {
-        let steps = BenchSteps {
-            warmup: 0,
-            steps: 1,
-        };
-        self.0
-            .iter()
-            .map(|case| {
-                eprintln!("{}: one step", case.name);
-                bench::run_case::<B>(case, steps, &device, &mut NoHooks)
-            })
-            .collect()
-    }
-}
-
-/// The training step of every stage of preset `name` at batch 2, as
-/// `clipa train --preset NAME --batch-size 2` runs it: the preset's model,
-/// its tokenizer (WordPiece over `vocab`), each stage's image and text
-/// tokens and reductions.
-fn stage_cases(name: &str, vocab: &Path) -> (TrainConfig, Vec<BenchCase>) {
-    let mut cfg = TrainConfig::preset(name).unwrap();
-    let model = cfg.model_config().unwrap();
-    if model.text.tokenizer != TokenizerConfig::ClipBpe {
-        cfg.vocab = Some(vocab.to_path_buf());
-    }
-    cfg.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
-    let tokenizer = Tokenizer::for_text(&model.text, cfg.vocab.as_deref())
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
-    let cases = cfg
-        .stages
-        .iter()
-        .map(|stage| BenchCase {
-            name: format!("{name}/{}", stage.name),
-            model: model.clone(),
-            tokenizer: tokenizer.clone(),
-            batch: 2,
-            image_size: stage.image_size,
-            image_reduction: stage.image_reduction,
-            text_length: stage.text_length,
-            text_reduction: stage.text_reduction,
-            accum_steps: 1,
-            precision: Precision::F32,
-            grad_checkpointing: false,
-        })
-        .collect();
-    (cfg, cases)
-}
-
 /// The BERT-style vocabulary of the hub fixture, standing in for
 /// bert-base-uncased's (which cannot be downloaded here).
 fn vocab() -> PathBuf {
     hub_fixture().join("vocab.txt")
 }
 
+/// One training step (forward, loss, backward, AdamW) of every stage of
+/// preset `name` at batch 2, through `clipa bench`: the preset's model, the
+/// tokenizer its config names (WordPiece over `vocab`), and each stage's
+/// image and text tokens and reductions. Returns the stages' reports.
+fn step_every_stage(name: &str, vocab: &Path) -> Vec<serde_json::Value> {
+    let cfg = TrainConfig::preset(name).unwrap();
+    let wordpiece = cfg.model_config().unwrap().text.tokenizer != TokenizerConfig::ClipBpe;
+    cfg.stages
+        .iter()
+        .map(|stage| {
+            let (px, image, text_len, reduction) = (
+                stage.image_size.to_string(),
+                stage.image_reduction.to_string(),
+                stage.text_length.to_string(),
+                stage.text_reduction.to_string(),
+            );
+            let mut args = vec![
+                "bench",
+                "--model",
+                &cfg.model,
+                "--batch-size",
+                "2",
+                "--image-size",
+                &px,
+                "--image-reduction",
+                &image,
+                "--text-length",
+                &text_len,
+                "--text-reduction",
+                &reduction,
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+                "--json",
+            ];
+            if wordpiece {
+                args.extend(["--vocab", s(vocab)]);
+            }
+            let out = clipa(&args);
+            let (stdout, stderr) = text(&out);
+            assert!(out.status.success(), "{name}/{}: {stderr}", stage.name);
+            eprintln!("{name}/{}: one step", stage.name);
+            let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+            report["cases"][0].clone()
+        })
+        .collect()
+}
+
 #[test]
 fn every_training_preset_runs_a_step_with_its_own_tokenizer() {
     let vocab = vocab();
-    let mut run = Vec::new();
-    let mut checked = Vec::new();
+    let (mut ran, mut checked) = (Vec::new(), Vec::new());
     for name in PRESETS {
-        let (cfg, cases) = stage_cases(name, &vocab);
+        let mut cfg = TrainConfig::preset(name).unwrap();
         let model = cfg.model_config().unwrap();
-        // Every id the tokenizer can emit has a row: the check the
-        // crashing v1 recipes failed.
         let rows = model.text.vocab_size;
-        let tokenizer = &cases[0].tokenizer;
-        assert!(tokenizer.vocab_size() <= rows, "{name}");
         match model.text.tokenizer {
             TokenizerConfig::ClipBpe => assert_eq!(rows, 49_408, "{name}"),
-            TokenizerConfig::WordPiece { .. } => assert_eq!(rows, 32_000, "{name}"),
+            TokenizerConfig::WordPiece { .. } => {
+                assert_eq!(rows, 32_000, "{name}");
+                cfg.vocab = Some(vocab.clone());
+            }
         }
-        if model.num_params() <= MAX_PARAMS {
-            run.extend(cases);
-        } else {
+        cfg.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+        // Every id the tokenizer can emit has a row: the check the
+        // crashing v1 recipes failed.
+        let tokenizer = Tokenizer::for_text(&model.text, cfg.vocab.as_deref())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(tokenizer.vocab_size() <= rows, "{name}");
+        if model.num_params() > MAX_PARAMS {
             checked.push(name);
+            continue;
         }
-    }
-    let n = run.len();
-    let results = clipa_backends::run(BackendKind::Cpu, None, Steps(run)).unwrap();
-    assert_eq!(results.len(), n);
-    for r in &results {
-        // run_case errs on a non-finite loss; a step took time.
-        assert!(r.median_ms > 0.0 && r.train_gflop > 0.0, "{r:?}");
+        for case in step_every_stage(name, &vocab) {
+            // bench errs on a non-finite loss; the step took time and FLOPs.
+            assert!(case["median_ms"].as_f64().unwrap() > 0.0, "{case}");
+            assert!(case["train_gflop"].as_f64().unwrap() > 0.0, "{case}");
+        }
+        ran.push(name);
     }
     eprintln!(
-        "{n} stage steps ran; checked without a step (over {MAX_PARAMS} parameters): {checked:?}"
+        "ran a step of every stage of {ran:?}; checked without a step (over {MAX_PARAMS} parameters): {checked:?}"
     );
     // The paper's v1 recipes, the ones that crashed, ran.
     for v1 in [
@@ -135,10 +116,7 @@ fn every_training_preset_runs_a_step_with_its_own_tokenizer() {
         "clipa-l16-i64-t16",
         "clipa-l16-i96-t8",
     ] {
-        assert!(
-            results.iter().any(|r| r.name.starts_with(v1)),
-            "{v1} ran a step"
-        );
+        assert!(ran.contains(&v1), "{v1} ran a step");
     }
 }
 

@@ -7,17 +7,17 @@
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
+use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Int, Tensor, TensorData};
 use serde::Serialize;
 
 use crate::data::tokenizer::Tokenizer;
 use crate::dist::Replica;
 use crate::model::{ClipConfig, ClipModel};
-use crate::numeric::normal_data;
 use crate::reduce::{ImageReduction, TextReducer, TextReduction};
+use crate::train::batch::DeviceBatch;
 use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::step::{DeviceBatch, loss_and_grads};
+use crate::train::step::{StepConfig, train_step};
 use crate::train::{LossKind, Precision};
 use crate::{Error, Result};
 
@@ -224,7 +224,15 @@ pub struct BenchRun<B: AutodiffBackend> {
     tokenizer: Tokenizer,
     reducer: TextReducer,
     captions: Vec<String>,
-    images: Tensor<B, 4>, // [batch, 3, px, px]
+    images: Vec<u8>, // [batch, px, px, 3]
+}
+
+/// `n` deterministic noise bytes: the bench's images, as a loader hands
+/// them over (u8, normalised on the device).
+fn noise_pixels(n: usize) -> Vec<u8> {
+    (0..n as u64)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect()
 }
 
 impl<B: AutodiffBackend> BenchRun<B> {
@@ -267,7 +275,7 @@ impl<B: AutodiffBackend> BenchRun<B> {
             tokenizer: case.tokenizer.clone(),
             reducer: TextReducer::new(case.text_reduction, case.text_length),
             captions: captions(case.batch),
-            images: Tensor::from_data(normal_data([case.batch, 3, px, px], 7, 1.0), device),
+            images: noise_pixels(case.batch * px * px * 3),
         })
     }
 
@@ -276,7 +284,7 @@ impl<B: AutodiffBackend> BenchRun<B> {
     }
 
     /// The inputs of step `step`: masks and text reduction drawn per step,
-    /// as the trainer draws them.
+    /// as the trainer draws them, and the pixels uploaded and normalised.
     fn batch(&self, step: u64) -> DeviceBatch<B> {
         let case = &self.case;
         let g = case.pixels() / case.model.vision.patch_size;
@@ -284,26 +292,22 @@ impl<B: AutodiffBackend> BenchRun<B> {
             .reducer
             .apply_batch(&self.tokenizer, &self.captions, 0, step, 0);
         let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
-        DeviceBatch {
-            images: self.images.clone(),
-            keep: case
-                .image_reduction
-                .keep_indices((g, g), case.batch, 0, step, 0)
-                .map(|(kept, idx)| {
-                    Tensor::<B, 2, Int>::from_data(
-                        TensorData::new(idx, [case.batch, kept]),
-                        &self.device,
-                    )
-                }),
-            ids: Tensor::<B, 2, Int>::from_data(
-                TensorData::new(ids, [case.batch, case.text_length]),
-                &self.device,
-            ),
-        }
+        let keep = case
+            .image_reduction
+            .keep_indices((g, g), case.batch, 0, step, 0);
+        DeviceBatch::from_host(
+            &self.images,
+            &ids,
+            keep.as_ref(),
+            0..case.batch,
+            case.pixels(),
+            &case.model.normalization,
+            &self.device,
+        )
     }
 
-    /// One training step (forward, loss, backward, AdamW), timed between
-    /// device syncs.
+    /// One training step ([`train_step`]: forward, loss, backward, gradient
+    /// norm, AdamW), timed between device syncs.
     pub fn train_step(&mut self, step: u64) -> Result<StepTimes> {
         let model = self
             .model
@@ -314,29 +318,25 @@ impl<B: AutodiffBackend> BenchRun<B> {
         // drawing masks is the loader's work, not the step's.
         let batch = self.batch(step);
         self.sync()?;
-        let t0 = Instant::now();
-        let (loss, grads) = loss_and_grads(
-            &model,
-            &batch,
-            LossKind::Softmax,
-            self.case.accum_steps,
-            self.case.grad_checkpointing,
-            &Replica::single(),
-        )?;
-        self.sync()?;
-        let t1 = Instant::now();
-        self.model = Some(self.opt.step(1e-4, model, grads, 1.0));
-        self.sync()?;
-        let t2 = Instant::now();
-        if !loss.is_finite() {
+        let cfg = StepConfig {
+            loss: LossKind::Softmax,
+            accum_steps: self.case.accum_steps,
+            grad_checkpointing: self.case.grad_checkpointing,
+            grad_clip: None,
+            timed: true,
+        };
+        let (model, stats) =
+            train_step(model, &mut self.opt, &batch, 1e-4, &cfg, &Replica::single())?;
+        self.model = Some(model);
+        if !stats.applied {
             return Err(Error::Backend(format!(
                 "bench {}: non-finite loss at step {step}",
                 self.case.name
             )));
         }
         Ok(StepTimes {
-            grads: (t1 - t0).as_secs_f64(),
-            optim: (t2 - t1).as_secs_f64(),
+            grads: stats.grads_secs,
+            optim: stats.optim_secs,
         })
     }
 

@@ -50,17 +50,23 @@ pub fn read_safetensors(path: &Path) -> Result<TensorFile> {
                 ));
             }
         };
-        let data = TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), dtype);
-        let data = match dtype {
-            DType::F16 | DType::BF16 | DType::F64 => data.convert::<f32>(),
-            _ => data,
-        };
+        let data = widened(view.data().to_vec(), view.shape().to_vec(), dtype);
         tensors.insert(name, data);
     }
     Ok(TensorFile {
         tensors,
         metadata: meta.metadata().clone().unwrap_or_default(),
     })
+}
+
+/// A tensor from its little-endian bytes, f16, bf16 and f64 widened or
+/// narrowed to f32 (clipa's float type); ids stay integers.
+fn widened(bytes: Vec<u8>, shape: Vec<usize>, dtype: DType) -> TensorData {
+    let data = TensorData::from_bytes_vec(bytes, shape, dtype);
+    match dtype {
+        DType::F16 | DType::BF16 | DType::F64 => data.convert::<f32>(),
+        _ => data,
+    }
 }
 
 /// Reads a state dict by its file name: safetensors, or a PyTorch
@@ -102,12 +108,7 @@ pub fn read_torch(path: &Path) -> Result<TensorFile> {
                 ));
             }
         };
-        let data = TensorData::from_bytes_vec(t.bytes, t.shape, dtype);
-        let data = match dtype {
-            DType::F16 | DType::BF16 | DType::F64 => data.convert::<f32>(),
-            _ => data,
-        };
-        tensors.insert(name, data);
+        tensors.insert(name, widened(t.bytes, t.shape, dtype));
     }
     Ok(TensorFile {
         tensors,

@@ -1,11 +1,36 @@
-//! Contrastive losses. The softmax CLIP loss follows OpenCLIP `loss.py::
-//! ClipLoss` and CLIPA `bidirectional_contrastive_loss`: the mean of the
-//! image→text and text→image cross-entropies, with the matching caption of
-//! each image on the diagonal.
+//! Contrastive losses, the one place they live. The softmax CLIP loss
+//! follows OpenCLIP `loss.py::ClipLoss` and CLIPA
+//! `bidirectional_contrastive_loss`: the mean of the image→text and
+//! text→image cross-entropies, with the matching caption of each image on
+//! the diagonal; the sigmoid loss follows OpenCLIP `SigLipLoss`.
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// The contrastive loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossKind {
+    /// Softmax CLIP loss (OpenCLIP `ClipLoss`).
+    Softmax,
+    /// Sigmoid loss (SigLIP; OpenCLIP `SigLipLoss`).
+    Sigmoid,
+}
+
+/// `logits_per_image` = exp(`scale`) · image · textᵀ on unit features;
+/// `scale` is the model's `logit_scale` (log-space).
+///
+/// # Shapes
+/// `image` `[n, dim]`, `text` `[m, dim]`, `scale` `[1]` → `[n, m]`
+pub fn logits<B: Backend>(
+    image: Tensor<B, 2>,
+    text: Tensor<B, 2>,
+    scale: Tensor<B, 1>,
+) -> Tensor<B, 2> {
+    image.matmul(text.transpose()) * scale.exp().unsqueeze::<2>()
+}
 
 /// Mean cross-entropy of each row `i` of `logits` against column
 /// `offset + i` (the row's own caption when the rows are one replica's slice
@@ -70,6 +95,60 @@ pub fn siglip_loss_rows<B: Backend>(logits: Tensor<B, 2>, offset: usize) -> Tens
     // log σ(z) = −softplus(−z), written stably as min(z, 0) − log(1 + e^−|z|).
     let log_sig = z.clone().clamp_max(0.0) - z.abs().neg().exp().log1p();
     -log_sig.sum().reshape([1]) / n as f32
+}
+
+/// The loss on normalised features with the model's temperature (and bias
+/// for the sigmoid loss). `scale` is `logit_scale` (log-space).
+///
+/// # Shapes
+/// `image`, `text`: `[batch, dim]` → `[1]`
+pub fn contrastive_loss<B: Backend>(
+    kind: LossKind,
+    image: Tensor<B, 2>,
+    text: Tensor<B, 2>,
+    scale: Tensor<B, 1>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, 1> {
+    let logits = logits(image, text, scale); // [batch, batch]
+    match kind {
+        LossKind::Softmax => clip_loss(logits),
+        LossKind::Sigmoid => {
+            let bias = bias.expect("the sigmoid loss needs a logit bias");
+            siglip_loss(logits + bias.unsqueeze::<2>())
+        }
+    }
+}
+
+/// One replica's share of the loss on the global features (OpenCLIP
+/// `--local-loss`): its `n` rows, starting at global row `offset`, against
+/// every column. The mean of the replicas' shares is
+/// [`contrastive_loss`] of the whole batch.
+///
+/// # Shapes
+/// `image`, `text`: `[global, dim]` → `[1]`
+pub fn contrastive_loss_rows<B: Backend>(
+    kind: LossKind,
+    image: Tensor<B, 2>,
+    text: Tensor<B, 2>,
+    offset: usize,
+    n: usize,
+    scale: Tensor<B, 1>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, 1> {
+    let s = scale.exp().unsqueeze::<2>();
+    let rows = |t: &Tensor<B, 2>| t.clone().narrow(0, offset, n); // [n, dim]
+    match kind {
+        LossKind::Softmax => {
+            let per_image = rows(&image).matmul(text.clone().transpose()) * s.clone(); // [n, global]
+            let per_text = rows(&text).matmul(image.transpose()) * s; // [n, global]
+            clip_loss_rows(per_image, per_text, offset)
+        }
+        LossKind::Sigmoid => {
+            let bias = bias.expect("the sigmoid loss needs a logit bias");
+            let logits = rows(&image).matmul(text.transpose()) * s + bias.unsqueeze::<2>();
+            siglip_loss_rows(logits, offset)
+        }
+    }
 }
 
 #[cfg(test)]

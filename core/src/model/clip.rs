@@ -79,24 +79,22 @@ impl<B: Backend> ClipModel<B> {
         self.logit_scale.val().exp()
     }
 
-    /// Normalised image and text features and `logits_per_image`
-    /// `[images, texts]` = exp(logit_scale) · img · txtᵀ.
-    pub fn forward(
+    /// Unit image and text features, the input of every contrastive loss
+    /// ([`crate::loss`]); training's plain forward pass is this.
+    ///
+    /// # Shapes
+    /// `images` `[batch, 3, px, px]`, `keep` `[batch, kept]`, `ids`
+    /// `[batch, len]` → `([batch, embed_dim], [batch, embed_dim])`
+    pub fn features(
         &self,
         images: Tensor<B, 4>,
         keep: Option<Tensor<B, 2, Int>>,
         ids: Tensor<B, 2, Int>,
         trace: &mut Trace,
-    ) -> ClipOutput<B> {
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let image = l2_normalize(self.visual.forward_traced(images, keep, trace));
         let text = l2_normalize(self.text.forward_traced(ids, trace));
-        let logits =
-            image.clone().matmul(text.clone().transpose()) * self.temperature().unsqueeze::<2>();
-        ClipOutput {
-            image_features: image,
-            text_features: text,
-            logits_per_image: logits,
-        }
+        (image, text)
     }
 
     /// Sets the compute dtype of every transformer block of both towers
@@ -128,15 +126,4 @@ impl<B: Backend> ClipModel<B> {
         self.config.text.context_length = context_length;
         self
     }
-}
-
-/// What [`ClipModel::forward`] returns.
-#[derive(Debug, Clone)]
-pub struct ClipOutput<B: Backend> {
-    /// `[images, embed_dim]`, unit rows.
-    pub image_features: Tensor<B, 2>,
-    /// `[texts, embed_dim]`, unit rows.
-    pub text_features: Tensor<B, 2>,
-    /// `[images, texts]`.
-    pub logits_per_image: Tensor<B, 2>,
 }

@@ -9,7 +9,7 @@ mod text;
 mod trace;
 mod vision;
 
-pub use clip::{ClipModel, ClipOutput, l2_normalize};
+pub use clip::{ClipModel, l2_normalize};
 pub use config::{
     ClipConfig, EvalResize, Normalization, PosEmbed, TextConfig, TextPool, TokenizerConfig,
     VisionConfig, VisionPool,

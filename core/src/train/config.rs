@@ -15,19 +15,10 @@ use serde::{Deserialize, Serialize};
 
 use super::optim::AdamWConfig;
 use crate::eval::{EvaluatorConfig, TemplateSet};
+pub use crate::loss::LossKind;
 use crate::model::ClipConfig;
 use crate::reduce::{ImageReduction, TextReduction};
 use crate::{Error, Result};
-
-/// The contrastive loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LossKind {
-    /// Softmax CLIP loss (OpenCLIP `ClipLoss`).
-    Softmax,
-    /// Sigmoid loss (SigLIP; OpenCLIP `SigLipLoss`).
-    Sigmoid,
-}
 
 /// Numeric precision of the transformer blocks in training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

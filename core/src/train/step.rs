@@ -1,663 +1,105 @@
-//! One optimiser step: forward, contrastive loss, backward, with OpenCLIP's
-//! two-pass cached-feature gradient accumulation (`--accum-freq`) when the
-//! batch is split into micro-batches.
+//! One training step, whole: forward, contrastive loss and backward (with
+//! micro-batches and replicas, in [`super::grads`]), the global gradient
+//! norm, a finite check, clipping, AdamW, and the temperature clamp. The
+//! trainer, `clipa bench` and the criterion benches all run this function.
 
-use burn::module::AutodiffModule;
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use std::time::Instant;
+
+use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Int, Tensor};
 
-use super::config::LossKind;
-use crate::Result;
+use super::batch::DeviceBatch;
+use super::grads::loss_and_grads;
+use super::optim::{AdamW, clip_factor, grad_norm};
 use crate::dist::Replica;
-use crate::loss::{clip_loss, clip_loss_rows, siglip_loss, siglip_loss_rows};
-use crate::model::{ClipModel, l2_normalize};
-use crate::nn::ResidualBlock;
+use crate::loss::LossKind;
+use crate::model::ClipModel;
+use crate::{Error, Result};
 
-/// One prepared batch on the device.
-pub struct DeviceBatch<B: AutodiffBackend> {
-    /// Normalised images `[batch, 3, px, px]`.
-    pub images: Tensor<B, 4>,
-    /// Kept-patch indices `[batch, kept]`, `None` when nothing is masked.
-    pub keep: Option<Tensor<B, 2, Int>>,
-    /// Token ids `[batch, context]`.
-    pub ids: Tensor<B, 2, Int>,
+/// The settings of a run that shape its steps.
+#[derive(Debug, Clone, Copy)]
+pub struct StepConfig {
+    /// The contrastive loss.
+    pub loss: LossKind,
+    /// Micro-batches per step (OpenCLIP's cached-feature accumulation).
+    pub accum_steps: usize,
+    /// Per-block activation checkpointing.
+    pub grad_checkpointing: bool,
+    /// Clip the global gradient norm to this value.
+    pub grad_clip: Option<f64>,
+    /// Synchronise the device between the gradient and the update, so that
+    /// [`StepStats::grads_secs`] and [`StepStats::optim_secs`] are times
+    /// (`clipa bench`); a training run leaves the device queue alone.
+    pub timed: bool,
 }
 
-/// The loss on normalised features with the model's temperature (and bias
-/// for the sigmoid loss). `scale` is `logit_scale` (log-space).
-///
-/// # Shapes
-/// `image`, `text`: `[batch, dim]` → `[1]`
-pub fn contrastive_loss<B: burn::tensor::backend::Backend>(
-    kind: LossKind,
-    image: Tensor<B, 2>,
-    text: Tensor<B, 2>,
-    scale: Tensor<B, 1>,
-    bias: Option<Tensor<B, 1>>,
-) -> Tensor<B, 1> {
-    let logits = image.matmul(text.transpose()) * scale.exp().unsqueeze::<2>(); // [batch, batch]
-    match kind {
-        LossKind::Softmax => clip_loss(logits),
-        LossKind::Sigmoid => {
-            let bias = bias.expect("the sigmoid loss needs a logit bias");
-            siglip_loss(logits + bias.unsqueeze::<2>())
-        }
-    }
+/// What one step did.
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    /// The batch's loss.
+    pub loss: f64,
+    /// The global gradient norm, before clipping.
+    pub grad_norm: f64,
+    /// Whether the update was applied: a non-finite loss or gradient norm
+    /// leaves every weight as it was.
+    pub applied: bool,
+    /// Seconds of forward, loss and backward (with [`StepConfig::timed`]).
+    pub grads_secs: f64,
+    /// Seconds of the update (with [`StepConfig::timed`]).
+    pub optim_secs: f64,
 }
 
-/// One replica's share of the loss on the global features (OpenCLIP
-/// `--local-loss`): its `n` rows, starting at global row `offset`, against
-/// every column. The mean of the replicas' shares is
-/// [`contrastive_loss`] of the whole batch.
-///
-/// # Shapes
-/// `image`, `text`: `[global, dim]` → `[1]`
-pub fn contrastive_loss_rows<B: burn::tensor::backend::Backend>(
-    kind: LossKind,
-    image: Tensor<B, 2>,
-    text: Tensor<B, 2>,
-    offset: usize,
-    n: usize,
-    scale: Tensor<B, 1>,
-    bias: Option<Tensor<B, 1>>,
-) -> Tensor<B, 1> {
-    let s = scale.exp().unsqueeze::<2>();
-    let rows = |t: &Tensor<B, 2>| t.clone().narrow(0, offset, n); // [n, dim]
-    match kind {
-        LossKind::Softmax => {
-            let per_image = rows(&image).matmul(text.clone().transpose()) * s.clone(); // [n, global]
-            let per_text = rows(&text).matmul(image.transpose()) * s; // [n, global]
-            clip_loss_rows(per_image, per_text, offset)
-        }
-        LossKind::Sigmoid => {
-            let bias = bias.expect("the sigmoid loss needs a logit bias");
-            let logits = rows(&image).matmul(text.transpose()) * s + bias.unsqueeze::<2>();
-            siglip_loss_rows(logits, offset)
-        }
-    }
-}
-
-/// The gradient of the global loss with respect to one replica's features,
-/// found without a graph through the towers.
-struct FeatureGrads<B: AutodiffBackend> {
-    /// The loss of the global batch.
-    loss: f64,
-    /// `d loss / d features` of this replica's rows, image then text
-    /// columns: `[local, 2·dim]`.
-    local: Tensor<B::InnerBackend, 2>,
-    /// This replica's part of `d loss / d logit_scale` (the parts add up
-    /// when the replicas' parameter gradients are summed).
-    scale: Tensor<B::InnerBackend, 1>,
-    /// Likewise for the SigLIP bias.
-    bias: Option<Tensor<B::InnerBackend, 1>>,
-}
-
-/// All-gathers the replicas' features `local` `[local, 2·dim]` (each
-/// replica writes its rows into its slot of a zero `[global, 2·dim]`
-/// matrix, and the sum over replicas fills every slot), differentiates this
-/// replica's share of the loss with respect to the whole gathered matrix,
-/// and sums those gradients over replicas: the sum's slot for this replica
-/// is the gradient of the global loss on its features. That second sum is
-/// the backward of the all-gather (OpenCLIP `gather_with_grad`), written
-/// out because Burn's all-reduce has no backward pass. With one replica
-/// both sums are the identity.
-fn feature_grads<B: AutodiffBackend>(
-    kind: LossKind,
-    local: Tensor<B::InnerBackend, 2>,
-    scale: Tensor<B, 1>,
-    bias: Option<Tensor<B, 1>>,
-    replica: &Replica<B>,
-) -> Result<FeatureGrads<B>> {
-    let [n, two_dim] = local.dims();
-    let dim = two_dim / 2;
-    let (world, offset) = (replica.world(), replica.rank() * n);
-    let gathered = if world == 1 {
-        local
-    } else {
-        let device = local.device();
-        Tensor::zeros([n * world, two_dim], &device)
-            .slice_assign([offset..offset + n, 0..two_dim], local)
-    };
-    let all = Tensor::<B, 2>::from_inner(replica.sum(gathered)?).require_grad(); // [global, 2·dim]
-    let scale = Tensor::<B, 1>::from_inner(scale.inner()).require_grad();
-    let bias = bias.map(|b| Tensor::<B, 1>::from_inner(b.inner()).require_grad());
-    let share = contrastive_loss_rows(
-        kind,
-        all.clone().narrow(1, 0, dim),
-        all.clone().narrow(1, dim, dim),
-        offset,
-        n,
-        scale.clone(),
-        bias.clone(),
-    ) / world as f32; // [1]
-    let grads = share.backward();
-    let reached = "the loss depends on the features, the temperature and the bias";
-    let all_grad = all.grad(&grads).expect(reached); // [global, 2·dim]
-    let scale_grad = scale.grad(&grads).expect(reached);
-    let bias_grad = bias.map(|b| b.grad(&grads).expect(reached));
-    let local = replica.sum(all_grad)?.narrow(0, offset, n); // [local, 2·dim]
-    let loss = replica.sum(share.inner())?.into_scalar().elem::<f64>();
-    Ok(FeatureGrads {
-        loss,
-        local,
-        scale: scale_grad,
-        bias: bias_grad,
-    })
-}
-
-/// A scalar whose gradient through the towers is the chain rule from
-/// `grads` (rows `at..at + n` of them) into the fresh features `image`,
-/// `text` `[n, dim]`; with `model`, also through the temperature and bias.
-fn surrogate<B: AutodiffBackend>(
-    image: Tensor<B, 2>,
-    text: Tensor<B, 2>,
-    grads: &FeatureGrads<B>,
-    at: usize,
-    model: Option<&ClipModel<B>>,
-) -> Tensor<B, 1> {
-    let [n, dim] = image.dims();
-    let g = grads.local.clone().narrow(0, at, n); // [n, 2·dim]
-    let mut s = (image * Tensor::from_inner(g.clone().narrow(1, 0, dim))).sum()
-        + (text * Tensor::from_inner(g.narrow(1, dim, dim))).sum();
-    if let Some(model) = model {
-        s = s + (model.logit_scale.val() * Tensor::from_inner(grads.scale.clone())).sum();
-        if let (Some(b), Some(g)) = (model.bias(), &grads.bias) {
-            s = s + (b * Tensor::from_inner(g.clone())).sum();
-        }
-    }
-    s
-}
-
-/// Loss and summed gradients of one batch, split into `micro`
-/// micro-batches, on one replica of `replica.world()`.
-///
-/// - One replica, `micro = 1`: a plain forward/backward.
-/// - Otherwise the loss is taken on features that do not carry a graph,
-///   and the towers are back-propagated with the loss's gradient on their
-///   features ([`feature_grads`], [`surrogate`]). Several replicas gather
-///   their features first. With micro-batches (OpenCLIP `train.py`,
-///   `accum_freq > 1`), a no-grad pass computes every micro-batch's
-///   features, the loss gradient is taken once on all of them (so every
-///   image meets every caption of the global batch), and each micro-batch
-///   is then recomputed with a graph and back-propagated with its rows of
-///   that gradient: the gradients add up to those of the full batch. The
-///   temperature (and bias) take their gradient with the first
-///   micro-batch only — counting it `micro` times (as OpenCLIP does) would
-///   scale it by `micro`.
-///
-/// The replicas' parameter gradients are then summed, so every replica
-/// holds the gradient of the global batch's loss.
-///
-/// `checkpoint` back-propagates each (micro-)batch one transformer block at
-/// a time ([`backward_through`]): activation memory falls from all blocks'
-/// to one block's, for one more forward pass of compute.
-pub fn loss_and_grads<B: AutodiffBackend>(
-    model: &ClipModel<B>,
+/// One optimiser step of `model` on `batch` at learning rate `lr`
+/// (nanoGPT's loop body: loss, backward, clip, step).
+pub fn train_step<B: AutodiffBackend>(
+    model: ClipModel<B>,
+    opt: &mut AdamW<B::InnerBackend>,
     batch: &DeviceBatch<B>,
-    kind: LossKind,
-    micro: usize,
-    checkpoint: bool,
+    lr: f64,
+    cfg: &StepConfig,
     replica: &Replica<B>,
-) -> Result<(f64, GradientsParams)> {
-    // The softmax loss has no bias, even where the model carries one.
-    let bias = |model: &ClipModel<B>| match kind {
-        LossKind::Sigmoid => model.bias(),
-        LossKind::Softmax => None,
+) -> Result<(ClipModel<B>, StepStats)> {
+    let sync = |device: &B::Device| match cfg.timed {
+        true => B::sync(device).map_err(|e| Error::Backend(format!("{e:?}"))),
+        false => Ok(()),
     };
-    let (loss, grads) = if micro == 1 {
-        backward_through(
-            model,
-            batch.images.clone(),
-            batch.keep.clone(),
-            batch.ids.clone(),
-            checkpoint,
-            |model, img, txt| {
-                if replica.world() == 1 {
-                    let bias = bias(model);
-                    let loss = contrastive_loss(kind, img, txt, model.logit_scale.val(), bias);
-                    let value = loss.clone().into_scalar().elem::<f64>();
-                    return Ok((loss, value));
-                }
-                let features = Tensor::cat(vec![img.clone().inner(), txt.clone().inner()], 1);
-                let g = feature_grads(
-                    kind,
-                    features,
-                    model.logit_scale.val(),
-                    bias(model),
-                    replica,
-                )?;
-                Ok((surrogate(img, txt, &g, 0, Some(model)), g.loss))
-            },
-        )?
-    } else {
-        let n = batch.ids.dims()[0];
-        let size = n / micro;
-        let slice4 = |t: &Tensor<B, 4>, j: usize| t.clone().narrow(0, j * size, size);
-        let slice2 = |t: &Tensor<B, 2, Int>, j: usize| t.clone().narrow(0, j * size, size);
-        let inner = model.valid();
-        // [local, 2·dim]: each micro-batch's image then text features, no graph.
-        let cached = Tensor::cat(
-            (0..micro)
-                .map(|j| {
-                    let img = inner.encode_image(
-                        slice4(&batch.images, j).inner(),
-                        batch.keep.as_ref().map(|k| slice2(k, j).inner()),
-                    );
-                    let txt = inner.encode_text(slice2(&batch.ids, j).inner());
-                    Tensor::cat(vec![l2_normalize(img), l2_normalize(txt)], 1)
-                })
-                .collect(),
-            0,
-        );
-        drop(inner);
-        let g = feature_grads(kind, cached, model.logit_scale.val(), bias(model), replica)?;
-        let mut acc = GradientsAccumulator::<ClipModel<B>>::new();
-        for j in 0..micro {
-            let (_, grads) = backward_through(
-                model,
-                slice4(&batch.images, j),
-                batch.keep.as_ref().map(|k| slice2(k, j)),
-                slice2(&batch.ids, j),
-                checkpoint,
-                |model, img, txt| {
-                    Ok((
-                        surrogate(img, txt, &g, j * size, (j == 0).then_some(model)),
-                        g.loss,
-                    ))
-                },
-            )?;
-            acc.accumulate(model, grads);
-        }
-        (g.loss, acc.grads())
+    let device = batch.ids.device();
+    let t0 = Instant::now();
+    // forward → loss → backward; the gradients are summed over micro-batches
+    // and replicas, so the norm is the same on every replica.
+    let (loss, grads) = loss_and_grads(
+        &model,
+        batch,
+        cfg.loss,
+        cfg.accum_steps,
+        cfg.grad_checkpointing,
+        replica,
+    )?;
+    let norm = grad_norm(&model, &grads);
+    sync(&device)?;
+    let t1 = Instant::now();
+    // finite check → clip → AdamW → clamp
+    let applied = loss.is_finite() && norm.is_finite();
+    let model = match applied {
+        true => clamp_logit_scale(opt.step(lr, model, grads, clip_factor(norm, cfg.grad_clip))),
+        false => model,
     };
-    Ok((loss, replica.sum_grads(model, grads)?))
+    sync(&device)?;
+    let stats = StepStats {
+        loss,
+        grad_norm: norm,
+        applied,
+        grads_secs: (t1 - t0).as_secs_f64(),
+        optim_secs: t1.elapsed().as_secs_f64(),
+    };
+    Ok((model, stats))
 }
 
-/// Computes unit image and text features with gradients, reduces them to a
-/// loss with `loss_of` (which gets the model whose parameters carry the
-/// graph, for the temperature and bias, and returns the scalar to
-/// back-propagate and the loss value to report), and back-propagates it to
-/// every parameter.
-///
-/// With `checkpoint` (per-block activation checkpointing, OpenCLIP's
-/// `--grad-checkpointing`), the towers first run without a graph, keeping
-/// only each block's input `[batch, tokens, width]`. The heads and the loss
-/// then run with gradients up to the last block's output; each block is
-/// recomputed from its kept input and back-propagated with the gradient
-/// that arrived at its output (the backward of `sum(y · g)` is exactly the
-/// chain rule through the block), last block first; the stems close the
-/// chain. Only one block's activations are alive at a time.
-pub fn backward_through<B: AutodiffBackend>(
-    model: &ClipModel<B>,
-    images: Tensor<B, 4>,
-    keep: Option<Tensor<B, 2, Int>>,
-    ids: Tensor<B, 2, Int>,
-    checkpoint: bool,
-    loss_of: impl FnOnce(&ClipModel<B>, Tensor<B, 2>, Tensor<B, 2>) -> Result<(Tensor<B, 1>, f64)>,
-) -> Result<(f64, GradientsParams)> {
-    // Fresh autodiff leaves for every parameter (the same buffers and
-    // parameter ids, new graph nodes), so that no leaf that an earlier
-    // backward pass consumed is reused: Burn 0.21 drops a consumed leaf's
-    // graph entry, the next op on it starts a one-node graph, and a
-    // `backward()` on another thread (a replica) can sweep that graph while
-    // its child op is still being registered, silently losing the
-    // parameter's gradient (tracel-ai/burn#5573, fixed after 0.21 by #5647).
-    // That happened here with micro-batches and checkpointing, which run
-    // several backward passes per optimiser step: conv1's gradient came out
-    // 13–340 % wrong in about 1 run in 100 of the 4-replica test. The
-    // phases below (heads, each block, the stems) use disjoint parameters,
-    // so one renewal per call covers them all.
-    let renewed = ClipModel::from_inner(model.valid());
-    let model = &renewed;
-    if !checkpoint {
-        let img = l2_normalize(model.encode_image(images, keep));
-        let txt = l2_normalize(model.encode_text(ids));
-        let (loss, value) = loss_of(model, img, txt)?;
-        return Ok((value, GradientsParams::from_grads(loss.backward(), model)));
-    }
-    let (vision, text) = (&model.visual, &model.text);
-    let causal = text.config.causal;
-    // Forward without a graph; `[input of block 0, …, output of the last]`.
-    let inner = model.valid();
-    let chain =
-        |mut x: Tensor<B::InnerBackend, 3>, blocks: &[ResidualBlock<B::InnerBackend>], causal| {
-            let mut kept = Vec::with_capacity(blocks.len() + 1);
-            for block in blocks {
-                kept.push(x.clone());
-                x = block.forward(x, causal);
-            }
-            kept.push(x);
-            kept
-        };
-    let v_kept = chain(
-        inner
-            .visual
-            .embed(images.clone().inner(), keep.clone().map(Tensor::inner)),
-        &inner.visual.blocks,
-        false,
-    );
-    let t_kept = chain(
-        inner.text.embed(ids.clone().inner()),
-        &inner.text.blocks,
-        causal,
-    );
-    drop(inner);
-
-    let mut acc = GradientsAccumulator::<ClipModel<B>>::new();
-    // Heads and loss, from the last blocks' outputs.
-    let v_top = Tensor::from_inner(v_kept[v_kept.len() - 1].clone()).require_grad();
-    let t_top = Tensor::from_inner(t_kept[t_kept.len() - 1].clone()).require_grad();
-    let img = l2_normalize(vision.pool(v_top.clone()));
-    let txt = l2_normalize(text.pool(t_top.clone(), ids.clone()));
-    let (loss, value) = loss_of(model, img, txt)?;
-    let grads = loss.backward();
-    let output_grad = |x: &Tensor<B, 3>, grads: &B::Gradients| {
-        x.grad(grads)
-            .expect("the checkpointed chain reaches every block")
-    };
-    let mut v_grad = output_grad(&v_top, &grads); // [batch, tokens, width]
-    let mut t_grad = output_grad(&t_top, &grads);
-    acc.accumulate(model, GradientsParams::from_grads(grads, model));
-    // Blocks, last to first: recompute, then back-propagate `v_grad`.
-    let mut through = |block: &ResidualBlock<B>, input: &Tensor<B::InnerBackend, 3>, g, causal| {
-        let x = Tensor::<B, 3>::from_inner(input.clone()).require_grad();
-        let y = block.forward(x.clone(), causal);
-        let grads = (y * Tensor::from_inner(g)).sum().backward();
-        let dx = output_grad(&x, &grads);
-        acc.accumulate(model, GradientsParams::from_grads(grads, model));
-        dx
-    };
-    for (block, input) in vision.blocks.iter().zip(&v_kept).rev() {
-        v_grad = through(block, input, v_grad, false);
-    }
-    for (block, input) in text.blocks.iter().zip(&t_kept).rev() {
-        t_grad = through(block, input, t_grad, causal);
-    }
-    // The stems: patch and position embeddings, token embeddings.
-    let stems = (vision.embed(images, keep) * Tensor::from_inner(v_grad)).sum()
-        + (text.embed(ids) * Tensor::from_inner(t_grad)).sum();
-    acc.accumulate(model, GradientsParams::from_grads(stems.backward(), model));
-    Ok((value, acc.grads()))
-}
-
-use burn::tensor::ElementConversion;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::ClipConfig;
-    use crate::numeric::{TestBackend, normal_data};
-    use burn::module::{Module, ModuleVisitor, Param};
-    use burn::tensor::TensorData;
-
-    type B = TestBackend;
-
-    /// Every parameter's gradient, flattened, in visiting order.
-    struct Collect<'a>(&'a GradientsParams, Vec<Vec<f32>>);
-
-    impl ModuleVisitor<B> for Collect<'_> {
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-            if let Some(g) = self.0.get::<<B as AutodiffBackend>::InnerBackend, D>(p.id) {
-                self.1.push(g.into_data().to_vec().unwrap());
-            }
-        }
-    }
-
-    fn grads_of(model: &ClipModel<B>, g: &GradientsParams) -> Vec<Vec<f32>> {
-        let mut c = Collect(g, Vec::new());
-        model.visit(&mut c);
-        c.1
-    }
-
-    /// Every parameter has a gradient in both sets, and they agree to `tol`.
-    /// Some gradients are zero in exact arithmetic (attention key biases:
-    /// softmax ignores a shift shared by all keys) and only float noise
-    /// here, so errors are relative to the larger of the tensor's norm and
-    /// 1e-4 of the largest gradient norm.
-    fn assert_same_grads(
-        model: &ClipModel<B>,
-        want: &GradientsParams,
-        got: &GradientsParams,
-        tol: f32,
-        what: &str,
-    ) {
-        let (a, c) = (grads_of(model, want), grads_of(model, got));
-        assert_eq!(
-            a.len(),
-            c.len(),
-            "{what}: the same parameters get gradients"
-        );
-        assert!(a.len() > 20, "{what}: every parameter has a gradient");
-        let norm = |v: &[f32]| v.iter().map(|p| p * p).sum::<f32>().sqrt();
-        let floor = a.iter().map(|x| norm(x)).fold(0.0f32, f32::max) * 1e-4;
-        for (i, (x, y)) in a.iter().zip(&c).enumerate() {
-            let diff: Vec<f32> = x.iter().zip(y).map(|(p, q)| p - q).collect();
-            let err = norm(&diff) / norm(x).max(floor);
-            assert!(
-                err < tol,
-                "{what}: parameter #{i}: relative gradient error {err}"
-            );
-        }
-    }
-
-    /// The tiny model's config at the 8-token context [`batch`] fills.
-    fn tiny_config() -> ClipConfig {
-        let mut cfg = ClipConfig::tiny();
-        cfg.text.context_length = 8;
-        cfg
-    }
-
-    fn batch(device: &burn::tensor::Device<B>, n: usize, masked: bool) -> DeviceBatch<B> {
-        let images = Tensor::from_data(normal_data([n, 3, 32, 32], 5, 1.0), device);
-        let ids: Vec<i64> = (0..n as i64)
-            .flat_map(|i| [49406, 100 + i, 200 + 2 * i, 49407, 0, 0, 0, 0])
-            .collect();
-        let keep = masked.then(|| {
-            let idx: Vec<i64> = (0..n as i64)
-                .flat_map(|i| (0..16).map(move |k| (k * 4 + i) % 64))
-                .collect();
-            Tensor::from_data(TensorData::new(idx, [n, 16]), device)
-        });
-        DeviceBatch {
-            images,
-            keep,
-            ids: Tensor::from_data(TensorData::new(ids, [n, 8]), device),
-        }
-    }
-
-    #[test]
-    fn micro_batches_give_the_loss_and_gradients_of_the_full_batch() {
-        let device = Default::default();
-        let model: ClipModel<B> = tiny_config().init(&device);
-        for (kind, masked) in [(LossKind::Softmax, false), (LossKind::Softmax, true)] {
-            let b = batch(&device, 8, masked);
-            let (l1, g1) = loss_and_grads(&model, &b, kind, 1, false, &Replica::single()).unwrap();
-            let (l4, g4) = loss_and_grads(&model, &b, kind, 4, false, &Replica::single()).unwrap();
-            assert!(
-                (l1 - l4).abs() < 1e-5 * l1.abs().max(1.0),
-                "loss {l1} vs {l4}"
-            );
-            assert_same_grads(&model, &g1, &g4, 1e-4, "4 micro-batches");
-        }
-    }
-
-    #[test]
-    fn per_block_checkpointing_gives_the_same_loss_and_gradients() {
-        let device = Default::default();
-        let model: ClipModel<B> = tiny_config().init(&device);
-        // Plain, masked, and with micro-batches (whose cached features come
-        // from the same no-grad pass the checkpointing uses).
-        for (masked, micro) in [(false, 1), (true, 1), (true, 2)] {
-            let b = batch(&device, 8, masked);
-            let (l0, g0) = loss_and_grads(
-                &model,
-                &b,
-                LossKind::Softmax,
-                micro,
-                false,
-                &Replica::single(),
-            )
-            .unwrap();
-            let (l1, g1) = loss_and_grads(
-                &model,
-                &b,
-                LossKind::Softmax,
-                micro,
-                true,
-                &Replica::single(),
-            )
-            .unwrap();
-            assert!(
-                (l0 - l1).abs() < 1e-6 * l0.abs().max(1.0),
-                "loss {l0} vs {l1}"
-            );
-            let what = format!("checkpointed, masked {masked}, {micro} micro-batches");
-            // 1e-4, the bound of the micro-batch and replica tests: flex's
-            // rayon reductions are not bit-deterministic, and the recomputed
-            // forward differed by 1.0–1.4e-5 on one parameter (#47) in 3 of
-            // 10 runs of the code before the fused CPU kernels. A wrong
-            // recomputation is off by orders of magnitude more.
-            assert_same_grads(&model, &g0, &g1, 1e-4, &what);
-        }
-    }
-
-    /// Rows `r·n/world..` of `b`: replica `r`'s slice.
-    fn slice(b: &DeviceBatch<B>, r: usize, world: usize) -> DeviceBatch<B> {
-        let n = b.ids.dims()[0] / world;
-        DeviceBatch {
-            images: b.images.clone().narrow(0, r * n, n),
-            keep: b.keep.clone().map(|k| k.narrow(0, r * n, n)),
-            ids: b.ids.clone().narrow(0, r * n, n),
-        }
-    }
-
-    /// `b` copied into buffers of its own, with fresh autodiff nodes.
-    fn owned(b: DeviceBatch<B>) -> DeviceBatch<B> {
-        let device = b.images.device();
-        DeviceBatch {
-            images: Tensor::from_data(b.images.into_data(), &device),
-            keep: b.keep.map(|k| Tensor::from_data(k.into_data(), &device)),
-            ids: Tensor::from_data(b.ids.into_data(), &device),
-        }
-    }
-
-    #[test]
-    fn replicas_give_the_loss_and_gradients_of_the_global_batch() {
-        let _turn = crate::dist::tests::exclusive();
-        let device = Default::default();
-        let mut cfg = tiny_config();
-        cfg.init_logit_bias = Some(-2.0);
-        let model: ClipModel<B> = cfg.init(&device);
-        // (replicas, micro-batches per replica, loss, masked patches)
-        let cases = [
-            (2, 1, LossKind::Softmax, false),
-            (2, 2, LossKind::Softmax, true),
-            (4, 1, LossKind::Sigmoid, true),
-            (4, 2, LossKind::Softmax, false),
-        ];
-        for (world, micro, kind, masked) in cases {
-            let b = batch(&device, 8, masked);
-            let (want_loss, want) =
-                loss_and_grads(&model, &b, kind, 1, false, &Replica::single()).unwrap();
-            let got: Vec<(f64, GradientsParams)> = std::thread::scope(|s| {
-                let handles: Vec<_> = (0..world)
-                    .map(|r| {
-                        // Each replica owns its model and batch, as in
-                        // training (each builds its model and reads its
-                        // rows from host data): no tensor, buffer or
-                        // autodiff node is shared between the threads.
-                        let model = ClipModel::<B>::from_inner(model.valid());
-                        let part = owned(slice(&b, r, world));
-                        s.spawn(move || {
-                            let rep = Replica::<B>::join(r, world, &Default::default()).unwrap();
-                            let out =
-                                loss_and_grads(&model, &part, kind, micro, r == 1, &rep).unwrap();
-                            rep.leave().unwrap();
-                            out
-                        })
-                    })
-                    .collect();
-                handles.into_iter().map(|h| h.join().unwrap()).collect()
-            });
-            let what =
-                format!("{world} replicas, {micro} micro-batches, {kind:?}, masked {masked}");
-            for (loss, grads) in &got {
-                assert!(
-                    (loss - want_loss).abs() < 1e-5 * want_loss.abs().max(1.0),
-                    "{what}: loss {loss} vs {want_loss}"
-                );
-                assert_same_grads(&model, &want, grads, 1e-4, &what);
-            }
-        }
-    }
-
-    /// Backward passes on another thread (a replica's, say) never cost this
-    /// thread a gradient. With micro-batches every parameter goes through
-    /// several backward passes in one call; on Burn 0.21 a concurrent
-    /// `backward()` could sweep the one-node graph that a consumed leaf's
-    /// next op starts (tracel-ai/burn#5573), unless [`backward_through`]
-    /// renews the leaves first. The sweeper here runs tiny backward passes
-    /// without pause, to open that window as often as it can.
-    #[test]
-    fn concurrent_backward_passes_lose_no_gradient() {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let device = Default::default();
-        let model: ClipModel<B> = tiny_config().init(&device);
-        let b = batch(&device, 4, false);
-        let single = Replica::single();
-        let (want_loss, want) =
-            loss_and_grads(&model, &b, LossKind::Softmax, 1, false, &single).unwrap();
-        let stop = AtomicBool::new(false);
-        let sweeps = std::thread::scope(|s| {
-            let sweeper = s.spawn(|| {
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let x = Tensor::<B, 1>::from_floats([1.0, 2.0], &device).require_grad();
-                    let _ = (x.clone() * x).sum().backward();
-                    n += 1;
-                }
-                n
-            });
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                for round in 0..12 {
-                    let checkpoint = round % 2 == 1;
-                    let (loss, got) =
-                        loss_and_grads(&model, &b, LossKind::Softmax, 4, checkpoint, &single)
-                            .unwrap();
-                    let what = format!("round {round}, checkpointed {checkpoint}");
-                    assert!(
-                        (loss - want_loss).abs() < 1e-5 * want_loss.abs().max(1.0),
-                        "{what}: loss {loss} vs {want_loss}"
-                    );
-                    assert_same_grads(&model, &want, &got, 1e-4, &what);
-                }
-            }));
-            stop.store(true, Ordering::Relaxed);
-            let sweeps = sweeper.join().unwrap();
-            if let Err(panic) = result {
-                std::panic::resume_unwind(panic);
-            }
-            sweeps
-        });
-        assert!(sweeps > 0, "the sweeper ran");
-    }
-
-    #[test]
-    fn sigmoid_loss_trains_the_bias() {
-        let device = Default::default();
-        let mut cfg = tiny_config();
-        cfg.init_logit_scale = 10f64.ln();
-        cfg.init_logit_bias = Some(-10.0);
-        let model: ClipModel<B> = cfg.init(&device);
-        let b = batch(&device, 4, false);
-        let (loss, g) =
-            loss_and_grads(&model, &b, LossKind::Sigmoid, 2, false, &Replica::single()).unwrap();
-        // With b = −10 every pair looks negative: the loss is about the 4
-        // positives' −log σ(t·s − 10) ≈ 10 − t·s each, divided by 4.
-        assert!(loss > 5.0 && loss < 25.0, "{loss}");
-        let bias_grad =
-            g.get::<<B as AutodiffBackend>::InnerBackend, 1>(model.logit_bias.as_ref().unwrap().id);
-        assert!(bias_grad.is_some(), "the bias learns");
-    }
+/// Keeps the temperature at most 100 (OpenCLIP clamps `logit_scale` to
+/// `[0, ln 100]` after every step).
+fn clamp_logit_scale<B: AutodiffBackend>(mut model: ClipModel<B>) -> ClipModel<B> {
+    model.logit_scale = model
+        .logit_scale
+        .map(|t| Tensor::from_inner(t.inner().clamp(0.0, 100f32.ln())).require_grad());
+    model
 }
