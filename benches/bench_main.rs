@@ -10,7 +10,7 @@
 use std::marker::PhantomData;
 
 use burn::tensor::backend::AutodiffBackend;
-use clipa_backends::{BackendJob, BackendKind, DeviceInfo};
+use clipa_backends::{BackendJob, BackendKind, Devices};
 use criterion::{Criterion, criterion_group, criterion_main};
 
 mod block;
@@ -36,11 +36,8 @@ struct Job<'a, P> {
 impl<P: PerBackend> BackendJob for Job<'_, P> {
     type Output = ();
 
-    fn run<B: AutodiffBackend>(
-        self,
-        device: B::Device,
-        info: &DeviceInfo,
-    ) -> clipa_core::Result<()> {
+    fn run<B: AutodiffBackend>(self, on: Devices<B>) -> clipa_core::Result<()> {
+        let (device, info) = on.one();
         eprintln!("{} benches on {info}", self.label);
         P::bench::<B>(self.c, &self.label, device);
         Ok(())

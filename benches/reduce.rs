@@ -24,6 +24,8 @@ const BATCH: usize = 64;
 const CONTEXT: usize = 32;
 
 pub fn bench(c: &mut Criterion) {
+    // The step below runs with the CPU's kernels, as `clipa train` does.
+    let _kernels = clipa_backends::install_kernels(clipa_backends::BackendKind::Cpu);
     let mut group = c.benchmark_group("cpu/reduce_b64");
     let grid = (8, 8);
     for spec in ["random:0.75", "grid:2", "block:0.75"] {

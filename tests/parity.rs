@@ -173,6 +173,8 @@ fn worst_rows(got: &TensorData, want: &TensorData) -> String {
 
 fn on_cpu(name: &'static str) {
     let fx = load(name);
+    // With the CPU's kernels installed, as every command runs it.
+    let _kernels = clipa_backends::install_kernels(clipa_backends::BackendKind::Cpu);
     check::<clipa_backends::CpuBackend>(&fx, &Default::default(), 1e-5, 1e-4);
 }
 

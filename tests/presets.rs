@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use clipa_core::data::tokenizer::Tokenizer;
 use clipa_core::model::TokenizerConfig;
 use clipa_core::train::TrainConfig;
-use clipa_core::train::config::PRESETS;
+use clipa_core::train::presets::{self, PRESETS};
 
 use crate::common::{clipa, hub_fixture, s, scratch, text};
 
@@ -79,7 +79,7 @@ fn step_every_stage(name: &str, vocab: &Path) -> Vec<serde_json::Value> {
 fn every_training_preset_runs_a_step_with_its_own_tokenizer() {
     let vocab = vocab();
     let (mut ran, mut checked) = (Vec::new(), Vec::new());
-    for name in PRESETS {
+    for name in PRESETS.iter().map(|p| p.name) {
         let mut cfg = TrainConfig::preset(name).unwrap();
         let model = cfg.model_config().unwrap();
         let rows = model.text.vocab_size;
@@ -183,7 +183,7 @@ fn plans_run_command_starts_the_recommended_preset_on_every_gpu() {
     // ...and its preset is one that takes a training step on the CPU in
     // `every_training_preset_runs_a_step_with_its_own_tokenizer`.
     let preset = args[args.iter().position(|a| *a == "--preset").unwrap() + 1];
-    assert!(PRESETS.contains(&preset), "{preset}");
+    assert!(presets::find(preset).is_some(), "{preset}");
     let model = TrainConfig::preset(preset).unwrap().model_config().unwrap();
     assert!(
         model.num_params() <= MAX_PARAMS,

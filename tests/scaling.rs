@@ -182,7 +182,7 @@ fn plan_gives_the_papers_choices_for_the_papers_budgets() {
         let (stdout, stderr) = text(&out);
         assert!(out.status.success(), "{stderr}");
         assert!(
-            stdout.contains(&format!("recommendation: {preset}\n")),
+            stdout.contains(&format!("recommendation: {preset} (CLIPA-v1 ")),
             "{stdout}"
         );
         assert!(stdout.contains(&format!("zero-shot: {acc}")), "{stdout}");

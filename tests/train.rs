@@ -170,7 +170,7 @@ fn user_mistakes_are_one_line_errors() {
         ),
         (
             vec!["train", "--preset", "huge", "--dry-run"],
-            "unknown training preset",
+            "invalid value 'huge' for '--preset",
         ),
         (
             vec![

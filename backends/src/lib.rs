@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 
 #[cfg(feature = "cpu")]
 mod cpu;
@@ -100,18 +100,46 @@ pub enum BackendError {
     Core(#[from] clipa_core::Error),
 }
 
-/// A computation that can run on any autodiff backend. The CLI writes each
-/// command as one of these; [`run`] picks the concrete type.
+/// The devices a job runs on, with their descriptions: one for [`run`] and
+/// [`run_here`], the `--devices` set for [`run_on`] (never empty).
+pub struct Devices<B: Backend> {
+    devices: Vec<B::Device>,
+    info: Vec<DeviceInfo>,
+}
+
+impl<B: Backend> Devices<B> {
+    fn single(device: B::Device, info: DeviceInfo) -> Self {
+        Self {
+            devices: vec![device],
+            info: vec![info],
+        }
+    }
+
+    /// The first device and its description: a one-device job's device.
+    pub fn one(&self) -> (B::Device, &DeviceInfo) {
+        (self.devices[0].clone(), &self.info[0])
+    }
+
+    /// Every device, one replica each in data-parallel training.
+    pub fn devices(&self) -> &[B::Device] {
+        &self.devices
+    }
+
+    /// Each device's description, in the order of [`Devices::devices`].
+    pub fn info(&self) -> &[DeviceInfo] {
+        &self.info
+    }
+}
+
+/// A computation that can run on any autodiff backend, on one device or
+/// several. The CLI writes each command as one of these; [`run`] (one
+/// device) and [`run_on`] (a `--devices` set) pick the concrete type.
 pub trait BackendJob {
     /// What the job returns.
     type Output;
 
-    /// Runs the job on backend `B` and `device`.
-    fn run<B: AutodiffBackend>(
-        self,
-        device: B::Device,
-        info: &DeviceInfo,
-    ) -> clipa_core::Result<Self::Output>;
+    /// Runs the job on backend `B`.
+    fn run<B: AutodiffBackend>(self, on: Devices<B>) -> clipa_core::Result<Self::Output>;
 }
 
 /// Finds the device `index` (or the best one when `None`) of `kind`,
@@ -156,7 +184,10 @@ where
     #[cfg(feature = "cpu")]
     if matches!(kind, BackendKind::Cpu) {
         let (device, info) = cpu::select(index)?;
-        return Ok(cpu::on_worker(|| job.run::<cpu::Backend>(device, &info))?);
+        let _kernels = install_kernels(kind);
+        return Ok(cpu::on_worker(|| {
+            job.run::<cpu::Backend>(Devices::single(device, info))
+        })?);
     }
     run_here(kind, index, job)
 }
@@ -170,21 +201,22 @@ pub fn run_here<J: BackendJob>(
     index: Option<usize>,
     job: J,
 ) -> Result<J::Output, BackendError> {
+    let _kernels = install_kernels(kind);
     match kind {
         #[cfg(feature = "cpu")]
         BackendKind::Cpu => {
             let (device, info) = cpu::select(index)?;
-            Ok(job.run::<cpu::Backend>(device, &info)?)
+            Ok(job.run::<cpu::Backend>(Devices::single(device, info))?)
         }
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => {
             let (device, info) = wgpu_backend::select(index)?;
-            Ok(job.run::<wgpu_backend::Backend>(device, &info)?)
+            Ok(job.run::<wgpu_backend::Backend>(Devices::single(device, info))?)
         }
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => {
             let (device, info) = cuda::select(index)?;
-            Ok(job.run::<cuda::Backend>(device, &info)?)
+            Ok(job.run::<cuda::Backend>(Devices::single(device, info))?)
         }
         #[allow(unreachable_patterns)]
         other => {
@@ -222,20 +254,6 @@ impl std::str::FromStr for DeviceSet {
         }
         Ok(Self::List(list))
     }
-}
-
-/// A computation on several devices of one backend (data-parallel
-/// training): [`run_on`] resolves every device first.
-pub trait MultiDeviceJob {
-    /// What the job returns.
-    type Output;
-
-    /// Runs the job on backend `B`, one replica per device.
-    fn run<B: AutodiffBackend>(
-        self,
-        devices: Vec<B::Device>,
-        info: &[DeviceInfo],
-    ) -> clipa_core::Result<Self::Output>;
 }
 
 /// How many devices backend `kind` has.
@@ -279,32 +297,56 @@ fn resolve<D>(
 
 /// Runs `job` on the devices `set` of backend `kind`; every device must
 /// exist (none is skipped silently).
-pub fn run_on<J: MultiDeviceJob>(
+pub fn run_on<J: BackendJob>(
     kind: BackendKind,
     set: &DeviceSet,
     job: J,
 ) -> Result<J::Output, BackendError> {
+    let _kernels = install_kernels(kind);
     match kind {
         #[cfg(feature = "cpu")]
         BackendKind::Cpu => {
             let (devices, infos) = resolve(kind, set, cpu::select)?;
-            Ok(job.run::<cpu::Backend>(devices, &infos)?)
+            Ok(job.run::<cpu::Backend>(Devices {
+                devices,
+                info: infos,
+            })?)
         }
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => {
             let (devices, infos) = resolve(kind, set, wgpu_backend::select)?;
-            Ok(job.run::<wgpu_backend::Backend>(devices, &infos)?)
+            Ok(job.run::<wgpu_backend::Backend>(Devices {
+                devices,
+                info: infos,
+            })?)
         }
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => {
             let (devices, infos) = resolve(kind, set, cuda::select)?;
-            Ok(job.run::<cuda::Backend>(devices, &infos)?)
+            Ok(job.run::<cuda::Backend>(Devices {
+                devices,
+                info: infos,
+            })?)
         }
         #[allow(unreachable_patterns)]
         other => {
             drop(job);
             Err(BackendError::NotCompiled(other))
         }
+    }
+}
+
+/// Installs `kind`'s kernels in core's kernel seam
+/// ([`clipa_core::kernels`]) until the returned guard drops: the CPU's
+/// fused kernels; none for WGPU and CUDA, which run every op composed
+/// (their fusion compiles it). [`run`], [`run_here`] and [`run_on`] call it
+/// for the chosen backend; benches and tests that drive a backend type
+/// directly call it themselves.
+pub fn install_kernels(kind: BackendKind) -> clipa_core::kernels::Installed {
+    match kind {
+        #[cfg(feature = "cpu")]
+        BackendKind::Cpu => cpu::install_kernels(),
+        _ => clipa_core::kernels::Installed::default(),
     }
 }
 

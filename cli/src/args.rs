@@ -5,6 +5,12 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use clipa_backends::BackendKind;
+use clipa_core::eval::{EvalResize, TemplateSet, ZeroShotFlags};
+use clipa_core::plan::{Dataset, Gpu};
+use clipa_core::reduce::{ImageReduction, TextReduction};
+use clipa_core::train::Resume;
+use clipa_core::train::config::Precision;
+use clipa_core::train::overrides::TrainOverrides;
 
 /// Train and run CLIP image–text models the CLIPA way: pre-train on few
 /// image and text tokens, fine-tune briefly at full length.
@@ -92,19 +98,19 @@ pub struct BenchArgs {
     /// Image token reduction: none | resize:PX | random:RATIO | grid:K[:KEPT]
     /// | block:RATIO.
     #[arg(long, default_value = "none")]
-    pub image_reduction: String,
+    pub image_reduction: ImageReduction,
     /// Text tokens per caption (default: the model's context length).
     #[arg(long)]
     pub text_length: Option<usize>,
     /// Text reduction: truncate | random | block | syntax.
     #[arg(long, default_value = "truncate")]
-    pub text_reduction: String,
+    pub text_reduction: TextReduction,
     /// Micro-batches per step (cached-feature accumulation).
     #[arg(long, default_value_t = 1)]
     pub accum_steps: usize,
     /// Block compute precision: auto | f32 | bf16.
     #[arg(long, default_value = "auto")]
-    pub precision: String,
+    pub precision: Precision,
     /// Per-block activation checkpointing.
     #[arg(long)]
     pub grad_checkpointing: bool,
@@ -157,7 +163,7 @@ pub struct PlanArgs {
     pub gpus: usize,
     /// GPU kind: a100 | h100 | h200 | l40s | a10 | rtx4090.
     #[arg(long, default_value = "a100")]
-    pub gpu: String,
+    pub gpu: Gpu,
     /// Wall-clock hours.
     #[arg(long)]
     pub hours: f64,
@@ -167,7 +173,7 @@ pub struct PlanArgs {
     /// Only recipes published on this dataset: laion-400m | laion-2b |
     /// datacomp-1b.
     #[arg(long)]
-    pub data: Option<String>,
+    pub data: Option<Dataset>,
     /// Effective training TFLOP/s per GPU, e.g. measured with `clipa
     /// --backend cuda bench --json` (train_gflop / median_ms); default: the
     /// throughput the published runs imply.
@@ -185,128 +191,31 @@ pub struct PlotArgs {
     pub run_dir: PathBuf,
 }
 
-/// Flags of `clipa train`. Flags override the preset or config file; on a
-/// multi-stage preset the image and text flags apply to the first stage.
+/// Flags of `clipa train`. The overrides apply on top of the preset or
+/// config file; on a multi-stage preset the image and text flags apply to
+/// the first stage.
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
     /// Run config (TOML, as written to `RUN/run.toml`).
     #[arg(long, conflicts_with = "preset")]
     pub config: Option<PathBuf>,
-    /// Training preset (demo, tiny, fmnist, clipa-b16-i112-t16, …).
-    #[arg(long)]
+    /// Training preset.
+    #[arg(long, value_parser = training_presets())]
     pub preset: Option<String>,
-    /// Model preset, overriding the training preset's (see `clipa models`),
-    /// or an OpenCLIP model-config JSON file (`*.json`; a clipa_torch
-    /// config's `text_mask` becomes every stage's text reduction).
-    #[arg(long)]
-    pub model: Option<String>,
-    /// Vocabulary of a WordPiece model: a `vocab.txt` or `tokenizer.json`
-    /// (the bert-base-uncased tokenizer files, or any CLIPA hub folder's).
-    /// The CLIPA-v2 recipes need it; checkpoints keep a copy.
-    #[arg(long)]
-    pub vocab: Option<PathBuf>,
-    /// Training data: WebDataset shards (`/data/{00000..00099}.tar`, sources
-    /// joined by `::`) or a CSV/TSV file. Default: built-in synthetic data.
-    #[arg(long)]
-    pub train_data: Option<String>,
-    /// Weights of `::`-joined sources (`1::0.5`).
-    #[arg(long)]
-    pub train_data_upsampling_factors: Option<String>,
-    /// Draw shards with replacement.
-    #[arg(long)]
-    pub dataset_resampled: bool,
-    /// Samples in one epoch of --train-data (a WebDataset's size is not
-    /// known up front); the log then counts epochs.
-    #[arg(long)]
-    pub train_num_samples: Option<u64>,
-    /// Train this many epochs of --train-num-samples samples, split across
-    /// stages in the preset's proportions (instead of --steps).
-    #[arg(long, conflicts_with = "steps")]
-    pub epochs: Option<f64>,
-    /// CSV column with image paths.
-    #[arg(long)]
-    pub csv_img_key: Option<String>,
-    /// CSV column with captions.
-    #[arg(long)]
-    pub csv_caption_key: Option<String>,
-    /// Image folder (`root/<class>/*`) for zero-shot evaluation.
-    #[arg(long)]
-    pub zeroshot_data: Option<PathBuf>,
-    /// Class names for --zeroshot-data, one per line in folder order.
-    #[arg(long)]
-    pub classnames: Option<PathBuf>,
-    /// Prompt templates for --zeroshot-data: photo | simple | openai | FILE.
-    #[arg(long)]
-    pub templates: Option<String>,
     /// Run folder (default: runs/<preset>-<UTC time>).
     #[arg(long)]
     pub output: Option<PathBuf>,
-    /// Total optimiser steps, split across stages in the preset's proportions.
-    #[arg(long)]
-    pub steps: Option<u64>,
-    /// Global batch size (every stage).
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    /// Micro-batches per step (cached-feature accumulation; every stage).
-    #[arg(long)]
-    pub accum_steps: Option<usize>,
-    /// Image size in pixels (first stage).
-    #[arg(long)]
-    pub image_size: Option<u32>,
-    /// Image token reduction (first stage): none | resize:PX | random:RATIO |
-    /// grid:K[:KEPT] | block:RATIO.
-    #[arg(long)]
-    pub image_reduction: Option<String>,
-    /// Text length in tokens (first stage).
-    #[arg(long)]
-    pub text_length: Option<usize>,
-    /// Text token reduction (first stage): truncate | random | block | syntax.
-    #[arg(long)]
-    pub text_reduction: Option<String>,
-    /// Word → part-of-speech lexicon for syntax masking (default: shipped).
-    #[arg(long)]
-    pub lexicon: Option<PathBuf>,
-    /// Loss: softmax (CLIP) or sigmoid (SigLIP).
-    #[arg(long)]
-    pub loss: Option<String>,
-    /// Master seed.
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Log every N steps.
-    #[arg(long)]
-    pub log_every: Option<u64>,
-    /// Checkpoint every N steps.
-    #[arg(long)]
-    pub checkpoint_every: Option<u64>,
-    /// Zero-shot evaluation every N steps (always at the end of a stage).
-    #[arg(long)]
-    pub eval_every: Option<u64>,
-    /// Clip the gradient norm.
-    #[arg(long)]
-    pub grad_clip: Option<f64>,
-    /// Skip up to N non-finite steps instead of stopping.
-    #[arg(long)]
-    pub skip_nonfinite: Option<u32>,
-    /// Block compute precision: auto (bf16 on CUDA tensor cores, else f32),
-    /// f32, or bf16 (float32 master weights, LayerNorms and loss).
-    #[arg(long)]
-    pub precision: Option<String>,
-    /// Per-block activation checkpointing: recompute each transformer block
-    /// in the backward pass instead of keeping its activations (for large
-    /// models on one GPU; about a third more compute).
-    #[arg(long)]
-    pub grad_checkpointing: bool,
     /// Continue a run: `latest` (newest checkpoint in --output) or a
     /// checkpoint folder.
     #[arg(long)]
-    pub resume: Option<String>,
-    /// Data-loading threads (default: all cores).
-    #[arg(long)]
-    pub workers: Option<usize>,
+    pub resume: Option<Resume>,
     /// Start from the weights of a clipa checkpoint folder (e.g. one made by
     /// `import-openclip`) instead of a random init.
     #[arg(long, conflicts_with = "resume")]
     pub init_from: Option<PathBuf>,
+    /// Word → part-of-speech lexicon for syntax masking (default: shipped).
+    #[arg(long)]
+    pub lexicon: Option<PathBuf>,
     /// Print the resolved config and exit.
     #[arg(long)]
     pub dry_run: bool,
@@ -315,6 +224,9 @@ pub struct TrainArgs {
     /// and the result equals one device's at that batch.
     #[arg(long, value_name = "LIST|all")]
     pub devices: Option<clipa_backends::DeviceSet>,
+    /// Overrides of the preset or config file.
+    #[command(flatten)]
+    pub set: TrainOverrides,
 }
 
 /// Flags of `clipa eval`. Without --zeroshot-data or --retrieval-data it
@@ -324,17 +236,9 @@ pub struct EvalArgs {
     /// A checkpoint folder, or a run folder (its latest checkpoint).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Image folder (`root/<class>/*`) for zero-shot classification.
-    #[arg(long)]
-    pub zeroshot_data: Option<PathBuf>,
-    /// Class names, one per line in folder order (default: the bundled
-    /// ImageNet names for a 1,000-class folder, else the folder names).
-    #[arg(long)]
-    pub classnames: Option<PathBuf>,
-    /// Prompt templates: photo | simple | openai | FILE (one per line, `{}`
-    /// for the class). Default: openai for ImageNet, else photo.
-    #[arg(long)]
-    pub templates: Option<String>,
+    /// The zero-shot evaluation set.
+    #[command(flatten)]
+    pub zeroshot: ZeroShotFlags,
     /// Image–caption set for retrieval: WebDataset shards (each `txt` line
     /// a caption) or a CSV/TSV (several rows may name one image).
     #[arg(long)]
@@ -349,7 +253,7 @@ pub struct EvalArgs {
     /// (CLIPA's bilinear square resize). Default: the model's own, from its
     /// config (CLIPA presets and imported `squash` configs squash).
     #[arg(long)]
-    pub resize: Option<String>,
+    pub resize: Option<EvalResize>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -366,7 +270,7 @@ pub struct ClassifyArgs {
     pub labels: String,
     /// Prompt templates: photo | simple | openai | FILE.
     #[arg(long, default_value = "photo")]
-    pub templates: String,
+    pub templates: TemplateSet,
     /// Labels shown per image.
     #[arg(long, default_value_t = 3)]
     pub top: usize,
@@ -553,4 +457,14 @@ pub fn init_logging(verbose: u8, quiet: bool) {
         .with_target(false)
         .without_time()
         .init();
+}
+
+/// `--preset`'s values for `clipa train`, each with its one-line
+/// description in `--help` (core's preset table).
+fn training_presets() -> clap::builder::PossibleValuesParser {
+    clipa_core::train::presets::PRESETS
+        .iter()
+        .map(|p| clap::builder::PossibleValue::new(p.name).help(p.about))
+        .collect::<Vec<_>>()
+        .into()
 }

@@ -19,7 +19,27 @@ fn main() -> ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
-    let args = <args::Args as clap::Parser>::parse();
+    let args = match <args::Args as clap::Parser>::try_parse() {
+        Ok(args) => args,
+        // `--help` and `--version` print as clap writes them.
+        Err(err) if !err.use_stderr() => err.exit(),
+        Err(err) => anyhow::bail!(one_line(&err.render().to_string())),
+    };
     args::init_logging(args.verbose, args.quiet);
     commands::dispatch(&args)
+}
+
+/// clap's error message on one line, as every user mistake is reported: its
+/// `error: ` line, then its details (the possible values, a tip) after it,
+/// without the usage line and the pointer to `--help` that clap adds.
+fn one_line(rendered: &str) -> String {
+    rendered
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("For more information") && !l.starts_with("Usage:")
+        })
+        .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -19,6 +19,21 @@ pub enum LossKind {
     Sigmoid,
 }
 
+impl std::str::FromStr for LossKind {
+    type Err = crate::Error;
+
+    /// `softmax` or `sigmoid`, as in the run config.
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s {
+            "softmax" => Ok(Self::Softmax),
+            "sigmoid" => Ok(Self::Sigmoid),
+            other => Err(crate::Error::Config(format!(
+                "loss {other:?}: expected softmax or sigmoid"
+            ))),
+        }
+    }
+}
+
 /// `logits_per_image` = exp(`scale`) · image · textᵀ on unit features;
 /// `scale` is the model's `logit_scale` (log-space).
 ///

@@ -25,11 +25,11 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
-use clipa_core::nn::{AttentionKernel, attention_composed};
+use clipa_core::kernels::{AttentionKernel, attention_composed};
 use rayon::prelude::*;
 
+use super::tensor::{Backend, dense_flex};
 use super::vmath::{self, vectorised};
-use super::{Backend, dense_flex};
 
 /// The attention kernel of the CPU backend, for training (`Autodiff<Flex>`)
 /// and inference (`Flex`).

@@ -18,11 +18,11 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::tensor::ops::ModuleOps;
 use burn::tensor::{DType, Int, Shape, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
-use clipa_core::nn::EmbeddingKernel;
+use clipa_core::kernels::EmbeddingKernel;
 use rayon::prelude::*;
 
 use super::gemm::{Unset, filled};
-use super::{Backend, dense_flex};
+use super::tensor::{Backend, dense_flex};
 
 /// The embedding kernel of the CPU backend under autodiff (inference runs
 /// flex's own lookup, which has no backward to replace).

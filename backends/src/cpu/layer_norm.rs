@@ -22,13 +22,13 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::ModuleOps;
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
-use clipa_core::nn::LayerNormKernel;
+use clipa_core::kernels::LayerNormKernel;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 use super::gemm::Unset;
+use super::tensor::{Backend, dense_flex, take_earlier_grad};
 use super::vmath::{self, product_sum_and_dot, sum, sum_sq_dev, vectorised};
-use super::{Backend, dense_flex, take_earlier_grad};
 
 /// The LayerNorm kernel of the CPU backend under autodiff.
 pub struct FlexLayerNorm;

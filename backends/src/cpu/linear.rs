@@ -5,7 +5,7 @@
 //! Burn's linear on flex is a matrix product into a zeroed and then
 //! re-aligned output buffer, then a broadcast add of the bias into another;
 //! backward is two products, the weight's over `[chunks, d_in, d_out]`
-//! partial products that are then summed ([`clipa_core::nn::linear_in`]'s
+//! partial products that are then summed ([`clipa_core::kernels::linear_composed`]'s
 //! split-K), and a sum over rows for the bias. Here forward writes the bias
 //! rows and lets `gemm` add `x·W` onto them; backward computes `dX = dY·Wᵀ`
 //! and `dW = Xᵀ·dY` as one product each on rayon's threads (`gemm` packs
@@ -24,12 +24,12 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
-use clipa_core::nn::LinearKernel;
+use clipa_core::kernels::LinearKernel;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
+use super::tensor::{Backend, dense_flex, take_earlier_grad};
 use super::vmath::{self, vectorised};
-use super::{Backend, dense_flex, take_earlier_grad};
 
 /// The linear-layer kernel of the CPU backend, for training
 /// (`Autodiff<Flex>`) and inference (`Flex`).

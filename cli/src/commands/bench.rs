@@ -1,13 +1,12 @@
 //! `clipa bench`: training and inference step times of a model on a
 //! backend, as a table or one JSON object (`{"cases": [...]}`).
 
-use anyhow::{Context, ensure};
+use anyhow::ensure;
 use burn::tensor::backend::AutodiffBackend;
-use clipa_backends::{BackendJob, BackendKind, DeviceInfo, PeakMemory};
+use clipa_backends::{BackendJob, BackendKind, Devices, PeakMemory};
 use clipa_core::bench::{self, BenchCase, BenchHooks, BenchResult, BenchSteps};
 use clipa_core::data::tokenizer::Tokenizer;
 use clipa_core::model::ClipConfig;
-use clipa_core::train::Precision;
 use serde::Serialize;
 
 use crate::args::BenchArgs;
@@ -33,11 +32,8 @@ struct Bench {
 impl BackendJob for Bench {
     type Output = Vec<BenchResult>;
 
-    fn run<B: AutodiffBackend>(
-        self,
-        device: B::Device,
-        info: &DeviceInfo,
-    ) -> clipa_core::Result<Self::Output> {
+    fn run<B: AutodiffBackend>(self, on: Devices<B>) -> clipa_core::Result<Self::Output> {
+        let (device, info) = on.one();
         let mut hooks = Hooks(PeakMemory::new(info));
         let mut out = Vec::with_capacity(self.cases.len());
         for case in &self.cases {
@@ -78,7 +74,7 @@ fn case_name(model: &str, case: &BenchCase) -> String {
 /// `clipa bench`.
 pub fn run(kind: BackendKind, device: Option<usize>, args: &BenchArgs) -> anyhow::Result<()> {
     ensure!(args.steps > 0, "--steps must be positive");
-    let precision: Precision = args.precision.parse().context("--precision")?;
+    let precision = args.precision;
     let cases = if args.sweep {
         let mut cases = bench::peer_sweep()?;
         for c in &mut cases {
@@ -97,8 +93,8 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &BenchArgs) -> anyhow
             text_length: args.text_length.unwrap_or(model.text.context_length),
             model,
             batch: args.batch_size,
-            image_reduction: args.image_reduction.parse().context("--image-reduction")?,
-            text_reduction: args.text_reduction.parse().context("--text-reduction")?,
+            image_reduction: args.image_reduction.clone(),
+            text_reduction: args.text_reduction,
             accum_steps: args.accum_steps,
             precision,
             grad_checkpointing: args.grad_checkpointing,

@@ -4,7 +4,7 @@
 
 use anyhow::{Context, ensure};
 use burn::tensor::backend::AutodiffBackend;
-use clipa_backends::{BackendJob, BackendKind, DeviceInfo};
+use clipa_backends::{BackendJob, BackendKind, Devices};
 use clipa_core::numeric::{compare_sets, relative_error};
 use clipa_core::selftest::{self, PartResult, SelfTestShape};
 
@@ -18,11 +18,8 @@ struct SelfTestBf16(SelfTestShape);
 impl BackendJob for SelfTestBf16 {
     type Output = Option<PartResult>;
 
-    fn run<B: AutodiffBackend>(
-        self,
-        device: B::Device,
-        _info: &DeviceInfo,
-    ) -> clipa_core::Result<Self::Output> {
+    fn run<B: AutodiffBackend>(self, on: Devices<B>) -> clipa_core::Result<Self::Output> {
+        let (device, _info) = on.one();
         selftest::run_bf16::<B>(&device, self.0)
     }
 }
@@ -50,11 +47,8 @@ fn default_tolerance(kind: BackendKind) -> f64 {
 impl BackendJob for SelfTest {
     type Output = Vec<PartResult>;
 
-    fn run<B: AutodiffBackend>(
-        self,
-        device: B::Device,
-        info: &DeviceInfo,
-    ) -> clipa_core::Result<Self::Output> {
+    fn run<B: AutodiffBackend>(self, on: Devices<B>) -> clipa_core::Result<Self::Output> {
+        let (device, info) = on.one();
         tracing::debug!("running the self-test on {info}");
         selftest::run::<B>(&device, self.0)
     }

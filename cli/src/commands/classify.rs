@@ -7,8 +7,8 @@ use anyhow::{Context, ensure};
 use burn::tensor::ElementConversion;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::AutodiffBackend;
-use clipa_backends::{BackendJob, BackendKind, DeviceInfo};
-use clipa_core::eval::{TemplateSet, ZeroShotTask};
+use clipa_backends::{BackendJob, BackendKind, Devices};
+use clipa_core::eval::ZeroShotTask;
 use clipa_core::model::l2_normalize;
 use clipa_core::{checkpoint, preprocess};
 
@@ -29,11 +29,8 @@ impl BackendJob for Classify {
     /// Per image, the probability of each label.
     type Output = Vec<Vec<f32>>;
 
-    fn run<B: AutodiffBackend>(
-        self,
-        device: B::Device,
-        info: &DeviceInfo,
-    ) -> clipa_core::Result<Self::Output> {
+    fn run<B: AutodiffBackend>(self, on: Devices<B>) -> clipa_core::Result<Self::Output> {
+        let (device, info) = on.one();
         let (model, tokenizer) =
             checkpoint::load_model::<B::InnerBackend>(&self.checkpoint, &device)?;
         tracing::info!("classifying {} images on {info}", self.images.len());
@@ -72,11 +69,7 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &ClassifyArgs) -> any
         "--labels needs at least two comma-separated labels"
     );
     ensure!(args.top > 0, "--top must be positive");
-    let templates = args
-        .templates
-        .parse::<TemplateSet>()?
-        .load()
-        .context("cannot load --templates")?;
+    let templates = args.templates.load().context("cannot load --templates")?;
     let images = collect_images(&args.images)?;
     let checkpoint = resolve_checkpoint(&args.checkpoint)?;
     let probs = clipa_backends::run(

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, ensure};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
-use clipa_backends::{BackendJob, BackendKind, DeviceInfo};
+use clipa_backends::{BackendJob, BackendKind, Devices};
 use clipa_core::model::l2_normalize;
 use clipa_core::state::StateDict;
 use clipa_core::{checkpoint, io, preprocess};
@@ -43,11 +43,8 @@ impl BackendJob for Embed<'_> {
     /// Image features, then text features.
     type Output = (Features, Features);
 
-    fn run<B: AutodiffBackend>(
-        self,
-        device: B::Device,
-        info: &DeviceInfo,
-    ) -> clipa_core::Result<Self::Output> {
+    fn run<B: AutodiffBackend>(self, on: Devices<B>) -> clipa_core::Result<Self::Output> {
+        let (device, info) = on.one();
         // Inference runs on the inner (non-autodiff) backend.
         let (model, tokenizer) =
             checkpoint::load_model::<B::InnerBackend>(self.checkpoint, &device)?;

@@ -5,10 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use burn::tensor::backend::AutodiffBackend;
-use clipa_backends::{BackendJob, BackendKind, DeviceInfo};
+use clipa_backends::{BackendJob, BackendKind, Devices};
 use clipa_core::eval::{
-    EvalResize, EvalResult, EvaluatorConfig, RetrievalEval, RetrievalResult, TemplateSet,
-    ZeroShotEval, ZeroShotResult,
+    EvalResult, EvaluatorConfig, RetrievalEval, RetrievalResult, ZeroShotEval, ZeroShotResult,
 };
 use clipa_core::train::{self, TrainConfig, runstate};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -44,11 +43,8 @@ struct EvalJob {
 impl BackendJob for EvalJob {
     type Output = Report;
 
-    fn run<B: AutodiffBackend>(
-        self,
-        device: B::Device,
-        info: &DeviceInfo,
-    ) -> clipa_core::Result<Report> {
+    fn run<B: AutodiffBackend>(self, on: Devices<B>) -> clipa_core::Result<Report> {
+        let (device, info) = on.one();
         let (model, tokenizer) =
             clipa_core::checkpoint::load_model::<B::InnerBackend>(&self.checkpoint, &device)?;
         eprintln!("evaluating {} on {info}", self.checkpoint.display());
@@ -103,26 +99,17 @@ impl BackendJob for EvalJob {
 /// `clipa eval`.
 pub fn run(kind: BackendKind, device: Option<usize>, args: &EvalArgs) -> anyhow::Result<()> {
     let checkpoint = resolve_checkpoint(&args.checkpoint)?;
-    let resize = args
-        .resize
-        .as_deref()
-        .map(str::parse::<EvalResize>)
-        .transpose()
-        .context("--resize")?;
-    let templates = args
-        .templates
-        .as_deref()
-        .map(str::parse::<TemplateSet>)
-        .transpose()?;
-    if templates.is_some() && args.zeroshot_data.is_none() {
+    let resize = args.resize;
+    let templates = args.zeroshot.templates.clone();
+    if templates.is_some() && args.zeroshot.zeroshot_data.is_none() {
         bail!("--templates applies to --zeroshot-data, which is not given");
     }
     let mut evaluators = Vec::new();
-    if let Some(data) = &args.zeroshot_data {
+    if let Some(data) = &args.zeroshot.zeroshot_data {
         evaluators.push(EvaluatorConfig::Zeroshot(ZeroShotEval {
             name: "zeroshot".into(),
             data: data.clone(),
-            classnames: args.classnames.clone(),
+            classnames: args.zeroshot.classnames.clone(),
             templates,
             resize,
         }));

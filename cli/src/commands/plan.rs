@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clipa_core::model::{ClipConfig, TokenizerConfig};
-use clipa_core::plan::{self, Budget, Candidate, POINTS_PER_DECADE, a100_calibration};
+use clipa_core::plan::{self, Budget, Candidate, POINTS_PER_DECADE, Plan, a100_calibration};
 use clipa_core::train::{StageConfig, TrainConfig};
 
 use crate::args::PlanArgs;
@@ -16,13 +16,27 @@ const GPUS_PER_MACHINE: usize = 8;
 pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
     let budget = Budget {
         gpus: args.gpus,
-        gpu: args.gpu.parse()?,
+        gpu: args.gpu,
         hours: args.hours,
         samples: args.samples,
-        data: args.data.as_deref().map(str::parse).transpose()?,
+        data: args.data,
         tflops: args.tflops,
     };
     let p = plan::plan(budget)?;
+    print_assumptions(&budget, &p);
+    let (rec, shortened) = match (p.choice, &p.shortened) {
+        (Some(i), _) => (&p.candidates[i], false),
+        (None, Some(s)) => (s, true),
+        (None, None) => unreachable!("plan() errs when nothing can be recommended"),
+    };
+    print_recommendation(&budget, &p, rec, shortened)?;
+    print_run_command(args, &budget, rec, shortened)?;
+    print_candidates(&p);
+    Ok(())
+}
+
+/// The budget and what the estimate assumes.
+fn print_assumptions(budget: &Budget, p: &Plan) {
     let cal = a100_calibration();
     let gpu = budget.gpu.as_str().to_uppercase();
     println!(
@@ -60,12 +74,15 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
     println!(
         "  accuracy: published ImageNet-1k zero-shot of the recipe on its dataset; yours depends on your data"
     );
+}
 
-    let (rec, shortened) = match (p.choice, &p.shortened) {
-        (Some(i), _) => (&p.candidates[i], false),
-        (None, Some(s)) => (s, true),
-        (None, None) => unreachable!("plan() errs when nothing can be recommended"),
-    };
+/// The recommended recipe, its stages and the accuracy it expects.
+fn print_recommendation(
+    budget: &Budget,
+    p: &Plan,
+    rec: &Candidate,
+    shortened: bool,
+) -> anyhow::Result<()> {
     println!();
     if shortened {
         println!(
@@ -73,7 +90,8 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
             count(rec.config.stages[0].samples() as f64)
         );
     } else {
-        println!("recommendation: {}", rec.run.preset);
+        let about = clipa_core::train::presets::find(rec.run.preset).map_or("", |p| p.about);
+        println!("recommendation: {} ({about})", rec.run.preset);
     }
     describe(rec)?;
     let bracket = |i: Option<usize>| {
@@ -105,6 +123,16 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "nothing better is published".into())
         ),
     }
+    Ok(())
+}
+
+/// The command line that trains the recommendation on the whole budget.
+fn print_run_command(
+    args: &PlanArgs,
+    budget: &Budget,
+    rec: &Candidate,
+    shortened: bool,
+) -> anyhow::Result<()> {
     // The whole budget: every GPU of the machine, and the vocabulary a
     // WordPiece (CLIPA-v2) model needs.
     let devices = if budget.gpus > 1 {
@@ -148,7 +176,11 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
             rec.hours * budget.gpus as f64 / GPUS_PER_MACHINE as f64
         );
     }
+    Ok(())
+}
 
+/// Every published recipe on the budget, cheapest first.
+fn print_candidates(p: &Plan) {
     println!("\nevery published recipe on this budget (cheapest first):");
     println!(
         "  {:<26} {:<12} {:>10} {:>9} {:>5} {:>7}",
@@ -165,7 +197,6 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
             c.expected
         );
     }
-    Ok(())
 }
 
 /// The stages of a recommendation: model, pre-training tokens, fine-tune.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use burn::tensor::backend::AutodiffBackend;
-use clipa_backends::{BackendJob, BackendKind, DeviceInfo};
+use clipa_backends::{BackendJob, BackendKind, Devices};
 use clipa_core::reduce::TextReduction;
 use clipa_core::sweep::{
     self, ImageStrategy, PointResult, SweepConfig, SweepObserver, SweepOptions, SweepPoint,
@@ -65,11 +65,8 @@ struct SweepJob {
 impl BackendJob for SweepJob {
     type Output = SweepSummary;
 
-    fn run<B: AutodiffBackend>(
-        self,
-        device: B::Device,
-        info: &DeviceInfo,
-    ) -> clipa_core::Result<SweepSummary> {
+    fn run<B: AutodiffBackend>(self, on: Devices<B>) -> clipa_core::Result<SweepSummary> {
+        let (device, info) = on.one();
         eprintln!(
             "sweep '{}' on {info}; folder {} (rerun the same command to continue it)",
             self.cfg.name,

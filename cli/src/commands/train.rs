@@ -8,12 +8,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use burn::tensor::backend::AutodiffBackend;
-use clipa_backends::{BackendJob, BackendKind, DeviceInfo, MultiDeviceJob};
+use clipa_backends::{BackendJob, BackendKind, Devices};
 use clipa_core::data::tokenizer::Tokenizer;
 use clipa_core::eval::ZeroShotResult;
 use clipa_core::train::{
-    self, LossKind, Observer, Resume, RunOptions, StageConfig, StepMetrics, TrainConfig,
-    TrainSummary,
+    self, Observer, Resume, RunOptions, StageConfig, StepMetrics, TrainConfig, TrainSummary,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -37,115 +36,7 @@ fn resolve(args: &TrainArgs, output: &Path) -> anyhow::Result<TrainConfig> {
         }
         (None, None) => TrainConfig::preset("demo")?,
     };
-    if let Some(m) = &args.model {
-        cfg.model = m.clone();
-        // A clipa_torch config's `text_mask` is how that model reads text.
-        if let Some(mask) = cfg.model_text_mask()? {
-            for s in &mut cfg.stages {
-                s.text_reduction = mask;
-            }
-        }
-    }
-    if args.vocab.is_some() {
-        cfg.vocab = args.vocab.clone();
-    }
-    if let Some(seed) = args.seed {
-        cfg.seed = seed;
-    }
-    if let Some(loss) = &args.loss {
-        cfg.loss = match loss.as_str() {
-            "softmax" => LossKind::Softmax,
-            "sigmoid" => LossKind::Sigmoid,
-            other => bail!("--loss {other}: expected softmax or sigmoid"),
-        };
-    }
-    let d = &mut cfg.data;
-    if args.train_data.is_some() {
-        d.train_data = args.train_data.clone();
-    }
-    if args.train_data_upsampling_factors.is_some() {
-        d.train_data_weights = args.train_data_upsampling_factors.clone();
-    }
-    d.dataset_resampled |= args.dataset_resampled;
-    if let Some(k) = &args.csv_img_key {
-        d.csv_img_key = k.clone();
-    }
-    if let Some(k) = &args.csv_caption_key {
-        d.csv_caption_key = k.clone();
-    }
-    if let Some(t) = &args.templates {
-        d.templates = Some(t.parse()?);
-    }
-    if args.zeroshot_data.is_some() {
-        d.zeroshot_data = args.zeroshot_data.clone();
-    }
-    if args.classnames.is_some() {
-        d.classnames = args.classnames.clone();
-    }
-    if let Some(w) = args.workers {
-        d.workers = w;
-    }
-    if let Some(n) = args.train_num_samples {
-        if n == 0 {
-            bail!("--train-num-samples must be positive");
-        }
-        d.train_num_samples = Some(n);
-    }
-    if let Some(n) = args.steps {
-        cfg.set_total_steps(n);
-    }
-    for s in &mut cfg.stages {
-        if let Some(b) = args.batch_size {
-            s.batch_size = b;
-        }
-        if let Some(a) = args.accum_steps {
-            s.accum_steps = a;
-        }
-    }
-    if let Some(e) = args.epochs {
-        let Some(per_epoch) = cfg.data.train_num_samples else {
-            bail!("--epochs needs --train-num-samples (or data.train_num_samples in the config)");
-        };
-        if !(e.is_finite() && e > 0.0) {
-            bail!("--epochs {e} must be positive");
-        }
-        cfg.set_total_samples((e * per_epoch as f64).round() as u64);
-    }
-    let first: &mut StageConfig = &mut cfg.stages[0];
-    if let Some(px) = args.image_size {
-        first.image_size = px;
-    }
-    if let Some(r) = &args.image_reduction {
-        first.image_reduction = r.parse()?;
-    }
-    if let Some(t) = args.text_length {
-        first.text_length = t;
-    }
-    if let Some(r) = &args.text_reduction {
-        first.text_reduction = r.parse()?;
-    }
-    if let Some(n) = args.log_every {
-        cfg.log_every = n;
-    }
-    if let Some(n) = args.checkpoint_every {
-        cfg.checkpoint_every = n;
-    }
-    if let Some(n) = args.eval_every {
-        cfg.eval_every = n;
-    }
-    if args.grad_clip.is_some() {
-        cfg.grad_clip = args.grad_clip;
-    }
-    if let Some(n) = args.skip_nonfinite {
-        cfg.skip_nonfinite = n;
-    }
-    if args.grad_checkpointing {
-        cfg.grad_checkpointing = true;
-    }
-    if let Some(p) = &args.precision {
-        cfg.precision = p.parse().context("--precision")?;
-    }
-    cfg.validate()?;
+    cfg.apply(&args.set)?;
     Ok(cfg)
 }
 
@@ -264,15 +155,11 @@ struct TrainJob {
     opts: RunOptions,
 }
 
-impl MultiDeviceJob for TrainJob {
+impl BackendJob for TrainJob {
     type Output = TrainSummary;
 
-    fn run<B: AutodiffBackend>(
-        self,
-        devices: Vec<B::Device>,
-        info: &[DeviceInfo],
-    ) -> clipa_core::Result<TrainSummary> {
-        let names: Vec<String> = info.iter().map(ToString::to_string).collect();
+    fn run<B: AutodiffBackend>(self, on: Devices<B>) -> clipa_core::Result<TrainSummary> {
+        let names: Vec<String> = on.info().iter().map(ToString::to_string).collect();
         eprintln!(
             "training on {}; run folder {}",
             names.join(", "),
@@ -282,29 +169,7 @@ impl MultiDeviceJob for TrainJob {
             bar: ProgressBar::hidden(),
             stages: self.cfg.stages.len(),
         };
-        let summary = train::train_parallel::<B>(self.cfg, &self.opts, &devices, &mut progress);
-        progress.bar.finish_and_clear();
-        summary
-    }
-}
-
-impl BackendJob for TrainJob {
-    type Output = TrainSummary;
-
-    fn run<B: AutodiffBackend>(
-        self,
-        device: B::Device,
-        info: &DeviceInfo,
-    ) -> clipa_core::Result<TrainSummary> {
-        eprintln!(
-            "training on {info}; run folder {}",
-            self.opts.output.display()
-        );
-        let mut progress = Progress {
-            bar: ProgressBar::hidden(),
-            stages: self.cfg.stages.len(),
-        };
-        let summary = train::train::<B>(self.cfg, &self.opts, &device, &mut progress);
+        let summary = train::train_parallel::<B>(self.cfg, &self.opts, on.devices(), &mut progress);
         progress.bar.finish_and_clear();
         summary
     }
@@ -383,19 +248,12 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &TrainArgs) -> anyhow
         print!("{}", cfg.to_toml());
         return Ok(());
     }
-    let resume = match args.resume.as_deref() {
-        None => None,
-        Some("latest") => {
-            if args.output.is_none() {
-                bail!("--resume latest needs the --output of the run to continue");
-            }
-            Some(Resume::Latest)
-        }
-        Some(dir) => Some(Resume::Dir(dir.into())),
-    };
+    if args.resume == Some(Resume::Latest) && args.output.is_none() {
+        bail!("--resume latest needs the --output of the run to continue");
+    }
     let opts = RunOptions {
         output,
-        resume,
+        resume: args.resume.clone(),
         interrupt: interrupt_flag(),
         lexicon: args.lexicon.clone(),
         init_from: args.init_from.clone(),

@@ -10,7 +10,8 @@ use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use super::config::{TextConfig, TextPool};
 use super::posemb::resize_linear;
 use super::trace::Trace;
-use crate::nn::{ResidualBlock, ResidualBlockConfig, layer_norm_in};
+use crate::kernels::{self, layer_norm};
+use crate::nn::{ResidualBlock, ResidualBlockConfig};
 
 /// The text tower.
 #[derive(Module, Debug)]
@@ -111,10 +112,10 @@ impl<B: Backend> TextTransformer<B> {
             "text length {len} outside 1..={}",
             self.config.context_length
         );
-        let x = crate::nn::embedding_in(&self.token_embedding, ids); // [batch, len, width]
+        let x = kernels::embedding(&self.token_embedding, ids); // [batch, len, width]
         trace.record("token_embedding", || x.clone());
         let pos = self.positional_embedding.val().narrow(0, 0, len); // [len, width]
-        crate::nn::add_rows(x, pos)
+        kernels::add_rows(x, pos)
     }
 
     fn pool_traced(
@@ -124,7 +125,7 @@ impl<B: Backend> TextTransformer<B> {
         trace: &mut Trace,
     ) -> Tensor<B, 2> {
         let [batch, len, w] = x.dims();
-        let x = layer_norm_in(&self.ln_final, self.config.ln_eps, x);
+        let x = layer_norm(&self.ln_final, self.config.ln_eps, x);
         trace.record("ln_final", || x.clone());
         let pooled = match self.config.pool {
             TextPool::Last => x.narrow(1, len - 1, 1),

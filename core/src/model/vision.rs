@@ -11,7 +11,8 @@ use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use super::config::{PosEmbed, VisionConfig, VisionPool};
 use super::posemb::{resize_bicubic, sincos_2d};
 use super::trace::Trace;
-use crate::nn::{ResidualBlock, ResidualBlockConfig, layer_norm_in};
+use crate::kernels::{self, layer_norm};
+use crate::nn::{ResidualBlock, ResidualBlockConfig};
 
 /// The image tower.
 #[derive(Module, Debug)]
@@ -160,19 +161,7 @@ impl<B: Backend> VisionTransformer<B> {
         );
         let (gh, gw) = (height / p, width_px / p);
         let n = gh * gw;
-        // Patchify: a stride-p conv is a matmul over p×p×3 pixel blocks.
-        let patches = images
-            .reshape([batch, 3, gh, p, gw, p])
-            .permute([0, 2, 4, 1, 3, 5]) // [batch, gh, gw, 3, p, p]
-            .reshape([batch, n, 3 * p * p]); // [batch, patches, 3·p²]
-        let kernel = self.conv1.val().reshape([w, 3 * p * p]).transpose(); // [3·p², width]
-        // Split-K chunks of ~1024 patches, as `nn::linear_in` does, so the
-        // kernel's gradient is a few deep GEMMs rather than one per image.
-        let chunks = crate::nn::split_k_chunks(batch * n);
-        let x = patches
-            .reshape([chunks, batch * n / chunks, 3 * p * p])
-            .matmul(kernel.unsqueeze::<3>())
-            .reshape([batch, n, w]); // [batch, patches, width]
+        let x = kernels::patch_embed(images, self.conv1.val()); // [batch, patches, width]
         trace.record("visual.conv1", || {
             x.clone().swap_dims(1, 2).reshape([batch, w, gh, gw]) // NCHW, as torch
         });
@@ -182,7 +171,7 @@ impl<B: Backend> VisionTransformer<B> {
             .reshape([1, 1, w])
             .expand([batch, 1, w]); // [batch, 1, width]
         let x = Tensor::cat(vec![cls, x], 1); // [batch, 1 + patches, width]
-        let x = crate::nn::add_rows(x, self.position_table(gh, gw));
+        let x = kernels::add_rows(x, self.position_table(gh, gw));
         let x = match keep {
             None => x,
             Some(keep) => {
@@ -195,7 +184,7 @@ impl<B: Backend> VisionTransformer<B> {
             }
         };
         let x = match &self.ln_pre {
-            Some(ln) => layer_norm_in(ln, self.config.ln_eps, x),
+            Some(ln) => layer_norm(ln, self.config.ln_eps, x),
             None => x,
         };
         trace.record("visual.ln_pre", || x.clone());
@@ -206,18 +195,18 @@ impl<B: Backend> VisionTransformer<B> {
         let [batch, tokens, w] = x.dims();
         let pooled = match (self.config.pool, self.config.final_ln_after_pool) {
             (VisionPool::Cls, _) => {
-                let x = layer_norm_in(&self.ln_post, self.config.ln_eps, x);
+                let x = layer_norm(&self.ln_post, self.config.ln_eps, x);
                 trace.record("visual.ln_post", || x.clone());
                 x.narrow(1, 0, 1).reshape([batch, w])
             }
             (pool, true) => {
                 let pooled = mean_tokens(x, pool, tokens, batch, w);
-                let pooled = layer_norm_in(&self.ln_post, self.config.ln_eps, pooled);
+                let pooled = layer_norm(&self.ln_post, self.config.ln_eps, pooled);
                 trace.record("visual.ln_post", || pooled.clone());
                 pooled
             }
             (pool, false) => {
-                let x = layer_norm_in(&self.ln_post, self.config.ln_eps, x);
+                let x = layer_norm(&self.ln_post, self.config.ln_eps, x);
                 trace.record("visual.ln_post", || x.clone());
                 mean_tokens(x, pool, tokens, batch, w)
             }

@@ -2,15 +2,12 @@
 //! it: separate q/k/v projections (OpenCLIP's `in_proj` split in three),
 //! softmax(q·kᵀ/√d)·v per head, then an output projection.
 
+use crate::kernels::{self, linear, linear_add};
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
-
-use super::{linear_add_in, linear_in};
 
 /// Configuration of [`Attention`].
 #[derive(Config, Debug)]
@@ -68,7 +65,7 @@ impl<B: Backend> Attention<B> {
     }
 
     /// `residual + self.forward(x, causal)`, the residual added by the
-    /// output projection ([`linear_add_in`]) where given.
+    /// output projection ([`kernels::linear_add`]) where given.
     ///
     /// # Shapes
     /// - `x`, `residual` and the output: `[batch, tokens, width]`
@@ -84,63 +81,16 @@ impl<B: Backend> Attention<B> {
         // reshape, no copy.
         let split = |t: Tensor<B, 3>| t.reshape([batch, tokens, self.heads, head_dim]);
         // In `x`'s dtype: bf16 under mixed precision (see `ResidualBlock`).
-        let q = split(linear_in(&self.query, x.clone())); // [batch, tokens, heads, head_dim]
-        let k = split(linear_in(&self.key, x.clone()));
-        let v = split(linear_in(&self.value, x));
-        let y = match crate::kernels::lookup::<dyn AttentionKernel<B>>() {
-            Some(kernel) => kernel.attention(q, k, v, causal),
-            None => attention_composed(q, k, v, causal),
-        }; // [batch, tokens, heads, head_dim]
+        let q = split(linear(&self.query, x.clone())); // [batch, tokens, heads, head_dim]
+        let k = split(linear(&self.key, x.clone()));
+        let v = split(linear(&self.value, x));
+        let y = kernels::attention(q, k, v, causal); // [batch, tokens, heads, head_dim]
         let y = y.reshape([batch, tokens, width]);
         match residual {
-            Some(r) => linear_add_in(&self.out, y, r),
-            None => linear_in(&self.out, y),
+            Some(r) => linear_add(&self.out, y, r),
+            None => linear(&self.out, y),
         }
     }
-}
-
-/// softmax(q·kᵀ/√head_dim)·v per head from Burn's generic ops: runs on
-/// every backend. The heads move to the front (`[batch, heads, tokens,
-/// head_dim]`) for Burn's attention op and back after it: a fused kernel on
-/// CubeCL backends at inference, matmul + softmax under autodiff so that
-/// the backward pass is exact. On the CPU each move is a strided copy, and
-/// the softmax about a dozen element-wise passes forward and backward,
-/// which an [`AttentionKernel`] replaces.
-///
-/// # Shapes
-/// - `q`, `k`, `v`: `[batch, tokens, heads, head_dim]`
-/// - output: `[batch, tokens, heads, head_dim]`
-pub fn attention_composed<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    causal: bool,
-) -> Tensor<B, 4> {
-    let front = |t: Tensor<B, 4>| t.swap_dims(1, 2); // [batch, heads, tokens, head_dim]
-    let options = AttentionModuleOptions {
-        is_causal: causal,
-        ..Default::default()
-    };
-    attention(front(q), front(k), front(v), None, None, options).swap_dims(1, 2)
-}
-
-/// A backend's own multi-head attention, registered per backend type
-/// ([`crate::kernels`]) and used by [`Attention`].
-pub trait AttentionKernel<B: Backend>: Send + Sync {
-    /// softmax(q·kᵀ/√head_dim)·v for every batch row and head, the future
-    /// masked where `causal`: the value of [`attention_composed`] and, on
-    /// an autodiff backend, its gradients, each within float rounding.
-    ///
-    /// # Shapes
-    /// - `q`, `k`, `v`: `[batch, tokens, heads, head_dim]`
-    /// - output: `[batch, tokens, heads, head_dim]`
-    fn attention(
-        &self,
-        q: Tensor<B, 4>,
-        k: Tensor<B, 4>,
-        v: Tensor<B, 4>,
-        causal: bool,
-    ) -> Tensor<B, 4>;
 }
 
 #[cfg(test)]

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use burn::tensor::{FloatDType, Tensor};
 
-use super::{Attention, AttentionConfig, layer_norm_in, linear_add_in, linear_in};
+use super::{Attention, AttentionConfig};
+use crate::kernels::{self, layer_norm, linear, linear_add};
 
 /// The MLP non-linearity.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,42 +28,15 @@ pub enum Activation {
 }
 
 impl Activation {
-    /// Applies the activation element-wise. The exact GELU runs in the
-    /// backend's registered [`GeluKernel`] where it has one, else as
-    /// [`gelu_composed`].
+    /// Applies the activation element-wise (the exact GELU through the
+    /// kernel seam, [`kernels::gelu`]).
     pub fn forward<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
-            Self::Gelu => match crate::kernels::lookup::<dyn GeluKernel<B>>() {
-                Some(kernel) => {
-                    let shape = x.shape();
-                    let numel = shape.num_elements();
-                    kernel.gelu(x.reshape([numel])).reshape(shape) // [numel] → x's shape
-                }
-                None => gelu_composed(x),
-            },
+            Self::Gelu => kernels::gelu(x),
             Self::GeluTanh => gelu_approximate(x),
             Self::QuickGelu => x.clone() * sigmoid(x * 1.702),
         }
     }
-}
-
-/// The exact GELU, `x·½(1 + erf(x/√2))`, from Burn's element-wise ops: runs
-/// on every backend. Composed from erf rather than Burn's fused `gelu`: in
-/// Burn 0.21 the CubeCL (wgpu, cuda) backward of the fused op is the tanh
-/// approximation's, off by ~4e-4 relative error, while erf's own backward
-/// is exact to f32 (tests/backends.rs::activations_match_cpu_on_wgpu). On a
-/// backend without kernel fusion that is 5 passes over the activation
-/// forward and about 10 backward, which a [`GeluKernel`] replaces.
-pub fn gelu_composed<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    (x.clone() * ((x * std::f64::consts::FRAC_1_SQRT_2).erf() + 1.0)) * 0.5
-}
-
-/// A backend's own exact GELU, registered per backend type
-/// ([`crate::kernels`]) and used by [`Activation::Gelu`].
-pub trait GeluKernel<B: Backend>: Send + Sync {
-    /// GELU of `x` (`[numel]`): the value of [`gelu_composed`] and, on an
-    /// autodiff backend, its gradient, each within float rounding.
-    fn gelu(&self, x: Tensor<B, 1>) -> Tensor<B, 1>;
 }
 
 /// Configuration of [`ResidualBlock`].
@@ -100,18 +74,18 @@ impl<B: Backend> Mlp<B> {
     /// # Shapes
     /// `[batch, tokens, width]` → `[batch, tokens, width]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = linear_in(&self.c_fc, x); // [batch, tokens, mlp_width]
-        linear_in(&self.c_proj, self.activation.forward(h))
+        let h = linear(&self.c_fc, x); // [batch, tokens, mlp_width]
+        linear(&self.c_proj, self.activation.forward(h))
     }
 
     /// `residual + self.forward(x)`, the residual added by the
-    /// contraction ([`linear_add_in`]).
+    /// contraction ([`kernels::linear_add`]).
     ///
     /// # Shapes
     /// `x`, `residual` and the output: `[batch, tokens, width]`
     pub fn forward_onto(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = linear_in(&self.c_fc, x); // [batch, tokens, mlp_width]
-        linear_add_in(&self.c_proj, self.activation.forward(h), residual)
+        let h = linear(&self.c_fc, x); // [batch, tokens, mlp_width]
+        linear_add(&self.c_proj, self.activation.forward(h), residual)
     }
 }
 
@@ -126,7 +100,7 @@ pub struct ResidualBlock<B: Backend> {
     pub ln_2: LayerNorm<B>,
     /// The MLP.
     pub mlp: Mlp<B>,
-    /// The LayerNorms' epsilon, for [`layer_norm_in`] (Burn's `LayerNorm`
+    /// The LayerNorms' epsilon, for [`kernels::layer_norm`] (Burn's `LayerNorm`
     /// keeps its own private).
     #[module(skip)]
     pub ln_eps: f64,
@@ -171,8 +145,8 @@ impl<B: Backend> ResidualBlock<B> {
     /// # Shapes
     /// `[batch, tokens, width]` → `[batch, tokens, width]`
     pub fn forward(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
-        let ln_1 = |x| layer_norm_in(&self.ln_1, self.ln_eps, x);
-        let ln_2 = |x| layer_norm_in(&self.ln_2, self.ln_eps, x);
+        let ln_1 = |x| layer_norm(&self.ln_1, self.ln_eps, x);
+        let ln_2 = |x| layer_norm(&self.ln_2, self.ln_eps, x);
         let Some(dt) = self.compute else {
             // Each residual add is done by the branch's last projection.
             let x = self.attn.forward_onto(ln_1(x.clone()), causal, Some(x));

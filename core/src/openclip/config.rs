@@ -312,6 +312,43 @@ fn parse_model_config(root: &Value) -> Result<OpenClipConfig> {
         .ok_or_else(|| Error::Config("OpenCLIP config: missing 'text_cfg'".into()))?;
     top.finish()?;
 
+    let Vision {
+        config: vision,
+        eval_resize,
+        mean,
+        std,
+    } = parse_vision(vision_value, quick_gelu)?;
+    let (text, hf_tokenizer, text_mask) = parse_text(text_value, quick_gelu)?;
+
+    let mut clip = ClipConfig::new(embed_dim, vision, text)
+        .with_init_logit_scale(init_logit_scale)
+        .with_init_logit_bias(init_logit_bias)
+        .with_eval_resize(eval_resize);
+    if let Some(mean) = mean {
+        clip.normalization.mean = mean;
+    }
+    if let Some(std) = std {
+        clip.normalization.std = std;
+    }
+    clip.validate()?;
+    Ok(OpenClipConfig {
+        clip,
+        custom_text,
+        hf_tokenizer,
+        text_mask,
+    })
+}
+
+/// `vision_cfg` and the preprocessing it carries.
+struct Vision {
+    config: VisionConfig,
+    eval_resize: EvalResize,
+    mean: Option<[f32; 3]>,
+    std: Option<[f32; 3]>,
+}
+
+/// Parses `vision_cfg` (unknown or unsupported keys are errors).
+fn parse_vision(vision_value: &Value, quick_gelu: bool) -> Result<Vision> {
     let mut v = Fields::new("vision_cfg", vision_value)?;
     let width = v.usize("width", Some(768))?;
     let vision = VisionConfig {
@@ -358,7 +395,20 @@ fn parse_model_config(root: &Value) -> Result<OpenClipConfig> {
     let eval_resize = v.eval_resize()?.unwrap_or_default();
     let (mean, std) = (v.triple("image_mean")?, v.triple("image_std")?);
     v.finish()?;
+    Ok(Vision {
+        config: vision,
+        eval_resize,
+        mean,
+        std,
+    })
+}
 
+/// Parses `text_cfg` (unknown or unsupported keys are errors): the tower,
+/// the HF tokenizer's name, and a clipa_torch `text_mask`.
+fn parse_text(
+    text_value: &Value,
+    quick_gelu: bool,
+) -> Result<(TextConfig, Option<String>, Option<TextReduction>)> {
     let mut t = Fields::new("text_cfg", text_value)?;
     let width = t.usize("width", Some(512))?;
     let hf_tokenizer = t.str("hf_tokenizer_name")?.map(str::to_string);
@@ -421,24 +471,7 @@ fn parse_model_config(root: &Value) -> Result<OpenClipConfig> {
     t.only("output_tokens", |x| x == &Value::Bool(false))?;
     t.only("hf_model_name", |_| false)?;
     t.finish()?;
-
-    let mut clip = ClipConfig::new(embed_dim, vision, text)
-        .with_init_logit_scale(init_logit_scale)
-        .with_init_logit_bias(init_logit_bias)
-        .with_eval_resize(eval_resize);
-    if let Some(mean) = mean {
-        clip.normalization.mean = mean;
-    }
-    if let Some(std) = std {
-        clip.normalization.std = std;
-    }
-    clip.validate()?;
-    Ok(OpenClipConfig {
-        clip,
-        custom_text,
-        hf_tokenizer,
-        text_mask,
-    })
+    Ok((text, hf_tokenizer, text_mask))
 }
 
 /// Writes an OpenCLIP model-config JSON for `cfg` (the inverse of

@@ -92,6 +92,11 @@ fn block_rules(rules: &mut Vec<Rule>, clipa: &str, openclip: &str, w: usize, mlp
     add("mlp.c_proj.bias", "mlp.c_proj.bias", Layout::Same, vec![w]);
 }
 
+/// Every key-mapping rule of `cfg`, OpenCLIP's layout beside ours.
+///
+/// Long because it is a table: one `add` per parameter kind of each tower,
+/// in OpenCLIP's state-dict order, so it reads against `model.py` line by
+/// line; split up, the order would have to be reassembled by the reader.
 fn rules(cfg: &ClipConfig, custom_text: bool) -> Vec<Rule> {
     let mut r = Vec::new();
     let add = |r: &mut Vec<Rule>, c: &str, o: &str, layout: Layout, shape: Vec<usize>| {

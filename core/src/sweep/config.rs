@@ -229,6 +229,9 @@ impl SweepConfig {
     ///   batch 64 per point (16,000 + 6,400 samples), 21 points.
     /// - `tiny`: two points of the smallest model on synthetic data, a few
     ///   steps each (the CLI tests).
+    ///
+    /// Long because it is the grid itself, point by point, as the figures
+    /// show it.
     pub fn preset(name: &str) -> Result<Self> {
         let models = |m: &[&str]| m.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         Ok(match name {

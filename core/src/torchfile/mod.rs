@@ -39,7 +39,7 @@ use std::io::{Cursor, Read};
 use zip::ZipArchive;
 
 use storage::{Budget, Source, Storages, collect};
-use unpickle::{Node, parse_pickle};
+use unpickle::{Id, Node, Parsed, parse_pickle};
 
 mod opcodes;
 mod storage;
@@ -239,6 +239,9 @@ fn read_zip_pickle(
     collect(&parsed, &mut storages)
 }
 
+/// Reads a legacy (pre-zip) `torch.save` stream: magic, protocol and
+/// system-info pickles, the main pickle, the storage-key list, then each
+/// storage's bytes in that order.
 fn read_pickle_stream(bytes: &[u8]) -> Result<BTreeMap<String, RawTensor>> {
     let mut storages = Storages::new(Source::Bare, budget_for(bytes.len()));
     // Parsed before any format check so a malicious bare pickle is refused
@@ -284,8 +287,22 @@ fn read_pickle_stream(bytes: &[u8]) -> Result<BTreeMap<String, RawTensor>> {
         }
     };
 
-    let mut pos = keys.end;
-    for id in key_ids {
+    read_legacy_storages(bytes, keys.end, &keys, &key_ids, &mut storages)?;
+    collect(&main, &mut storages)
+}
+
+/// Fills each storage's bytes from the stream after the key list, in the
+/// list's order: per storage an 8-byte little-endian element count, then
+/// the elements.
+fn read_legacy_storages(
+    bytes: &[u8],
+    start: usize,
+    keys: &Parsed,
+    key_ids: &[Id],
+    storages: &mut Storages<'_>,
+) -> Result<()> {
+    let mut pos = start;
+    for &id in key_ids {
         let Node::Str(key) = &keys.nodes[id] else {
             return Err(format_err(
                 "legacy PyTorch checkpoint: a storage key is not a string",
@@ -318,7 +335,7 @@ fn read_pickle_stream(bytes: &[u8]) -> Result<BTreeMap<String, RawTensor>> {
         entry.bytes = Some(data.to_vec());
         pos += 8 + nbytes;
     }
-    collect(&main, &mut storages)
+    Ok(())
 }
 
 fn truncated_storage(key: &str) -> TorchFileError {

@@ -7,6 +7,13 @@ use super::unpickle::{
 use super::{Result, TorchFileError};
 
 impl Unpickler<'_, '_, '_> {
+    /// Runs the pickle program to its `STOP` and returns the result's node.
+    ///
+    /// Long because it is the protocol's table: one arm per opcode, in the
+    /// order of CPython's `pickletools`, each a few lines of stack and memo
+    /// work. Split into functions, each arm would need the whole machine
+    /// handed to it, and the stack discipline would no longer read in one
+    /// place.
     pub(super) fn run(&mut self) -> Result<Id> {
         loop {
             let op = self.byte()?;

@@ -130,6 +130,9 @@ fn surrogate<B: AutodiffBackend>(
 /// `checkpoint` back-propagates each (micro-)batch one transformer block at
 /// a time ([`backward_through`]): activation memory falls from all blocks'
 /// to one block's, for one more forward pass of compute.
+///
+/// A little over one screen: the micro-batch loop and its two gradient
+/// passes (features, then parameters) read best together.
 pub fn loss_and_grads<B: AutodiffBackend>(
     model: &ClipModel<B>,
     batch: &DeviceBatch<B>,
@@ -226,6 +229,10 @@ pub fn loss_and_grads<B: AutodiffBackend>(
 /// that arrived at its output (the backward of `sum(y · g)` is exactly the
 /// chain rule through the block), last block first; the stems close the
 /// chain. Only one block's activations are alive at a time.
+///
+/// Long because its three phases (heads, blocks last to first, stems) share
+/// the kept block inputs and one accumulator, and the leaf renewal at its
+/// top carries the Burn bug it works around.
 pub fn backward_through<B: AutodiffBackend>(
     model: &ClipModel<B>,
     images: Tensor<B, 4>,

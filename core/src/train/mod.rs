@@ -12,6 +12,8 @@ pub mod config;
 pub mod data;
 pub mod grads;
 pub mod optim;
+pub mod overrides;
+pub mod presets;
 mod run;
 pub mod runstate;
 pub mod schedule;
@@ -58,6 +60,21 @@ pub enum Resume {
     Latest,
     /// A given checkpoint folder.
     Dir(PathBuf),
+}
+
+impl std::str::FromStr for Resume {
+    type Err = Error;
+
+    /// `latest`, or a checkpoint folder.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "latest" => Ok(Self::Latest),
+            "" => Err(Error::Config(
+                "--resume needs `latest` or a checkpoint folder".into(),
+            )),
+            dir => Ok(Self::Dir(dir.into())),
+        }
+    }
 }
 
 /// One logged step, also one line of `metrics.jsonl`.

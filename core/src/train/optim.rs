@@ -16,6 +16,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use crate::kernels::{AdamWKernel, AdamWScalars, Kernels, adamw_composed};
 use crate::state::StateDict;
 use crate::{Error, Result};
 
@@ -52,71 +53,9 @@ pub fn decays(path: &str, rank: usize) -> bool {
     rank >= 2 && !path.contains("embedding")
 }
 
-/// The scalars of one AdamW update of one parameter, with the bias
-/// corrections folded in (see [`adamw_composed`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AdamWScalars {
-    /// Gradient multiplier: the clipping factor, 1 when clipping is off.
-    pub grad_scale: f64,
-    /// First-moment decay β₁.
-    pub beta1: f64,
-    /// Second-moment decay β₂.
-    pub beta2: f64,
-    /// The denominator's epsilon, ε·√(1 − β₂ᵗ).
-    pub eps: f64,
-    /// The step size, lr·√(1 − β₂ᵗ) / (1 − β₁ᵗ).
-    pub step_size: f64,
-    /// The weights' multiplier before the step: 1 − lr·wd (decoupled
-    /// decay), exactly 1 where the parameter is not decayed.
-    pub keep: f64,
-}
-
-/// One AdamW update of one flattened parameter, computed by a backend's own
-/// kernel. [`adamw_composed`] builds the same update from Burn's
-/// element-wise ops, about 13 passes over the parameter and its moments
-/// (each a separate kernel on a backend without fusion); a kernel does it
-/// in one. The backends crate registers one per backend type that has it
-/// ([`crate::kernels`]).
-pub trait AdamWKernel<B: Backend>: Send + Sync {
-    /// Returns the updated `[w, m, v]` from the parameter `w`, its gradient
-    /// `g` and its moments `m`, `v` (all `[numel]`), as [`adamw_composed`]
-    /// computes them.
-    fn update(
-        &self,
-        w: Tensor<B, 1>,
-        g: Tensor<B, 1>,
-        m: Tensor<B, 1>,
-        v: Tensor<B, 1>,
-        s: &AdamWScalars,
-    ) -> [Tensor<B, 1>; 3];
-}
-
-/// The AdamW update from Burn's element-wise ops, on any backend.
-///
-/// torch.optim.AdamW's step, lr/bc1 · m / (√v/√bc2 + ε), with the bias
-/// corrections folded into two scalars (multiply through by √bc2):
-/// lr·√bc2/bc1 · m / (√v + ε·√bc2). Identical in exact arithmetic, and four
-/// passes over the parameter instead of six, which counts for the 12.6
-/// M-entry token embedding. Decoupled decay first (torch's order), skipped
-/// where it is zero.
-pub fn adamw_composed<B: Backend>(
-    w: Tensor<B, 1>,
-    g: Tensor<B, 1>,
-    m: Tensor<B, 1>,
-    v: Tensor<B, 1>,
-    s: &AdamWScalars,
-) -> [Tensor<B, 1>; 3] {
-    // Clipping is rare: skip a full pass over the gradient when it is off.
-    let g = if s.grad_scale == 1.0 {
-        g
-    } else {
-        g * s.grad_scale
-    };
-    let m = m * s.beta1 + g.clone() * (1.0 - s.beta1);
-    let v = v * s.beta2 + g.powi_scalar(2) * (1.0 - s.beta2);
-    let step = m.clone() / (v.clone().sqrt() + s.eps) * s.step_size;
-    let w = if s.keep == 1.0 { w } else { w * s.keep };
-    [w - step, m, v]
+/// The installed backend's AdamW kernel, if it has one.
+fn installed_kernel<B: Backend>() -> Option<Arc<dyn AdamWKernel<B>>> {
+    Kernels::<B>::installed().and_then(|k| k.adamw.clone())
 }
 
 /// The optimiser: moments keyed by parameter path, on the device.
@@ -131,18 +70,26 @@ pub struct AdamW<B: Backend> {
 }
 
 impl<B: Backend> AdamW<B> {
-    /// A fresh optimiser (zero moments).
+    /// A fresh optimiser (zero moments), its update resolved once, here:
+    /// the installed backend's AdamW kernel ([`Kernels`]) or
+    /// [`adamw_composed`].
     pub fn new(config: AdamWConfig) -> Self {
+        Self::with_kernel(config, installed_kernel())
+    }
+
+    /// A fresh optimiser that runs `kernel` (or [`adamw_composed`] for
+    /// `None`), whatever is installed.
+    pub fn with_kernel(config: AdamWConfig, kernel: Option<Arc<dyn AdamWKernel<B>>>) -> Self {
         Self {
             config,
             step: 0,
             moments: BTreeMap::new(),
-            kernel: crate::kernels::lookup::<dyn AdamWKernel<B>>(),
+            kernel,
         }
     }
 
-    /// Whether the updates run in a backend's registered kernel (see
-    /// [`crate::kernels`]) rather than [`adamw_composed`].
+    /// Whether the updates run in a backend's kernel rather than
+    /// [`adamw_composed`].
     pub fn is_fused(&self) -> bool {
         self.kernel.is_some()
     }
@@ -221,7 +168,7 @@ impl<B: Backend> AdamW<B> {
             config,
             step,
             moments,
-            kernel: crate::kernels::lookup::<dyn AdamWKernel<B>>(),
+            kernel: installed_kernel(),
         })
     }
 }
@@ -342,30 +289,40 @@ mod tests {
         token_embedding: Param<Tensor<B, 2>>,
     }
 
-    /// A kernel registered for one backend type is found for that type
-    /// only; optimisers on it report the fused path, others the composed.
+    /// An optimiser given a kernel runs it for every update, and one
+    /// without runs the composed update: an identity kernel leaves the
+    /// weights where the composed step moves them.
     #[test]
-    fn registered_kernel_serves_its_backend_only() {
+    fn an_optimiser_runs_the_kernel_it_was_given() {
+        type Inner = <TestBackend as AutodiffBackend>::InnerBackend;
         struct Identity;
-        impl AdamWKernel<TestBackend> for Identity {
+        impl AdamWKernel<Inner> for Identity {
             fn update(
                 &self,
-                w: Tensor<TestBackend, 1>,
-                _g: Tensor<TestBackend, 1>,
-                m: Tensor<TestBackend, 1>,
-                v: Tensor<TestBackend, 1>,
+                w: Tensor<Inner, 1>,
+                _g: Tensor<Inner, 1>,
+                m: Tensor<Inner, 1>,
+                v: Tensor<Inner, 1>,
                 _s: &AdamWScalars,
-            ) -> [Tensor<TestBackend, 1>; 3] {
+            ) -> [Tensor<Inner, 1>; 3] {
                 [w, m, v]
             }
         }
-        type Inner = <TestBackend as AutodiffBackend>::InnerBackend;
-        // The unit tests run AdamW on the inner backend: registering for
-        // the autodiff type leaves them on the composed update.
-        crate::kernels::register::<dyn AdamWKernel<TestBackend>>(Arc::new(Identity));
-        assert!(crate::kernels::lookup::<dyn AdamWKernel<Inner>>().is_none());
-        assert!(AdamW::<TestBackend>::new(AdamWConfig::default()).is_fused());
-        assert!(!AdamW::<Inner>::new(AdamWConfig::default()).is_fused());
+        let device = Default::default();
+        let weight_after = |mut opt: AdamW<Inner>| {
+            let model = net(&device);
+            let x = Tensor::<TestBackend, 2>::from_floats([[1.0, 2.0]], &device);
+            let loss = model.fc.forward(x).sum() + model.token_embedding.val().sum();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let model = opt.step(1e-2, model, grads, 1.0);
+            model.fc.weight.val().into_data().to_vec::<f32>().unwrap()
+        };
+        let fused = AdamW::with_kernel(AdamWConfig::default(), Some(Arc::new(Identity)));
+        assert!(fused.is_fused());
+        assert_eq!(weight_after(fused), vec![0.5, -1.0]);
+        let composed = AdamW::with_kernel(AdamWConfig::default(), None);
+        assert!(!composed.is_fused());
+        assert_ne!(weight_after(composed), vec![0.5, -1.0]);
     }
 
     fn net(device: &burn::tensor::Device<TestBackend>) -> Net<TestBackend> {

@@ -75,7 +75,8 @@ fn losses(dir: &Path) -> Vec<(u64, f64)> {
 /// reductions (16 px with syntax-masked text, then half the patches
 /// masked) and with gradient accumulation (2 micro-batches per replica
 /// in the second stage). Were two replicas ever given the same sample,
-/// the global batch would differ and so would the weights.
+/// the global batch would differ and so would the weights. Long: one
+/// scenario end to end, both runs and every comparison in one place.
 #[test]
 fn replicas_train_exactly_like_one_device_at_the_global_batch() {
     let _turn = crate::dist::tests::exclusive();
@@ -178,7 +179,8 @@ fn replicas_train_exactly_like_one_device_at_the_global_batch() {
 /// Two stages on the synthetic set (16 px with 8 syntax-masked tokens,
 /// then 32 px with half the patches and 16 tokens): the stage switch
 /// resizes the position tables, and a run interrupted at step 4 and
-/// resumed reproduces the uninterrupted loss curve exactly.
+/// resumed reproduces the uninterrupted loss curve exactly. Long: one
+/// scenario end to end, the three runs and their comparisons together.
 #[test]
 fn stages_resize_and_an_interrupted_run_resumes_exactly() {
     let device = Default::default();

@@ -1,0 +1,138 @@
+//! AdamW in one parallel pass over each parameter.
+
+use burn::backend::Flex;
+use burn::tensor::{DType, Tensor, TensorPrimitive};
+use clipa_core::kernels::{AdamWKernel, AdamWScalars, adamw_composed};
+use rayon::prelude::*;
+
+use super::tensor::{CHUNK, dense};
+use super::vmath::vectorised;
+
+/// AdamW in one pass over each parameter, on rayon's threads.
+///
+/// The composed update ([`adamw_composed`]) is about 13 element-wise
+/// passes, each a separate flex kernel that streams `[numel]` floats, and
+/// flex runs its scalar ops on one thread. bench-tiny's 19.1 M parameters
+/// (12.6 M in the token embedding) made that 110–130 ms of every step on
+/// two cores. One pass reads w, g, m, v and writes w, m, v: 28 bytes per
+/// parameter, 536 MB per step. Same arithmetic in the same order, so the
+/// result is the composed one's (the tests below compare them).
+pub struct FlexAdamW;
+
+impl AdamWKernel<Flex> for FlexAdamW {
+    fn update(
+        &self,
+        w: Tensor<Flex, 1>,
+        g: Tensor<Flex, 1>,
+        m: Tensor<Flex, 1>,
+        v: Tensor<Flex, 1>,
+        s: &AdamWScalars,
+    ) -> [Tensor<Flex, 1>; 3] {
+        // The master weights are float32; anything else takes the generic path.
+        if [&w, &g, &m, &v].iter().any(|t| t.dtype() != DType::F32) {
+            return adamw_composed(w, g, m, v, s);
+        }
+        let (mut w, g, mut m, mut v) = (dense(w), dense(g), dense(m), dense(v));
+        let k = Coefficients::new(s);
+        // Copy-on-write: a buffer still shared (say, with a saved state)
+        // is copied first, so nothing else sees the update.
+        let (ws, ms, vs) = (
+            w.storage_mut::<f32>(),
+            m.storage_mut::<f32>(),
+            v.storage_mut::<f32>(),
+        );
+        ws.par_chunks_mut(CHUNK)
+            .zip(ms.par_chunks_mut(CHUNK))
+            .zip(vs.par_chunks_mut(CHUNK))
+            .zip(g.storage::<f32>().par_chunks(CHUNK))
+            .for_each(|(((w, m), v), g)| adamw_chunk(&k, w, m, v, g));
+        [w, m, v].map(|t| Tensor::from_primitive(TensorPrimitive::Float(t)))
+    }
+}
+
+/// [`AdamWScalars`] in float32, as Burn's scalar ops convert them.
+struct Coefficients {
+    grad_scale: f32,
+    beta1: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    eps: f32,
+    step_size: f32,
+    keep: f32,
+}
+
+impl Coefficients {
+    fn new(s: &AdamWScalars) -> Self {
+        Self {
+            grad_scale: s.grad_scale as f32,
+            beta1: s.beta1 as f32,
+            one_minus_beta1: (1.0 - s.beta1) as f32,
+            beta2: s.beta2 as f32,
+            one_minus_beta2: (1.0 - s.beta2) as f32,
+            eps: s.eps as f32,
+            step_size: s.step_size as f32,
+            keep: s.keep as f32,
+        }
+    }
+}
+
+vectorised! {
+    /// The update of one chunk, operation for operation as
+    /// [`adamw_composed`] (multiplying by an exact 1 where it skips a pass).
+    fn adamw_chunk(k: &Coefficients, w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            let g = g * k.grad_scale;
+            *m = *m * k.beta1 + g * k.one_minus_beta1;
+            *v = *v * k.beta2 + g * g * k.one_minus_beta2;
+            *w = *w * k.keep - *m / (v.sqrt() + k.eps) * k.step_size;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+    use clipa_core::numeric::{normal_data, relative_error};
+
+    /// The fused kernel gives the composed update: with and without
+    /// clipping and decay, from zero and from non-zero moments, on a length
+    /// that is not a multiple of the chunk.
+    #[test]
+    fn fused_adamw_matches_the_composed_update() {
+        let device = Default::default();
+        let n = 3 * CHUNK + 77;
+        let t = |seed, std| Tensor::<Flex, 1>::from_data(normal_data([n], seed, std), &device);
+        let v0 = t(4, 1e-3).abs();
+        for (grad_scale, keep, m, v) in [
+            (1.0, 1.0, t(3, 0.0), t(3, 0.0)),
+            (0.37, 1.0 - 1e-4 * 0.1, t(3, 1e-2), v0.clone()),
+            (1.0, 1.0 - 5e-4 * 0.2, t(5, 1e-2), v0),
+        ] {
+            let s = AdamWScalars {
+                grad_scale,
+                beta1: 0.9,
+                beta2: 0.98,
+                eps: 1e-6 * (1.0f64 - 0.98f64.powi(3)).sqrt(),
+                step_size: 1e-3 * (1.0f64 - 0.98f64.powi(3)).sqrt() / (1.0 - 0.9f64.powi(3)),
+                keep,
+            };
+            let (w, g) = (t(1, 0.05), t(2, 1e-2));
+            let before = w.to_data();
+            let want = adamw_composed(w.clone(), g.clone(), m.clone(), v.clone(), &s);
+            let got = FlexAdamW.update(w, g, m, v, &s);
+            let mut after = None;
+            for (name, (got, want)) in ["w", "m", "v"].iter().zip(got.into_iter().zip(want)) {
+                let (got, want): (TensorData, TensorData) = (got.into_data(), want.into_data());
+                let err = relative_error(&got, &want);
+                assert!(err <= 1e-7, "{name}: relative error {err:.2e}");
+                after.get_or_insert(got);
+            }
+            // The step moved the weights: a kernel that did nothing would
+            // not pass by matching a composed update that did nothing.
+            let moved = relative_error(&after.expect("w"), &before);
+            assert!(moved > 1e-6, "the weights moved by {moved:.2e}");
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The embedded CPU backend: Burn's `flex` (pure Rust, the `gemm` crate's
+//! kernels with AVX-512 where the CPU has it, rayon threads). Chosen over
+//! `ndarray` by the measurement in `docs/BENCHMARKS.md`: 1.8–2.2× faster on
+//! transformer forward+backward.
+
+use std::sync::Arc;
+
+use burn::backend::Flex;
+use clipa_core::kernels::{self, Installed, Kernels};
+
+use crate::{BackendError, BackendKind, DeviceInfo};
+
+mod adamw;
+mod alloc;
+mod attention;
+mod embedding;
+mod gelu;
+mod gemm;
+mod layer_norm;
+mod linear;
+mod tensor;
+mod threads;
+mod vmath;
+
+pub use adamw::FlexAdamW;
+pub use attention::FlexAttention;
+pub use embedding::FlexEmbedding;
+pub use gelu::FlexGelu;
+pub use layer_norm::FlexLayerNorm;
+pub use linear::FlexLinear;
+pub use tensor::Backend;
+pub(crate) use threads::on_worker;
+
+/// The CPU has one device, index 0.
+pub fn select(
+    index: Option<usize>,
+) -> Result<(burn::tensor::Device<Backend>, DeviceInfo), BackendError> {
+    match index.unwrap_or(0) {
+        0 => Ok((
+            Default::default(),
+            DeviceInfo {
+                kind: BackendKind::Cpu,
+                index: 0,
+                name: match crate::cpu_threads() {
+                    1 => "flex, 1 thread".into(),
+                    n => format!("flex, {n} threads"),
+                },
+            },
+        )),
+        n => Err(BackendError::NoDevice {
+            kind: BackendKind::Cpu,
+            reason: format!("the CPU backend has only device 0, not {n}"),
+        }),
+    }
+}
+
+/// The CPU backend's kernels for training (autodiff flex): the fused
+/// linear layers, LayerNorm, GELU, attention and embedding lookup.
+/// (AdamW updates on the inner backend.)
+pub fn training_kernels() -> Kernels<Backend> {
+    Kernels {
+        linear: Some(Arc::new(FlexLinear)),
+        layer_norm: Some(Arc::new(FlexLayerNorm)),
+        gelu: Some(Arc::new(FlexGelu)),
+        attention: Some(Arc::new(FlexAttention)),
+        embedding: Some(Arc::new(FlexEmbedding)),
+        adamw: None,
+    }
+}
+
+/// The CPU backend's kernels for the inner backend (flex): AdamW, and the
+/// linear layers, GELU and attention at inference. Flex's own LayerNorm and
+/// lookup are one op each there already.
+pub fn inference_kernels() -> Kernels<Flex> {
+    Kernels {
+        linear: Some(Arc::new(FlexLinear)),
+        layer_norm: None,
+        gelu: Some(Arc::new(FlexGelu)),
+        attention: Some(Arc::new(FlexAttention)),
+        embedding: None,
+        adamw: Some(Arc::new(FlexAdamW)),
+    }
+}
+
+/// Installs both bundles for as long as the guard lives, with the
+/// allocator settings of [`alloc`] (on glibc; once per process).
+pub fn install_kernels() -> Installed {
+    alloc::keep_freed_memory();
+    kernels::install(training_kernels()).and(kernels::install(inference_kernels()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The installed bundles serve both backend types, and an optimiser
+    /// built while they are installed takes the fused update.
+    #[test]
+    fn installing_serves_the_fused_kernels_to_both_types() {
+        let _installed = install_kernels();
+        let train = Kernels::<Backend>::installed().expect("autodiff flex");
+        assert_eq!(
+            train.names(),
+            ["linear", "layer_norm", "gelu", "attention", "embedding"]
+        );
+        let infer = Kernels::<Flex>::installed().expect("flex");
+        assert_eq!(infer.names(), ["linear", "gelu", "attention", "adamw"]);
+        let opt = clipa_core::train::optim::AdamW::<Flex>::new(Default::default());
+        assert!(opt.is_fused());
+    }
+}

@@ -1,0 +1,205 @@
+//! What a run records as it goes: the log window, the evaluations at a log
+//! step, `metrics.jsonl`, the stage reports and the newest checkpoint.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::ElementConversion;
+use burn::tensor::backend::AutodiffBackend;
+
+use super::super::config::TrainConfig;
+use super::super::data::zeroshot_eval;
+use super::super::runstate::Manifest;
+use super::super::step::StepStats;
+use super::super::{Observer, StageReport, StepMetrics};
+use crate::data::tokenizer::Tokenizer;
+use crate::model::ClipModel;
+use crate::{Error, Result};
+
+/// The steps since the last log line: their losses, images and data waits.
+pub(super) struct Window {
+    pub(super) loss_sum: f64,
+    pub(super) loss_n: u64,
+    /// Seconds spent waiting for data.
+    pub(super) wait: f64,
+    pub(super) images: usize,
+    pub(super) since: Instant,
+}
+
+impl Window {
+    pub(super) fn new() -> Self {
+        Self {
+            loss_sum: 0.0,
+            loss_n: 0,
+            wait: 0.0,
+            images: 0,
+            since: Instant::now(),
+        }
+    }
+
+    pub(super) fn add_loss(&mut self, loss: f64) {
+        self.loss_sum += loss;
+        self.loss_n += 1;
+    }
+
+    /// The log line of the step just done.
+    pub(super) fn metrics<B: AutodiffBackend>(
+        &self,
+        cfg: &TrainConfig,
+        manifest: &Manifest,
+        stage: usize,
+        lr: f64,
+        stats: &StepStats,
+        model: &ClipModel<B>,
+    ) -> StepMetrics {
+        let secs = self.since.elapsed().as_secs_f64().max(1e-9);
+        let samples = cfg.samples_before(stage, manifest.stage_step);
+        StepMetrics {
+            step: manifest.step,
+            stage,
+            loss: self.loss_sum / self.loss_n.max(1) as f64,
+            lr,
+            // A log step reads the temperature from the device.
+            temperature: model.temperature().into_scalar().elem::<f64>(),
+            grad_norm: stats.grad_norm,
+            images_per_sec: self.images as f64 / secs,
+            data_wait: self.wait / secs,
+            samples,
+            epoch: cfg
+                .data
+                .train_num_samples
+                .map(|n| samples as f64 / n as f64),
+            zeroshot_top1: None,
+            evals: BTreeMap::new(),
+        }
+    }
+}
+
+/// The evaluations at a log step: zero-shot, then the `[[evaluators]]`.
+pub(super) struct Evaluation<'a, B: AutodiffBackend> {
+    pub(super) cfg: &'a TrainConfig,
+    pub(super) tokenizer: &'a Tokenizer,
+    pub(super) device: &'a B::Device,
+}
+
+impl<B: AutodiffBackend> Evaluation<'_, B> {
+    /// Scores `model` into `m` and reports each result; returns the
+    /// zero-shot result. A failing extra evaluator is reported, never
+    /// fatal: the steps since the last checkpoint are not lost.
+    pub(super) fn run(
+        &self,
+        model: &ClipModel<B::InnerBackend>,
+        m: &mut StepMetrics,
+        observer: &mut dyn Observer,
+    ) -> Result<Option<crate::eval::ZeroShotResult>> {
+        let zeroshot = zeroshot_eval(self.cfg, model, self.tokenizer, self.device)?;
+        if let Some(r) = &zeroshot {
+            observer.message(&format!(
+                "step {}: zero-shot top-1 {:.1}% (top-5 {:.1}%, chance {:.1}%, {} images)",
+                m.step,
+                100.0 * r.top1,
+                100.0 * r.top5,
+                100.0 * r.chance,
+                r.samples
+            ));
+            m.zeroshot_top1 = Some(r.top1);
+        }
+        for e in &self.cfg.evaluators {
+            match e.run(model, self.tokenizer, self.device, None, &mut |_| {}) {
+                Ok(r) => {
+                    let mut shown = Vec::new();
+                    for (k, v) in r.metrics() {
+                        m.evals.insert(format!("{}/{k}", e.name()), v);
+                        shown.push(format!("{k} {v:.4}"));
+                    }
+                    observer.message(&format!(
+                        "step {}: {}: {}",
+                        m.step,
+                        e.name(),
+                        shown.join(", ")
+                    ));
+                }
+                Err(err) => observer.message(&format!(
+                    "step {}: evaluator {} failed: {err}",
+                    m.step,
+                    e.name()
+                )),
+            }
+        }
+        Ok(zeroshot)
+    }
+}
+
+/// What the leader writes as the run goes: `metrics.jsonl`, the stage
+/// reports, the newest checkpoint.
+pub(super) struct Outputs {
+    pub(super) metrics: Option<std::fs::File>,
+    pub(super) reports: Vec<StageReport>,
+    pub(super) last_checkpoint: Option<PathBuf>,
+}
+
+impl Outputs {
+    /// Writes `run.toml` and opens `metrics.jsonl` (replica 0; the others
+    /// write nothing).
+    pub(super) fn open(
+        run: &Path,
+        cfg: &TrainConfig,
+        leader: bool,
+        step: u64,
+        from: Option<PathBuf>,
+    ) -> Result<Self> {
+        let metrics = match leader {
+            true => {
+                crate::io::write_atomic(&run.join("run.toml"), cfg.to_toml().as_bytes())?;
+                Some(open_metrics(run, step)?)
+            }
+            false => None,
+        };
+        Ok(Self {
+            metrics,
+            reports: Vec::new(),
+            last_checkpoint: from,
+        })
+    }
+
+    /// Appends one line to `metrics.jsonl` (the leader's only).
+    pub(super) fn log(&mut self, m: &StepMetrics, run: &Path) -> Result<()> {
+        let Some(file) = &mut self.metrics else {
+            return Ok(());
+        };
+        writeln!(
+            file,
+            "{}",
+            serde_json::to_string(m).expect("metrics serialise")
+        )
+        .and_then(|_| file.flush())
+        .map_err(|e| Error::io(run.join("metrics.jsonl"), e))
+    }
+}
+
+/// Opens `metrics.jsonl` for appending, first dropping lines past `step`
+/// (written after the checkpoint a resumed run starts from), so every step
+/// appears exactly once.
+fn open_metrics(run: &Path, step: u64) -> Result<std::fs::File> {
+    let path = run.join("metrics.jsonl");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                    .is_some_and(|s| s <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        crate::io::write_atomic(&path, kept.as_bytes())?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))
+}

@@ -1,0 +1,118 @@
+//! Where a run starts: a resumed checkpoint, given weights, or a fresh
+//! initialisation from the seed.
+
+use std::path::PathBuf;
+
+use burn::tensor::backend::AutodiffBackend;
+
+use super::super::config::{LossKind, TrainConfig};
+use super::super::runstate::{self, Manifest};
+use super::super::{Feed, Observer, Resume, RunOptions};
+use crate::data::DataStatsSnapshot;
+use crate::data::tokenizer::Tokenizer;
+use crate::model::ClipModel;
+use crate::state::{StateDict, load_state_dict};
+use crate::{Error, Result};
+
+/// What a run starts from.
+pub(super) struct Start<B: AutodiffBackend> {
+    pub(super) model: ClipModel<B>,
+    /// The model's tokenizer: from the checkpoint a run resumes or starts
+    /// from, else from the model config and `vocab`.
+    pub(super) tokenizer: Tokenizer,
+    pub(super) manifest: Manifest,
+    /// The optimiser state of a resumed stage.
+    pub(super) optim_state: Option<StateDict>,
+    /// The checkpoint resumed from.
+    pub(super) from: Option<PathBuf>,
+}
+
+/// Resumes the checkpoint `opts` names, or loads `--init-from` weights, or
+/// initialises the config's model from the seed.
+///
+/// A little over one screen: the three ways a run starts, in order of
+/// precedence, each with the checks that keep it from losing work.
+pub(super) fn start<B: AutodiffBackend>(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    device: &B::Device,
+    feed: &Feed,
+    observer: &mut dyn Observer,
+) -> Result<Start<B>> {
+    let run = opts.output.as_path();
+    let from = match &opts.resume {
+        None => None,
+        Some(Resume::Latest) => runstate::latest(run)?,
+        Some(Resume::Dir(d)) => Some(d.clone()),
+    };
+    if let Some(dir) = &from {
+        let (manifest, saved, optim) = runstate::load(dir)?;
+        runstate::check_resumable(&manifest.config, cfg)?;
+        let model = load_state_dict(saved.config.init(device), &saved.state)?;
+        observer.message(&format!(
+            "resuming from {} (step {})",
+            dir.display(),
+            manifest.step
+        ));
+        return Ok(Start {
+            model,
+            tokenizer: saved.tokenizer,
+            manifest,
+            optim_state: Some(optim),
+            from,
+        });
+    }
+    if opts.resume.is_some() {
+        observer.message("no checkpoint in the run folder yet: starting fresh");
+    }
+    if !runstate::list(run)?.is_empty() {
+        return Err(Error::Config(format!(
+            "{} already holds checkpoints: pass --resume latest to continue it, or choose another --output",
+            run.display()
+        )));
+    }
+    let (model, tokenizer) = match &opts.init_from {
+        Some(dir) => {
+            if let Some(vocab) = &cfg.vocab {
+                return Err(Error::Config(format!(
+                    "a vocabulary ({}) and --init-from {}: the checkpoint carries its own tokenizer",
+                    vocab.display(),
+                    dir.display()
+                )));
+            }
+            let loaded = crate::checkpoint::load_model::<B>(dir, device)?;
+            observer.message(&format!("initialised from {}", dir.display()));
+            loaded
+        }
+        None => {
+            let mut model_cfg = cfg.model_config()?;
+            if cfg.loss == LossKind::Sigmoid {
+                // SigLIP init: t' = ln 10, b = −10.
+                model_cfg.init_logit_scale = 10f64.ln();
+                model_cfg.init_logit_bias = Some(-10.0);
+            }
+            let tokenizer = Tokenizer::for_text(&model_cfg.text, cfg.vocab.as_deref())?;
+            let _turn = feed.init.lock().unwrap_or_else(|e| e.into_inner());
+            B::seed(device, cfg.seed);
+            (model_cfg.init(device), tokenizer)
+        }
+    };
+    let manifest = Manifest {
+        version: runstate::MANIFEST_VERSION,
+        step: 0,
+        stage: 0,
+        stage_step: 0,
+        loader: None,
+        data: DataStatsSnapshot::default(),
+        nonfinite_skipped: 0,
+        train_seconds: 0.0,
+        config: cfg.clone(),
+    };
+    Ok(Start {
+        model,
+        tokenizer,
+        manifest,
+        optim_state: None,
+        from: None,
+    })
+}
