@@ -93,7 +93,7 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &BenchArgs) -> anyhow
             text_length: args.text_length.unwrap_or(model.text.context_length),
             model,
             batch: args.batch_size,
-            image_reduction: args.image_reduction.clone(),
+            image_reduction: args.image_reduction,
             text_reduction: args.text_reduction,
             accum_steps: args.accum_steps,
             precision,
