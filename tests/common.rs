@@ -3,61 +3,14 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// A fresh, empty temporary folder for test `name` in this process,
-/// deleted when the returned guard drops: bind it for the whole test.
-pub fn scratch(name: &str) -> Scratch {
-    let dir = Scratch::absent(name);
-    std::fs::create_dir_all(&dir.0).expect("temp dir");
-    dir
-}
-
-/// The temporary folder `clipa-it-<name>-<pid>`, removed with everything in
-/// it when dropped, also while a failing test unwinds. Every run has a new
-/// pid, so folders left behind were never reused or removed, and repeated
-/// runs filled the disk. (`clipa-core` has the same guard, but only for its
-/// own unit tests.)
-///
-/// Bind it for the whole test (`let dir = scratch("x");`): `let _ =` or a
-/// temporary would delete the folder at once. Where a `PathBuf` is needed,
-/// pass `dir.to_path_buf()` or `dir.join(..)` and keep the guard.
-#[derive(Debug)]
-#[must_use = "the folder is deleted as soon as the guard is dropped"]
-pub struct Scratch(PathBuf);
-
-impl Scratch {
-    /// The folder's path with nothing there yet, for a run folder that
-    /// `clipa` must create itself.
-    pub fn absent(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("clipa-it-{name}-{}", std::process::id()));
-        // A folder left by an earlier process with the same pid would
-        // otherwise leak its files into this test.
-        std::fs::remove_dir_all(&dir).ok();
-        Self(dir)
-    }
-}
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-
-    /// The folder's path, so that `dir.join(..)` and `&dir` as `&Path` work.
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl AsRef<Path> for Scratch {
-    /// The folder's path, for `std::fs` functions that take `AsRef<Path>`.
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    /// Removes the folder. Errors are ignored: a leftover folder must not
-    /// turn a passing test into a failure.
-    fn drop(&mut self) {
-        std::fs::remove_dir_all(&self.0).ok();
-    }
+/// A fresh, empty temporary folder (tempfile's), deleted with everything
+/// in it when the returned guard drops, also while a failing test unwinds:
+/// bind it for the whole test.
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("clipa-it-")
+        .tempdir()
+        .expect("a temporary folder")
 }
 
 /// A temporary path as a command-line argument.

@@ -55,7 +55,8 @@ fn good(first: u32, n: u32) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn bad_samples_and_shards_are_skipped_counted_and_reported() {
-    let dir = scratch("baddata");
+    let dir_tmp = scratch();
+    let dir = dir_tmp.path();
     write_tar(&dir.join("shard-0.tar"), &good(0, 40));
     let mut members = good(100, 40);
     let mut truncated = jpeg(7);

@@ -7,7 +7,8 @@ use crate::common::{clipa, curve, s, scratch, text};
 
 #[test]
 fn devices_all_on_the_cpu_trains_like_a_plain_run() {
-    let dir = scratch("dist-devices");
+    let dir_tmp = scratch();
+    let dir = dir_tmp.path();
     let run = |name: &str, extra: &[&str]| {
         let out_dir = dir.join(name);
         let flags = [
@@ -38,7 +39,8 @@ fn devices_all_on_the_cpu_trains_like_a_plain_run() {
 
 #[test]
 fn device_list_mistakes_are_one_line_errors() {
-    let dir = scratch("dist-errors");
+    let dir_tmp = scratch();
+    let dir = dir_tmp.path();
     let out_dir = dir.join("run");
     let cases: [(&str, &str); 3] = [
         ("1", "only device 0"),

@@ -59,9 +59,10 @@ fn eval_sets(dir: &Path) -> (PathBuf, PathBuf) {
 
 #[test]
 fn eval_json_is_the_same_on_cpu_and_wgpu() {
-    let dir = scratch("evaljson");
-    let ckpt = fixture_checkpoint(&dir);
-    let (folder, csv) = eval_sets(&dir);
+    let dir_tmp = scratch();
+    let dir = dir_tmp.path();
+    let ckpt = fixture_checkpoint(dir);
+    let (folder, csv) = eval_sets(dir);
     let args = |backend: &'static str| {
         vec![
             "--backend".to_string(),
@@ -139,7 +140,8 @@ fn eval_json_is_the_same_on_cpu_and_wgpu() {
 
 #[test]
 fn eval_uses_the_models_own_resize_unless_told() {
-    let dir = scratch("evalresize");
+    let dir_tmp = scratch();
+    let dir = dir_tmp.path();
     let fx = fixture_dir("openai_style");
     let crop = dir.join("crop");
     import_fixture(&fx, &crop);
@@ -215,9 +217,10 @@ fn eval_uses_the_models_own_resize_unless_told() {
 
 #[test]
 fn classify_prints_each_images_top_labels() {
-    let dir = scratch("classify");
-    let ckpt = fixture_checkpoint(&dir);
-    let (folder, _) = eval_sets(&dir);
+    let dir_tmp = scratch();
+    let dir = dir_tmp.path();
+    let ckpt = fixture_checkpoint(dir);
+    let (folder, _) = eval_sets(dir);
     let red = folder.join("red");
     let out = clipa(&[
         "classify",
@@ -274,7 +277,8 @@ fn fashion_mnist_tiny_run_scores_well_above_chance() {
         );
         return;
     }
-    let dir = scratch("fmnist-e2e");
+    let dir_tmp = scratch();
+    let dir = dir_tmp.path();
     let data = dir.join("data");
     let out = clipa(&[
         "data",

@@ -117,7 +117,8 @@ fn wgpu_available(test: &str) -> bool {
 #[test]
 fn a_hub_folder_matches_openclip_from_safetensors_and_from_the_pickle() {
     let fx = hub_fixture();
-    let tmp = scratch("hub-parity");
+    let tmp_tmp = scratch();
+    let tmp = tmp_tmp.path();
     // The folder as downloaded (safetensors), the same folder with only the
     // pickle (the newer CLIPA releases), and loose files with --vocab.
     let pickle_only = tmp.join("pickle-only");
@@ -144,17 +145,18 @@ fn a_hub_folder_matches_openclip_from_safetensors_and_from_the_pickle() {
     assert_eq!(config["text"]["tokenizer"]["kind"], "word_piece");
     assert_eq!(config["text"]["tokenizer"]["strip_sep_token"], true);
     assert_eq!(config["eval_resize"], "squash");
-    assert_matches_openclip(&fx, &a, "cpu", &tmp);
-    assert_matches_openclip(&fx, &b, "cpu", &tmp);
+    assert_matches_openclip(&fx, &a, "cpu", tmp);
+    assert_matches_openclip(&fx, &b, "cpu", tmp);
     if wgpu_available("a_hub_folder_matches_openclip_from_safetensors_and_from_the_pickle") {
-        assert_matches_openclip(&fx, &a, "wgpu", &tmp);
+        assert_matches_openclip(&fx, &a, "wgpu", tmp);
     }
 }
 
 #[test]
 fn a_malicious_pickle_is_refused_and_nothing_is_written() {
     let fx = hub_fixture();
-    let tmp = scratch("hub-evil");
+    let tmp_tmp = scratch();
+    let tmp = tmp_tmp.path();
     let folder = tmp.join("evil-folder");
     copy_without(&fx, &folder, &["open_clip_model.safetensors"]);
     std::fs::copy(
@@ -175,7 +177,7 @@ fn a_malicious_pickle_is_refused_and_nothing_is_written() {
             .arg("import-openclip")
             .args(args)
             .args(["--vocab", s(&vocab), "--out", s(&out)])
-            .current_dir(&tmp as &Path)
+            .current_dir(tmp as &Path)
             .output()
             .unwrap();
         let (_, stderr) = text(&run);
@@ -194,7 +196,8 @@ fn a_malicious_pickle_is_refused_and_nothing_is_written() {
 #[test]
 fn a_hub_folder_missing_a_piece_is_a_named_error() {
     let fx = hub_fixture();
-    let tmp = scratch("hub-missing");
+    let tmp_tmp = scratch();
+    let tmp = tmp_tmp.path();
     let cases: [(&str, &[&str], &str); 3] = [
         (
             "no-tokenizer",

@@ -9,7 +9,8 @@ use crate::common::{clipa, fixture_dir, import_fixture, s, scratch, text};
 fn import_then_export_is_bit_exact() {
     for name in ["openai_style", "clipa_style"] {
         let fx = fixture_dir(name);
-        let tmp = scratch(name);
+        let tmp_tmp = scratch();
+        let tmp = tmp_tmp.path();
         let (ckpt, exported) = (tmp.join("ckpt"), tmp.join("back.safetensors"));
         let weights = import_fixture(&fx, &ckpt);
         let out = clipa(&[
@@ -34,7 +35,8 @@ fn import_then_export_is_bit_exact() {
 #[test]
 fn import_errors_name_the_problem() {
     let fx = fixture_dir("openai_style");
-    let tmp = scratch("import-errors");
+    let tmp_tmp = scratch();
+    let tmp = tmp_tmp.path();
     let weights = fx.join("openclip_tiny_weights.safetensors");
     // A config that does not describe these weights: every mismatch is named.
     let cfg = std::fs::read_to_string(fx.join("model_cfg/CLIPA-tiny-ref.json"))
@@ -81,7 +83,8 @@ fn import_errors_name_the_problem() {
 #[test]
 fn embed_writes_unit_features_in_input_order() {
     let fx = fixture_dir("openai_style");
-    let tmp = scratch("embed");
+    let tmp_tmp = scratch();
+    let tmp = tmp_tmp.path();
     let ckpt = tmp.join("ckpt");
     import_fixture(&fx, &ckpt);
     let images = tmp.join("images");

@@ -122,7 +122,8 @@ fn every_training_preset_runs_a_step_with_its_own_tokenizer() {
 
 #[test]
 fn a_v2_recipe_without_a_vocabulary_is_a_one_line_error() {
-    let tmp = scratch("v2-no-vocab");
+    let tmp_tmp = scratch();
+    let tmp = tmp_tmp.path();
     let run = tmp.join("run");
     let out = clipa(&[
         "train",
@@ -203,7 +204,8 @@ fn plans_run_command_starts_the_recommended_preset_on_every_gpu() {
 /// every stage's text reduction, and `--text-reduction` still overrides.
 #[test]
 fn a_clipa_torch_config_trains_with_its_text_mask() {
-    let tmp = scratch("torch-config");
+    let tmp_tmp = scratch();
+    let tmp = tmp_tmp.path();
     let model = tmp.join("ViT-tiny-CL8-Syntax-GAP.json");
     std::fs::write(
         &model,

@@ -22,7 +22,8 @@ fn png_size(path: &Path) -> (u32, u32) {
 
 #[test]
 fn tiny_sweep_writes_csv_and_figures_and_skips_done_points() {
-    let dir = scratch("sweep-tiny");
+    let dir_tmp = scratch();
+    let dir = dir_tmp.path();
     let out = dir.join("sweep");
     let run = clipa(&["sweep", "--preset", "tiny", "--output", s(&out)]);
     let (stdout, stderr) = text(&run);
@@ -50,7 +51,8 @@ fn tiny_sweep_writes_csv_and_figures_and_skips_done_points() {
 
 #[test]
 fn sweep_mistakes_are_one_line_errors() {
-    let dir = scratch("sweep-bad");
+    let dir_tmp = scratch();
+    let dir = dir_tmp.path();
     let file = dir.join("sweep.toml");
     let dry = clipa(&["sweep", "--preset", "tiny", "--dry-run"]);
     assert!(dry.status.success());
@@ -90,7 +92,8 @@ fn fashion_mnist_sweep_compares_strategies_at_equal_tokens() {
         );
         return;
     }
-    let dir = scratch("sweep-fmnist");
+    let dir_tmp = scratch();
+    let dir = dir_tmp.path();
     let file = dir.join("sweep.toml");
     std::fs::write(
         &file,
@@ -198,7 +201,8 @@ fn plan_gives_the_papers_choices_for_the_papers_budgets() {
         );
     }
     // --samples and --write: the written run trains with those samples.
-    let dir = scratch("plan");
+    let dir_tmp = scratch();
+    let dir = dir_tmp.path();
     let file = dir.join("plan.toml");
     let out = clipa(&[
         "plan",

@@ -5,12 +5,12 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::{Scratch, clipa, curve, s, scratch, skip_or_fail, text};
+use crate::common::{clipa, curve, s, scratch, skip_or_fail, text};
 
-/// A run folder path with nothing there yet (`clipa train` creates it),
-/// deleted when the returned guard drops.
-fn run_dir(name: &str) -> Scratch {
-    Scratch::absent(name)
+/// A temporary folder whose `run` subfolder `clipa train` creates, deleted
+/// when the returned guard drops.
+fn run_dir() -> tempfile::TempDir {
+    scratch()
 }
 
 const TINY: [&str; 8] = [
@@ -26,7 +26,8 @@ const TINY: [&str; 8] = [
 
 #[test]
 fn tiny_run_writes_config_metrics_checkpoints_and_evaluates() {
-    let dir = run_dir("tiny");
+    let dir_tmp = run_dir();
+    let dir = dir_tmp.path().join("run");
     let out = clipa(
         &[
             &TINY[..],
@@ -61,7 +62,8 @@ fn tiny_run_writes_config_metrics_checkpoints_and_evaluates() {
 #[cfg(unix)]
 #[test]
 fn a_killed_run_resumes_to_the_same_loss_curve() {
-    let full = run_dir("full");
+    let full_tmp = run_dir();
+    let full = full_tmp.path().join("run");
     let out = clipa(
         &[
             &TINY[..],
@@ -73,7 +75,9 @@ fn a_killed_run_resumes_to_the_same_loss_curve() {
     let want = curve(&full);
     assert_eq!(want.len(), 12);
 
-    let cut = run_dir("cut");
+    let cut_tmp = run_dir();
+
+    let cut = cut_tmp.path().join("run");
     // A kill point drawn from the clock: after 3..=9 logged steps.
     let kill_after = 3
         + (std::time::SystemTime::now()
@@ -157,8 +161,10 @@ fn a_killed_run_resumes_to_the_same_loss_curve() {
 
 #[test]
 fn user_mistakes_are_one_line_errors() {
-    let bf16_run = scratch("bf16");
-    let missing_run = scratch("missing-data");
+    let bf16_run_tmp = scratch();
+    let bf16_run = bf16_run_tmp.path();
+    let missing_run_tmp = scratch();
+    let missing_run = missing_run_tmp.path();
     for (args, needle) in [
         (
             vec!["train", "--image-reduction", "random:1.5", "--dry-run"],
@@ -193,7 +199,7 @@ fn user_mistakes_are_one_line_errors() {
                 // Not the default runs/ folder, which is the working
                 // directory's (cli/ under cargo test).
                 "--output",
-                s(&missing_run),
+                s(missing_run),
             ],
             "/nonexistent/{000..009}.tar",
         ),
@@ -219,7 +225,7 @@ fn user_mistakes_are_one_line_errors() {
                 "--precision",
                 "bf16",
                 "--output",
-                s(&bf16_run),
+                s(bf16_run),
             ],
             "no bf16 arithmetic",
         ),
@@ -314,7 +320,8 @@ fn every_reduction_is_reachable_from_the_flags() {
 /// reported without stopping the run.
 #[test]
 fn config_evaluators_log_named_metrics() {
-    let dir = run_dir("evaluators");
+    let dir_tmp = run_dir();
+    let dir = dir_tmp.path().join("run");
     let folder = dir.join("zs");
     for (class, colour) in [("red", [220u8, 30, 30]), ("blue", [30, 30, 220])] {
         std::fs::create_dir_all(folder.join(class)).unwrap();

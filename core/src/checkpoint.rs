@@ -187,11 +187,12 @@ pub fn load_model<B: Backend>(dir: &Path, device: &B::Device) -> Result<(ClipMod
 mod tests {
     use super::*;
     use crate::numeric::TestBackend;
-    use crate::scratch::Scratch;
 
     #[test]
     fn save_then_load_gives_the_same_model() {
-        let dir = Scratch::absent("ckpt");
+        let dir_tmp = tempfile::tempdir().unwrap();
+
+        let dir = dir_tmp.path().join("run");
         let device = Default::default();
         let model = ClipConfig::tiny().init::<TestBackend>(&device);
         save_model(&dir, &model, &Tokenizer::clip()).unwrap();
@@ -220,7 +221,9 @@ mod tests {
 
     #[test]
     fn a_wordpiece_model_keeps_its_vocabulary_and_it_must_fit() {
-        let dir = Scratch::absent("ckpt-wordpiece");
+        let dir_tmp = tempfile::tempdir().unwrap();
+
+        let dir = dir_tmp.path().join("run");
         let device = Default::default();
         let mut cfg = ClipConfig::tiny();
         cfg.text.tokenizer = TokenizerConfig::BERT_UNCASED;

@@ -185,11 +185,12 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scratch::Scratch;
 
     #[test]
     fn round_trip_keeps_bits_and_metadata() {
-        let dir = Scratch::absent("io");
+        let dir_tmp = tempfile::tempdir().unwrap();
+
+        let dir = dir_tmp.path().join("run");
         let path = dir.join("t.safetensors");
         let mut sd = StateDict::new();
         sd.insert(
@@ -210,7 +211,9 @@ mod tests {
 
     #[test]
     fn garbage_is_a_named_format_error() {
-        let dir = Scratch::new("io-bad");
+        let dir_tmp = tempfile::tempdir().unwrap();
+
+        let dir = dir_tmp.path();
         let path = dir.join("x.safetensors");
         std::fs::write(&path, b"not a tensor file").unwrap();
         let err = read_safetensors(&path).unwrap_err().to_string();

@@ -21,9 +21,6 @@ pub mod plan;
 pub mod preprocess;
 pub mod reduce;
 pub mod rng;
-// Test-only: self-deleting temp folders for the unit tests.
-#[cfg(test)]
-pub(crate) mod scratch;
 pub mod selftest;
 pub mod state;
 pub mod sweep;

@@ -97,14 +97,15 @@ pub fn u8_batch_to_tensor<B: Backend>(
 mod tests {
     use super::*;
     use crate::model::EvalResize;
-    use crate::scratch::Scratch;
 
     #[test]
     fn eval_images_use_the_models_own_resize() {
         // 40×20: red in x < 5, blue elsewhere. The centre 20×20 square is
         // x ∈ [10, 30), so a centre crop never sees red (the bicubic taps of
         // output column 0 reach x ≥ 7); a squash does.
-        let dir = Scratch::new("pre");
+        let dir_tmp = tempfile::tempdir().unwrap();
+
+        let dir = dir_tmp.path();
         let img = image::RgbImage::from_fn(40, 20, |x, _| {
             image::Rgb(if x < 5 { [255, 0, 0] } else { [0, 0, 255] })
         });

@@ -172,43 +172,10 @@ fn draw(path: &Path, title: &str, points: &[(f64, f64)], bounds: &[f64]) -> anyh
 mod tests {
     use super::*;
 
-    /// A test's folder under the system temp dir, removed with everything
-    /// in it when dropped (also while a failing test unwinds), so that test
-    /// runs leave nothing behind. `clipa-core` has the same guard, but only
-    /// for its own unit tests.
-    struct Scratch(PathBuf);
-
-    impl std::ops::Deref for Scratch {
-        type Target = Path;
-
-        /// The folder's path, so that `dir.join(..)` and `&dir` as `&Path` work.
-        fn deref(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl AsRef<Path> for Scratch {
-        /// The folder's path, for `std::fs` functions that take `AsRef<Path>`.
-        fn as_ref(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Scratch {
-        /// Removes the folder; errors are ignored, since a leftover folder
-        /// must not fail the test.
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    /// A fresh, empty folder under the system temp dir, deleted when the
-    /// returned guard drops: bind it for the whole test.
-    fn temp_dir(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("clipa-plot-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
+    /// A fresh, empty temporary folder, deleted when the returned guard
+    /// drops: bind it for the whole test.
+    fn temp_dir() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
     }
 
     fn line(step: u64, stage: usize, zeroshot: Option<f64>) -> String {
@@ -241,7 +208,8 @@ mod tests {
 
     #[test]
     fn draws_loss_lr_and_zeroshot() {
-        let dir = temp_dir("full");
+        let dir_tmp = temp_dir();
+        let dir = dir_tmp.path();
         let mut text: String = (0..20)
             .map(|s| {
                 line(
@@ -253,7 +221,7 @@ mod tests {
             .collect();
         text.push('\n'); // a trailing blank line is fine
         std::fs::write(dir.join("metrics.jsonl"), text).unwrap();
-        let files = plot_run(&dir).unwrap();
+        let files = plot_run(dir).unwrap();
         let names: Vec<_> = files
             .iter()
             .map(|f| f.file_name().unwrap().to_str().unwrap())
@@ -273,9 +241,10 @@ mod tests {
 
     #[test]
     fn no_zeroshot_chart_without_values_and_single_point() {
-        let dir = temp_dir("single");
+        let dir_tmp = temp_dir();
+        let dir = dir_tmp.path();
         std::fs::write(dir.join("metrics.jsonl"), line(7, 0, None)).unwrap();
-        let files = plot_run(&dir).unwrap();
+        let files = plot_run(dir).unwrap();
         assert_eq!(files.len(), 2);
         assert!(
             files.iter().all(|f| check_png(f) == 0),
@@ -295,29 +264,31 @@ mod tests {
 
     #[test]
     fn malformed_line_names_its_number() {
-        let dir = temp_dir("bad");
+        let dir_tmp = temp_dir();
+        let dir = dir_tmp.path();
         let text = format!(
             "{}\n{}\n{{\"step\": 3\n",
             line(1, 0, None),
             line(2, 0, None)
         );
         std::fs::write(dir.join("metrics.jsonl"), text).unwrap();
-        let err = format!("{:#}", plot_run(&dir).unwrap_err());
+        let err = format!("{:#}", plot_run(dir).unwrap_err());
         assert!(err.contains("line 3: malformed"), "{err}");
     }
 
     #[test]
     fn missing_and_empty_inputs_are_errors() {
-        let dir = temp_dir("empty");
+        let dir_tmp = temp_dir();
+        let dir = dir_tmp.path();
         let err = plot_run(&dir.join("nope")).unwrap_err().to_string();
         assert!(
             err.contains("nope") && err.contains("does not exist"),
             "{err}"
         );
-        let err = format!("{:#}", plot_run(&dir).unwrap_err());
+        let err = format!("{:#}", plot_run(dir).unwrap_err());
         assert!(err.contains("metrics.jsonl"), "{err}");
         std::fs::write(dir.join("metrics.jsonl"), "\n\n").unwrap();
-        let err = plot_run(&dir).unwrap_err().to_string();
+        let err = plot_run(dir).unwrap_err().to_string();
         assert!(err.contains("no metrics lines"), "{err}");
     }
 

@@ -243,7 +243,6 @@ fn parse_weights(w: &str, n: usize) -> Result<Vec<f64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scratch::Scratch;
 
     #[test]
     fn numeric_ranges_keep_padding() {
@@ -287,13 +286,14 @@ mod tests {
         }
     }
 
-    fn temp_dir(name: &str) -> Scratch {
-        Scratch::new(&format!("brace-{name}"))
+    fn temp_dir() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
     }
 
     #[test]
     fn sources_and_weights() {
-        let d = temp_dir("sources");
+        let d_tmp = temp_dir();
+        let d = d_tmp.path();
         for f in ["a0.tar", "a1.tar", "b0.tar"] {
             std::fs::write(d.join(f), b"").unwrap();
         }

@@ -224,16 +224,17 @@ impl CsvDataset {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scratch::Scratch;
     use std::sync::atomic::Ordering::Relaxed;
 
-    fn dir(name: &str) -> Scratch {
-        let d = Scratch::new(&format!("csv-{name}"));
+    fn dir() -> tempfile::TempDir {
+        let d_tmp = tempfile::tempdir().unwrap();
+
+        let d = d_tmp.path();
         std::fs::create_dir_all(d.join("img")).unwrap();
         for f in ["a", "b", "c"] {
             std::fs::write(d.join("img").join(format!("{f}.jpg")), f.as_bytes()).unwrap();
         }
-        d
+        d_tmp
     }
 
     fn all(ds: &CsvDataset, stats: &DataStats) -> Vec<(String, Vec<u8>)> {
@@ -249,7 +250,8 @@ mod tests {
 
     #[test]
     fn csv_with_quotes_in_small_shards() {
-        let d = dir("quotes");
+        let d_tmp = dir();
+        let d = d_tmp.path();
         let abs = d.join("img/c.jpg");
         let text = format!(
             "filepath,title\nimg/a.jpg,\"a cat, sitting\"\nimg/b.jpg,\"two\nlines \"\"quoted\"\"\"\n\
@@ -284,7 +286,8 @@ mod tests {
 
     #[test]
     fn tsv_by_extension_and_missing_column() {
-        let d = dir("tsv");
+        let d_tmp = dir();
+        let d = d_tmp.path();
         let text = "id\ttitle\textra\tfilepath\n1\ta, b\tx\timg/b.jpg\n2\t\"q\tq\"\ty\timg/a.jpg\n";
         std::fs::write(d.join("caps.tsv"), text).unwrap();
         let ds = CsvDataset::open(&d.join("caps.tsv"), &CsvOptions::default()).unwrap();

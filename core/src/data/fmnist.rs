@@ -370,7 +370,6 @@ mod tests {
     use crate::data::folder::ImageFolder;
     use crate::data::shards::WebDataset;
     use crate::data::{DataStats, ImagePayload, ShardSource};
-    use crate::scratch::Scratch;
 
     fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
         let mut out = vec![0, 0, 8, dims.len() as u8];
@@ -387,8 +386,10 @@ mod tests {
 
     /// 2×3 images whose pixel `p` of image `i` is `10 i + p`; train images
     /// gzipped, the rest plain.
-    fn tiny(name: &str, train: &[u8], test: &[u8]) -> Scratch {
-        let d = Scratch::new(&format!("fmnist-{name}"));
+    fn tiny(train: &[u8], test: &[u8]) -> tempfile::TempDir {
+        let d_tmp = tempfile::tempdir().unwrap();
+
+        let d = d_tmp.path();
         let pixels = |n: usize| {
             (0..n * 6)
                 .map(|k| ((k / 6) * 10 + k % 6) as u8)
@@ -411,7 +412,7 @@ mod tests {
             gz(&idx(&[test.len() as u32], test)),
         )
         .unwrap();
-        d
+        d_tmp
     }
 
     fn options(input: &Path, out: &str) -> FashionMnistOptions {
@@ -427,8 +428,9 @@ mod tests {
 
     #[test]
     fn converts_tiny_idx_and_reads_back() {
-        let d = tiny("ok", &[0, 1, 9, 3, 4, 5, 6], &[9, 0, 0, 2]);
-        let sum = convert(&options(&d, "out")).unwrap();
+        let d_tmp = tiny(&[0, 1, 9, 3, 4, 5, 6], &[9, 0, 0, 2]);
+        let d = d_tmp.path();
+        let sum = convert(&options(d, "out")).unwrap();
         assert_eq!(
             (sum.train_samples, sum.train_shards, sum.test_samples),
             (7, 3, 4)
@@ -476,7 +478,7 @@ mod tests {
         assert!(folder.files()[3].0.ends_with("09_ankle_boot/00000.png"));
 
         // Same input and seed, same bytes.
-        let again = convert(&options(&d, "again")).unwrap();
+        let again = convert(&options(d, "again")).unwrap();
         let shard =
             |root: &str| std::fs::read(d.join(root).join("train/shard-000001.tar")).unwrap();
         assert_eq!(shard("out"), shard("again"));
@@ -486,19 +488,20 @@ mod tests {
     #[test]
     fn rejects_bad_idx_files() {
         let err = |d: &Path| convert(&options(d, "out")).unwrap_err().to_string();
-        let d = tiny("bad", &[0, 1, 2], &[3, 12]);
-        assert!(err(&d).contains("label 12 at index 1"), "{}", err(&d));
+        let d_tmp = tiny(&[0, 1, 2], &[3, 12]);
+        let d = d_tmp.path();
+        assert!(err(d).contains("label 12 at index 1"), "{}", err(d));
         std::fs::write(d.join("t10k-labels-idx1-ubyte.gz"), idx(&[3], &[1, 2, 3])).unwrap();
-        assert!(err(&d).contains("2 images but 3 labels"), "{}", err(&d));
+        assert!(err(d).contains("2 images but 3 labels"), "{}", err(d));
         std::fs::write(d.join("t10k-images-idx3-ubyte"), idx(&[3, 2, 3], &[0; 17])).unwrap();
-        assert!(err(&d).contains("data size does not match"), "{}", err(&d));
+        assert!(err(d).contains("data size does not match"), "{}", err(d));
         std::fs::write(d.join("train-images-idx3-ubyte.gz"), idx(&[3, 2], &[0; 6])).unwrap();
-        assert!(err(&d).contains("is not an IDX file"), "{}", err(&d));
+        assert!(err(d).contains("is not an IDX file"), "{}", err(d));
         std::fs::remove_file(d.join("train-images-idx3-ubyte.gz")).unwrap();
         assert!(
-            err(&d).contains("neither train-images-idx3-ubyte.gz nor"),
+            err(d).contains("neither train-images-idx3-ubyte.gz nor"),
             "{}",
-            err(&d)
+            err(d)
         );
     }
 
@@ -512,7 +515,9 @@ mod tests {
             );
             return;
         }
-        let out = Scratch::absent("fmnist-debian");
+        let out_tmp = tempfile::tempdir().unwrap();
+
+        let out = out_tmp.path().join("run");
         let opts = FashionMnistOptions {
             input: input.into(),
             out: out.to_path_buf(),

@@ -216,11 +216,12 @@ impl ShardSource for ImageFolder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scratch::Scratch;
     use std::sync::atomic::Ordering::Relaxed;
 
-    fn tree(name: &str) -> Scratch {
-        let d = Scratch::new(&format!("folder-{name}"));
+    fn tree() -> tempfile::TempDir {
+        let d_tmp = tempfile::tempdir().unwrap();
+
+        let d = d_tmp.path();
         for (class, files) in [
             ("n02_golden_retriever", &["b.JPG", "a.png", "notes.txt"][..]),
             ("n01_tench", &["z.webp"]),
@@ -231,13 +232,14 @@ mod tests {
             }
         }
         std::fs::write(d.join("README"), b"not a class").unwrap();
-        d
+        d_tmp
     }
 
     #[test]
     fn labels_follow_sorted_folders() {
-        let d = tree("labels");
-        let ds = open(&d, None).unwrap().with_files_per_shard(2);
+        let d_tmp = tree();
+        let d = d_tmp.path();
+        let ds = open(d, None).unwrap().with_files_per_shard(2);
         assert_eq!(ds.classes, ["n01 tench", "n02 golden retriever"]);
         assert_eq!((ds.len(), ds.num_shards()), (3, 2));
         let stats = DataStats::default();
@@ -272,15 +274,16 @@ mod tests {
 
     #[test]
     fn classnames_file_and_errors() {
-        let d = tree("names");
+        let d_tmp = tree();
+        let d = d_tmp.path();
         let names = d.join("names.txt");
         std::fs::write(&names, "tench\ngolden retriever\n\n").unwrap();
         assert_eq!(
-            open(&d, Some(&names)).unwrap().classes,
+            open(d, Some(&names)).unwrap().classes,
             ["tench", "golden retriever"]
         );
         std::fs::write(&names, "tench\n").unwrap();
-        let e = open(&d, Some(&names)).unwrap_err().to_string();
+        let e = open(d, Some(&names)).unwrap_err().to_string();
         assert!(e.contains("1 class names for 2 class folders"), "{e}");
         assert!(matches!(
             open(&d.join("missing"), None),

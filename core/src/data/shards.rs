@@ -404,7 +404,6 @@ impl Iterator for Samples<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scratch::Scratch;
     use std::sync::atomic::Ordering::Relaxed;
 
     fn tar_bytes(members: &[(&str, &[u8])]) -> Vec<u8> {
@@ -418,8 +417,8 @@ mod tests {
         b.into_inner().unwrap()
     }
 
-    fn dir(name: &str) -> Scratch {
-        Scratch::new(&format!("shards-{name}"))
+    fn dir() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
     }
 
     fn one_shard(path: &Path) -> WebDataset {
@@ -475,7 +474,8 @@ mod tests {
 
     #[test]
     fn groups_members_by_key_and_ignores_others() {
-        let d = dir("group");
+        let d_tmp = dir();
+        let d = d_tmp.path();
         let path = d.join("s.tar");
         write_tar(&path, &good_members());
         let stats = DataStats::default();
@@ -510,7 +510,8 @@ mod tests {
 
     #[test]
     fn samples_without_image_or_caption_are_counted() {
-        let d = dir("bad");
+        let d_tmp = dir();
+        let d = d_tmp.path();
         let path = d.join("s.tar");
         let members: Vec<(String, Vec<u8>)> = [
             ("0.jpg", &b"I"[..]),
@@ -537,7 +538,8 @@ mod tests {
 
     #[test]
     fn truncated_or_corrupt_tar_keeps_what_was_read() {
-        let d = dir("trunc");
+        let d_tmp = dir();
+        let d = d_tmp.path();
         let path = d.join("s.tar");
         let full = write_tar(&path, &good_members());
         // Cut inside the data of `d/002.seg.png` (7th member, after 6 × 1024 bytes

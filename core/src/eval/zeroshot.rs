@@ -324,7 +324,6 @@ impl Accuracy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scratch::Scratch;
 
     #[test]
     fn top1_top5_and_per_class_recall_by_hand() {
@@ -377,7 +376,9 @@ mod tests {
         for s in ["photo", "simple", "openai", "/tmp/my templates.txt"] {
             assert_eq!(s.parse::<TemplateSet>().unwrap().to_string(), s);
         }
-        let dir = Scratch::new("tpl");
+        let dir_tmp = tempfile::tempdir().unwrap();
+
+        let dir = dir_tmp.path();
         let path = dir.join("t.txt");
         std::fs::write(&path, "a photo of {}.\nno placeholder\n").unwrap();
         let err = TemplateSet::File(path).load().unwrap_err().to_string();

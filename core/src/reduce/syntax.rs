@@ -274,7 +274,6 @@ fn push_word<'a>(word: &'a str, out: &mut Vec<&'a str>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scratch::Scratch;
     use PartOfSpeech::*;
 
     #[test]
@@ -309,7 +308,9 @@ mod tests {
 
     #[test]
     fn lexicon_files_load_plain_and_gzip() {
-        let dir = Scratch::new("lexicon");
+        let dir_tmp = tempfile::tempdir().unwrap();
+
+        let dir = dir_tmp.path();
         let text = "# mine\ncat\tnoun\n\nPurr\tverb\ncat adjective\n";
         let plain = dir.join("lex.tsv");
         std::fs::write(&plain, text).expect("write");

@@ -2,7 +2,6 @@
 
 use super::*;
 use crate::numeric::TestBackend;
-use crate::scratch::Scratch;
 use crate::train::StepMetrics;
 
 /// Counts points and can stop the sweep at a given log line.
@@ -40,7 +39,9 @@ fn tiny() -> SweepConfig {
 
 #[test]
 fn tiny_sweep_records_flops_and_accuracy_and_resumes_after_a_stop() {
-    let out = Scratch::absent("sweep");
+    let out_tmp = tempfile::tempdir().unwrap();
+
+    let out = out_tmp.path().join("run");
     let device = Default::default();
     let cfg = tiny();
     let flag = Arc::new(AtomicBool::new(false));

@@ -7,7 +7,6 @@ use super::*;
 use crate::data::tokenizer::Tokenizer;
 use crate::numeric::TestBackend;
 use crate::reduce::{ImageReduction, TextReduction};
-use crate::scratch::Scratch;
 
 struct Stopper {
     at: Option<u64>,
@@ -55,8 +54,8 @@ fn two_stage() -> TrainConfig {
 
 /// A run folder path with nothing there yet (training creates it),
 /// deleted when the returned guard drops.
-fn run_dir(name: &str) -> Scratch {
-    Scratch::absent(&format!("train-{name}"))
+fn run_dir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
 }
 
 fn losses(dir: &Path) -> Vec<(u64, f64)> {
@@ -84,7 +83,8 @@ fn replicas_train_exactly_like_one_device_at_the_global_batch() {
     let mut cfg = two_stage();
     cfg.stages[1].accum_steps = 2;
     cfg.log_every = 1;
-    let init = run_dir("dp-init");
+    let init_tmp = run_dir();
+    let init = init_tmp.path().join("run");
     let mut model_cfg = cfg.model_config().unwrap();
     model_cfg.text.context_length = 16;
     crate::checkpoint::save_model(
@@ -97,7 +97,8 @@ fn replicas_train_exactly_like_one_device_at_the_global_batch() {
         // Dropped when this closure returns: a run folder with its
         // checkpoints is large (155 MB for 4 replicas), and only the
         // losses and weights read here are compared afterwards.
-        let output = run_dir(&format!("dp-{world}"));
+        let output_tmp = run_dir();
+        let output = output_tmp.path().join("run");
         let opts = RunOptions {
             output: output.to_path_buf(),
             resume: None,
@@ -161,7 +162,8 @@ fn replicas_train_exactly_like_one_device_at_the_global_batch() {
         }
     }
     // A batch that does not split evenly is refused before any work.
-    let output = run_dir("dp-3");
+    let output_tmp = run_dir();
+    let output = output_tmp.path().join("run");
     let opts = RunOptions {
         output: output.to_path_buf(),
         resume: None,
@@ -187,7 +189,8 @@ fn stages_resize_and_an_interrupted_run_resumes_exactly() {
     let cfg = two_stage();
     // Both runs start from the same weights, whatever else draws from
     // the backend's global RNG while tests run in parallel.
-    let init = run_dir("init");
+    let init_tmp = run_dir();
+    let init = init_tmp.path().join("run");
     let mut model_cfg = cfg.model_config().unwrap();
     model_cfg.text.context_length = 16;
     crate::checkpoint::save_model(
@@ -203,7 +206,8 @@ fn stages_resize_and_an_interrupted_run_resumes_exactly() {
         lexicon: None,
         init_from: Some(init.to_path_buf()),
     };
-    let full_dir = run_dir("full");
+    let full_dir_tmp = run_dir();
+    let full_dir = full_dir_tmp.path().join("run");
     let full = opts(&full_dir, None);
     let mut obs = Stopper {
         at: None,
@@ -228,7 +232,9 @@ fn stages_resize_and_an_interrupted_run_resumes_exactly() {
         [16, 64]
     );
 
-    let cut_dir = run_dir("cut");
+    let cut_dir_tmp = run_dir();
+
+    let cut_dir = cut_dir_tmp.path().join("run");
     let cut = opts(&cut_dir, None);
     let mut obs = Stopper {
         at: Some(4),
@@ -291,7 +297,8 @@ fn a_non_finite_loss_stops_the_run_and_names_the_step() {
     cfg.stages[0].warmup_steps = 0;
     cfg.stages[0].base_lr = 1e35; // the first update overflows the weights
     cfg.data.workers = 1;
-    let nan_dir = run_dir("nan");
+    let nan_dir_tmp = run_dir();
+    let nan_dir = nan_dir_tmp.path().join("run");
     let opts = RunOptions {
         output: nan_dir.to_path_buf(),
         resume: None,
@@ -313,7 +320,8 @@ fn a_non_finite_loss_stops_the_run_and_names_the_step() {
     );
     // With --skip-nonfinite the run goes on and counts the skipped steps.
     cfg.skip_nonfinite = 10;
-    let skip_dir = run_dir("nan-skip");
+    let skip_dir_tmp = run_dir();
+    let skip_dir = skip_dir_tmp.path().join("run");
     let opts = RunOptions {
         output: skip_dir.to_path_buf(),
         ..opts

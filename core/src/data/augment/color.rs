@@ -143,21 +143,9 @@ fn hsv_to_rgb(h: u8, s: u8, v: u8) -> [u8; 3] {
 
 #[cfg(test)]
 mod tests {
-    use image::{Rgb, RgbImage};
-
     use super::*;
+    use crate::data::augment::tests::noise;
     use crate::data::augment::{ImageTransform, TrainAugment};
-
-    fn noise(w: u32, h: u32, seed: u64) -> RgbImage {
-        let mut rng = Rng::new(seed);
-        RgbImage::from_fn(w, h, |_, _| {
-            Rgb([
-                rng.below(256) as u8,
-                rng.below(256) as u8,
-                rng.below(256) as u8,
-            ])
-        })
-    }
 
     #[test]
     fn grayscale_sets_equal_channels_to_pil_luma() {

@@ -4,7 +4,8 @@ use image::{DynamicImage, ImageFormat, Rgb};
 
 use super::*;
 
-fn noise(w: u32, h: u32, seed: u64) -> RgbImage {
+/// A `w`×`h` image of uniform noise (also the colour tests' input).
+pub(crate) fn noise(w: u32, h: u32, seed: u64) -> RgbImage {
     let mut rng = Rng::new(seed);
     RgbImage::from_fn(w, h, |_, _| {
         Rgb([

@@ -313,7 +313,6 @@ fn is_cjk(c: char) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scratch::Scratch;
 
     const VOCAB: &[&str] = &[
         "[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "cafe", "un", "##aff", "##able", ",", "!", "a",
@@ -397,7 +396,9 @@ mod tests {
 
     #[test]
     fn reads_vocab_file_and_rejects_bad_ones() {
-        let dir = Scratch::new("wordpiece");
+        let dir_tmp = tempfile::tempdir().unwrap();
+
+        let dir = dir_tmp.path();
         let good = dir.join("vocab.txt");
         std::fs::write(&good, VOCAB.join("\n") + "\n").expect("write vocab");
         let t = WordPieceTokenizer::from_vocab_file(&good).expect("valid vocab file");
@@ -416,7 +417,9 @@ mod tests {
 
     #[test]
     fn reads_the_vocabulary_of_a_tokenizer_json() {
-        let dir = Scratch::new("wordpiece-json");
+        let dir_tmp = tempfile::tempdir().unwrap();
+
+        let dir = dir_tmp.path();
         let vocab: serde_json::Map<String, serde_json::Value> = VOCAB
             .iter()
             .enumerate()
