@@ -3,13 +3,14 @@
 //!
 //! Core is generic over the backend and names none. `nn/` and the optimiser
 //! call one function per op here ([`linear`], [`linear_add`],
-//! [`patch_embed`], [`add_rows`],
 //! [`layer_norm`], [`gelu`], [`attention`], [`embedding`], and
 //! [`Kernels::adamw`] through [`crate::train::optim::AdamW`]). Each
 //! function runs the op in the installed backend's kernel where it has one,
 //! and otherwise as the composition of Burn's generic ops written beside it
 //! (`*_composed`). Every kernel must compute what that composition
-//! computes, gradients included; the backends' tests compare the two.
+//! computes, gradients included; the backends' tests compare the two. Two
+//! more ops, [`patch_embed`] and [`add_rows`], are layouts that every
+//! backend runs as they are (the tuning that used to shape `nn/`).
 //!
 //! ```text
 //!   backends::run(kind, job)                 cli → backends
