@@ -2,6 +2,7 @@
 //! run folder, a run killed with SIGKILL at a random step resumes to the
 //! uninterrupted loss curve, user mistakes are one-line errors.
 
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -9,8 +10,10 @@ use crate::common::{clipa, curve, s, scratch, skip_or_fail, text};
 
 /// A temporary folder whose `run` subfolder `clipa train` creates, deleted
 /// when the returned guard drops.
-fn run_dir() -> tempfile::TempDir {
-    scratch()
+fn run_dir() -> (tempfile::TempDir, PathBuf) {
+    let tmp = scratch();
+    let run = tmp.path().join("run");
+    (tmp, run)
 }
 
 const TINY: [&str; 8] = [
@@ -26,8 +29,7 @@ const TINY: [&str; 8] = [
 
 #[test]
 fn tiny_run_writes_config_metrics_checkpoints_and_evaluates() {
-    let dir_tmp = run_dir();
-    let dir = dir_tmp.path().join("run");
+    let (_dir_tmp, dir) = run_dir();
     let out = clipa(
         &[
             &TINY[..],
@@ -62,8 +64,7 @@ fn tiny_run_writes_config_metrics_checkpoints_and_evaluates() {
 #[cfg(unix)]
 #[test]
 fn a_killed_run_resumes_to_the_same_loss_curve() {
-    let full_tmp = run_dir();
-    let full = full_tmp.path().join("run");
+    let (_full_tmp, full) = run_dir();
     let out = clipa(
         &[
             &TINY[..],
@@ -75,9 +76,7 @@ fn a_killed_run_resumes_to_the_same_loss_curve() {
     let want = curve(&full);
     assert_eq!(want.len(), 12);
 
-    let cut_tmp = run_dir();
-
-    let cut = cut_tmp.path().join("run");
+    let (_cut_tmp, cut) = run_dir();
     // A kill point drawn from the clock: after 3..=9 logged steps.
     let kill_after = 3
         + (std::time::SystemTime::now()
@@ -320,8 +319,7 @@ fn every_reduction_is_reachable_from_the_flags() {
 /// reported without stopping the run.
 #[test]
 fn config_evaluators_log_named_metrics() {
-    let dir_tmp = run_dir();
-    let dir = dir_tmp.path().join("run");
+    let (_dir_tmp, dir) = run_dir();
     let folder = dir.join("zs");
     for (class, colour) in [("red", [220u8, 30, 30]), ("blue", [30, 30, 220])] {
         std::fs::create_dir_all(folder.join(class)).unwrap();

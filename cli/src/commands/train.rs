@@ -20,19 +20,17 @@ use crate::args::TrainArgs;
 
 /// Preset (or config file) → flag overrides → validated config.
 fn resolve(args: &TrainArgs, output: &Path) -> anyhow::Result<TrainConfig> {
+    let read = |path: &Path| -> anyhow::Result<TrainConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Ok(TrainConfig::from_toml(&text, path)?)
+    };
     let mut cfg = match (&args.config, &args.preset) {
-        (Some(path), _) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            TrainConfig::from_toml(&text, path)?
-        }
+        (Some(path), _) => read(path)?,
         (None, Some(name)) => TrainConfig::preset(name)?,
         // Resuming without a config continues the run with its own.
         (None, None) if args.resume.is_some() && output.join("run.toml").is_file() => {
-            let path = output.join("run.toml");
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            TrainConfig::from_toml(&text, &path)?
+            read(&output.join("run.toml"))?
         }
         (None, None) => TrainConfig::preset("demo")?,
     };

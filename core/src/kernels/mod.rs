@@ -83,19 +83,6 @@ impl<B: Backend> Default for Kernels<B> {
     }
 }
 
-impl<B: Backend> Clone for Kernels<B> {
-    fn clone(&self) -> Self {
-        Self {
-            linear: self.linear.clone(),
-            layer_norm: self.layer_norm.clone(),
-            gelu: self.gelu.clone(),
-            attention: self.attention.clone(),
-            embedding: self.embedding.clone(),
-            adamw: self.adamw.clone(),
-        }
-    }
-}
-
 impl<B: Backend> Kernels<B> {
     /// The bundle installed for `B`, or `None` where the backend runs every
     /// op composed. One read of the installed list, by `B`'s type.
@@ -105,8 +92,8 @@ impl<B: Backend> Kernels<B> {
         Arc::clone(&entry.kernels).downcast::<Self>().ok()
     }
 
-    /// The names of the ops this bundle replaces, in a fixed order (for
-    /// `clipa check` and the bench reports).
+    /// The names of the ops this bundle replaces, in a fixed order (what a
+    /// backend installed, as its tests check it).
     pub fn names(&self) -> Vec<&'static str> {
         [
             ("linear", self.linear.is_some()),

@@ -5,13 +5,11 @@
 
 use std::path::PathBuf;
 
-use super::config::TrainConfig;
+use super::config::{Precision, TrainConfig};
 use crate::eval::ZeroShotFlags;
 use crate::loss::LossKind;
 use crate::reduce::{ImageReduction, TextReduction};
 use crate::{Error, Result};
-
-use super::config::Precision;
 
 /// Overrides of a [`TrainConfig`]. `None` (or `false`) keeps the config's
 /// value. On a multi-stage run the image and text settings apply to the

@@ -1,6 +1,6 @@
 //! Tests of the training run: stages, resume, replicas, non-finite steps.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use super::*;
@@ -52,10 +52,28 @@ fn two_stage() -> TrainConfig {
     cfg
 }
 
-/// A run folder path with nothing there yet (training creates it),
-/// deleted when the returned guard drops.
-fn run_dir() -> tempfile::TempDir {
-    tempfile::tempdir().unwrap()
+/// A run folder path with nothing there yet (training creates it), and
+/// the guard that deletes it when dropped: bind both for the whole test.
+fn run_dir() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    (tmp, run)
+}
+
+/// `cfg`'s model initialised once and saved as a checkpoint, so that the
+/// runs a test compares start from the same weights whatever else draws
+/// from the backend's global RNG while tests run in parallel.
+fn saved_init(cfg: &TrainConfig) -> (tempfile::TempDir, PathBuf) {
+    let (tmp, init) = run_dir();
+    let mut model_cfg = cfg.model_config().unwrap();
+    model_cfg.text.context_length = 16;
+    crate::checkpoint::save_model(
+        &init,
+        &model_cfg.init::<TestBackend>(&Default::default()),
+        &Tokenizer::clip(),
+    )
+    .unwrap();
+    (tmp, init)
 }
 
 fn losses(dir: &Path) -> Vec<(u64, f64)> {
@@ -83,22 +101,12 @@ fn replicas_train_exactly_like_one_device_at_the_global_batch() {
     let mut cfg = two_stage();
     cfg.stages[1].accum_steps = 2;
     cfg.log_every = 1;
-    let init_tmp = run_dir();
-    let init = init_tmp.path().join("run");
-    let mut model_cfg = cfg.model_config().unwrap();
-    model_cfg.text.context_length = 16;
-    crate::checkpoint::save_model(
-        &init,
-        &model_cfg.init::<TestBackend>(&device),
-        &Tokenizer::clip(),
-    )
-    .unwrap();
+    let (_init_tmp, init) = saved_init(&cfg);
     let run = |world: usize| {
         // Dropped when this closure returns: a run folder with its
         // checkpoints is large (155 MB for 4 replicas), and only the
         // losses and weights read here are compared afterwards.
-        let output_tmp = run_dir();
-        let output = output_tmp.path().join("run");
+        let (_output_tmp, output) = run_dir();
         let opts = RunOptions {
             output: output.to_path_buf(),
             resume: None,
@@ -162,8 +170,7 @@ fn replicas_train_exactly_like_one_device_at_the_global_batch() {
         }
     }
     // A batch that does not split evenly is refused before any work.
-    let output_tmp = run_dir();
-    let output = output_tmp.path().join("run");
+    let (_output_tmp, output) = run_dir();
     let opts = RunOptions {
         output: output.to_path_buf(),
         resume: None,
@@ -187,18 +194,7 @@ fn replicas_train_exactly_like_one_device_at_the_global_batch() {
 fn stages_resize_and_an_interrupted_run_resumes_exactly() {
     let device = Default::default();
     let cfg = two_stage();
-    // Both runs start from the same weights, whatever else draws from
-    // the backend's global RNG while tests run in parallel.
-    let init_tmp = run_dir();
-    let init = init_tmp.path().join("run");
-    let mut model_cfg = cfg.model_config().unwrap();
-    model_cfg.text.context_length = 16;
-    crate::checkpoint::save_model(
-        &init,
-        &model_cfg.init::<TestBackend>(&device),
-        &Tokenizer::clip(),
-    )
-    .unwrap();
+    let (_init_tmp, init) = saved_init(&cfg);
     let opts = |output: &Path, resume| RunOptions {
         output: output.to_path_buf(),
         resume,
@@ -206,8 +202,7 @@ fn stages_resize_and_an_interrupted_run_resumes_exactly() {
         lexicon: None,
         init_from: Some(init.to_path_buf()),
     };
-    let full_dir_tmp = run_dir();
-    let full_dir = full_dir_tmp.path().join("run");
+    let (_full_dir_tmp, full_dir) = run_dir();
     let full = opts(&full_dir, None);
     let mut obs = Stopper {
         at: None,
@@ -232,9 +227,7 @@ fn stages_resize_and_an_interrupted_run_resumes_exactly() {
         [16, 64]
     );
 
-    let cut_dir_tmp = run_dir();
-
-    let cut_dir = cut_dir_tmp.path().join("run");
+    let (_cut_dir_tmp, cut_dir) = run_dir();
     let cut = opts(&cut_dir, None);
     let mut obs = Stopper {
         at: Some(4),
@@ -297,8 +290,7 @@ fn a_non_finite_loss_stops_the_run_and_names_the_step() {
     cfg.stages[0].warmup_steps = 0;
     cfg.stages[0].base_lr = 1e35; // the first update overflows the weights
     cfg.data.workers = 1;
-    let nan_dir_tmp = run_dir();
-    let nan_dir = nan_dir_tmp.path().join("run");
+    let (_nan_dir_tmp, nan_dir) = run_dir();
     let opts = RunOptions {
         output: nan_dir.to_path_buf(),
         resume: None,
@@ -320,8 +312,7 @@ fn a_non_finite_loss_stops_the_run_and_names_the_step() {
     );
     // With --skip-nonfinite the run goes on and counts the skipped steps.
     cfg.skip_nonfinite = 10;
-    let skip_dir_tmp = run_dir();
-    let skip_dir = skip_dir_tmp.path().join("run");
+    let (_skip_dir_tmp, skip_dir) = run_dir();
     let opts = RunOptions {
         output: skip_dir.to_path_buf(),
         ..opts
