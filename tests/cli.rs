@@ -19,6 +19,21 @@ fn help_and_version() {
     );
 }
 
+/// `clipa train --help` lists every training preset of core's table with
+/// its one-line description (clap may wrap it: compared word for word).
+#[test]
+fn train_help_lists_every_preset_with_its_description() {
+    let out = clipa(&["train", "--help"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let words = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let help = words(&stdout);
+    for preset in clipa_core::train::presets::PRESETS {
+        let line = words(&format!("- {}: {}", preset.name, preset.about));
+        assert!(help.contains(&line), "--help lacks `{line}`:\n{stdout}");
+    }
+}
+
 #[test]
 fn unknown_backend_is_a_usage_error() {
     let out = clipa(&["--backend", "tpu", "check"]);

@@ -18,6 +18,7 @@ mod gelu;
 mod gemm;
 mod layer_norm;
 mod linear;
+mod sum_squares;
 mod tensor;
 mod threads;
 mod vmath;
@@ -28,6 +29,7 @@ pub use embedding::FlexEmbedding;
 pub use gelu::FlexGelu;
 pub use layer_norm::FlexLayerNorm;
 pub use linear::FlexLinear;
+pub use sum_squares::FlexSumSquares;
 pub use tensor::Backend;
 pub(crate) use threads::on_worker;
 
@@ -65,10 +67,12 @@ pub fn training_kernels() -> Kernels<Backend> {
         attention: Some(Arc::new(FlexAttention)),
         embedding: Some(Arc::new(FlexEmbedding)),
         adamw: None,
+        sum_squares: None,
     }
 }
 
-/// The CPU backend's kernels for the inner backend (flex): AdamW, and the
+/// The CPU backend's kernels for the inner backend (flex): AdamW and the
+/// gradient norm's sum of squares, and the
 /// linear layers, GELU and attention at inference. Flex's own LayerNorm and
 /// lookup are one op each there already.
 pub fn inference_kernels() -> Kernels<Flex> {
@@ -79,6 +83,7 @@ pub fn inference_kernels() -> Kernels<Flex> {
         attention: Some(Arc::new(FlexAttention)),
         embedding: None,
         adamw: Some(Arc::new(FlexAdamW)),
+        sum_squares: Some(Arc::new(FlexSumSquares)),
     }
 }
 
@@ -104,8 +109,35 @@ mod tests {
             ["linear", "layer_norm", "gelu", "attention", "embedding"]
         );
         let infer = Kernels::<Flex>::installed().expect("flex");
-        assert_eq!(infer.names(), ["linear", "gelu", "attention", "adamw"]);
+        assert_eq!(
+            infer.names(),
+            ["linear", "gelu", "attention", "adamw", "sum_squares"]
+        );
         let opt = clipa_core::train::optim::AdamW::<Flex>::new(Default::default());
         assert!(opt.is_fused());
+    }
+
+    /// A model resolves the installed kernels once, when it is built, and
+    /// keeps them; `valid()` resolves the inference bundle for the inner
+    /// type.
+    #[test]
+    fn a_model_resolves_its_kernels_when_it_is_built() {
+        use burn::module::AutodiffModule;
+        let installed = install_kernels();
+        let model = clipa_core::model::ClipConfig::tiny().init::<Backend>(&Default::default());
+        let block = &model.visual.blocks[0];
+        let training = ["linear", "layer_norm", "gelu", "attention", "embedding"];
+        for held in [&block.kernels, &block.attn.kernels, &block.mlp.kernels] {
+            assert_eq!(held.names(), training);
+        }
+        assert_eq!(model.text.kernels.names(), training);
+        let valid = model.valid();
+        assert_eq!(
+            valid.visual.blocks[0].attn.kernels.names(),
+            ["linear", "gelu", "attention", "adamw", "sum_squares"]
+        );
+        drop(installed);
+        // The model holds what it resolved, whatever is installed later.
+        assert_eq!(model.visual.blocks[0].mlp.kernels.names(), training);
     }
 }

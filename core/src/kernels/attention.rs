@@ -6,7 +6,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module;
 use burn::tensor::ops::AttentionModuleOptions;
 
-use super::Kernels;
+use super::Resolved;
 
 /// A backend's own multi-head attention, used by [`attention`].
 pub trait AttentionKernel<B: Backend>: Send + Sync {
@@ -26,19 +26,20 @@ pub trait AttentionKernel<B: Backend>: Send + Sync {
     ) -> Tensor<B, 4>;
 }
 
-/// softmax(q·kᵀ/√head_dim)·v per head: the installed [`AttentionKernel`]
+/// softmax(q·kᵀ/√head_dim)·v per head: the resolved [`AttentionKernel`]
 /// where there is one, else [`attention_composed`].
 ///
 /// # Shapes
 /// - `q`, `k`, `v`: `[batch, tokens, heads, head_dim]`
 /// - output: `[batch, tokens, heads, head_dim]`
 pub fn attention<B: Backend>(
+    kernels: &Resolved<B>,
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     causal: bool,
 ) -> Tensor<B, 4> {
-    match Kernels::<B>::installed().and_then(|k| k.attention.clone()) {
+    match kernels.attention() {
         Some(kernel) => kernel.attention(q, k, v, causal),
         None => attention_composed(q, k, v, causal),
     }

@@ -5,7 +5,7 @@ use burn::nn::Embedding;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
-use super::Kernels;
+use super::Resolved;
 
 /// A backend's own embedding lookup, used by [`embedding`].
 pub trait EmbeddingKernel<B: Backend>: Send + Sync {
@@ -20,14 +20,18 @@ pub trait EmbeddingKernel<B: Backend>: Send + Sync {
     fn embedding(&self, table: Tensor<B, 2>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3>;
 }
 
-/// `emb`'s rows at `ids`: the installed [`EmbeddingKernel`] where there is
+/// `emb`'s rows at `ids`: the resolved [`EmbeddingKernel`] where there is
 /// one, else Burn's own `Embedding::forward`, whose backward zeroes and
 /// fills the whole `[vocab, width]` gradient (50 MB at bench-tiny's table).
 ///
 /// # Shapes
 /// `ids`: `[batch, len]` → `[batch, len, width]`
-pub fn embedding<B: Backend>(emb: &Embedding<B>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-    match Kernels::<B>::installed().and_then(|k| k.embedding.clone()) {
+pub fn embedding<B: Backend>(
+    kernels: &Resolved<B>,
+    emb: &Embedding<B>,
+    ids: Tensor<B, 2, Int>,
+) -> Tensor<B, 3> {
+    match kernels.embedding() {
         Some(kernel) => kernel.embedding(emb.weight.val(), ids),
         None => emb.forward(ids),
     }

@@ -3,7 +3,7 @@
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
-use super::Kernels;
+use super::Resolved;
 
 /// A backend's own exact GELU, used by [`gelu`].
 pub trait GeluKernel<B: Backend>: Send + Sync {
@@ -12,13 +12,13 @@ pub trait GeluKernel<B: Backend>: Send + Sync {
     fn gelu(&self, x: Tensor<B, 1>) -> Tensor<B, 1>;
 }
 
-/// The exact GELU of `x`: the installed [`GeluKernel`] where there is one,
+/// The exact GELU of `x`: the resolved [`GeluKernel`] where there is one,
 /// else [`gelu_composed`].
 ///
 /// # Shapes
 /// any → the same
-pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    match Kernels::<B>::installed().and_then(|k| k.gelu.clone()) {
+pub fn gelu<B: Backend, const D: usize>(kernels: &Resolved<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    match kernels.gelu() {
         Some(kernel) => {
             let shape = x.shape();
             let numel = shape.num_elements();

@@ -4,7 +4,7 @@ use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Tensor};
 
-use super::Kernels;
+use super::Resolved;
 
 /// A backend's own `x·W + b`, used by [`linear`] and [`linear_add`] for a
 /// layer with a bias.
@@ -32,8 +32,12 @@ pub trait LinearKernel<B: Backend>: Send + Sync {
 ///
 /// # Shapes
 /// `x`: `[..., d_in]` → `[..., d_out]`
-pub fn linear<B: Backend, const D: usize>(lin: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
-    linear_onto(lin, x, None)
+pub fn linear<B: Backend, const D: usize>(
+    kernels: &Resolved<B>,
+    lin: &Linear<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    linear_onto(kernels, lin, x, None)
 }
 
 /// `residual + x·W + b`: a residual block's last projection. A kernel adds
@@ -43,15 +47,17 @@ pub fn linear<B: Backend, const D: usize>(lin: &Linear<B>, x: Tensor<B, D>) -> T
 /// # Shapes
 /// `x`: `[..., d_in]`, `residual`: `[..., d_out]` → `[..., d_out]`
 pub fn linear_add<B: Backend, const D: usize>(
+    kernels: &Resolved<B>,
     lin: &Linear<B>,
     x: Tensor<B, D>,
     residual: Tensor<B, D>,
 ) -> Tensor<B, D> {
-    linear_onto(lin, x, Some(residual))
+    linear_onto(kernels, lin, x, Some(residual))
 }
 
 /// [`linear`] with the residual of [`linear_add`] where given.
 fn linear_onto<B: Backend, const D: usize>(
+    kernels: &Resolved<B>,
     lin: &Linear<B>,
     x: Tensor<B, D>,
     residual: Option<Tensor<B, D>>,
@@ -64,9 +70,8 @@ fn linear_onto<B: Backend, const D: usize>(
         let dt = FloatDType::from(x.dtype());
         (w.cast(dt), b.map(|b| b.cast(dt)))
     };
-    let kernel = Kernels::<B>::installed().and_then(|k| k.linear.clone());
-    match (kernel, b) {
-        (Some(kernel), Some(b)) => with_kernel(kernel.as_ref(), x, w, b, residual),
+    match (kernels.linear(), b) {
+        (Some(kernel), Some(b)) => with_kernel(kernel, x, w, b, residual),
         (_, b) => {
             let y = linear_composed(x, w, b);
             match residual {
@@ -241,7 +246,8 @@ mod tests {
                 .require_grad()
         };
         let (xa, xb) = (x(), x());
-        let ya = linear(&lin, xa.clone()); // 2100 rows: 2 chunks
+        let composed = Resolved::composed();
+        let ya = linear(&composed, &lin, xa.clone()); // 2100 rows: 2 chunks
         let yb = lin.forward(xb.clone());
         ya.clone()
             .into_data()
@@ -257,7 +263,7 @@ mod tests {
             .into_data()
             .assert_approx_eq::<f32>(&xb.grad(&gb).unwrap().into_data(), Default::default());
         let r = Tensor::<TestBackend, 3>::from_data(normal_data([3, 700, 5], 4, 1.0), &device);
-        linear_add(&lin, x(), r.clone())
+        linear_add(&composed, &lin, x(), r.clone())
             .into_data()
             .assert_approx_eq::<f32>(&(yb + r).into_data(), Default::default());
     }

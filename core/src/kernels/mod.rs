@@ -4,9 +4,10 @@
 //! Core is generic over the backend and names none. `nn/` and the optimiser
 //! call one function per op here ([`linear`], [`linear_add`],
 //! [`layer_norm`], [`gelu`], [`attention`], [`embedding`], and
-//! [`Kernels::adamw`] through [`crate::train::optim::AdamW`]). Each
-//! function runs the op in the installed backend's kernel where it has one,
-//! and otherwise as the composition of Burn's generic ops written beside it
+//! [`Kernels::adamw`] and [`Kernels::sum_squares`] through
+//! [`crate::train::optim::AdamW`]). Each
+//! function runs the op in the backend's kernel where it has one, and
+//! otherwise as the composition of Burn's generic ops written beside it
 //! (`*_composed`). Every kernel must compute what that composition
 //! computes, gradients included; the backends' tests compare the two. Two
 //! more ops, [`patch_embed`] and [`add_rows`], are layouts that every
@@ -15,12 +16,15 @@
 //! ```text
 //!   backends::run(kind, job)                 cli → backends
 //!     └─ install(kernels of kind)  ──►  [Kernels<B>, one per backend type]
-//!          job.run::<B>()                          │ looked up by B's type
-//!            nn::ResidualBlock … ──► kernels::linear / layer_norm / gelu /
-//!                                    attention / embedding
-//!                                      ├─ Some(kernel): the backend's pass
-//!                                      └─ None: *_composed (Burn ops)
-//!            train::optim::AdamW ──► Kernels::adamw (resolved once per optimiser)
+//!          job.run::<B>()                          │ looked up by B's type,
+//!            model init / load ──► Resolved<B> ◄───┘ once per module build
+//!            nn::ResidualBlock … (each holds its Resolved<B>)
+//!              ──► kernels::linear / layer_norm / gelu / attention / embedding
+//!                    ├─ Some(kernel): the backend's pass
+//!                    └─ None: *_composed (Burn ops)
+//!            model.valid() ──► Resolved<B::InnerBackend> (looked up again)
+//!            train::optim::AdamW ──► Kernels::adamw, sum_squares
+//!                                    (resolved once per optimiser)
 //! ```
 //!
 //! A backend installs a whole [`Kernels`] bundle per backend type at the
@@ -29,7 +33,10 @@
 //! directly call `clipa_backends::install_kernels`). The installation
 //! lasts as long as its [`Installed`] guard, so a test that installs
 //! kernels removes them again when it ends. Nothing is registered as a side
-//! effect of selecting a device.
+//! effect of selecting a device. Each module that runs an op of the seam
+//! resolves the bundle once, when it is built, into a [`Resolved`] field,
+//! and hands that to the op: no op looks anything up. A module built with
+//! nothing installed runs every op composed.
 
 mod adamw;
 mod attention;
@@ -37,6 +44,8 @@ mod embedding;
 mod gelu;
 mod linear;
 mod norm;
+mod resolved;
+mod sum_squares;
 
 pub use adamw::{AdamWKernel, AdamWScalars, adamw_composed};
 pub use attention::{AttentionKernel, attention, attention_composed};
@@ -47,6 +56,8 @@ pub use linear::{
     split_k_chunks,
 };
 pub use norm::{LayerNormKernel, layer_norm};
+pub use resolved::Resolved;
+pub use sum_squares::{SumSquaresKernel, sum_squares_composed};
 
 use std::any::{Any, TypeId};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -67,6 +78,9 @@ pub struct Kernels<B: Backend> {
     pub embedding: Option<Arc<dyn EmbeddingKernel<B>>>,
     /// One AdamW update of one parameter ([`crate::train::optim::AdamW`]).
     pub adamw: Option<Arc<dyn AdamWKernel<B>>>,
+    /// The gradients' sum of squares, for the global norm
+    /// ([`crate::train::optim::AdamW::grad_norm`]).
+    pub sum_squares: Option<Arc<dyn SumSquaresKernel<B>>>,
 }
 
 impl<B: Backend> Default for Kernels<B> {
@@ -79,6 +93,7 @@ impl<B: Backend> Default for Kernels<B> {
             attention: None,
             embedding: None,
             adamw: None,
+            sum_squares: None,
         }
     }
 }
@@ -102,6 +117,7 @@ impl<B: Backend> Kernels<B> {
             ("attention", self.attention.is_some()),
             ("embedding", self.embedding.is_some()),
             ("adamw", self.adamw.is_some()),
+            ("sum_squares", self.sum_squares.is_some()),
         ]
         .into_iter()
         .filter_map(|(name, some)| some.then_some(name))
@@ -117,8 +133,8 @@ struct Entry {
     kernels: Arc<dyn Any + Send + Sync>,
 }
 
-/// The installed bundles. A read-write lock: the ops read it on every
-/// replica thread and must not queue behind each other; it is written only
+/// The installed bundles. A read-write lock: modules read it when they are
+/// built, possibly on several replica threads at once; it is written only
 /// when a run (or a test) starts and ends.
 static INSTALLED: RwLock<Vec<Entry>> = RwLock::new(Vec::new());
 

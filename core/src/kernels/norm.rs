@@ -4,7 +4,7 @@ use burn::nn::LayerNorm;
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
-use super::Kernels;
+use super::Resolved;
 
 /// A backend's own LayerNorm with a bias, used by [`layer_norm`].
 pub trait LayerNormKernel<B: Backend>: Send + Sync {
@@ -25,7 +25,7 @@ pub trait LayerNormKernel<B: Backend>: Send + Sync {
     ) -> Tensor<B, 3>;
 }
 
-/// `ln(x)` over the last dimension: the installed [`LayerNormKernel`] where
+/// `ln(x)` over the last dimension: the resolved [`LayerNormKernel`] where
 /// there is one, else Burn's own `LayerNorm::forward` (its generic
 /// decomposition under autodiff: about 9 passes forward and 20 backward
 /// without fusion). `eps` must be the one `ln` was built with (the model
@@ -34,12 +34,12 @@ pub trait LayerNormKernel<B: Backend>: Send + Sync {
 /// # Shapes
 /// `[..., width]` → `[..., width]`
 pub fn layer_norm<B: Backend, const D: usize>(
+    kernels: &Resolved<B>,
     ln: &LayerNorm<B>,
     eps: f64,
     x: Tensor<B, D>,
 ) -> Tensor<B, D> {
-    let kernel = Kernels::<B>::installed().and_then(|k| k.layer_norm.clone());
-    let (Some(kernel), Some(beta)) = (kernel, ln.beta.as_ref()) else {
+    let (Some(kernel), Some(beta)) = (kernels.layer_norm(), ln.beta.as_ref()) else {
         return ln.forward(x);
     };
     let shape = x.shape();

@@ -10,7 +10,7 @@ use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use super::config::{TextConfig, TextPool};
 use super::posemb::resize_linear;
 use super::trace::Trace;
-use crate::kernels::{self, layer_norm};
+use crate::kernels::{self, Resolved, layer_norm};
 use crate::nn::{ResidualBlock, ResidualBlockConfig};
 
 /// The text tower.
@@ -29,6 +29,10 @@ pub struct TextTransformer<B: Backend> {
     /// The architecture, at the length of `positional_embedding`.
     #[module(skip)]
     pub config: TextConfig,
+    /// The kernels of its embedding and LayerNorm, resolved when it was
+    /// built.
+    #[module(skip)]
+    pub kernels: Resolved<B>,
 }
 
 impl TextConfig {
@@ -61,6 +65,7 @@ impl TextConfig {
                 device,
             )),
             config: self.clone(),
+            kernels: Resolved::installed(),
         }
     }
 }
@@ -112,7 +117,7 @@ impl<B: Backend> TextTransformer<B> {
             "text length {len} outside 1..={}",
             self.config.context_length
         );
-        let x = kernels::embedding(&self.token_embedding, ids); // [batch, len, width]
+        let x = kernels::embedding(&self.kernels, &self.token_embedding, ids); // [batch, len, width]
         trace.record("token_embedding", || x.clone());
         let pos = self.positional_embedding.val().narrow(0, 0, len); // [len, width]
         kernels::add_rows(x, pos)
@@ -125,7 +130,7 @@ impl<B: Backend> TextTransformer<B> {
         trace: &mut Trace,
     ) -> Tensor<B, 2> {
         let [batch, len, w] = x.dims();
-        let x = layer_norm(&self.ln_final, self.config.ln_eps, x);
+        let x = layer_norm(&self.kernels, &self.ln_final, self.config.ln_eps, x);
         trace.record("ln_final", || x.clone());
         let pooled = match self.config.pool {
             TextPool::Last => x.narrow(1, len - 1, 1),

@@ -11,7 +11,7 @@ use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use super::config::{PosEmbed, VisionConfig, VisionPool};
 use super::posemb::{resize_bicubic, sincos_2d};
 use super::trace::Trace;
-use crate::kernels::{self, layer_norm};
+use crate::kernels::{self, Resolved, layer_norm};
 use crate::nn::{ResidualBlock, ResidualBlockConfig};
 
 /// The image tower.
@@ -34,6 +34,9 @@ pub struct VisionTransformer<B: Backend> {
     /// The architecture, at the resolution of `positional_embedding`.
     #[module(skip)]
     pub config: VisionConfig,
+    /// The kernels of its LayerNorms, resolved when it was built.
+    #[module(skip)]
+    pub kernels: Resolved<B>,
 }
 
 impl VisionConfig {
@@ -81,6 +84,7 @@ impl VisionConfig {
             ln_post: ln(),
             proj: normal([w, embed_dim], scale),
             config: self.clone(),
+            kernels: Resolved::installed(),
         }
     }
 }
@@ -184,7 +188,7 @@ impl<B: Backend> VisionTransformer<B> {
             }
         };
         let x = match &self.ln_pre {
-            Some(ln) => layer_norm(ln, self.config.ln_eps, x),
+            Some(ln) => layer_norm(&self.kernels, ln, self.config.ln_eps, x),
             None => x,
         };
         trace.record("visual.ln_pre", || x.clone());
@@ -195,18 +199,18 @@ impl<B: Backend> VisionTransformer<B> {
         let [batch, tokens, w] = x.dims();
         let pooled = match (self.config.pool, self.config.final_ln_after_pool) {
             (VisionPool::Cls, _) => {
-                let x = layer_norm(&self.ln_post, self.config.ln_eps, x);
+                let x = layer_norm(&self.kernels, &self.ln_post, self.config.ln_eps, x);
                 trace.record("visual.ln_post", || x.clone());
                 x.narrow(1, 0, 1).reshape([batch, w])
             }
             (pool, true) => {
                 let pooled = mean_tokens(x, pool, tokens, batch, w);
-                let pooled = layer_norm(&self.ln_post, self.config.ln_eps, pooled);
+                let pooled = layer_norm(&self.kernels, &self.ln_post, self.config.ln_eps, pooled);
                 trace.record("visual.ln_post", || pooled.clone());
                 pooled
             }
             (pool, false) => {
-                let x = layer_norm(&self.ln_post, self.config.ln_eps, x);
+                let x = layer_norm(&self.kernels, &self.ln_post, self.config.ln_eps, x);
                 trace.record("visual.ln_post", || x.clone());
                 mean_tokens(x, pool, tokens, batch, w)
             }

@@ -2,7 +2,7 @@
 //! it: separate q/k/v projections (OpenCLIP's `in_proj` split in three),
 //! softmax(q·kᵀ/√d)·v per head, then an output projection.
 
-use crate::kernels::{self, linear, linear_add};
+use crate::kernels::{self, Resolved, linear, linear_add};
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
@@ -32,6 +32,9 @@ pub struct Attention<B: Backend> {
     /// Number of heads.
     #[module(skip)]
     pub heads: usize,
+    /// The kernels its ops run, resolved when it was built.
+    #[module(skip)]
+    pub kernels: Resolved<B>,
 }
 
 impl AttentionConfig {
@@ -50,6 +53,7 @@ impl AttentionConfig {
             value: linear(),
             out: linear(),
             heads: self.heads,
+            kernels: Resolved::installed(),
         }
     }
 }
@@ -81,14 +85,15 @@ impl<B: Backend> Attention<B> {
         // reshape, no copy.
         let split = |t: Tensor<B, 3>| t.reshape([batch, tokens, self.heads, head_dim]);
         // In `x`'s dtype: bf16 under mixed precision (see `ResidualBlock`).
-        let q = split(linear(&self.query, x.clone())); // [batch, tokens, heads, head_dim]
-        let k = split(linear(&self.key, x.clone()));
-        let v = split(linear(&self.value, x));
-        let y = kernels::attention(q, k, v, causal); // [batch, tokens, heads, head_dim]
+        let ks = &self.kernels;
+        let q = split(linear(ks, &self.query, x.clone())); // [batch, tokens, heads, head_dim]
+        let k = split(linear(ks, &self.key, x.clone()));
+        let v = split(linear(ks, &self.value, x));
+        let y = kernels::attention(ks, q, k, v, causal); // [batch, tokens, heads, head_dim]
         let y = y.reshape([batch, tokens, width]);
         match residual {
-            Some(r) => linear_add(&self.out, y, r),
-            None => linear(&self.out, y),
+            Some(r) => linear_add(ks, &self.out, y, r),
+            None => linear(ks, &self.out, y),
         }
     }
 }

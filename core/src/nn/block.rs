@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use burn::tensor::{FloatDType, Tensor};
 
 use super::{Attention, AttentionConfig};
-use crate::kernels::{self, layer_norm, linear, linear_add};
+use crate::kernels::{self, Resolved, layer_norm, linear, linear_add};
 
 /// The MLP non-linearity.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,10 +29,14 @@ pub enum Activation {
 
 impl Activation {
     /// Applies the activation element-wise (the exact GELU through the
-    /// kernel seam, [`kernels::gelu`]).
-    pub fn forward<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
+    /// kernel seam, [`kernels::gelu`], with `kernels`).
+    pub fn forward<B: Backend, const D: usize>(
+        self,
+        kernels: &Resolved<B>,
+        x: Tensor<B, D>,
+    ) -> Tensor<B, D> {
         match self {
-            Self::Gelu => kernels::gelu(x),
+            Self::Gelu => kernels::gelu(kernels, x),
             Self::GeluTanh => gelu_approximate(x),
             Self::QuickGelu => x.clone() * sigmoid(x * 1.702),
         }
@@ -66,6 +70,9 @@ pub struct Mlp<B: Backend> {
     /// Non-linearity between them.
     #[module(skip)]
     pub activation: Activation,
+    /// The kernels its ops run, resolved when it was built.
+    #[module(skip)]
+    pub kernels: Resolved<B>,
 }
 
 impl<B: Backend> Mlp<B> {
@@ -74,8 +81,9 @@ impl<B: Backend> Mlp<B> {
     /// # Shapes
     /// `[batch, tokens, width]` → `[batch, tokens, width]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = linear(&self.c_fc, x); // [batch, tokens, mlp_width]
-        linear(&self.c_proj, self.activation.forward(h))
+        let k = &self.kernels;
+        let h = linear(k, &self.c_fc, x); // [batch, tokens, mlp_width]
+        linear(k, &self.c_proj, self.activation.forward(k, h))
     }
 
     /// `residual + self.forward(x)`, the residual added by the
@@ -84,8 +92,9 @@ impl<B: Backend> Mlp<B> {
     /// # Shapes
     /// `x`, `residual` and the output: `[batch, tokens, width]`
     pub fn forward_onto(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = linear(&self.c_fc, x); // [batch, tokens, mlp_width]
-        linear_add(&self.c_proj, self.activation.forward(h), residual)
+        let k = &self.kernels;
+        let h = linear(k, &self.c_fc, x); // [batch, tokens, mlp_width]
+        linear_add(k, &self.c_proj, self.activation.forward(k, h), residual)
     }
 }
 
@@ -108,6 +117,9 @@ pub struct ResidualBlock<B: Backend> {
     /// precision); `None` computes in the parameters' dtype (float32).
     #[module(skip)]
     pub compute: Option<FloatDType>,
+    /// The kernels of its LayerNorms, resolved when it was built.
+    #[module(skip)]
+    pub kernels: Resolved<B>,
 }
 
 impl ResidualBlockConfig {
@@ -126,9 +138,11 @@ impl ResidualBlockConfig {
                 c_fc: LinearConfig::new(self.width, self.mlp_width).init(device),
                 c_proj: LinearConfig::new(self.mlp_width, self.width).init(device),
                 activation: self.activation,
+                kernels: Resolved::installed(),
             },
             ln_eps: self.ln_eps,
             compute: None,
+            kernels: Resolved::installed(),
         }
     }
 }
@@ -145,8 +159,8 @@ impl<B: Backend> ResidualBlock<B> {
     /// # Shapes
     /// `[batch, tokens, width]` → `[batch, tokens, width]`
     pub fn forward(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
-        let ln_1 = |x| layer_norm(&self.ln_1, self.ln_eps, x);
-        let ln_2 = |x| layer_norm(&self.ln_2, self.ln_eps, x);
+        let ln_1 = |x| layer_norm(&self.kernels, &self.ln_1, self.ln_eps, x);
+        let ln_2 = |x| layer_norm(&self.kernels, &self.ln_2, self.ln_eps, x);
         let Some(dt) = self.compute else {
             // Each residual add is done by the branch's last projection.
             let x = self.attn.forward_onto(ln_1(x.clone()), causal, Some(x));
@@ -171,10 +185,11 @@ mod tests {
         let device = Default::default();
         let xs = [-3.0f32, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0];
         let x = Tensor::<TestBackend, 1>::from_floats(xs, &device);
-        let exact = Activation::Gelu.forward(x.clone()).into_data();
+        let k = Resolved::composed();
+        let exact = Activation::Gelu.forward(&k, x.clone()).into_data();
         let fused = burn::tensor::activation::gelu(x.clone()).into_data();
         assert_close(&exact, &fused, 1e-6, "composed vs fused gelu");
-        let tanh = Activation::GeluTanh.forward(x).into_data();
+        let tanh = Activation::GeluTanh.forward(&k, x).into_data();
         // Reference values from torch.nn.functional.gelu(x, approximate=...)
         let want_exact = [
             -0.004_049_7f32,

@@ -16,7 +16,9 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::kernels::{AdamWKernel, AdamWScalars, Kernels, adamw_composed};
+use crate::kernels::{
+    AdamWKernel, AdamWScalars, Kernels, SumSquaresKernel, adamw_composed, sum_squares_composed,
+};
 use crate::state::StateDict;
 use crate::{Error, Result};
 
@@ -58,6 +60,11 @@ fn installed_kernel<B: Backend>() -> Option<Arc<dyn AdamWKernel<B>>> {
     Kernels::<B>::installed().and_then(|k| k.adamw.clone())
 }
 
+/// The installed backend's sum of squares, if it has one.
+fn installed_sum_squares<B: Backend>() -> Option<Arc<dyn SumSquaresKernel<B>>> {
+    Kernels::<B>::installed().and_then(|k| k.sum_squares.clone())
+}
+
 /// The optimiser: moments keyed by parameter path, on the device.
 pub struct AdamW<B: Backend> {
     config: AdamWConfig,
@@ -67,24 +74,29 @@ pub struct AdamW<B: Backend> {
     moments: BTreeMap<String, (Tensor<B, 1>, Tensor<B, 1>)>,
     /// The backend's fused update, or `None` for [`adamw_composed`].
     kernel: Option<Arc<dyn AdamWKernel<B>>>,
+    /// The backend's sum of squares for [`AdamW::grad_norm`], or `None`
+    /// for [`sum_squares_composed`].
+    sum_squares: Option<Arc<dyn SumSquaresKernel<B>>>,
 }
 
 impl<B: Backend> AdamW<B> {
-    /// A fresh optimiser (zero moments), its update resolved once, here:
-    /// the installed backend's AdamW kernel ([`Kernels`]) or
-    /// [`adamw_composed`].
+    /// A fresh optimiser (zero moments), its update and gradient norm
+    /// resolved once, here: the installed backend's AdamW and sum-of-squares
+    /// kernels ([`Kernels`]) or [`adamw_composed`] and
+    /// [`sum_squares_composed`].
     pub fn new(config: AdamWConfig) -> Self {
         Self::with_kernel(config, installed_kernel())
     }
 
     /// A fresh optimiser that runs `kernel` (or [`adamw_composed`] for
-    /// `None`), whatever is installed.
+    /// `None`) whatever is installed, and the installed gradient norm.
     pub fn with_kernel(config: AdamWConfig, kernel: Option<Arc<dyn AdamWKernel<B>>>) -> Self {
         Self {
             config,
             step: 0,
             moments: BTreeMap::new(),
             kernel,
+            sum_squares: installed_sum_squares(),
         }
     }
 
@@ -169,6 +181,7 @@ impl<B: Backend> AdamW<B> {
             step,
             moments,
             kernel: installed_kernel(),
+            sum_squares: installed_sum_squares(),
         })
     }
 }
@@ -236,18 +249,29 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Updater<'_, AB> {
     }
 }
 
-/// The global L2 norm of all gradients of `module` in `grads` (one host
-/// read, so it also serves as the non-finite check).
-pub fn grad_norm<AB: AutodiffBackend, M: AutodiffModule<AB>>(
-    module: &M,
-    grads: &GradientsParams,
-) -> f64 {
-    let mut norm = NormVisitor::<AB> { grads, sum: None };
-    module.visit(&mut norm);
-    norm.sum
-        .map(|s| s.into_scalar().elem::<f64>())
-        .unwrap_or(0.0)
-        .sqrt()
+impl<B: Backend> AdamW<B> {
+    /// The global L2 norm of all gradients of `module` in `grads` (one host
+    /// read, so it also serves as the non-finite check), its sum of squares
+    /// in the backend's kernel where it has one.
+    pub fn grad_norm<AB, M>(&self, module: &M, grads: &GradientsParams) -> f64
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        let mut collect = GradList::<AB> {
+            grads,
+            list: Vec::new(),
+        };
+        module.visit(&mut collect);
+        let sum = match (&self.sum_squares, collect.list.is_empty()) {
+            (_, true) => None,
+            (Some(kernel), false) => Some(kernel.sum_squares(collect.list)),
+            (None, false) => sum_squares_composed(collect.list),
+        };
+        sum.map(|s| s.into_scalar().elem::<f64>())
+            .unwrap_or(0.0)
+            .sqrt()
+    }
 }
 
 /// The factor that scales gradients of norm `norm` down to `max_norm`
@@ -259,19 +283,17 @@ pub fn clip_factor(norm: f64, max_norm: Option<f64>) -> f64 {
     }
 }
 
-struct NormVisitor<'a, AB: AutodiffBackend> {
+/// Collects every parameter's gradient, flattened to `[numel]`.
+struct GradList<'a, AB: AutodiffBackend> {
     grads: &'a GradientsParams,
-    sum: Option<Tensor<AB::InnerBackend, 1>>,
+    list: Vec<Tensor<AB::InnerBackend, 1>>,
 }
 
-impl<AB: AutodiffBackend> ModuleVisitor<AB> for NormVisitor<'_, AB> {
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for GradList<'_, AB> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
         if let Some(g) = self.grads.get::<AB::InnerBackend, D>(param.id) {
-            let sq = g.powi_scalar(2).sum(); // [1]
-            self.sum = Some(match self.sum.take() {
-                Some(s) => s + sq,
-                None => sq,
-            });
+            let numel = g.shape().num_elements();
+            self.list.push(g.reshape([numel])); // [numel]
         }
     }
 }
@@ -369,7 +391,8 @@ mod tests {
             let x = Tensor::<TestBackend, 2>::from_floats([[3.0, 4.0]], &device);
             let loss = model.fc.forward(x).sum() + model.token_embedding.val().sum();
             let grads = GradientsParams::from_grads(loss.backward(), &model);
-            assert!((grad_norm(&model, &grads) - (9.0f64 + 16.0 + 1.0 + 2.0).sqrt()).abs() < 1e-5);
+            let norm = opt.grad_norm(&model, &grads);
+            assert!((norm - (9.0f64 + 16.0 + 1.0 + 2.0).sqrt()).abs() < 1e-5);
             model = opt.step(lr, model, grads, 1.0);
         }
         let decayed = |w: f64| (w * (1.0 - lr * 0.1) - lr) * (1.0 - lr * 0.1) - lr;

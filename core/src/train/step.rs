@@ -10,7 +10,7 @@ use burn::tensor::backend::AutodiffBackend;
 
 use super::batch::DeviceBatch;
 use super::grads::loss_and_grads;
-use super::optim::{AdamW, clip_factor, grad_norm};
+use super::optim::{AdamW, clip_factor};
 use crate::dist::Replica;
 use crate::loss::LossKind;
 use crate::model::ClipModel;
@@ -75,7 +75,7 @@ pub fn train_step<B: AutodiffBackend>(
         cfg.grad_checkpointing,
         replica,
     )?;
-    let norm = grad_norm(&model, &grads);
+    let norm = opt.grad_norm(&model, &grads);
     sync(&device)?;
     let t1 = Instant::now();
     // finite check → clip → AdamW → clamp
