@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
-use clipa_core::bench::{BenchRun, peer_sweep};
+use clipa_core::bench::{BenchRun, NoHooks, peer_sweep};
 use clipa_core::loss::{clip_loss, siglip_loss};
 use clipa_core::nn::AttentionConfig;
 use clipa_core::numeric::normal_data;
@@ -86,7 +86,7 @@ fn bench_backend<B: AutodiffBackend>(c: &mut Criterion, name: &str, device: B::D
         // The model is built and warmed once; criterion's own warm-up runs
         // further steps before it measures.
         let mut run = BenchRun::<B>::new(&case, &device).expect("the peer cases run");
-        run.train_step(0).expect("warm-up step");
+        run.train_step(0, &mut NoHooks).expect("warm-up step");
         let mut step = 1u64;
         group.bench_function(
             BenchmarkId::new("bench-tiny_b64", case.name.as_str()),
@@ -95,7 +95,7 @@ fn bench_backend<B: AutodiffBackend>(c: &mut Criterion, name: &str, device: B::D
                     (0..iters)
                         .map(|_| {
                             step += 1;
-                            let t = run.train_step(step).expect("train step");
+                            let t = run.train_step(step, &mut NoHooks).expect("train step");
                             Duration::from_secs_f64(t.total())
                         })
                         .sum()

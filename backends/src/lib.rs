@@ -15,9 +15,14 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod launches;
 mod memory;
 #[cfg(feature = "wgpu")]
 mod wgpu_backend;
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub use launches::LaunchLog;
 
 pub use memory::PeakMemory;
 

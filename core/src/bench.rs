@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::data::tokenizer::Tokenizer;
 use crate::dist::Replica;
+use crate::host;
 use crate::model::{ClipConfig, ClipModel};
 use crate::reduce::{ImageReduction, TextReducer, TextReduction};
 use crate::train::batch::DeviceBatch;
@@ -144,6 +145,13 @@ pub struct BenchResult {
     /// Peak memory in MB (see [`BenchHooks::peak_memory`]); `None` where the
     /// backend cannot say.
     pub peak_mem_mb: Option<f64>,
+    /// Reads from the device to the host inside a training step, mean over
+    /// the timed steps (none log: 0 is the goal).
+    pub host_syncs_per_step: f64,
+    /// Device kernels one training step launches, mean over the timed
+    /// steps; `None` on the CPU backend (no kernels) or where CubeCL's
+    /// launch log could not be set up.
+    pub kernels_per_step: Option<f64>,
     /// Image tokens per sample after reduction (CLS not counted).
     pub image_tokens: usize,
     /// Text tokens per sample.
@@ -158,6 +166,22 @@ pub trait BenchHooks {
     fn reset_peak_memory(&mut self);
     /// Peak memory in bytes since the last reset, if known.
     fn peak_memory(&mut self) -> Option<u64>;
+    /// The device kernels launched so far, after the device has finished
+    /// what was queued; `None` where the backend cannot count them (the
+    /// CPU backend has no kernel launches).
+    fn kernel_launches(&mut self) -> Option<u64> {
+        None
+    }
+}
+
+/// No backend measurements (the criterion benches, tests).
+pub struct NoHooks;
+
+impl BenchHooks for NoHooks {
+    fn reset_peak_memory(&mut self) {}
+    fn peak_memory(&mut self) -> Option<u64> {
+        None
+    }
 }
 
 /// Steps per measurement.
@@ -204,6 +228,10 @@ pub struct StepTimes {
     pub grads: f64,
     /// The AdamW update.
     pub optim: f64,
+    /// Reads from the device to the host inside the step ([`crate::host`]).
+    pub host_reads: u64,
+    /// Device kernels the step launched, where the backend counts them.
+    pub kernels: Option<u64>,
 }
 
 impl StepTimes {
@@ -307,8 +335,9 @@ impl<B: AutodiffBackend> BenchRun<B> {
     }
 
     /// One training step ([`train_step`]: forward, loss, backward, gradient
-    /// norm, AdamW), timed between device syncs.
-    pub fn train_step(&mut self, step: u64) -> Result<StepTimes> {
+    /// norm, AdamW), timed between device syncs, its host reads and (with
+    /// `hooks` that count them) kernel launches counted.
+    pub fn train_step(&mut self, step: u64, hooks: &mut dyn BenchHooks) -> Result<StepTimes> {
         let model = self
             .model
             .take()
@@ -325,10 +354,14 @@ impl<B: AutodiffBackend> BenchRun<B> {
             grad_clip: None,
             timed: true,
         };
+        let (launches, reads) = (hooks.kernel_launches(), host::reads());
         let (model, stats) =
             train_step(model, &mut self.opt, &batch, 1e-4, &cfg, &Replica::single())?;
+        let host_reads = host::reads() - reads;
+        let kernels = hooks.kernel_launches().zip(launches).map(|(b, a)| b - a);
         self.model = Some(model);
-        if !stats.applied {
+        // Read after the counts: the bench's own check, not the step's.
+        if !stats.read().applied {
             return Err(Error::Backend(format!(
                 "bench {}: non-finite loss at step {step}",
                 self.case.name
@@ -337,6 +370,8 @@ impl<B: AutodiffBackend> BenchRun<B> {
         Ok(StepTimes {
             grads: stats.grads_secs,
             optim: stats.optim_secs,
+            host_reads,
+            kernels,
         })
     }
 
@@ -373,14 +408,18 @@ pub fn run_case<B: AutodiffBackend>(
     let mut times = Vec::with_capacity(steps.steps);
     let mut grad_times = Vec::with_capacity(steps.steps);
     let mut optim_times = Vec::with_capacity(steps.steps);
+    let (mut reads, mut kernels) = (0, Some(0));
     for step in 0..(steps.warmup + steps.steps) as u64 {
-        let t = run.train_step(step)?;
+        let t = run.train_step(step, hooks)?;
         if step as usize >= steps.warmup {
             times.push(t.total() * 1e3);
             grad_times.push(t.grads * 1e3);
             optim_times.push(t.optim * 1e3);
+            reads += t.host_reads;
+            kernels = kernels.zip(t.kernels).map(|(a, b)| a + b);
         }
     }
+    let per_step = |n: u64| n as f64 / steps.steps as f64;
     let warmup = steps.warmup.min(2);
     let mut infer = Vec::with_capacity(steps.steps);
     for step in 0..(warmup + steps.steps) as u64 {
@@ -409,6 +448,8 @@ pub fn run_case<B: AutodiffBackend>(
         infer_median_ms,
         infer_images_per_s: case.batch as f64 / (infer_median_ms / 1e3),
         peak_mem_mb: peak.map(|b| b as f64 / 1e6),
+        host_syncs_per_step: per_step(reads),
+        kernels_per_step: kernels.map(per_step),
         image_tokens: case.image_tokens(),
         text_tokens: case.text_length,
         batch: case.batch,
@@ -419,14 +460,6 @@ pub fn run_case<B: AutodiffBackend>(
 mod tests {
     use super::*;
     use crate::numeric::TestBackend;
-
-    struct NoHooks;
-    impl BenchHooks for NoHooks {
-        fn reset_peak_memory(&mut self) {}
-        fn peak_memory(&mut self) -> Option<u64> {
-            None
-        }
-    }
 
     #[test]
     fn peer_sweep_counts_tokens_and_flops() {

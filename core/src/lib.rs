@@ -10,6 +10,7 @@ pub mod data;
 pub mod dist;
 pub mod error;
 pub mod eval;
+pub mod host;
 pub mod io;
 pub mod kernels;
 pub mod loss;

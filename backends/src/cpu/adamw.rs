@@ -2,7 +2,7 @@
 
 use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
-use clipa_core::kernels::{AdamWKernel, AdamWScalars, adamw_composed};
+use clipa_core::kernels::{AdamWKernel, AdamWScalars, UpdateGuard, adamw_composed};
 use rayon::prelude::*;
 
 use super::tensor::{CHUNK, dense};
@@ -27,13 +27,20 @@ impl AdamWKernel<Flex> for FlexAdamW {
         m: Tensor<Flex, 1>,
         v: Tensor<Flex, 1>,
         s: &AdamWScalars,
+        guard: &UpdateGuard<Flex>,
     ) -> [Tensor<Flex, 1>; 3] {
         // The master weights are float32; anything else takes the generic path.
         if [&w, &g, &m, &v].iter().any(|t| t.dtype() != DType::F32) {
-            return adamw_composed(w, g, m, v, s);
+            return adamw_composed(w, g, m, v, s, guard);
         }
+        // Flex's tensors are host memory: reading the guard waits for
+        // nothing. A step not applied leaves everything as it was.
+        if !guard.apply.clone().into_scalar() {
+            return [w, m, v];
+        }
+        let grad_scale: f32 = guard.scale.clone().map_or(1.0, |t| t.into_scalar());
         let (mut w, g, mut m, mut v) = (dense(w), dense(g), dense(m), dense(v));
-        let k = Coefficients::new(s);
+        let k = Coefficients::new(s, grad_scale);
         // Copy-on-write: a buffer still shared (say, with a saved state)
         // is copied first, so nothing else sees the update.
         let (ws, ms, vs) = (
@@ -50,7 +57,8 @@ impl AdamWKernel<Flex> for FlexAdamW {
     }
 }
 
-/// [`AdamWScalars`] in float32, as Burn's scalar ops convert them.
+/// [`AdamWScalars`] and the clipping factor in float32, as Burn's scalar
+/// ops convert them.
 struct Coefficients {
     grad_scale: f32,
     beta1: f32,
@@ -63,9 +71,9 @@ struct Coefficients {
 }
 
 impl Coefficients {
-    fn new(s: &AdamWScalars) -> Self {
+    fn new(s: &AdamWScalars, grad_scale: f32) -> Self {
         Self {
-            grad_scale: s.grad_scale as f32,
+            grad_scale,
             beta1: s.beta1 as f32,
             one_minus_beta1: (1.0 - s.beta1) as f32,
             beta2: s.beta2 as f32,
@@ -98,20 +106,26 @@ mod tests {
 
     /// The fused kernel gives the composed update: with and without
     /// clipping and decay, from zero and from non-zero moments, on a length
-    /// that is not a multiple of the chunk.
+    /// that is not a multiple of the chunk; and where the guard says the
+    /// step is not applied, both leave everything as it was.
     #[test]
     fn fused_adamw_matches_the_composed_update() {
         let device = Default::default();
         let n = 3 * CHUNK + 77;
         let t = |seed, std| Tensor::<Flex, 1>::from_data(normal_data([n], seed, std), &device);
         let v0 = t(4, 1e-3).abs();
-        for (grad_scale, keep, m, v) in [
-            (1.0, 1.0, t(3, 0.0), t(3, 0.0)),
-            (0.37, 1.0 - 1e-4 * 0.1, t(3, 1e-2), v0.clone()),
-            (1.0, 1.0 - 5e-4 * 0.2, t(5, 1e-2), v0),
+        for (grad_scale, keep, m, v, apply) in [
+            (1.0, 1.0, t(3, 0.0), t(3, 0.0), true),
+            (0.37, 1.0 - 1e-4 * 0.1, t(3, 1e-2), v0.clone(), true),
+            (1.0, 1.0 - 5e-4 * 0.2, t(5, 1e-2), v0.clone(), true),
+            (0.37, 1.0 - 1e-4 * 0.1, t(3, 1e-2), v0, false),
         ] {
+            let guard = UpdateGuard {
+                scale: (grad_scale != 1.0)
+                    .then(|| Tensor::from_floats([grad_scale as f32], &device)),
+                apply: Tensor::from_bool([apply].into(), &device),
+            };
             let s = AdamWScalars {
-                grad_scale,
                 beta1: 0.9,
                 beta2: 0.98,
                 eps: 1e-6 * (1.0f64 - 0.98f64.powi(3)).sqrt(),
@@ -120,8 +134,8 @@ mod tests {
             };
             let (w, g) = (t(1, 0.05), t(2, 1e-2));
             let before = w.to_data();
-            let want = adamw_composed(w.clone(), g.clone(), m.clone(), v.clone(), &s);
-            let got = FlexAdamW.update(w, g, m, v, &s);
+            let want = adamw_composed(w.clone(), g.clone(), m.clone(), v.clone(), &s, &guard);
+            let got = FlexAdamW.update(w, g, m, v, &s, &guard);
             let mut after = None;
             for (name, (got, want)) in ["w", "m", "v"].iter().zip(got.into_iter().zip(want)) {
                 let (got, want): (TensorData, TensorData) = (got.into_data(), want.into_data());
@@ -129,10 +143,14 @@ mod tests {
                 assert!(err <= 1e-7, "{name}: relative error {err:.2e}");
                 after.get_or_insert(got);
             }
-            // The step moved the weights: a kernel that did nothing would
-            // not pass by matching a composed update that did nothing.
+            // The step moved the weights where applied: a kernel that did
+            // nothing would not pass by matching a composed update that did
+            // nothing.
             let moved = relative_error(&after.expect("w"), &before);
-            assert!(moved > 1e-6, "the weights moved by {moved:.2e}");
+            match apply {
+                true => assert!(moved > 1e-6, "the weights moved by {moved:.2e}"),
+                false => assert_eq!(moved, 0.0, "a step not applied moved the weights"),
+            }
         }
     }
 }

@@ -11,15 +11,42 @@ use serde::Serialize;
 
 use crate::args::BenchArgs;
 
-/// [`BenchHooks`] over the backend's memory reader.
-struct Hooks(PeakMemory);
+/// [`BenchHooks`] over the backend's memory reader and, on wgpu and cuda,
+/// CubeCL's launch log.
+struct Hooks {
+    memory: PeakMemory,
+    launches: Option<Launches>,
+}
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+type Launches = clipa_backends::LaunchLog;
+#[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+type Launches = std::convert::Infallible;
+
+/// CubeCL's launch log where `kind` runs CubeCL kernels; started before
+/// the backend makes its first device.
+fn launch_log(kind: BackendKind) -> Option<Launches> {
+    match kind {
+        BackendKind::Cpu => None,
+        #[cfg(any(feature = "wgpu", feature = "cuda"))]
+        BackendKind::Wgpu | BackendKind::Cuda => clipa_backends::LaunchLog::start(),
+        #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+        BackendKind::Wgpu | BackendKind::Cuda => None,
+    }
+}
 
 impl BenchHooks for Hooks {
     fn reset_peak_memory(&mut self) {
-        self.0.reset();
+        self.memory.reset();
     }
     fn peak_memory(&mut self) -> Option<u64> {
-        self.0.peak()
+        self.memory.peak()
+    }
+    fn kernel_launches(&mut self) -> Option<u64> {
+        #[cfg(any(feature = "wgpu", feature = "cuda"))]
+        return self.launches.as_mut().map(|log| log.launches());
+        #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+        return None;
     }
 }
 
@@ -27,6 +54,7 @@ struct Bench {
     cases: Vec<BenchCase>,
     steps: BenchSteps,
     quiet: bool,
+    launches: Option<Launches>,
 }
 
 impl BackendJob for Bench {
@@ -34,7 +62,10 @@ impl BackendJob for Bench {
 
     fn run<B: AutodiffBackend>(self, on: Devices<B>) -> clipa_core::Result<Self::Output> {
         let (device, info) = on.one();
-        let mut hooks = Hooks(PeakMemory::new(info));
+        let mut hooks = Hooks {
+            memory: PeakMemory::new(info),
+            launches: self.launches,
+        };
         let mut out = Vec::with_capacity(self.cases.len());
         for case in &self.cases {
             if !self.quiet {
@@ -102,6 +133,7 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &BenchArgs) -> anyhow
         case.name = case_name(&args.model, &case);
         vec![case]
     };
+    let launches = launch_log(kind);
     let info = clipa_backends::probe(kind, device)?;
     let steps = BenchSteps {
         warmup: args.warmup,
@@ -114,6 +146,7 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &BenchArgs) -> anyhow
             cases,
             steps,
             quiet: args.json,
+            launches,
         },
     )?;
     // The CPU backend's compute threads (rayon's pool), which
@@ -135,7 +168,7 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &BenchArgs) -> anyhow
         args.steps, args.warmup
     );
     println!(
-        "{:<28} {:>5} {:>9} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}",
+        "{:<28} {:>5} {:>9} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>6}",
         "case",
         "batch",
         "tokens",
@@ -148,11 +181,13 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &BenchArgs) -> anyhow
         "GFLOP",
         "TFLOP/s",
         "infer ms",
-        "peak MB"
+        "peak MB",
+        "kernels",
+        "reads"
     );
     for r in &results {
         println!(
-            "{:<28} {:>5} {:>9} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>9.1} {:>9.1} {:>9.1} {:>9.3} {:>10.1} {:>9}",
+            "{:<28} {:>5} {:>9} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>9.1} {:>9.1} {:>9.1} {:>9.3} {:>10.1} {:>9} {:>8} {:>6.1}",
             r.name,
             r.batch,
             format!("{}+{}", r.image_tokens, r.text_tokens),
@@ -166,6 +201,8 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &BenchArgs) -> anyhow
             r.tflops,
             r.infer_median_ms,
             r.peak_mem_mb.map_or("-".into(), |m| format!("{m:.0}")),
+            r.kernels_per_step.map_or("-".into(), |k| format!("{k:.0}")),
+            r.host_syncs_per_step,
         );
     }
     Ok(())

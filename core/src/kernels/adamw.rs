@@ -2,15 +2,13 @@
 //! composition. The optimiser itself (moments by path, checkpoints) is
 //! [`crate::train::optim::AdamW`], which resolves its kernel once.
 
-use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Tensor};
 
 /// The scalars of one AdamW update of one parameter, with the bias
 /// corrections folded in (see [`adamw_composed`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWScalars {
-    /// Gradient multiplier: the clipping factor, 1 when clipping is off.
-    pub grad_scale: f64,
     /// First-moment decay β₁.
     pub beta1: f64,
     /// Second-moment decay β₂.
@@ -24,6 +22,29 @@ pub struct AdamWScalars {
     pub keep: f64,
 }
 
+/// What one step's updates depend on that only the device knows: the
+/// clipping factor and the finite check, both `[1]` tensors, so that the
+/// host never waits for the gradient norm.
+#[derive(Debug, Clone)]
+pub struct UpdateGuard<B: Backend> {
+    /// The gradients' multiplier (the clipping factor) `[1]`; `None` when
+    /// clipping is off.
+    pub scale: Option<Tensor<B, 1>>,
+    /// `[1]`: false leaves every parameter and moment as it was (a
+    /// non-finite loss or gradient norm).
+    pub apply: Tensor<B, 1, Bool>,
+}
+
+impl<B: Backend> UpdateGuard<B> {
+    /// An update that is applied, unscaled.
+    pub fn always(device: &B::Device) -> Self {
+        Self {
+            scale: None,
+            apply: Tensor::from_bool([true].into(), device),
+        }
+    }
+}
+
 /// One AdamW update of one flattened parameter, computed by a backend's own
 /// kernel ([`super::Kernels::adamw`]). [`adamw_composed`] builds the same
 /// update from Burn's element-wise ops, about 13 passes over the parameter
@@ -32,7 +53,8 @@ pub struct AdamWScalars {
 pub trait AdamWKernel<B: Backend>: Send + Sync {
     /// Returns the updated `[w, m, v]` from the parameter `w`, its gradient
     /// `g` and its moments `m`, `v` (all `[numel]`), as [`adamw_composed`]
-    /// computes them.
+    /// computes them: `g` scaled by `guard.scale`, and `w`, `m`, `v`
+    /// returned as they were where `guard.apply` is false.
     fn update(
         &self,
         w: Tensor<B, 1>,
@@ -40,6 +62,7 @@ pub trait AdamWKernel<B: Backend>: Send + Sync {
         m: Tensor<B, 1>,
         v: Tensor<B, 1>,
         s: &AdamWScalars,
+        guard: &UpdateGuard<B>,
     ) -> [Tensor<B, 1>; 3];
 }
 
@@ -50,23 +73,30 @@ pub trait AdamWKernel<B: Backend>: Send + Sync {
 /// lr·√bc2/bc1 · m / (√v + ε·√bc2). Identical in exact arithmetic, and four
 /// passes over the parameter instead of six, which counts for the 12.6
 /// M-entry token embedding. Decoupled decay first (torch's order), skipped
-/// where it is zero.
+/// where it is zero. The guard's selects keep a non-finite step from
+/// touching anything (a fusing backend folds them into the same kernel).
 pub fn adamw_composed<B: Backend>(
     w: Tensor<B, 1>,
     g: Tensor<B, 1>,
     m: Tensor<B, 1>,
     v: Tensor<B, 1>,
     s: &AdamWScalars,
+    guard: &UpdateGuard<B>,
 ) -> [Tensor<B, 1>; 3] {
-    // Clipping is rare: skip a full pass over the gradient when it is off.
-    let g = if s.grad_scale == 1.0 {
-        g
-    } else {
-        g * s.grad_scale
+    let [n] = w.dims();
+    // Clipping is rare: no pass over the gradient when it is off.
+    let g = match &guard.scale {
+        Some(scale) => g * scale.clone().expand([n]),
+        None => g,
     };
-    let m = m * s.beta1 + g.clone() * (1.0 - s.beta1);
-    let v = v * s.beta2 + g.powi_scalar(2) * (1.0 - s.beta2);
-    let step = m.clone() / (v.clone().sqrt() + s.eps) * s.step_size;
-    let w = if s.keep == 1.0 { w } else { w * s.keep };
-    [w - step, m, v]
+    let m1 = m.clone() * s.beta1 + g.clone() * (1.0 - s.beta1);
+    let v1 = v.clone() * s.beta2 + g.powi_scalar(2) * (1.0 - s.beta2);
+    let step = m1.clone() / (v1.clone().sqrt() + s.eps) * s.step_size;
+    let w1 = if s.keep == 1.0 { w.clone() } else { w.clone() * s.keep };
+    let skip = guard.apply.clone().bool_not().expand([n]); // [n]
+    [
+        (w1 - step).mask_where(skip.clone(), w),
+        m1.mask_where(skip.clone(), m),
+        v1.mask_where(skip, v),
+    ]
 }

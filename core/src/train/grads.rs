@@ -7,7 +7,7 @@
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Int, Tensor};
+use burn::tensor::{Int, Tensor};
 
 use super::batch::DeviceBatch;
 use crate::Result;
@@ -19,8 +19,8 @@ use crate::nn::ResidualBlock;
 /// The gradient of the global loss with respect to one replica's features,
 /// found without a graph through the towers.
 struct FeatureGrads<B: AutodiffBackend> {
-    /// The loss of the global batch.
-    loss: f64,
+    /// The loss of the global batch `[1]`, on the device.
+    loss: Tensor<B::InnerBackend, 1>,
     /// `d loss / d features` of this replica's rows, image then text
     /// columns: `[local, 2·dim]`.
     local: Tensor<B::InnerBackend, 2>,
@@ -75,7 +75,7 @@ fn feature_grads<B: AutodiffBackend>(
     let scale_grad = scale.grad(&grads).expect(reached);
     let bias_grad = bias.map(|b| b.grad(&grads).expect(reached));
     let local = replica.sum(all_grad)?.narrow(0, offset, n); // [local, 2·dim]
-    let loss = replica.sum(share.inner())?.into_scalar().elem::<f64>();
+    let loss = replica.sum(share.inner())?; // [1]
     Ok(FeatureGrads {
         loss,
         local,
@@ -140,7 +140,7 @@ pub fn loss_and_grads<B: AutodiffBackend>(
     micro: usize,
     checkpoint: bool,
     replica: &Replica<B>,
-) -> Result<(f64, GradientsParams)> {
+) -> Result<(Tensor<B::InnerBackend, 1>, GradientsParams)> {
     // The softmax loss has no bias, even where the model carries one.
     let bias = |model: &ClipModel<B>| match kind {
         LossKind::Sigmoid => model.bias(),
@@ -157,7 +157,7 @@ pub fn loss_and_grads<B: AutodiffBackend>(
                 if replica.world() == 1 {
                     let bias = bias(model);
                     let loss = contrastive_loss(kind, img, txt, model.logit_scale.val(), bias);
-                    let value = loss.clone().into_scalar().elem::<f64>();
+                    let value = loss.clone().inner(); // [1], stays on the device
                     return Ok((loss, value));
                 }
                 let features = Tensor::cat(vec![img.clone().inner(), txt.clone().inner()], 1);
@@ -204,7 +204,7 @@ pub fn loss_and_grads<B: AutodiffBackend>(
                 |model, img, txt| {
                     Ok((
                         surrogate(img, txt, &g, j * size, (j == 0).then_some(model)),
-                        g.loss,
+                        g.loss.clone(),
                     ))
                 },
             )?;
@@ -239,8 +239,12 @@ pub fn backward_through<B: AutodiffBackend>(
     keep: Option<Tensor<B, 2, Int>>,
     ids: Tensor<B, 2, Int>,
     checkpoint: bool,
-    loss_of: impl FnOnce(&ClipModel<B>, Tensor<B, 2>, Tensor<B, 2>) -> Result<(Tensor<B, 1>, f64)>,
-) -> Result<(f64, GradientsParams)> {
+    loss_of: impl FnOnce(
+        &ClipModel<B>,
+        Tensor<B, 2>,
+        Tensor<B, 2>,
+    ) -> Result<(Tensor<B, 1>, Tensor<B::InnerBackend, 1>)>,
+) -> Result<(Tensor<B::InnerBackend, 1>, GradientsParams)> {
     // Fresh autodiff leaves for every parameter (the same buffers and
     // parameter ids, new graph nodes), so that no leaf that an earlier
     // backward pass consumed is reused: Burn 0.21 drops a consumed leaf's
@@ -334,6 +338,19 @@ mod tests {
     use burn::tensor::TensorData;
 
     type B = TestBackend;
+
+    /// [`super::loss_and_grads`] with the loss read to the host.
+    fn loss_and_grads(
+        model: &ClipModel<B>,
+        batch: &DeviceBatch<B>,
+        kind: LossKind,
+        micro: usize,
+        checkpoint: bool,
+        replica: &Replica<B>,
+    ) -> Result<(f64, GradientsParams)> {
+        let (loss, grads) = super::loss_and_grads(model, batch, kind, micro, checkpoint, replica)?;
+        Ok((crate::host::read(loss)[0], grads))
+    }
 
     /// Every parameter's gradient, flattened, in visiting order.
     struct Collect<'a>(&'a GradientsParams, Vec<Vec<f32>>);

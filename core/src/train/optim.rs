@@ -13,11 +13,12 @@ use std::sync::Arc;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::{
-    AdamWKernel, AdamWScalars, Kernels, SumSquaresKernel, adamw_composed, sum_squares_composed,
+    AdamWKernel, AdamWScalars, Kernels, SumSquaresKernel, UpdateGuard, adamw_composed,
+    sum_squares_composed,
 };
 use crate::state::StateDict;
 use crate::{Error, Result};
@@ -112,14 +113,16 @@ impl<B: Backend> AdamW<B> {
     }
 
     /// One update of every parameter of `module` that has a gradient in
-    /// `grads` (multiplied by `grad_scale`, the clipping factor), at
-    /// learning rate `lr`.
+    /// `grads` (multiplied by `guard.scale`, the clipping factor), at
+    /// learning rate `lr`; where `guard.apply` is false on the device,
+    /// nothing changes. The update count (for the bias corrections)
+    /// advances either way: the host does not know.
     pub fn step<AB, M>(
         &mut self,
         lr: f64,
         module: M,
         mut grads: GradientsParams,
-        grad_scale: f64,
+        guard: &UpdateGuard<B>,
     ) -> M
     where
         AB: AutodiffBackend<InnerBackend = B>,
@@ -129,7 +132,7 @@ impl<B: Backend> AdamW<B> {
         let mut mapper = Updater::<AB> {
             opt: self,
             lr,
-            grad_scale,
+            guard,
             grads: &mut grads,
             path: Vec::new(),
         };
@@ -190,7 +193,7 @@ impl<B: Backend> AdamW<B> {
 struct Updater<'a, AB: AutodiffBackend> {
     opt: &'a mut AdamW<AB::InnerBackend>,
     lr: f64,
-    grad_scale: f64,
+    guard: &'a UpdateGuard<AB::InnerBackend>,
     grads: &'a mut GradientsParams,
     path: Vec<String>,
 }
@@ -229,7 +232,6 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Updater<'_, AB> {
             0.0
         };
         let s = AdamWScalars {
-            grad_scale: self.grad_scale,
             beta1: c.beta1,
             beta2: c.beta2,
             eps: c.eps * bc2.sqrt(),
@@ -237,8 +239,8 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Updater<'_, AB> {
             keep: 1.0 - decay,
         };
         let [w, m, v] = match &self.opt.kernel {
-            Some(kernel) => kernel.update(w, g, m, v, &s),
-            None => adamw_composed(w, g, m, v, &s),
+            Some(kernel) => kernel.update(w, g, m, v, &s, self.guard),
+            None => adamw_composed(w, g, m, v, &s, self.guard),
         };
         self.opt.moments.insert(path, (m, v));
         let mut out = Tensor::<AB, 1>::from_inner(w).reshape(shape);
@@ -250,10 +252,10 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Updater<'_, AB> {
 }
 
 impl<B: Backend> AdamW<B> {
-    /// The global L2 norm of all gradients of `module` in `grads` (one host
-    /// read, so it also serves as the non-finite check), its sum of squares
-    /// in the backend's kernel where it has one.
-    pub fn grad_norm<AB, M>(&self, module: &M, grads: &GradientsParams) -> f64
+    /// The global L2 norm of all gradients of `module` in `grads`, `[1]` on
+    /// the device, its sum of squares in the backend's kernel where it has
+    /// one.
+    pub fn grad_norm<AB, M>(&self, module: &M, grads: &GradientsParams) -> Tensor<B, 1>
     where
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
@@ -263,24 +265,25 @@ impl<B: Backend> AdamW<B> {
             list: Vec::new(),
         };
         module.visit(&mut collect);
-        let sum = match (&self.sum_squares, collect.list.is_empty()) {
-            (_, true) => None,
-            (Some(kernel), false) => Some(kernel.sum_squares(collect.list)),
-            (None, false) => sum_squares_composed(collect.list),
+        let Some(device) = collect.list.first().map(|g| g.device()) else {
+            return Tensor::zeros([1], &Default::default());
         };
-        sum.map(|s| s.into_scalar().elem::<f64>())
-            .unwrap_or(0.0)
-            .sqrt()
+        let sum = match &self.sum_squares {
+            Some(kernel) => kernel.sum_squares(collect.list),
+            None => sum_squares_composed(collect.list)
+                .unwrap_or_else(|| Tensor::zeros([1], &device)),
+        };
+        sum.sqrt() // [1]
     }
 }
 
-/// The factor that scales gradients of norm `norm` down to `max_norm`
-/// (1 when no clipping is asked for or needed).
-pub fn clip_factor(norm: f64, max_norm: Option<f64>) -> f64 {
-    match max_norm {
-        Some(max) if norm > max => max / (norm + 1e-6),
-        _ => 1.0,
-    }
+/// The factor that scales gradients of norm `norm` `[1]` down to
+/// `max_norm`, 1 where they are within it (OpenCLIP's
+/// `clip_grad_norm_`), computed on the device `[1]`.
+pub fn clip_factor<B: Backend>(norm: Tensor<B, 1>, max_norm: f64) -> Tensor<B, 1> {
+    let over = norm.clone().greater_elem(max_norm); // [1]
+    norm.ones_like()
+        .mask_where(over, (norm + 1e-6).recip() * max_norm)
 }
 
 /// Collects every parameter's gradient, flattened to `[numel]`.
@@ -326,6 +329,7 @@ mod tests {
                 m: Tensor<Inner, 1>,
                 v: Tensor<Inner, 1>,
                 _s: &AdamWScalars,
+                _guard: &UpdateGuard<Inner>,
             ) -> [Tensor<Inner, 1>; 3] {
                 [w, m, v]
             }
@@ -336,7 +340,7 @@ mod tests {
             let x = Tensor::<TestBackend, 2>::from_floats([[1.0, 2.0]], &device);
             let loss = model.fc.forward(x).sum() + model.token_embedding.val().sum();
             let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let model = opt.step(1e-2, model, grads, 1.0);
+            let model = opt.step(1e-2, model, grads, &UpdateGuard::always(&device));
             model.fc.weight.val().into_data().to_vec::<f32>().unwrap()
         };
         let fused = AdamW::with_kernel(AdamWConfig::default(), Some(Arc::new(Identity)));
@@ -391,9 +395,9 @@ mod tests {
             let x = Tensor::<TestBackend, 2>::from_floats([[3.0, 4.0]], &device);
             let loss = model.fc.forward(x).sum() + model.token_embedding.val().sum();
             let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let norm = opt.grad_norm(&model, &grads);
-            assert!((norm - (9.0f64 + 16.0 + 1.0 + 2.0).sqrt()).abs() < 1e-5);
-            model = opt.step(lr, model, grads, 1.0);
+            let norm: f32 = opt.grad_norm(&model, &grads).into_scalar();
+            assert!((norm as f64 - (9.0f64 + 16.0 + 1.0 + 2.0).sqrt()).abs() < 1e-5);
+            model = opt.step(lr, model, grads, &UpdateGuard::always(&device));
         }
         let decayed = |w: f64| (w * (1.0 - lr * 0.1) - lr) * (1.0 - lr * 0.1) - lr;
         let w = model.fc.weight.val().into_data().to_vec::<f32>().unwrap();
@@ -443,7 +447,11 @@ mod tests {
             let x = Tensor::<TestBackend, 2>::from_floats([[3.0, 4.0]], &device);
             let loss = model.fc.forward(x).sum() * c;
             let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = opt.step(lr, model, grads, scale);
+            let guard = UpdateGuard {
+                scale: Some(Tensor::from_floats([scale as f32], &device)),
+                ..UpdateGuard::always(&device)
+            };
+            model = opt.step(lr, model, grads, &guard);
             let t = t as i32 + 1;
             let adam = |p: f64, m: &mut f64, v: &mut f64, g: f64, wd: f64| {
                 let g = g * scale;
@@ -463,8 +471,44 @@ mod tests {
 
     #[test]
     fn clipping_scales_down_only_large_norms() {
-        assert_eq!(clip_factor(0.5, Some(1.0)), 1.0);
-        assert_eq!(clip_factor(5.0, None), 1.0);
-        assert!((clip_factor(4.0, Some(1.0)) - 0.25).abs() < 1e-6);
+        let device = Default::default();
+        let factor = |norm: f32, max| -> f32 {
+            let norm = Tensor::<burn::backend::Flex, 1>::from_floats([norm], &device);
+            clip_factor(norm, max).into_scalar()
+        };
+        assert_eq!(factor(0.5, 1.0), 1.0);
+        assert_eq!(factor(1.0, 1.0), 1.0);
+        assert!((factor(4.0, 1.0) - 0.25).abs() < 1e-6);
+    }
+
+    /// A step the device marks as not applied (a non-finite loss or norm)
+    /// changes no weight and no moment, even with non-finite gradients.
+    #[test]
+    fn a_step_not_applied_changes_nothing() {
+        type Inner = <TestBackend as AutodiffBackend>::InnerBackend;
+        let device = Default::default();
+        let mut opt = AdamW::<Inner>::new(AdamWConfig::default());
+        let mut model = net(&device);
+        let x = Tensor::<TestBackend, 2>::from_floats([[3.0, 4.0]], &device);
+        let grads = GradientsParams::from_grads(model.fc.forward(x.clone()).sum().backward(), &model);
+        model = opt.step(1e-2, model, grads, &UpdateGuard::always(&device));
+        let (weights, state) = (model.fc.weight.val().into_data(), opt.state_dict());
+        let nan = Tensor::<TestBackend, 2>::from_floats([[f32::NAN, 4.0]], &device);
+        let grads = GradientsParams::from_grads(model.fc.forward(nan).sum().backward(), &model);
+        let skip = UpdateGuard {
+            scale: Some(Tensor::from_floats([f32::NAN], &device)),
+            apply: Tensor::from_bool([false].into(), &device),
+        };
+        model = opt.step(1e-2, model, grads, &skip);
+        assert_eq!(model.fc.weight.val().into_data(), weights);
+        for (key, before) in state.iter() {
+            if key != "step" {
+                assert_eq!(&opt.state_dict()[key], before, "{key}");
+            }
+        }
+        // The same step applied does move the weights.
+        let grads = GradientsParams::from_grads(model.fc.forward(x).sum().backward(), &model);
+        model = opt.step(1e-2, model, grads, &UpdateGuard::always(&device));
+        assert_ne!(model.fc.weight.val().into_data(), weights);
     }
 }

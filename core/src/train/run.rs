@@ -15,7 +15,7 @@ use super::config::{StageConfig, TrainConfig};
 use super::data::StageData;
 use super::optim::AdamW;
 use super::runstate::{self, Manifest};
-use super::step::{StepConfig, StepStats, train_step};
+use super::step::{StepConfig, StepValues, train_step};
 use super::{Feed, Observer, RunOptions, StageReport, TrainSummary, every};
 use crate::data::loader::LoaderState;
 use crate::data::tokenizer::Tokenizer;
@@ -172,21 +172,24 @@ impl<B: AutodiffBackend> Runner<'_, B> {
         let mut window = Window::new();
         let mut interrupted = false;
         while self.manifest.stage_step < config.steps {
-            let (lr, stats);
-            (model, lr, stats) = self.step(
+            let lr;
+            (model, lr) = self.step(
                 &stage,
                 model,
                 &mut opt,
                 &mut resume_loader,
                 &mut window,
-                observer,
             )?;
             let stage_done = self.manifest.stage_step == config.steps;
-            self.log_and_evaluate(&stage, &model, lr, &stats, &mut window, observer)?;
+            self.log_and_evaluate(&stage, &model, lr, &mut window, observer)?;
             // Every replica stops at the same step, whichever saw the signal.
             let signal = self.opts.interrupt.load(Ordering::SeqCst);
             interrupted = self.replica.any(signal, self.device)?;
-            self.checkpoint_if_due(si, stage_done, interrupted, &model, &opt)?;
+            if self.checkpoint_due(stage_done, interrupted) {
+                // The manifest counts the skipped steps up to this one.
+                self.settle(&mut window, observer)?;
+                self.checkpoint(si, stage_done, &model, &opt)?;
+            }
             if interrupted {
                 observer.message(&format!(
                     "interrupted: checkpoint written at step {}",
@@ -209,9 +212,8 @@ impl<B: AutodiffBackend> Runner<'_, B> {
         model: ClipModel<B>,
         opt: &mut AdamW<B::InnerBackend>,
         resume_loader: &mut Option<LoaderState>,
-        window: &mut Window,
-        observer: &mut dyn Observer,
-    ) -> Result<(ClipModel<B>, f64, StepStats)> {
+        window: &mut Window<B::InnerBackend>,
+    ) -> Result<(ClipModel<B>, f64)> {
         let (cfg, config, m) = (self.cfg, stage.config, &self.manifest);
         let lr = super::schedule::lr_at(
             m.stage_step,
@@ -253,16 +255,12 @@ impl<B: AutodiffBackend> Runner<'_, B> {
             self.device,
         );
         let (model, stats) = train_step(model, opt, &device_batch, lr, &stage.step, self.replica)?;
-        if stats.applied {
-            window.add_loss(stats.loss);
-        } else {
-            skip_nonfinite(cfg, &mut self.manifest, &stats, observer)?;
-        }
         self.manifest.step += 1;
+        window.add(self.manifest.step, stats);
         self.manifest.stage_step += 1;
         self.manifest.loader = Some(batch.state.clone());
         window.images += config.batch_size;
-        Ok((model, lr, stats))
+        Ok((model, lr))
     }
 
     /// Logs the steps since the last log line where one is due (every
@@ -273,8 +271,7 @@ impl<B: AutodiffBackend> Runner<'_, B> {
         stage: &Stage<'_>,
         model: &ClipModel<B>,
         lr: f64,
-        stats: &StepStats,
-        window: &mut Window,
+        window: &mut Window<B::InnerBackend>,
         observer: &mut dyn Observer,
     ) -> Result<()> {
         let (cfg, step) = (self.cfg, self.manifest.step);
@@ -283,7 +280,8 @@ impl<B: AutodiffBackend> Runner<'_, B> {
         if !(every(step, cfg.log_every) || stage_done || eval_now) {
             return Ok(());
         }
-        let mut m = window.metrics(cfg, &self.manifest, stage.index, lr, stats, model);
+        self.settle(window, observer)?;
+        let mut m = window.metrics(cfg, &self.manifest, stage.index, lr, model);
         // One inference copy of the model serves every evaluation, on
         // replica 0 (the others wait for it at the next step).
         if self.replica.is_leader() && (eval_now || stage_done) {
@@ -307,20 +305,21 @@ impl<B: AutodiffBackend> Runner<'_, B> {
         Ok(())
     }
 
-    /// Writes a checkpoint (replica 0) every `checkpoint_every` steps, at
-    /// the stage end and when interrupted.
-    fn checkpoint_if_due(
+    /// Whether a checkpoint is due: every `checkpoint_every` steps, at the
+    /// stage end and when interrupted.
+    fn checkpoint_due(&self, stage_done: bool, interrupted: bool) -> bool {
+        every(self.manifest.step, self.cfg.checkpoint_every) || stage_done || interrupted
+    }
+
+    /// Writes a checkpoint (replica 0).
+    fn checkpoint(
         &mut self,
         si: usize,
         stage_done: bool,
-        interrupted: bool,
         model: &ClipModel<B>,
         opt: &AdamW<B::InnerBackend>,
     ) -> Result<()> {
         let m = &mut self.manifest;
-        if !(every(m.step, self.cfg.checkpoint_every) || stage_done || interrupted) {
-            return Ok(());
-        }
         if stage_done {
             // The next stage starts fresh: new loader, new optimiser.
             m.stage = si + 1;
@@ -338,6 +337,19 @@ impl<B: AutodiffBackend> Runner<'_, B> {
                 &opt.state_dict(),
                 self.cfg.keep_checkpoints,
             )?);
+        }
+        Ok(())
+    }
+
+    /// Reads the window's pending step stats (one host read) and counts
+    /// the steps that were not applied.
+    fn settle(
+        &mut self,
+        window: &mut Window<B::InnerBackend>,
+        observer: &mut dyn Observer,
+    ) -> Result<()> {
+        for (step, values) in window.settle() {
+            skip_nonfinite(self.cfg, &mut self.manifest, step, &values, observer)?;
         }
         Ok(())
     }
@@ -381,20 +393,21 @@ impl<B: AutodiffBackend> Runner<'_, B> {
     }
 }
 
-/// Counts a step whose loss or gradient norm was not finite (its update was
-/// not applied); past `skip_nonfinite` of them the run stops.
+/// Counts step `step`, whose loss or gradient norm was not finite (the
+/// device did not apply its update); past `skip_nonfinite` of them the run
+/// stops. Found when the window is read (a log or checkpoint step), not at
+/// the step itself: the weights were left as they were either way.
 fn skip_nonfinite(
     cfg: &TrainConfig,
     manifest: &mut Manifest,
-    stats: &StepStats,
+    step: u64,
+    values: &StepValues,
     observer: &mut dyn Observer,
 ) -> Result<()> {
     manifest.nonfinite_skipped += 1;
     let what = format!(
-        "non-finite loss {} / gradient norm {} at step {}",
-        stats.loss,
-        stats.grad_norm,
-        manifest.step + 1
+        "non-finite loss {} / gradient norm {} at step {step}",
+        values.loss, values.grad_norm
     );
     if manifest.nonfinite_skipped > cfg.skip_nonfinite {
         return Err(Error::Training(format!(

@@ -5,13 +5,15 @@
 
 use std::time::Instant;
 
-use burn::tensor::Tensor;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Bool, Tensor};
 
 use super::batch::DeviceBatch;
 use super::grads::loss_and_grads;
 use super::optim::{AdamW, clip_factor};
 use crate::dist::Replica;
+use crate::host;
+use crate::kernels::UpdateGuard;
 use crate::loss::LossKind;
 use crate::model::ClipModel;
 use crate::{Error, Result};
@@ -33,24 +35,58 @@ pub struct StepConfig {
     pub timed: bool,
 }
 
-/// What one step did.
-#[derive(Debug, Clone, Copy)]
-pub struct StepStats {
-    /// The batch's loss.
-    pub loss: f64,
-    /// The global gradient norm, before clipping.
-    pub grad_norm: f64,
-    /// Whether the update was applied: a non-finite loss or gradient norm
-    /// leaves every weight as it was.
-    pub applied: bool,
+/// What one step did, on the device: nothing here is read to the host
+/// until someone asks ([`StepStats::read`]), so a step never waits for
+/// the device.
+#[derive(Debug, Clone)]
+pub struct StepStats<B: Backend> {
+    /// The batch's loss `[1]`.
+    pub loss: Tensor<B, 1>,
+    /// The global gradient norm before clipping `[1]`.
+    pub grad_norm: Tensor<B, 1>,
+    /// `[1]`: whether the update was applied. A non-finite loss or gradient
+    /// norm leaves every weight and moment as it was.
+    pub applied: Tensor<B, 1, Bool>,
     /// Seconds of forward, loss and backward (with [`StepConfig::timed`]).
     pub grads_secs: f64,
     /// Seconds of the update (with [`StepConfig::timed`]).
     pub optim_secs: f64,
 }
 
+/// [`StepStats`]' values on the host.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepValues {
+    /// The batch's loss.
+    pub loss: f64,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Whether the update was applied.
+    pub applied: bool,
+}
+
+impl<B: Backend> StepStats<B> {
+    /// The loss, gradient norm and finite check on the host: one read.
+    pub fn read(&self) -> StepValues {
+        let v = host::read(Tensor::cat(
+            vec![
+                self.loss.clone(),
+                self.grad_norm.clone(),
+                self.applied.clone().float(),
+            ],
+            0,
+        )); // [3]
+        StepValues {
+            loss: v[0],
+            grad_norm: v[1],
+            applied: v[2] > 0.5,
+        }
+    }
+}
+
 /// One optimiser step of `model` on `batch` at learning rate `lr`
-/// (nanoGPT's loop body: loss, backward, clip, step).
+/// (nanoGPT's loop body: loss, backward, clip, step). The finite check
+/// and the clipping factor are decided on the device, so the step reads
+/// nothing back to the host.
 pub fn train_step<B: AutodiffBackend>(
     model: ClipModel<B>,
     opt: &mut AdamW<B::InnerBackend>,
@@ -58,7 +94,7 @@ pub fn train_step<B: AutodiffBackend>(
     lr: f64,
     cfg: &StepConfig,
     replica: &Replica<B>,
-) -> Result<(ClipModel<B>, StepStats)> {
+) -> Result<(ClipModel<B>, StepStats<B::InnerBackend>)> {
     let sync = |device: &B::Device| match cfg.timed {
         true => B::sync(device).map_err(|e| Error::Backend(format!("{e:?}"))),
         false => Ok(()),
@@ -75,15 +111,16 @@ pub fn train_step<B: AutodiffBackend>(
         cfg.grad_checkpointing,
         replica,
     )?;
-    let norm = opt.grad_norm(&model, &grads);
+    let norm = opt.grad_norm(&model, &grads); // [1]
     sync(&device)?;
     let t1 = Instant::now();
-    // finite check → clip → AdamW → clamp
-    let applied = loss.is_finite() && norm.is_finite();
-    let model = match applied {
-        true => clamp_logit_scale(opt.step(lr, model, grads, clip_factor(norm, cfg.grad_clip))),
-        false => model,
+    // finite check → clip → AdamW → clamp, each decided on the device
+    let applied = loss.clone().is_finite().bool_and(norm.clone().is_finite()); // [1]
+    let guard = UpdateGuard {
+        scale: cfg.grad_clip.map(|max| clip_factor(norm.clone(), max)),
+        apply: applied.clone(),
     };
+    let model = clamp_logit_scale(opt.step(lr, model, grads, &guard));
     sync(&device)?;
     let stats = StepStats {
         loss,

@@ -320,3 +320,67 @@ fn a_non_finite_loss_stops_the_run_and_names_the_step() {
     let s = train::<TestBackend>(cfg, &opts, &device, &mut obs).unwrap();
     assert_eq!(s.nonfinite_skipped, 3);
 }
+
+/// A training step reads nothing back to the host, with clipping and
+/// without, and on a step whose loss is not finite; its stats are read in
+/// one, and the bad step changed no weight.
+#[test]
+fn a_step_reads_nothing_back_and_a_bad_step_changes_nothing() {
+    use crate::dist::Replica;
+    use crate::model::ClipConfig;
+    use crate::train::batch::DeviceBatch;
+    use crate::train::optim::{AdamW, AdamWConfig};
+    use crate::train::step::{StepConfig, train_step};
+
+    let device = Default::default();
+    let cfg = ClipConfig::tiny();
+    let mut model = cfg.init::<TestBackend>(&device);
+    let mut opt = AdamW::new(AdamWConfig::default());
+    let (n, px) = (4, cfg.vision.image_size);
+    let pixels: Vec<u8> = (0..n * px * px * 3).map(|i| (i * 37 % 251) as u8).collect();
+    let ids: Vec<i64> = (0..n * 8).map(|i| 1 + (i as i64 * 7) % 50).collect();
+    let batch = DeviceBatch::<TestBackend>::from_host(
+        &pixels,
+        &ids,
+        None,
+        0..n,
+        px,
+        &cfg.normalization,
+        &device,
+    );
+    for clip in [None, Some(1e-3)] {
+        let step = StepConfig {
+            loss: LossKind::Softmax,
+            accum_steps: 1,
+            grad_checkpointing: false,
+            grad_clip: clip,
+            timed: false,
+        };
+        let before = crate::host::reads();
+        let stats;
+        (model, stats) = train_step(model, &mut opt, &batch, 1e-3, &step, &Replica::single()).unwrap();
+        assert_eq!(crate::host::reads(), before, "clip {clip:?}: the step read");
+        let v = stats.read();
+        assert_eq!(crate::host::reads(), before + 1);
+        assert!(v.applied && v.loss.is_finite() && v.grad_norm > 0.0, "{v:?}");
+    }
+    // An infinite temperature makes the loss non-finite.
+    let weights = crate::state::state_dict(&model);
+    model.logit_scale = model.logit_scale.map(|t| (t * f32::INFINITY).require_grad());
+    let step = StepConfig {
+        loss: LossKind::Softmax,
+        accum_steps: 1,
+        grad_checkpointing: false,
+        grad_clip: None,
+        timed: false,
+    };
+    let (after, stats) = train_step(model, &mut opt, &batch, 1e-3, &step, &Replica::single()).unwrap();
+    let v = stats.read();
+    assert!(!v.applied && !v.loss.is_finite(), "{v:?}");
+    let after = crate::state::state_dict(&after);
+    for (name, w) in &weights {
+        if name != "logit_scale" {
+            assert_eq!(&after[name], w, "{name} changed on a step not applied");
+        }
+    }
+}

@@ -6,53 +6,93 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::tensor::ElementConversion;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Tensor};
 
 use super::super::config::TrainConfig;
 use super::super::data::zeroshot_eval;
 use super::super::runstate::Manifest;
-use super::super::step::StepStats;
+use super::super::step::{StepStats, StepValues};
+use crate::host;
 use super::super::{Observer, StageReport, StepMetrics};
 use crate::data::tokenizer::Tokenizer;
 use crate::model::ClipModel;
 use crate::{Error, Result};
 
 /// The steps since the last log line: their losses, images and data waits.
-pub(super) struct Window {
+/// The steps' loss, gradient norm and finite check stay on the device
+/// until [`Window::settle`] reads them all at once (a log or checkpoint
+/// step), so that no step waits for the device.
+pub(super) struct Window<B: Backend> {
+    /// Steps done but not yet read: (global step number, its stats).
+    pending: Vec<(u64, StepStats<B>)>,
     pub(super) loss_sum: f64,
     pub(super) loss_n: u64,
+    /// The last settled step's gradient norm.
+    grad_norm: f64,
     /// Seconds spent waiting for data.
     pub(super) wait: f64,
     pub(super) images: usize,
     pub(super) since: Instant,
 }
 
-impl Window {
+impl<B: Backend> Window<B> {
     pub(super) fn new() -> Self {
         Self {
+            pending: Vec::new(),
             loss_sum: 0.0,
             loss_n: 0,
+            grad_norm: f64::NAN,
             wait: 0.0,
             images: 0,
             since: Instant::now(),
         }
     }
 
-    pub(super) fn add_loss(&mut self, loss: f64) {
-        self.loss_sum += loss;
-        self.loss_n += 1;
+    /// Books step `step`'s stats, still on the device.
+    pub(super) fn add(&mut self, step: u64, stats: StepStats<B>) {
+        self.pending.push((step, stats));
     }
 
-    /// The log line of the step just done.
-    pub(super) fn metrics<B: AutodiffBackend>(
+    /// Reads the pending steps' stats in one host read, adds the applied
+    /// steps' losses, and returns the steps that were not applied.
+    pub(super) fn settle(&mut self) -> Vec<(u64, StepValues)> {
+        if self.pending.is_empty() {
+            return Vec::new();
+        }
+        let n = self.pending.len();
+        let mut parts = Vec::with_capacity(3 * n);
+        parts.extend(self.pending.iter().map(|(_, s)| s.loss.clone()));
+        parts.extend(self.pending.iter().map(|(_, s)| s.grad_norm.clone()));
+        parts.extend(self.pending.iter().map(|(_, s)| s.applied.clone().float()));
+        let v = host::read(Tensor::cat(parts, 0)); // [3n]: losses, norms, applied
+        let mut skipped = Vec::new();
+        for (i, (step, _)) in self.pending.drain(..).enumerate() {
+            let values = StepValues {
+                loss: v[i],
+                grad_norm: v[n + i],
+                applied: v[2 * n + i] > 0.5,
+            };
+            match values.applied {
+                true => {
+                    self.loss_sum += values.loss;
+                    self.loss_n += 1;
+                }
+                false => skipped.push((step, values)),
+            }
+            self.grad_norm = values.grad_norm;
+        }
+        skipped
+    }
+
+    /// The log line of the step just done (after [`Window::settle`]).
+    pub(super) fn metrics<AB: AutodiffBackend>(
         &self,
         cfg: &TrainConfig,
         manifest: &Manifest,
         stage: usize,
         lr: f64,
-        stats: &StepStats,
-        model: &ClipModel<B>,
+        model: &ClipModel<AB>,
     ) -> StepMetrics {
         let secs = self.since.elapsed().as_secs_f64().max(1e-9);
         let samples = cfg.samples_before(stage, manifest.stage_step);
@@ -63,7 +103,7 @@ impl Window {
             lr,
             // A log step reads the temperature from the device.
             temperature: model.temperature().into_scalar().elem::<f64>(),
-            grad_norm: stats.grad_norm,
+            grad_norm: self.grad_norm,
             images_per_sec: self.images as f64 / secs,
             data_wait: self.wait / secs,
             samples,
