@@ -366,7 +366,9 @@ fn a_step_reads_nothing_back_and_a_bad_step_changes_nothing() {
     }
     // An infinite temperature makes the loss non-finite.
     let weights = crate::state::state_dict(&model);
-    model.logit_scale = model.logit_scale.map(|t| (t * f32::INFINITY).require_grad());
+    model.logit_scale = model
+        .logit_scale
+        .map(|t| burn::tensor::Tensor::from_inner(t.inner() * f32::INFINITY).require_grad());
     let step = StepConfig {
         loss: LossKind::Softmax,
         accum_steps: 1,
