@@ -170,7 +170,10 @@ fn reduced_train_steps_match_cpu_on_wgpu() {
         )
         .unwrap();
         let _ = model.valid();
-        (clipa_core::host::read(loss)[0], grads_by_path(&model, &grads))
+        (
+            clipa_core::host::read(loss)[0],
+            grads_by_path(&model, &grads),
+        )
     }
 
     let (device, _) = match wgpu_device(None) {

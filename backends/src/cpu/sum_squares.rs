@@ -23,8 +23,7 @@ impl SumSquaresKernel<Flex> for FlexSumSquares {
     fn sum_squares(&self, tensors: Vec<Tensor<Flex, 1>>) -> Tensor<Flex, 1> {
         let device = tensors.first().map(|t| t.device()).unwrap_or_default();
         if tensors.iter().any(|t| t.dtype() != DType::F32) {
-            return sum_squares_composed(tensors)
-                .unwrap_or_else(|| Tensor::zeros([1], &device));
+            return sum_squares_composed(tensors).unwrap_or_else(|| Tensor::zeros([1], &device));
         }
         let dense: Vec<_> = tensors.into_iter().map(dense).collect();
         let chunks: Vec<&[f32]> = dense

@@ -92,7 +92,11 @@ pub fn adamw_composed<B: Backend>(
     let m1 = m.clone() * s.beta1 + g.clone() * (1.0 - s.beta1);
     let v1 = v.clone() * s.beta2 + g.powi_scalar(2) * (1.0 - s.beta2);
     let step = m1.clone() / (v1.clone().sqrt() + s.eps) * s.step_size;
-    let w1 = if s.keep == 1.0 { w.clone() } else { w.clone() * s.keep };
+    let w1 = if s.keep == 1.0 {
+        w.clone()
+    } else {
+        w.clone() * s.keep
+    };
     let skip = guard.apply.clone().bool_not().expand([n]); // [n]
     [
         (w1 - step).mask_where(skip.clone(), w),

@@ -11,9 +11,7 @@ use burn::module::{
 };
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
-use super::{
-    AttentionKernel, EmbeddingKernel, GeluKernel, Kernels, LayerNormKernel, LinearKernel,
-};
+use super::{AttentionKernel, EmbeddingKernel, GeluKernel, Kernels, LayerNormKernel, LinearKernel};
 
 /// A bundle behind `Any`: the other side's kernels, whose backend type
 /// `Resolved<B>` cannot name.

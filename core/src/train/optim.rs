@@ -270,8 +270,9 @@ impl<B: Backend> AdamW<B> {
         };
         let sum = match &self.sum_squares {
             Some(kernel) => kernel.sum_squares(collect.list),
-            None => sum_squares_composed(collect.list)
-                .unwrap_or_else(|| Tensor::zeros([1], &device)),
+            None => {
+                sum_squares_composed(collect.list).unwrap_or_else(|| Tensor::zeros([1], &device))
+            }
         };
         sum.sqrt() // [1]
     }
@@ -490,7 +491,8 @@ mod tests {
         let mut opt = AdamW::<Inner>::new(AdamWConfig::default());
         let mut model = net(&device);
         let x = Tensor::<TestBackend, 2>::from_floats([[3.0, 4.0]], &device);
-        let grads = GradientsParams::from_grads(model.fc.forward(x.clone()).sum().backward(), &model);
+        let grads =
+            GradientsParams::from_grads(model.fc.forward(x.clone()).sum().backward(), &model);
         model = opt.step(1e-2, model, grads, &UpdateGuard::always(&device));
         let (weights, state) = (model.fc.weight.val().into_data(), opt.state_dict());
         let nan = Tensor::<TestBackend, 2>::from_floats([[f32::NAN, 4.0]], &device);

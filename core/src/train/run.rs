@@ -173,13 +173,7 @@ impl<B: AutodiffBackend> Runner<'_, B> {
         let mut interrupted = false;
         while self.manifest.stage_step < config.steps {
             let lr;
-            (model, lr) = self.step(
-                &stage,
-                model,
-                &mut opt,
-                &mut resume_loader,
-                &mut window,
-            )?;
+            (model, lr) = self.step(&stage, model, &mut opt, &mut resume_loader, &mut window)?;
             let stage_done = self.manifest.stage_step == config.steps;
             self.log_and_evaluate(&stage, &model, lr, &mut window, observer)?;
             // Every replica stops at the same step, whichever saw the signal.

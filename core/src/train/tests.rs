@@ -358,11 +358,15 @@ fn a_step_reads_nothing_back_and_a_bad_step_changes_nothing() {
         };
         let before = crate::host::reads();
         let stats;
-        (model, stats) = train_step(model, &mut opt, &batch, 1e-3, &step, &Replica::single()).unwrap();
+        (model, stats) =
+            train_step(model, &mut opt, &batch, 1e-3, &step, &Replica::single()).unwrap();
         assert_eq!(crate::host::reads(), before, "clip {clip:?}: the step read");
         let v = stats.read();
         assert_eq!(crate::host::reads(), before + 1);
-        assert!(v.applied && v.loss.is_finite() && v.grad_norm > 0.0, "{v:?}");
+        assert!(
+            v.applied && v.loss.is_finite() && v.grad_norm > 0.0,
+            "{v:?}"
+        );
     }
     // An infinite temperature makes the loss non-finite.
     let weights = crate::state::state_dict(&model);
@@ -376,7 +380,8 @@ fn a_step_reads_nothing_back_and_a_bad_step_changes_nothing() {
         grad_clip: None,
         timed: false,
     };
-    let (after, stats) = train_step(model, &mut opt, &batch, 1e-3, &step, &Replica::single()).unwrap();
+    let (after, stats) =
+        train_step(model, &mut opt, &batch, 1e-3, &step, &Replica::single()).unwrap();
     let v = stats.read();
     assert!(!v.applied && !v.loss.is_finite(), "{v:?}");
     let after = crate::state::state_dict(&after);

@@ -13,9 +13,9 @@ use super::super::config::TrainConfig;
 use super::super::data::zeroshot_eval;
 use super::super::runstate::Manifest;
 use super::super::step::{StepStats, StepValues};
-use crate::host;
 use super::super::{Observer, StageReport, StepMetrics};
 use crate::data::tokenizer::Tokenizer;
+use crate::host;
 use crate::model::ClipModel;
 use crate::{Error, Result};
 
