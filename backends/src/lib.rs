@@ -13,6 +13,8 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 
 #[cfg(feature = "cpu")]
 mod cpu;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub mod cube;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
@@ -343,16 +345,34 @@ pub fn run_on<J: BackendJob>(
 
 /// Installs `kind`'s kernels in core's kernel seam
 /// ([`clipa_core::kernels`]) until the returned guard drops: the CPU's
-/// fused kernels; none for WGPU and CUDA, which run every op composed
-/// (their fusion compiles it). [`run`], [`run_here`] and [`run_on`] call it
-/// for the chosen backend; benches and tests that drive a backend type
-/// directly call it themselves.
+/// fused kernels; for WGPU and CUDA, our CubeCL AdamW ([`cube`]), the other
+/// ops composed (their fusion compiles them). [`run`], [`run_here`] and
+/// [`run_on`] call it for the chosen backend; benches and tests that drive
+/// a backend type directly call it themselves.
 pub fn install_kernels(kind: BackendKind) -> clipa_core::kernels::Installed {
     match kind {
         #[cfg(feature = "cpu")]
         BackendKind::Cpu => cpu::install_kernels(),
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => cube_kernels::<burn::backend::Wgpu>(),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => cube_kernels::<burn::backend::Cuda>(),
+        #[allow(unreachable_patterns)]
         _ => clipa_core::kernels::Installed::default(),
     }
+}
+
+/// The CubeCL kernels for the inner backend `B` (the optimiser's).
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn cube_kernels<B>() -> clipa_core::kernels::Installed
+where
+    B: burn::tensor::backend::Backend,
+    cube::CubeAdamW: clipa_core::kernels::AdamWKernel<B>,
+{
+    clipa_core::kernels::install(clipa_core::kernels::Kernels::<B> {
+        adamw: Some(std::sync::Arc::new(cube::CubeAdamW)),
+        ..Default::default()
+    })
 }
 
 /// The CPU backend type, for benches that compare backends directly.

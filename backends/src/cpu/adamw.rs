@@ -120,11 +120,10 @@ mod tests {
             (1.0, 1.0 - 5e-4 * 0.2, t(5, 1e-2), v0.clone(), true),
             (0.37, 1.0 - 1e-4 * 0.1, t(3, 1e-2), v0, false),
         ] {
-            let guard = UpdateGuard {
-                scale: (grad_scale != 1.0)
-                    .then(|| Tensor::from_floats([grad_scale as f32], &device)),
-                apply: Tensor::from_bool([apply].into(), &device),
-            };
+            let guard = UpdateGuard::new(
+                (grad_scale != 1.0).then(|| Tensor::from_floats([grad_scale as f32], &device)),
+                Tensor::from_bool([apply].into(), &device),
+            );
             let s = AdamWScalars {
                 beta1: 0.9,
                 beta2: 0.98,

@@ -33,15 +33,29 @@ pub struct UpdateGuard<B: Backend> {
     /// `[1]`: false leaves every parameter and moment as it was (a
     /// non-finite loss or gradient norm).
     pub apply: Tensor<B, 1, Bool>,
+    /// `[scale (1 without clipping), apply (1 or 0)]`, `[2]`: both in one
+    /// float tensor, packed once per step, for kernels that read them.
+    pub packed: Tensor<B, 1>,
 }
 
 impl<B: Backend> UpdateGuard<B> {
+    /// The guard of a step: `scale` (`None`: no clipping) and `apply`,
+    /// both `[1]` on the device.
+    pub fn new(scale: Option<Tensor<B, 1>>, apply: Tensor<B, 1, Bool>) -> Self {
+        let factor = scale
+            .clone()
+            .unwrap_or_else(|| Tensor::ones([1], &apply.device()));
+        let packed = Tensor::cat(vec![factor, apply.clone().float()], 0); // [2]
+        Self {
+            scale,
+            apply,
+            packed,
+        }
+    }
+
     /// An update that is applied, unscaled.
     pub fn always(device: &B::Device) -> Self {
-        Self {
-            scale: None,
-            apply: Tensor::from_bool([true].into(), device),
-        }
+        Self::new(None, Tensor::from_bool([true].into(), device))
     }
 }
 

@@ -448,10 +448,10 @@ mod tests {
             let x = Tensor::<TestBackend, 2>::from_floats([[3.0, 4.0]], &device);
             let loss = model.fc.forward(x).sum() * c;
             let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let guard = UpdateGuard {
-                scale: Some(Tensor::from_floats([scale as f32], &device)),
-                ..UpdateGuard::always(&device)
-            };
+            let guard = UpdateGuard::new(
+                Some(Tensor::from_floats([scale as f32], &device)),
+                Tensor::from_bool([true].into(), &device),
+            );
             model = opt.step(lr, model, grads, &guard);
             let t = t as i32 + 1;
             let adam = |p: f64, m: &mut f64, v: &mut f64, g: f64, wd: f64| {
@@ -497,10 +497,10 @@ mod tests {
         let (weights, state) = (model.fc.weight.val().into_data(), opt.state_dict());
         let nan = Tensor::<TestBackend, 2>::from_floats([[f32::NAN, 4.0]], &device);
         let grads = GradientsParams::from_grads(model.fc.forward(nan).sum().backward(), &model);
-        let skip = UpdateGuard {
-            scale: Some(Tensor::from_floats([f32::NAN], &device)),
-            apply: Tensor::from_bool([false].into(), &device),
-        };
+        let skip = UpdateGuard::new(
+            Some(Tensor::from_floats([f32::NAN], &device)),
+            Tensor::from_bool([false].into(), &device),
+        );
         model = opt.step(1e-2, model, grads, &skip);
         assert_eq!(model.fc.weight.val().into_data(), weights);
         for (key, before) in state.iter() {

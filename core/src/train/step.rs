@@ -116,10 +116,8 @@ pub fn train_step<B: AutodiffBackend>(
     let t1 = Instant::now();
     // finite check → clip → AdamW → clamp, each decided on the device
     let applied = loss.clone().is_finite().bool_and(norm.clone().is_finite()); // [1]
-    let guard = UpdateGuard {
-        scale: cfg.grad_clip.map(|max| clip_factor(norm.clone(), max)),
-        apply: applied.clone(),
-    };
+    let scale = cfg.grad_clip.map(|max| clip_factor(norm.clone(), max));
+    let guard = UpdateGuard::new(scale, applied.clone());
     let model = clamp_logit_scale(opt.step(lr, model, grads, &guard));
     sync(&device)?;
     let stats = StepStats {
