@@ -19,8 +19,7 @@ type Inner<R, BT> = Fusion<CubeBackend<R, f32, i32, BT>>;
 ///
 /// [`adamw_composed`] is about a dozen element-wise ops per parameter plus
 /// the guard's three selects, which Burn 0.21's fusion does not fold into
-/// one kernel: ~15 launches per parameter tensor, ~2,200 of bench-tiny's
-/// ~2,000 launches per step being the optimiser's (docs/BENCHMARKS.md). Here
+/// one kernel (docs/BENCHMARKS.md has the launch counts per step). Here
 /// each parameter is one custom operation on the fusion stream (as
 /// burn-vision registers its own), which reads w, g, m, v once and writes
 /// w, m, v in place: 28 bytes per parameter. The guard (`[scale, apply]`,
