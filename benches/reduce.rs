@@ -89,13 +89,7 @@ pub fn bench(c: &mut Criterion) {
         &cfg.normalization,
         &device,
     );
-    let step = StepConfig {
-        loss: LossKind::Softmax,
-        accum_steps: 1,
-        grad_checkpointing: false,
-        grad_clip: None,
-        timed: false,
-    };
+    let step = StepConfig::plain(LossKind::Softmax);
     group.bench_function("bench-tiny_b64_i32_t32", |b| {
         b.iter(|| {
             let stats;

@@ -348,11 +348,10 @@ impl<B: AutodiffBackend> BenchRun<B> {
         let batch = self.batch(step);
         self.sync()?;
         let cfg = StepConfig {
-            loss: LossKind::Softmax,
             accum_steps: self.case.accum_steps,
             grad_checkpointing: self.case.grad_checkpointing,
-            grad_clip: None,
             timed: true,
+            ..StepConfig::plain(LossKind::Softmax)
         };
         let (launches, reads) = (hooks.kernel_launches(), host::reads());
         let (model, stats) =

@@ -2,7 +2,7 @@
 
 use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
-use clipa_core::kernels::{AdamWKernel, AdamWScalars, UpdateGuard, adamw_composed};
+use clipa_core::kernels::{AdamWF32, AdamWKernel, AdamWScalars, UpdateGuard, adamw_composed};
 use rayon::prelude::*;
 
 use super::tensor::{CHUNK, dense};
@@ -40,7 +40,7 @@ impl AdamWKernel<Flex> for FlexAdamW {
         }
         let grad_scale: f32 = guard.scale.clone().map_or(1.0, |t| t.into_scalar());
         let (mut w, g, mut m, mut v) = (dense(w), dense(g), dense(m), dense(v));
-        let k = Coefficients::new(s, grad_scale);
+        let k = s.to_f32();
         // Copy-on-write: a buffer still shared (say, with a saved state)
         // is copied first, so nothing else sees the update.
         let (ws, ms, vs) = (
@@ -52,45 +52,24 @@ impl AdamWKernel<Flex> for FlexAdamW {
             .zip(ms.par_chunks_mut(CHUNK))
             .zip(vs.par_chunks_mut(CHUNK))
             .zip(g.storage::<f32>().par_chunks(CHUNK))
-            .for_each(|(((w, m), v), g)| adamw_chunk(&k, w, m, v, g));
+            .for_each(|(((w, m), v), g)| adamw_chunk(&k, grad_scale, w, m, v, g));
         [w, m, v].map(|t| Tensor::from_primitive(TensorPrimitive::Float(t)))
-    }
-}
-
-/// [`AdamWScalars`] and the clipping factor in float32, as Burn's scalar
-/// ops convert them.
-struct Coefficients {
-    grad_scale: f32,
-    beta1: f32,
-    one_minus_beta1: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    eps: f32,
-    step_size: f32,
-    keep: f32,
-}
-
-impl Coefficients {
-    fn new(s: &AdamWScalars, grad_scale: f32) -> Self {
-        Self {
-            grad_scale,
-            beta1: s.beta1 as f32,
-            one_minus_beta1: (1.0 - s.beta1) as f32,
-            beta2: s.beta2 as f32,
-            one_minus_beta2: (1.0 - s.beta2) as f32,
-            eps: s.eps as f32,
-            step_size: s.step_size as f32,
-            keep: s.keep as f32,
-        }
     }
 }
 
 vectorised! {
     /// The update of one chunk, operation for operation as
     /// [`adamw_composed`] (multiplying by an exact 1 where it skips a pass).
-    fn adamw_chunk(k: &Coefficients, w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+    fn adamw_chunk(
+        k: &AdamWF32,
+        grad_scale: f32,
+        w: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        g: &[f32],
+    ) {
         for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-            let g = g * k.grad_scale;
+            let g = g * grad_scale;
             *m = *m * k.beta1 + g * k.one_minus_beta1;
             *v = *v * k.beta2 + g * g * k.one_minus_beta2;
             *w = *w * k.keep - *m / (v.sqrt() + k.eps) * k.step_size;

@@ -9,7 +9,7 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, tensor::CubeTensor};
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionRuntime};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
-use clipa_core::kernels::{AdamWKernel, AdamWScalars, UpdateGuard, adamw_composed};
+use clipa_core::kernels::{AdamWF32, AdamWKernel, AdamWScalars, UpdateGuard, adamw_composed};
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
 /// The inner (non-autodiff) CubeCL backend with Burn's fusion, float32.
@@ -59,7 +59,7 @@ impl<R: CubeRuntime, BT: BoolElement> AdamWKernel<Inner<R, BT>> for CubeAdamW {
         );
         let op = AdamWOp::<CubeBackend<R, f32, i32, BT>> {
             desc: desc.clone(),
-            k: Coefficients::new(s),
+            k: s.to_f32(),
             _b: PhantomData,
         };
         let [w, m, v]: [_; 3] = client
@@ -70,37 +70,11 @@ impl<R: CubeRuntime, BT: BoolElement> AdamWKernel<Inner<R, BT>> for CubeAdamW {
     }
 }
 
-/// [`AdamWScalars`] in float32, as Burn's scalar ops convert them.
-#[derive(Clone, Copy, Debug)]
-struct Coefficients {
-    beta1: f32,
-    one_minus_beta1: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    eps: f32,
-    step_size: f32,
-    keep: f32,
-}
-
-impl Coefficients {
-    fn new(s: &AdamWScalars) -> Self {
-        Self {
-            beta1: s.beta1 as f32,
-            one_minus_beta1: (1.0 - s.beta1) as f32,
-            beta2: s.beta2 as f32,
-            one_minus_beta2: (1.0 - s.beta2) as f32,
-            eps: s.eps as f32,
-            step_size: s.step_size as f32,
-            keep: s.keep as f32,
-        }
-    }
-}
-
 /// The update of one parameter as an operation on the fusion stream.
 #[derive(Debug)]
 struct AdamWOp<B> {
     desc: CustomOpIr,
-    k: Coefficients,
+    k: AdamWF32,
     _b: PhantomData<B>,
 }
 
@@ -137,7 +111,7 @@ fn launch<R: CubeRuntime>(
     m: CubeTensor<R>,
     v: CubeTensor<R>,
     packed: CubeTensor<R>,
-    k: &Coefficients,
+    k: &AdamWF32,
 ) -> [CubeTensor<R>; 3] {
     let own = |t: CubeTensor<R>| {
         if t.can_mut() && t.is_contiguous() {

@@ -22,6 +22,41 @@ pub struct AdamWScalars {
     pub keep: f64,
 }
 
+/// [`AdamWScalars`] in float32, as Burn's scalar ops convert them: the
+/// coefficients a kernel multiplies by, `1 − β` rounded once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWF32 {
+    /// β₁.
+    pub beta1: f32,
+    /// 1 − β₁.
+    pub one_minus_beta1: f32,
+    /// β₂.
+    pub beta2: f32,
+    /// 1 − β₂.
+    pub one_minus_beta2: f32,
+    /// The denominator's epsilon.
+    pub eps: f32,
+    /// The step size.
+    pub step_size: f32,
+    /// The weights' multiplier before the step.
+    pub keep: f32,
+}
+
+impl AdamWScalars {
+    /// The scalars in float32 ([`AdamWF32`]).
+    pub fn to_f32(&self) -> AdamWF32 {
+        AdamWF32 {
+            beta1: self.beta1 as f32,
+            one_minus_beta1: (1.0 - self.beta1) as f32,
+            beta2: self.beta2 as f32,
+            one_minus_beta2: (1.0 - self.beta2) as f32,
+            eps: self.eps as f32,
+            step_size: self.step_size as f32,
+            keep: self.keep as f32,
+        }
+    }
+}
+
 /// What one step's updates depend on that only the device knows: the
 /// clipping factor and the finite check, both `[1]` tensors, so that the
 /// host never waits for the gradient norm.

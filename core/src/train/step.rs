@@ -35,6 +35,20 @@ pub struct StepConfig {
     pub timed: bool,
 }
 
+impl StepConfig {
+    /// A plain step with `loss`: one micro-batch, no checkpointing, no
+    /// clipping, untimed.
+    pub fn plain(loss: LossKind) -> Self {
+        Self {
+            loss,
+            accum_steps: 1,
+            grad_checkpointing: false,
+            grad_clip: None,
+            timed: false,
+        }
+    }
+}
+
 /// What one step did, on the device: nothing here is read to the host
 /// until someone asks ([`StepStats::read`]), so a step never waits for
 /// the device.

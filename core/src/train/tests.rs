@@ -350,11 +350,8 @@ fn a_step_reads_nothing_back_and_a_bad_step_changes_nothing() {
     );
     for clip in [None, Some(1e-3)] {
         let step = StepConfig {
-            loss: LossKind::Softmax,
-            accum_steps: 1,
-            grad_checkpointing: false,
             grad_clip: clip,
-            timed: false,
+            ..StepConfig::plain(LossKind::Softmax)
         };
         let before = crate::host::reads();
         let stats;
@@ -373,13 +370,7 @@ fn a_step_reads_nothing_back_and_a_bad_step_changes_nothing() {
     model.logit_scale = model
         .logit_scale
         .map(|t| burn::tensor::Tensor::from_inner(t.inner() * f32::INFINITY).require_grad());
-    let step = StepConfig {
-        loss: LossKind::Softmax,
-        accum_steps: 1,
-        grad_checkpointing: false,
-        grad_clip: None,
-        timed: false,
-    };
+    let step = StepConfig::plain(LossKind::Softmax);
     let (after, stats) =
         train_step(model, &mut opt, &batch, 1e-3, &step, &Replica::single()).unwrap();
     let v = stats.read();
