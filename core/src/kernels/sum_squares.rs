@@ -14,11 +14,15 @@ pub trait SumSquaresKernel<B: Backend>: Send + Sync {
 }
 
 /// `Σ_t Σ_i t[i]²` from Burn's ops: a square, a sum and an add per tensor
-/// (three kernels each on a backend without fusion), `[1]`; `None` for an
-/// empty list.
-pub fn sum_squares_composed<B: Backend>(tensors: Vec<Tensor<B, 1>>) -> Option<Tensor<B, 1>> {
+/// (three kernels each on a backend without fusion), `[1]` on `device`
+/// (zero for an empty list).
+pub fn sum_squares_composed<B: Backend>(
+    tensors: Vec<Tensor<B, 1>>,
+    device: &B::Device,
+) -> Tensor<B, 1> {
     tensors
         .into_iter()
         .map(|t| t.powi_scalar(2).sum()) // [1]
         .reduce(|a, b| a + b)
+        .unwrap_or_else(|| Tensor::zeros([1], device))
 }

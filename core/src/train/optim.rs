@@ -270,9 +270,7 @@ impl<B: Backend> AdamW<B> {
         };
         let sum = match &self.sum_squares {
             Some(kernel) => kernel.sum_squares(collect.list),
-            None => {
-                sum_squares_composed(collect.list).unwrap_or_else(|| Tensor::zeros([1], &device))
-            }
+            None => sum_squares_composed(collect.list, &device),
         };
         sum.sqrt() // [1]
     }

@@ -81,20 +81,32 @@ pub struct StepValues {
 impl<B: Backend> StepStats<B> {
     /// The loss, gradient norm and finite check on the host: one read.
     pub fn read(&self) -> StepValues {
-        let v = host::read(Tensor::cat(
-            vec![
-                self.loss.clone(),
-                self.grad_norm.clone(),
-                self.applied.clone().float(),
-            ],
-            0,
-        )); // [3]
-        StepValues {
-            loss: v[0],
-            grad_norm: v[1],
-            applied: v[2] > 0.5,
-        }
+        read_all([self])[0]
     }
+}
+
+/// The values of several steps' stats on the host, in their order: one
+/// read for all of them (the trainer's log window).
+pub fn read_all<'a, B: Backend>(
+    stats: impl IntoIterator<Item = &'a StepStats<B>>,
+) -> Vec<StepValues> {
+    let stats: Vec<&StepStats<B>> = stats.into_iter().collect();
+    let n = stats.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut parts = Vec::with_capacity(3 * n);
+    parts.extend(stats.iter().map(|s| s.loss.clone()));
+    parts.extend(stats.iter().map(|s| s.grad_norm.clone()));
+    parts.extend(stats.iter().map(|s| s.applied.clone().float()));
+    let v = host::read(Tensor::cat(parts, 0)); // [3n]: losses, norms, applied
+    (0..n)
+        .map(|i| StepValues {
+            loss: v[i],
+            grad_norm: v[n + i],
+            applied: v[2 * n + i] > 0.5,
+        })
+        .collect()
 }
 
 /// One optimiser step of `model` on `batch` at learning rate `lr`

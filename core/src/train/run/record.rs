@@ -6,16 +6,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use burn::tensor::ElementConversion;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor};
 
 use super::super::config::TrainConfig;
 use super::super::data::zeroshot_eval;
 use super::super::runstate::Manifest;
-use super::super::step::{StepStats, StepValues};
+use super::super::step::{StepStats, StepValues, read_all};
 use super::super::{Observer, StageReport, StepMetrics};
 use crate::data::tokenizer::Tokenizer;
-use crate::host;
 use crate::model::ClipModel;
 use crate::{Error, Result};
 
@@ -57,22 +56,9 @@ impl<B: Backend> Window<B> {
     /// Reads the pending steps' stats in one host read, adds the applied
     /// steps' losses, and returns the steps that were not applied.
     pub(super) fn settle(&mut self) -> Vec<(u64, StepValues)> {
-        if self.pending.is_empty() {
-            return Vec::new();
-        }
-        let n = self.pending.len();
-        let mut parts = Vec::with_capacity(3 * n);
-        parts.extend(self.pending.iter().map(|(_, s)| s.loss.clone()));
-        parts.extend(self.pending.iter().map(|(_, s)| s.grad_norm.clone()));
-        parts.extend(self.pending.iter().map(|(_, s)| s.applied.clone().float()));
-        let v = host::read(Tensor::cat(parts, 0)); // [3n]: losses, norms, applied
+        let values = read_all(self.pending.iter().map(|(_, s)| s));
         let mut skipped = Vec::new();
-        for (i, (step, _)) in self.pending.drain(..).enumerate() {
-            let values = StepValues {
-                loss: v[i],
-                grad_norm: v[n + i],
-                applied: v[2 * n + i] > 0.5,
-            };
+        for ((step, _), values) in self.pending.drain(..).zip(values) {
             match values.applied {
                 true => {
                     self.loss_sum += values.loss;
