@@ -149,6 +149,46 @@ fn bench_reports_the_cpu_threads_it_ran_on() {
     );
 }
 
+/// On wgpu the bench counts a step's kernel launches from CubeCL's launch
+/// log, and the step reads nothing back to the host.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_bench_counts_kernel_launches_and_no_host_reads() {
+    use crate::common::skip_or_fail;
+
+    if let Err(err) = clipa_backends::probe(clipa_backends::BackendKind::Wgpu, None) {
+        return skip_or_fail(
+            "wgpu_bench_counts_kernel_launches_and_no_host_reads",
+            &err.to_string(),
+        );
+    }
+    let out = clipa(&[
+        "--backend",
+        "wgpu",
+        "bench",
+        "--model",
+        "tiny",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--json",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    let c = &v["cases"][0];
+    assert_eq!(c["host_syncs_per_step"].as_f64(), Some(0.0), "{c}");
+    // A tiny-model step is hundreds of launches (974 on lavapipe at the time
+    // of writing); none counted would mean the log was not read.
+    assert!(
+        c["kernels_per_step"].as_f64().is_some_and(|k| k > 100.0),
+        "{c}"
+    );
+}
+
 #[test]
 fn bench_json_reports_every_field() {
     let out = clipa(&[
@@ -197,6 +237,9 @@ fn bench_json_reports_every_field() {
     }
     // The CPU reports the process's peak resident set.
     assert!(c["peak_mem_mb"].as_f64().is_some_and(|m| m > 1.0), "{c}");
+    // A step reads nothing back to the host; the CPU launches no kernels.
+    assert_eq!(c["host_syncs_per_step"].as_f64(), Some(0.0), "{c}");
+    assert!(c["kernels_per_step"].is_null(), "{c}");
     // A wrong flag is one line and exit code 2.
     let bad = clipa(&["bench", "--image-reduction", "random:2", "--steps", "1"]);
     assert_eq!(bad.status.code(), Some(2));
