@@ -250,11 +250,22 @@ fn u8_image_upload_matches_cpu_on_wgpu() {
     assert!((cpu[49] - want).abs() < 1e-6, "{} vs {want}", cpu[49]);
 }
 
-/// Our CubeCL AdamW (one in-place kernel per parameter on the fusion
-/// stream) against the composed update on wgpu: within 1e-6 in w, m and v,
-/// with and without clipping and decay, and a step the guard does not
-/// apply changes nothing. A second update on the outputs checks that the
-/// in-place writes left no tensor aliased.
+/// Lengths of the parameters of the multi-tensor kernel tests: more than
+/// one launch takes (32 at most), one long enough to be strided over
+/// (over 1024 cubes of 256 units, 4 elements each), and a single element.
+#[cfg(feature = "wgpu")]
+fn many_lengths() -> Vec<usize> {
+    let mut lengths: Vec<usize> = (0..38).map(|i| 97 * i + 5).collect();
+    lengths.extend([(1 << 20) + 77, 1]);
+    lengths
+}
+
+/// Our CubeCL AdamW (every parameter in one operation on the fusion
+/// stream, a few in-place launches) against the composed update on wgpu:
+/// within 1e-6 in w, m and v for each of 40 parameters of mixed lengths,
+/// decayed and not, with and without clipping, and a step the guard does
+/// not apply changes nothing. A second update on the outputs checks that
+/// the in-place writes left no tensor aliased.
 #[cfg(feature = "wgpu")]
 #[test]
 fn cube_adamw_matches_the_composed_update_on_wgpu() {
@@ -262,7 +273,7 @@ fn cube_adamw_matches_the_composed_update_on_wgpu() {
     use burn::tensor::{Tensor, TensorData};
     use clipa_backends::cube::CubeAdamW;
     use clipa_backends::wgpu_device;
-    use clipa_core::kernels::{AdamWKernel, AdamWScalars, UpdateGuard, adamw_composed};
+    use clipa_core::kernels::{AdamWKernel, AdamWScalars, AdamWSlot, UpdateGuard, adamw_composed};
     use clipa_core::numeric::{normal_data, relative_error};
 
     use crate::common::skip_or_fail;
@@ -276,41 +287,129 @@ fn cube_adamw_matches_the_composed_update_on_wgpu() {
             );
         }
     };
-    let n = 3 * 1024 + 77;
-    let t = |seed, std| Tensor::<Wgpu, 1>::from_data(normal_data([n], seed, std), &device);
-    let s = AdamWScalars {
+    let t = |n, seed, std| Tensor::<Wgpu, 1>::from_data(normal_data([n], seed, std), &device);
+    let scalars = |keep| AdamWScalars {
         beta1: 0.9,
         beta2: 0.98,
         eps: 1e-6 * (1.0f64 - 0.98f64.powi(3)).sqrt(),
         step_size: 1e-3 * (1.0f64 - 0.98f64.powi(3)).sqrt() / (1.0 - 0.9f64.powi(3)),
-        keep: 1.0 - 1e-4 * 0.1,
+        keep,
+    };
+    let slots: Vec<AdamWSlot<Wgpu>> = many_lengths()
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let seed = 10 * i as u64;
+            AdamWSlot {
+                w: t(n, seed + 1, 0.05),
+                g: t(n, seed + 2, 1e-2),
+                m: t(n, seed + 3, 1e-2),
+                v: t(n, seed + 4, 1e-3).abs(),
+                s: scalars(if i % 3 == 0 { 1.0 } else { 1.0 - 1e-4 * 0.1 }),
+            }
+        })
+        .collect();
+    let composed =
+        |slots: Vec<AdamWSlot<Wgpu>>, guard: &UpdateGuard<Wgpu>| -> Vec<[Tensor<Wgpu, 1>; 3]> {
+            slots
+                .into_iter()
+                .map(|s| adamw_composed(s, guard))
+                .collect()
+        };
+    let close = |got: &[[Tensor<Wgpu, 1>; 3]], want: &[[Tensor<Wgpu, 1>; 3]], what: &str| {
+        assert_eq!(got.len(), want.len());
+        for (i, (got, want)) in got.iter().zip(want).enumerate() {
+            for (name, (got, want)) in ["w", "m", "v"].iter().zip(got.iter().zip(want)) {
+                let err = relative_error(&got.to_data(), &want.to_data());
+                assert!(
+                    err <= 1e-6,
+                    "{what}: parameter {i} {name} relative error {err:.2e}"
+                );
+            }
+        }
     };
     for (scale, apply) in [(None, true), (Some(0.37f32), true), (Some(0.37), false)] {
+        let what = format!("{scale:?}/{apply}");
         let guard = UpdateGuard::new(
             scale.map(|k| Tensor::from_floats([k], &device)),
             Tensor::from_bool([apply].into(), &device),
         );
-        let (w, g, m, v) = (t(1, 0.05), t(2, 1e-2), t(3, 1e-2), t(4, 1e-3).abs());
-        let before: TensorData = w.to_data();
-        let want = adamw_composed(w.clone(), g.clone(), m.clone(), v.clone(), &s, &guard);
-        let got = CubeAdamW.update(w, g.clone(), m, v, &s, &guard);
-        for (name, (got, want)) in ["w", "m", "v"].iter().zip(got.iter().zip(&want)) {
-            let err = relative_error(&got.to_data(), &want.to_data());
-            assert!(
-                err <= 1e-6,
-                "{scale:?}/{apply}: {name} relative error {err:.2e}"
+        let before: Vec<TensorData> = slots.iter().map(|s| s.w.to_data()).collect();
+        let want = composed(slots.clone(), &guard);
+        let got = CubeAdamW.update(slots.clone(), &guard);
+        close(&got, &want, &what);
+        for (i, (got, before)) in got.iter().zip(&before).enumerate() {
+            let moved = relative_error(&got[0].to_data(), before);
+            match apply {
+                true => assert!(moved > 1e-6, "{what}: parameter {i} moved by {moved:.2e}"),
+                false => assert_eq!(moved, 0.0, "{what}: a step not applied moved parameter {i}"),
+            }
+        }
+        let next = |out: Vec<[Tensor<Wgpu, 1>; 3]>| -> Vec<AdamWSlot<Wgpu>> {
+            out.into_iter()
+                .zip(&slots)
+                .map(|([w, m, v], s)| AdamWSlot {
+                    w,
+                    g: s.g.clone(),
+                    m,
+                    v,
+                    s: s.s,
+                })
+                .collect()
+        };
+        let again = CubeAdamW.update(next(got), &guard);
+        let again_want = composed(next(want), &guard);
+        close(&again, &again_want, &format!("{what}, second update"));
+    }
+}
+
+/// Our CubeCL sum of squares (every gradient in one operation, a few
+/// launches and one fixed-order total) on wgpu against the host's float64
+/// sum, within 1e-5, over the same 40 mixed lengths; and the same value
+/// twice (deterministic). Not against the composed one: Burn 0.21's full
+/// `sum()` on lavapipe adds only the first 2^18 elements of a longer
+/// tensor (65,350 for a 2^20-element tensor whose sum of squares is
+/// 262,335, the same for 4 M elements), so the composed gradient norm was
+/// wrong on wgpu for bench-tiny's 12.6 M-entry token embedding.
+#[cfg(feature = "wgpu")]
+#[test]
+fn cube_sum_squares_matches_the_host_sum_on_wgpu() {
+    use burn::backend::Wgpu;
+    use burn::tensor::Tensor;
+    use clipa_backends::cube::CubeSumSquares;
+    use clipa_backends::wgpu_device;
+    use clipa_core::kernels::SumSquaresKernel;
+    use clipa_core::numeric::normal_data;
+
+    use crate::common::skip_or_fail;
+
+    let (device, _) = match wgpu_device(None) {
+        Ok(found) => found,
+        Err(err) => {
+            return skip_or_fail(
+                "cube_sum_squares_matches_the_host_sum_on_wgpu",
+                &err.to_string(),
             );
         }
-        let moved = relative_error(&got[0].to_data(), &before);
-        match apply {
-            true => assert!(moved > 1e-6, "the weights moved by {moved:.2e}"),
-            false => assert_eq!(moved, 0.0, "a step not applied moved the weights"),
-        }
-        let [w, m, v] = got;
-        let [cw, cm, cv] = want;
-        let again = CubeAdamW.update(w, g.clone(), m, v, &s, &guard);
-        let again_want = adamw_composed(cw, g, cm, cv, &s, &guard);
-        let err = relative_error(&again[0].to_data(), &again_want[0].to_data());
-        assert!(err <= 1e-6, "second update: w relative error {err:.2e}");
-    }
+    };
+    let data: Vec<_> = many_lengths()
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| normal_data([n], i as u64, 1e-2 * (i + 1) as f32))
+        .collect();
+    // The reference on the host, in float64.
+    let host: f64 = data
+        .iter()
+        .flat_map(|d| d.as_slice::<f32>().unwrap())
+        .map(|&x| x as f64 * x as f64)
+        .sum();
+    let tensors: Vec<Tensor<Wgpu, 1>> = data
+        .into_iter()
+        .map(|d| Tensor::from_data(d, &device))
+        .collect();
+    let got: f32 = CubeSumSquares.sum_squares(tensors.clone()).into_scalar();
+    let again: f32 = CubeSumSquares.sum_squares(tensors).into_scalar();
+    let rel = ((got as f64 - host) / host).abs();
+    assert!(rel <= 1e-5, "cube {got} vs host {host}");
+    assert_eq!(got.to_bits(), again.to_bits(), "not deterministic");
 }

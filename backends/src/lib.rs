@@ -345,7 +345,8 @@ pub fn run_on<J: BackendJob>(
 
 /// Installs `kind`'s kernels in core's kernel seam
 /// ([`clipa_core::kernels`]) until the returned guard drops: the CPU's
-/// fused kernels; for WGPU and CUDA, our CubeCL AdamW ([`cube`]), the other
+/// fused kernels; for WGPU and CUDA, our CubeCL AdamW and sum of squares
+/// ([`cube`]), the other
 /// ops composed (their fusion compiles them). [`run`], [`run_here`] and
 /// [`run_on`] call it for the chosen backend; benches and tests that drive
 /// a backend type directly call it themselves.
@@ -368,9 +369,11 @@ fn cube_kernels<B>() -> clipa_core::kernels::Installed
 where
     B: burn::tensor::backend::Backend,
     cube::CubeAdamW: clipa_core::kernels::AdamWKernel<B>,
+    cube::CubeSumSquares: clipa_core::kernels::SumSquaresKernel<B>,
 {
     clipa_core::kernels::install(clipa_core::kernels::Kernels::<B> {
         adamw: Some(std::sync::Arc::new(cube::CubeAdamW)),
+        sum_squares: Some(std::sync::Arc::new(cube::CubeSumSquares)),
         ..Default::default()
     })
 }

@@ -2,7 +2,7 @@
 
 use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
-use clipa_core::kernels::{AdamWF32, AdamWKernel, AdamWScalars, UpdateGuard, adamw_composed};
+use clipa_core::kernels::{AdamWF32, AdamWKernel, AdamWSlot, UpdateGuard, adamw_composed};
 use rayon::prelude::*;
 
 use super::tensor::{CHUNK, dense};
@@ -22,39 +22,54 @@ pub struct FlexAdamW;
 impl AdamWKernel<Flex> for FlexAdamW {
     fn update(
         &self,
-        w: Tensor<Flex, 1>,
-        g: Tensor<Flex, 1>,
-        m: Tensor<Flex, 1>,
-        v: Tensor<Flex, 1>,
-        s: &AdamWScalars,
+        slots: Vec<AdamWSlot<Flex>>,
         guard: &UpdateGuard<Flex>,
-    ) -> [Tensor<Flex, 1>; 3] {
-        // The master weights are float32; anything else takes the generic path.
-        if [&w, &g, &m, &v].iter().any(|t| t.dtype() != DType::F32) {
-            return adamw_composed(w, g, m, v, s, guard);
-        }
+    ) -> Vec<[Tensor<Flex, 1>; 3]> {
         // Flex's tensors are host memory: reading the guard waits for
-        // nothing. A step not applied leaves everything as it was.
-        if !guard.apply.clone().into_scalar() {
-            return [w, m, v];
-        }
+        // nothing.
+        let apply = guard.apply.clone().into_scalar();
         let grad_scale: f32 = guard.scale.clone().map_or(1.0, |t| t.into_scalar());
-        let (mut w, g, mut m, mut v) = (dense(w), dense(g), dense(m), dense(v));
-        let k = s.to_f32();
-        // Copy-on-write: a buffer still shared (say, with a saved state)
-        // is copied first, so nothing else sees the update.
-        let (ws, ms, vs) = (
-            w.storage_mut::<f32>(),
-            m.storage_mut::<f32>(),
-            v.storage_mut::<f32>(),
-        );
-        ws.par_chunks_mut(CHUNK)
-            .zip(ms.par_chunks_mut(CHUNK))
-            .zip(vs.par_chunks_mut(CHUNK))
-            .zip(g.storage::<f32>().par_chunks(CHUNK))
-            .for_each(|(((w, m), v), g)| adamw_chunk(&k, grad_scale, w, m, v, g));
-        [w, m, v].map(|t| Tensor::from_primitive(TensorPrimitive::Float(t)))
+        slots
+            .into_iter()
+            .map(|slot| update_one(slot, apply, grad_scale, guard))
+            .collect()
     }
+}
+
+/// One parameter's update; where the step is not applied (`apply` false),
+/// everything as it was.
+fn update_one(
+    slot: AdamWSlot<Flex>,
+    apply: bool,
+    grad_scale: f32,
+    guard: &UpdateGuard<Flex>,
+) -> [Tensor<Flex, 1>; 3] {
+    // The master weights are float32; anything else takes the generic path.
+    if [&slot.w, &slot.g, &slot.m, &slot.v]
+        .iter()
+        .any(|t| t.dtype() != DType::F32)
+    {
+        return adamw_composed(slot, guard);
+    }
+    let AdamWSlot { w, g, m, v, s } = slot;
+    if !apply {
+        return [w, m, v];
+    }
+    let (mut w, g, mut m, mut v) = (dense(w), dense(g), dense(m), dense(v));
+    let k = s.to_f32();
+    // Copy-on-write: a buffer still shared (say, with a saved state)
+    // is copied first, so nothing else sees the update.
+    let (ws, ms, vs) = (
+        w.storage_mut::<f32>(),
+        m.storage_mut::<f32>(),
+        v.storage_mut::<f32>(),
+    );
+    ws.par_chunks_mut(CHUNK)
+        .zip(ms.par_chunks_mut(CHUNK))
+        .zip(vs.par_chunks_mut(CHUNK))
+        .zip(g.storage::<f32>().par_chunks(CHUNK))
+        .for_each(|(((w, m), v), g)| adamw_chunk(&k, grad_scale, w, m, v, g));
+    [w, m, v].map(|t| Tensor::from_primitive(TensorPrimitive::Float(t)))
 }
 
 vectorised! {
@@ -81,6 +96,7 @@ vectorised! {
 mod tests {
     use super::*;
     use burn::tensor::TensorData;
+    use clipa_core::kernels::AdamWScalars;
     use clipa_core::numeric::{normal_data, relative_error};
 
     /// The fused kernel gives the composed update: with and without
@@ -112,8 +128,10 @@ mod tests {
             };
             let (w, g) = (t(1, 0.05), t(2, 1e-2));
             let before = w.to_data();
-            let want = adamw_composed(w.clone(), g.clone(), m.clone(), v.clone(), &s, &guard);
-            let got = FlexAdamW.update(w, g, m, v, &s, &guard);
+            let (m, v) = (m.clone(), v.clone());
+            let slot = AdamWSlot { w, g, m, v, s };
+            let want = adamw_composed(slot.clone(), &guard);
+            let got = FlexAdamW.update(vec![slot], &guard).remove(0);
             let mut after = None;
             for (name, (got, want)) in ["w", "m", "v"].iter().zip(got.into_iter().zip(want)) {
                 let (got, want): (TensorData, TensorData) = (got.into_data(), want.into_data());

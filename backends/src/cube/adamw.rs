@@ -1,5 +1,5 @@
-//! AdamW in one CubeCL kernel per parameter (wgpu, cuda), the guard read on
-//! the device.
+//! AdamW for every parameter of a step in a handful of CubeCL launches
+//! (wgpu, cuda), in place, the guard read on the device.
 
 use std::marker::PhantomData;
 
@@ -9,72 +9,97 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, tensor::CubeTensor};
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionRuntime};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
-use clipa_core::kernels::{AdamWF32, AdamWKernel, AdamWScalars, UpdateGuard, adamw_composed};
-use cubecl::{CubeDim, calculate_cube_count_elemwise};
+use clipa_core::kernels::{AdamWF32, AdamWKernel, AdamWSlot, UpdateGuard, adamw_composed};
+use cubecl::prelude::SequenceArg;
+use cubecl::{CubeCount, CubeDim};
+
+use super::multi::{Chunk, chunks, own};
 
 /// The inner (non-autodiff) CubeCL backend with Burn's fusion, float32.
 type Inner<R, BT> = Fusion<CubeBackend<R, f32, i32, BT>>;
 
-/// AdamW as one kernel launch per parameter, in place.
+/// AdamW over all parameters at once: one custom operation on the fusion
+/// stream per step, a few launches inside it.
 ///
 /// [`adamw_composed`] is about a dozen element-wise ops per parameter plus
 /// the guard's three selects, which Burn 0.21's fusion does not fold into
-/// one kernel (docs/BENCHMARKS.md has the launch counts per step). Here
-/// each parameter is one custom operation on the fusion stream (as
-/// burn-vision registers its own), which reads w, g, m, v once and writes
-/// w, m, v in place: 28 bytes per parameter. The guard (`[scale, apply]`,
-/// packed once per step by [`UpdateGuard`]) is read on the device, so a
-/// step not applied writes nothing and the host never waits.
+/// one kernel, for each of bench-tiny's 142 (B/16's ~394) parameter
+/// tensors. Here one operation (as burn-vision registers its own) takes
+/// every parameter, and launches one kernel per chunk of parameters that
+/// share their scalars (decayed or not) and fit the device's binding limit
+/// ([`chunks`]); each launch reads w, g, m, v once and writes w, m, v in
+/// place: 28 bytes per parameter. The guard (`[scale, apply]`, packed once
+/// per step by [`UpdateGuard`]) is read on the device, so a step not
+/// applied writes nothing and the host never waits.
 pub struct CubeAdamW;
 
 impl<R: CubeRuntime, BT: BoolElement> AdamWKernel<Inner<R, BT>> for CubeAdamW {
     fn update(
         &self,
-        w: Tensor<Inner<R, BT>, 1>,
-        g: Tensor<Inner<R, BT>, 1>,
-        m: Tensor<Inner<R, BT>, 1>,
-        v: Tensor<Inner<R, BT>, 1>,
-        s: &AdamWScalars,
+        slots: Vec<AdamWSlot<Inner<R, BT>>>,
         guard: &UpdateGuard<Inner<R, BT>>,
-    ) -> [Tensor<Inner<R, BT>, 1>; 3] {
-        if [&w, &g, &m, &v].iter().any(|t| t.dtype() != DType::F32) {
-            return adamw_composed(w, g, m, v, s, guard);
+    ) -> Vec<[Tensor<Inner<R, BT>, 1>; 3]> {
+        // The master weights are float32; anything else takes the generic path.
+        let f32_only = |s: &AdamWSlot<_>| {
+            [&s.w, &s.g, &s.m, &s.v]
+                .iter()
+                .all(|t| t.dtype() == DType::F32)
+        };
+        if slots.is_empty() || !slots.iter().all(f32_only) {
+            return slots
+                .into_iter()
+                .map(|slot| adamw_composed(slot, guard))
+                .collect();
         }
-        let [n] = w.dims();
         let packed = guard.packed.clone().into_primitive().tensor();
-        let [w, g, m, v] = [w, g, m, v].map(|t| t.into_primitive().tensor());
-        let client = w.client.clone();
-        let streams = OperationStreams::with_inputs([&w, &g, &m, &v, &packed]);
-        let out = || TensorIr::uninit(client.create_empty_handle(), Shape::new([n]), DType::F32);
-        let desc = CustomOpIr::new(
-            "clipa_adamw",
-            &[
-                w.into_ir(),
-                g.into_ir(),
-                m.into_ir(),
-                v.into_ir(),
-                packed.into_ir(),
-            ],
-            &[out(), out(), out()],
-        );
+        let client = packed.client.clone();
+        let mut inputs = Vec::with_capacity(4 * slots.len() + 1);
+        let mut outputs = Vec::with_capacity(3 * slots.len());
+        let mut scalars = Vec::with_capacity(slots.len());
+        let mut prims = Vec::with_capacity(4 * slots.len() + 1);
+        for slot in slots {
+            let [n] = slot.w.dims();
+            scalars.push(slot.s.to_f32());
+            for t in [slot.w, slot.g, slot.m, slot.v] {
+                prims.push(t.into_primitive().tensor());
+            }
+            for _ in 0..3 {
+                outputs.push(TensorIr::uninit(
+                    client.create_empty_handle(),
+                    Shape::new([n]),
+                    DType::F32,
+                ));
+            }
+        }
+        prims.push(packed);
+        let streams = OperationStreams::with_inputs(prims.iter());
+        inputs.extend(prims.into_iter().map(|t| t.into_ir()));
+        let desc = CustomOpIr::new("clipa_adamw", &inputs, &outputs);
         let op = AdamWOp::<CubeBackend<R, f32, i32, BT>> {
             desc: desc.clone(),
-            k: s.to_f32(),
+            scalars,
             _b: PhantomData,
         };
-        let [w, m, v]: [_; 3] = client
+        let mut out = client
             .register(streams, OperationIr::Custom(desc), op)
-            .try_into()
-            .expect("three outputs");
-        [w, m, v].map(|t| Tensor::from_primitive(TensorPrimitive::Float(t)))
+            .into_iter()
+            .map(|t| Tensor::from_primitive(TensorPrimitive::Float(t)));
+        let mut updated = Vec::with_capacity(out.len() / 3);
+        while let (Some(w), Some(m), Some(v)) = (out.next(), out.next(), out.next()) {
+            updated.push([w, m, v]);
+        }
+        updated
     }
 }
 
-/// The update of one parameter as an operation on the fusion stream.
+/// The update of every parameter as one operation on the fusion stream:
+/// inputs `[w, g, m, v]` per parameter then the packed guard, outputs
+/// `[w, m, v]` per parameter.
 #[derive(Debug)]
 struct AdamWOp<B> {
     desc: CustomOpIr,
-    k: AdamWF32,
+    /// Each parameter's scalars.
+    scalars: Vec<AdamWF32>,
     _b: PhantomData<B>,
 }
 
@@ -86,55 +111,62 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>>
         handles: &mut HandleContainer<<FusionCubeRuntime<R> as FusionRuntime>::FusionHandle>,
     ) {
         type B<R, BT> = CubeBackend<R, f32, i32, BT>;
-        let ([w, g, m, v, packed], [wo, mo, vo]) = self.desc.as_fixed();
-        let get = |h: &mut HandleContainer<_>, t| h.get_float_tensor::<B<R, BT>>(t);
-        let (w, g, m, v, packed) = (
-            get(handles, w),
-            get(handles, g),
-            get(handles, m),
-            get(handles, v),
-            get(handles, packed),
-        );
-        let [w, m, v] = launch::<R>(w, g, m, v, packed, &self.k);
-        handles.register_float_tensor::<B<R, BT>>(&wo.id, w);
-        handles.register_float_tensor::<B<R, BT>>(&mo.id, m);
-        handles.register_float_tensor::<B<R, BT>>(&vo.id, v);
+        let (inputs, outputs) = (&self.desc.inputs, &self.desc.outputs);
+        let mut get = |t| handles.get_float_tensor::<B<R, BT>>(t);
+        let packed = get(&inputs[inputs.len() - 1]);
+        let mut params: Vec<[CubeTensor<R>; 4]> = inputs[..inputs.len() - 1]
+            .chunks_exact(4)
+            .map(|c| [get(&c[0]), get(&c[1]), get(&c[2]), get(&c[3])])
+            .collect();
+        // Owned, contiguous buffers to write in place (a copy first where
+        // something else still holds one, so no other tensor sees it).
+        for [w, g, m, v] in params.iter_mut() {
+            *w = own(w.clone());
+            *m = own(m.clone());
+            *v = own(v.clone());
+            *g = burn_cubecl::kernel::into_contiguous(g.clone());
+        }
+        let numels: Vec<usize> = params.iter().map(|p| p[0].meta.num_elements()).collect();
+        let client = packed.client.clone();
+        // Four bindings a parameter, plus the guard and CubeCL's info.
+        let per_launch = (client.properties().hardware.max_bindings as usize).saturating_sub(2) / 4;
+        for chunk in chunks(&numels, &self.scalars, per_launch) {
+            launch::<R>(&params, &packed, &chunk, &self.scalars[chunk.slots[0]]);
+        }
+        for (p, o) in params.into_iter().zip(outputs.chunks_exact(3)) {
+            let [w, _, m, v] = p;
+            handles.register_float_tensor::<B<R, BT>>(&o[0].id, w);
+            handles.register_float_tensor::<B<R, BT>>(&o[1].id, m);
+            handles.register_float_tensor::<B<R, BT>>(&o[2].id, v);
+        }
     }
 }
 
-/// Launches [`kernel::adamw_kernel`] over `w`'s elements, writing `w`, `m` and `v`
-/// in place where nothing else holds them (a copy first where something
-/// does, so no other tensor sees the update).
+/// Launches [`kernel::adamw_kernel`] over one chunk of parameters: cube row
+/// `y` updates parameter `chunk.slots[y]`, its cubes striding over it.
 fn launch<R: CubeRuntime>(
-    w: CubeTensor<R>,
-    g: CubeTensor<R>,
-    m: CubeTensor<R>,
-    v: CubeTensor<R>,
-    packed: CubeTensor<R>,
+    params: &[[CubeTensor<R>; 4]],
+    packed: &CubeTensor<R>,
+    chunk: &Chunk,
     k: &AdamWF32,
-) -> [CubeTensor<R>; 3] {
-    let own = |t: CubeTensor<R>| {
-        if t.can_mut() && t.is_contiguous() {
-            t
-        } else {
-            t.copy()
+) {
+    let client = packed.client.clone();
+    let mut seqs: [SequenceArg<R, _>; 4] = Default::default();
+    for &i in &chunk.slots {
+        for (seq, t) in seqs.iter_mut().zip(&params[i]) {
+            seq.push(t.clone().into_tensor_arg());
         }
-    };
-    let (w, m, v) = (own(w), own(m), own(v));
-    let g = burn_cubecl::kernel::into_contiguous(g);
-    let client = w.client.clone();
-    let n = w.meta.num_elements();
-    let cube_dim = CubeDim::new(&client, n);
-    let cube_count = calculate_cube_count_elemwise(&client, n, cube_dim);
+    }
+    let [ws, gs, ms, vs] = seqs;
     kernel::adamw_kernel::launch::<R>(
         &client,
-        cube_count,
-        cube_dim,
-        w.clone().into_tensor_arg(),
-        g.into_tensor_arg(),
-        m.clone().into_tensor_arg(),
-        v.clone().into_tensor_arg(),
-        packed.into_tensor_arg(),
+        CubeCount::Static(chunk.cubes_x, chunk.slots.len() as u32, 1),
+        CubeDim::new_1d(super::multi::CUBE),
+        ws,
+        gs,
+        ms,
+        vs,
+        packed.clone().into_tensor_arg(),
         k.beta1,
         k.one_minus_beta1,
         k.beta2,
@@ -142,23 +174,25 @@ fn launch<R: CubeRuntime>(
         k.eps,
         k.step_size,
         k.keep,
+        chunk.slots.len(),
         DType::F32.into(),
     );
-    [w, m, v]
 }
 
 mod kernel {
     use cubecl::prelude::*;
 
-    /// One AdamW update per element, operation for operation as
-    /// [`adamw_composed`]; `packed` is `[grad scale, apply]`.
+    /// One AdamW update per element of each of `count` parameters,
+    /// operation for operation as [`adamw_composed`]: cube row `y` takes
+    /// parameter `y`, its cubes striding over its elements; `packed` is
+    /// `[grad scale, apply]`.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn adamw_kernel<F: Float>(
-        w: &mut Tensor<F>,
-        g: &Tensor<F>,
-        m: &mut Tensor<F>,
-        v: &mut Tensor<F>,
+        ws: &mut Sequence<Tensor<F>>,
+        gs: &Sequence<Tensor<F>>,
+        ms: &mut Sequence<Tensor<F>>,
+        vs: &mut Sequence<Tensor<F>>,
         packed: &Tensor<F>,
         beta1: f32,
         one_minus_beta1: f32,
@@ -167,18 +201,34 @@ mod kernel {
         eps: f32,
         step_size: f32,
         keep: f32,
+        #[comptime] count: usize,
         #[define(F)] _dtype: StorageType,
     ) {
-        let i = ABSOLUTE_POS;
-        if i >= w.len() || packed[1] < F::new(0.5) {
+        if packed[1] < F::new(0.5) {
             terminate!();
         }
-        let gi = g[i] * packed[0];
-        let mi = m[i] * F::cast_from(beta1) + gi * F::cast_from(one_minus_beta1);
-        let vi = v[i] * F::cast_from(beta2) + gi * gi * F::cast_from(one_minus_beta2);
-        m[i] = mi;
-        v[i] = vi;
-        w[i] = w[i] * F::cast_from(keep)
-            - mi / (F::sqrt(vi) + F::cast_from(eps)) * F::cast_from(step_size);
+        let scale = packed[0];
+        let slot = CUBE_POS_Y as usize;
+        let stride = (CUBE_COUNT_X * CUBE_DIM_X) as usize;
+        #[unroll]
+        for t in 0..count {
+            if slot == t {
+                let w = ws.index_mut(t);
+                let m = ms.index_mut(t);
+                let v = vs.index_mut(t);
+                let g = gs.index(t);
+                let mut i = ABSOLUTE_POS_X as usize;
+                while i < w.len() {
+                    let gi = g[i] * scale;
+                    let mi = m[i] * F::cast_from(beta1) + gi * F::cast_from(one_minus_beta1);
+                    let vi = v[i] * F::cast_from(beta2) + gi * gi * F::cast_from(one_minus_beta2);
+                    m[i] = mi;
+                    v[i] = vi;
+                    w[i] = w[i] * F::cast_from(keep)
+                        - mi / (F::sqrt(vi) + F::cast_from(eps)) * F::cast_from(step_size);
+                    i += stride;
+                }
+            }
+        }
     }
 }

@@ -1,8 +1,12 @@
 //! Our own CubeCL kernels, one source for wgpu and cuda: each a kernel on
 //! `CubeBackend<R>` registered as a custom operation on Burn's fusion
 //! stream (docs/CUBECL-KERNELS.md), and installed through core's kernel
-//! seam.
+//! seam. AdamW and the gradients' sum of squares take every parameter of a
+//! step in one operation and a few launches ([`multi`]).
 
 mod adamw;
+mod multi;
+mod sum_squares;
 
 pub use adamw::CubeAdamW;
+pub use sum_squares::CubeSumSquares;

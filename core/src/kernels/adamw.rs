@@ -94,25 +94,34 @@ impl<B: Backend> UpdateGuard<B> {
     }
 }
 
-/// One AdamW update of one flattened parameter, computed by a backend's own
-/// kernel ([`super::Kernels::adamw`]). [`adamw_composed`] builds the same
-/// update from Burn's element-wise ops, about 13 passes over the parameter
-/// and its moments (each a separate kernel on a backend without fusion); a
-/// kernel does it in one.
+/// One parameter's share of an AdamW step: the parameter `w`, its gradient
+/// `g` and its moments `m`, `v`, all flattened to `[numel]`, with the
+/// scalars of its update (decay differs between parameters).
+#[derive(Debug, Clone)]
+pub struct AdamWSlot<B: Backend> {
+    /// The parameter `[numel]`.
+    pub w: Tensor<B, 1>,
+    /// Its gradient `[numel]`, before the clipping factor.
+    pub g: Tensor<B, 1>,
+    /// The first moment `[numel]`.
+    pub m: Tensor<B, 1>,
+    /// The second moment `[numel]`.
+    pub v: Tensor<B, 1>,
+    /// The update's scalars.
+    pub s: AdamWScalars,
+}
+
+/// The AdamW updates of every parameter of a step, computed by a backend's
+/// own kernel ([`super::Kernels::adamw`]). [`adamw_composed`] builds one
+/// parameter's update from Burn's element-wise ops, about 13 passes over
+/// the parameter and its moments (each a separate kernel on a backend
+/// without fusion) for each of a model's hundreds of parameter tensors; a
+/// kernel does it in one pass, and may take many parameters per launch.
 pub trait AdamWKernel<B: Backend>: Send + Sync {
-    /// Returns the updated `[w, m, v]` from the parameter `w`, its gradient
-    /// `g` and its moments `m`, `v` (all `[numel]`), as [`adamw_composed`]
-    /// computes them: `g` scaled by `guard.scale`, and `w`, `m`, `v`
-    /// returned as they were where `guard.apply` is false.
-    fn update(
-        &self,
-        w: Tensor<B, 1>,
-        g: Tensor<B, 1>,
-        m: Tensor<B, 1>,
-        v: Tensor<B, 1>,
-        s: &AdamWScalars,
-        guard: &UpdateGuard<B>,
-    ) -> [Tensor<B, 1>; 3];
+    /// Returns the updated `[w, m, v]` of each slot, in the slots' order,
+    /// as [`adamw_composed`] computes them: `g` scaled by `guard.scale`,
+    /// and `w`, `m`, `v` returned as they were where `guard.apply` is false.
+    fn update(&self, slots: Vec<AdamWSlot<B>>, guard: &UpdateGuard<B>) -> Vec<[Tensor<B, 1>; 3]>;
 }
 
 /// The AdamW update from Burn's element-wise ops, on any backend.
@@ -124,14 +133,8 @@ pub trait AdamWKernel<B: Backend>: Send + Sync {
 /// M-entry token embedding. Decoupled decay first (torch's order), skipped
 /// where it is zero. The guard's selects keep a non-finite step from
 /// touching anything (a fusing backend folds them into the same kernel).
-pub fn adamw_composed<B: Backend>(
-    w: Tensor<B, 1>,
-    g: Tensor<B, 1>,
-    m: Tensor<B, 1>,
-    v: Tensor<B, 1>,
-    s: &AdamWScalars,
-    guard: &UpdateGuard<B>,
-) -> [Tensor<B, 1>; 3] {
+pub fn adamw_composed<B: Backend>(slot: AdamWSlot<B>, guard: &UpdateGuard<B>) -> [Tensor<B, 1>; 3] {
+    let AdamWSlot { w, g, m, v, s } = slot;
     let [n] = w.dims();
     // Clipping is rare: no pass over the gradient when it is off.
     let g = match &guard.scale {

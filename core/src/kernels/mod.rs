@@ -47,7 +47,7 @@ mod norm;
 mod resolved;
 mod sum_squares;
 
-pub use adamw::{AdamWF32, AdamWKernel, AdamWScalars, UpdateGuard, adamw_composed};
+pub use adamw::{AdamWF32, AdamWKernel, AdamWScalars, AdamWSlot, UpdateGuard, adamw_composed};
 pub use attention::{AttentionKernel, attention, attention_composed};
 pub use embedding::{EmbeddingKernel, embedding};
 pub use gelu::{GeluKernel, gelu, gelu_composed};

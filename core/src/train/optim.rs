@@ -7,17 +7,17 @@
 //! by parameter path: checkpoints then store it as plain safetensors next to
 //! the weights, and a resumed run continues bit for bit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::{
-    AdamWKernel, AdamWScalars, Kernels, SumSquaresKernel, UpdateGuard, adamw_composed,
+    AdamWKernel, AdamWScalars, AdamWSlot, Kernels, SumSquaresKernel, UpdateGuard, adamw_composed,
     sum_squares_composed,
 };
 use crate::state::StateDict;
@@ -129,14 +129,32 @@ impl<B: Backend> AdamW<B> {
         M: AutodiffModule<AB>,
     {
         self.step += 1;
-        let mut mapper = Updater::<AB> {
+        // Two passes: gather every parameter's slot, update them all at
+        // once (a kernel may take many parameters per launch), then put
+        // the new values back by parameter id.
+        let mut gather = Gather::<AB> {
             opt: self,
             lr,
-            guard,
             grads: &mut grads,
             path: Vec::new(),
+            slots: Vec::new(),
+            owners: Vec::new(),
         };
-        module.map(&mut mapper)
+        module.visit(&mut gather);
+        let (slots, owners) = (gather.slots, gather.owners);
+        let updated = match &self.kernel {
+            Some(kernel) => kernel.update(slots, guard),
+            None => slots
+                .into_iter()
+                .map(|slot| adamw_composed(slot, guard))
+                .collect(),
+        };
+        let mut values = HashMap::with_capacity(owners.len());
+        for ((path, id), [w, m, v]) in owners.into_iter().zip(updated) {
+            self.moments.insert(path, (m, v));
+            values.insert(id, w);
+        }
+        module.map(&mut Assign::<AB> { values })
     }
 
     /// The state as host tensors: `m.<path>`, `v.<path>` and `step` (a
@@ -189,16 +207,18 @@ impl<B: Backend> AdamW<B> {
     }
 }
 
-/// Maps every parameter to its updated value.
-struct Updater<'a, AB: AutodiffBackend> {
+/// Gathers the update of every parameter that has a gradient: its slot,
+/// and its path and id to put the result back.
+struct Gather<'a, AB: AutodiffBackend> {
     opt: &'a mut AdamW<AB::InnerBackend>,
     lr: f64,
-    guard: &'a UpdateGuard<AB::InnerBackend>,
     grads: &'a mut GradientsParams,
     path: Vec<String>,
+    slots: Vec<AdamWSlot<AB::InnerBackend>>,
+    owners: Vec<(String, ParamId)>,
 }
 
-impl<AB: AutodiffBackend> ModuleMapper<AB> for Updater<'_, AB> {
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for Gather<'_, AB> {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
         self.path.push(name.to_string());
     }
@@ -207,17 +227,15 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Updater<'_, AB> {
         self.path.pop();
     }
 
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
-        let (id, tensor, mapper) = param.consume();
-        let Some(grad) = self.grads.remove::<AB::InnerBackend, D>(id) else {
-            return Param::from_mapped_value(id, tensor, mapper);
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+        let Some(grad) = self.grads.remove::<AB::InnerBackend, D>(param.id) else {
+            return;
         };
         let path = self.path.join(".");
         let c = self.opt.config;
-        let shape = tensor.shape();
-        let numel = shape.num_elements();
-        let require_grad = tensor.is_require_grad();
-        let w = tensor.inner().reshape([numel]); // [numel]
+        let tensor = param.val().inner();
+        let numel = tensor.shape().num_elements();
+        let w = tensor.reshape([numel]); // [numel]
         let g = grad.reshape([numel]); // [numel]
         let (m, v) = match self.opt.moments.remove(&path) {
             Some(mv) => mv,
@@ -238,13 +256,24 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Updater<'_, AB> {
             step_size: self.lr * bc2.sqrt() / bc1,
             keep: 1.0 - decay,
         };
-        let [w, m, v] = match &self.opt.kernel {
-            Some(kernel) => kernel.update(w, g, m, v, &s, self.guard),
-            None => adamw_composed(w, g, m, v, &s, self.guard),
+        self.slots.push(AdamWSlot { w, g, m, v, s });
+        self.owners.push((path, param.id));
+    }
+}
+
+/// Puts each updated parameter (flattened, by id) back in its place.
+struct Assign<AB: AutodiffBackend> {
+    values: HashMap<ParamId, Tensor<AB::InnerBackend, 1>>,
+}
+
+impl<AB: AutodiffBackend> ModuleMapper<AB> for Assign<AB> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let Some(w) = self.values.remove(&id) else {
+            return Param::from_mapped_value(id, tensor, mapper);
         };
-        self.opt.moments.insert(path, (m, v));
-        let mut out = Tensor::<AB, 1>::from_inner(w).reshape(shape);
-        if require_grad {
+        let mut out = Tensor::<AB, 1>::from_inner(w).reshape(tensor.shape());
+        if tensor.is_require_grad() {
             out = out.require_grad();
         }
         Param::from_mapped_value(id, out, mapper)
@@ -323,14 +352,10 @@ mod tests {
         impl AdamWKernel<Inner> for Identity {
             fn update(
                 &self,
-                w: Tensor<Inner, 1>,
-                _g: Tensor<Inner, 1>,
-                m: Tensor<Inner, 1>,
-                v: Tensor<Inner, 1>,
-                _s: &AdamWScalars,
+                slots: Vec<AdamWSlot<Inner>>,
                 _guard: &UpdateGuard<Inner>,
-            ) -> [Tensor<Inner, 1>; 3] {
-                [w, m, v]
+            ) -> Vec<[Tensor<Inner, 1>; 3]> {
+                slots.into_iter().map(|s| [s.w, s.m, s.v]).collect()
             }
         }
         let device = Default::default();
