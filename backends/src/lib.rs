@@ -363,19 +363,28 @@ pub fn install_kernels(kind: BackendKind) -> clipa_core::kernels::Installed {
     }
 }
 
-/// The CubeCL kernels for the inner backend `B` (the optimiser's).
+/// The CubeCL kernels: AdamW and the gradients' sum of squares on the
+/// inner backend `B` (the optimiser's), attention on the autodiff backend
+/// that trains (at inference Burn's own flash kernel runs it already).
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 fn cube_kernels<B>() -> clipa_core::kernels::Installed
 where
     B: burn::tensor::backend::Backend,
     cube::CubeAdamW: clipa_core::kernels::AdamWKernel<B>,
     cube::CubeSumSquares: clipa_core::kernels::SumSquaresKernel<B>,
+    cube::CubeAttention: clipa_core::kernels::AttentionKernel<burn::backend::Autodiff<B>>,
 {
-    clipa_core::kernels::install(clipa_core::kernels::Kernels::<B> {
-        adamw: Some(std::sync::Arc::new(cube::CubeAdamW)),
-        sum_squares: Some(std::sync::Arc::new(cube::CubeSumSquares)),
+    use clipa_core::kernels::{Kernels, install};
+    use std::sync::Arc;
+    install(Kernels::<B> {
+        adamw: Some(Arc::new(cube::CubeAdamW)),
+        sum_squares: Some(Arc::new(cube::CubeSumSquares)),
         ..Default::default()
     })
+    .and(install(Kernels::<burn::backend::Autodiff<B>> {
+        attention: Some(Arc::new(cube::CubeAttention)),
+        ..Default::default()
+    }))
 }
 
 /// The CPU backend type, for benches that compare backends directly.

@@ -1,10 +1,11 @@
 //! AdamW for every parameter of a step in a handful of CubeCL launches
-//! (wgpu, cuda), in place, the guard read on the device.
+//! (wgpu, cuda), the guard read on the device.
 
 use std::marker::PhantomData;
 
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::fusion::FusionCubeRuntime;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, tensor::CubeTensor};
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionRuntime};
@@ -27,8 +28,9 @@ type Inner<R, BT> = Fusion<CubeBackend<R, f32, i32, BT>>;
 /// tensors. Here one operation (as burn-vision registers its own) takes
 /// every parameter, and launches one kernel per chunk of parameters that
 /// share their scalars (decayed or not) and fit the device's binding limit
-/// ([`chunks`]); each launch reads w, g, m, v once and writes w, m, v in
-/// place: 28 bytes per parameter. The guard (`[scale, apply]`, packed once
+/// ([`chunks`]); each launch reads w, g, m, v once and writes m, v in
+/// place and the new w to a fresh buffer (the module holds the old one
+/// until the step returns): 28 bytes per parameter. The guard (`[scale, apply]`, packed once
 /// per step by [`UpdateGuard`]) is read on the device, so a step not
 /// applied writes nothing and the host never waits.
 pub struct CubeAdamW;
@@ -118,23 +120,39 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>>
             .chunks_exact(4)
             .map(|c| [get(&c[0]), get(&c[1]), get(&c[2]), get(&c[3])])
             .collect();
-        // Owned, contiguous buffers to write in place (a copy first where
-        // something else still holds one, so no other tensor sees it).
+        // The moments are the optimiser's alone: owned, contiguous buffers
+        // written in place (a copy first where something else still holds
+        // one, so no other tensor sees it). The module still holds each
+        // weight while the step runs, so the new weights go to fresh
+        // buffers rather than paying a copy of each first.
+        let mut fresh = Vec::with_capacity(params.len());
         for [w, g, m, v] in params.iter_mut() {
-            *w = own(w.clone());
+            *w = burn_cubecl::kernel::into_contiguous(w.clone());
+            *g = burn_cubecl::kernel::into_contiguous(g.clone());
             *m = own(m.clone());
             *v = own(v.clone());
-            *g = burn_cubecl::kernel::into_contiguous(g.clone());
+            fresh.push(empty_device_contiguous_dtype(
+                w.client.clone(),
+                w.device.clone(),
+                w.meta.shape().clone(),
+                DType::F32,
+            ));
         }
         let numels: Vec<usize> = params.iter().map(|p| p[0].meta.num_elements()).collect();
         let client = packed.client.clone();
-        // Four bindings a parameter, plus the guard and CubeCL's info.
-        let per_launch = (client.properties().hardware.max_bindings as usize).saturating_sub(2) / 4;
+        // Five bindings a parameter, plus the guard and CubeCL's info.
+        let per_launch = (client.properties().hardware.max_bindings as usize).saturating_sub(2) / 5;
         for chunk in chunks(&numels, &self.scalars, per_launch) {
-            launch::<R>(&params, &packed, &chunk, &self.scalars[chunk.slots[0]]);
+            launch::<R>(
+                &params,
+                &fresh,
+                &packed,
+                &chunk,
+                &self.scalars[chunk.slots[0]],
+            );
         }
-        for (p, o) in params.into_iter().zip(outputs.chunks_exact(3)) {
-            let [w, _, m, v] = p;
+        for ((p, w), o) in params.into_iter().zip(fresh).zip(outputs.chunks_exact(3)) {
+            let [_, _, m, v] = p;
             handles.register_float_tensor::<B<R, BT>>(&o[0].id, w);
             handles.register_float_tensor::<B<R, BT>>(&o[1].id, m);
             handles.register_float_tensor::<B<R, BT>>(&o[2].id, v);
@@ -146,18 +164,19 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>>
 /// `y` updates parameter `chunk.slots[y]`, its cubes striding over it.
 fn launch<R: CubeRuntime>(
     params: &[[CubeTensor<R>; 4]],
+    fresh: &[CubeTensor<R>],
     packed: &CubeTensor<R>,
     chunk: &Chunk,
     k: &AdamWF32,
 ) {
     let client = packed.client.clone();
-    let mut seqs: [SequenceArg<R, _>; 4] = Default::default();
+    let mut seqs: [SequenceArg<R, _>; 5] = Default::default();
     for &i in &chunk.slots {
-        for (seq, t) in seqs.iter_mut().zip(&params[i]) {
+        for (seq, t) in seqs.iter_mut().zip(params[i].iter().chain([&fresh[i]])) {
             seq.push(t.clone().into_tensor_arg());
         }
     }
-    let [ws, gs, ms, vs] = seqs;
+    let [ws, gs, ms, vs, wo] = seqs;
     kernel::adamw_kernel::launch::<R>(
         &client,
         CubeCount::Static(chunk.cubes_x, chunk.slots.len() as u32, 1),
@@ -166,6 +185,7 @@ fn launch<R: CubeRuntime>(
         gs,
         ms,
         vs,
+        wo,
         packed.clone().into_tensor_arg(),
         k.beta1,
         k.one_minus_beta1,
@@ -184,15 +204,18 @@ mod kernel {
 
     /// One AdamW update per element of each of `count` parameters,
     /// operation for operation as [`adamw_composed`]: cube row `y` takes
-    /// parameter `y`, its cubes striding over its elements; `packed` is
-    /// `[grad scale, apply]`.
+    /// parameter `y`, its cubes striding over its elements; the new weights
+    /// go to `wos`, the moments are updated in place; `packed` is
+    /// `[grad scale, apply]`: a step not applied copies the weights and
+    /// leaves the moments.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn adamw_kernel<F: Float>(
-        ws: &mut Sequence<Tensor<F>>,
+        ws: &Sequence<Tensor<F>>,
         gs: &Sequence<Tensor<F>>,
         ms: &mut Sequence<Tensor<F>>,
         vs: &mut Sequence<Tensor<F>>,
+        wos: &mut Sequence<Tensor<F>>,
         packed: &Tensor<F>,
         beta1: f32,
         one_minus_beta1: f32,
@@ -204,28 +227,32 @@ mod kernel {
         #[comptime] count: usize,
         #[define(F)] _dtype: StorageType,
     ) {
-        if packed[1] < F::new(0.5) {
-            terminate!();
-        }
+        let apply = packed[1] > F::new(0.5);
         let scale = packed[0];
         let slot = CUBE_POS_Y as usize;
         let stride = (CUBE_COUNT_X * CUBE_DIM_X) as usize;
         #[unroll]
         for t in 0..count {
             if slot == t {
-                let w = ws.index_mut(t);
+                let w = ws.index(t);
                 let m = ms.index_mut(t);
                 let v = vs.index_mut(t);
                 let g = gs.index(t);
+                let wo = wos.index_mut(t);
                 let mut i = ABSOLUTE_POS_X as usize;
                 while i < w.len() {
-                    let gi = g[i] * scale;
-                    let mi = m[i] * F::cast_from(beta1) + gi * F::cast_from(one_minus_beta1);
-                    let vi = v[i] * F::cast_from(beta2) + gi * gi * F::cast_from(one_minus_beta2);
-                    m[i] = mi;
-                    v[i] = vi;
-                    w[i] = w[i] * F::cast_from(keep)
-                        - mi / (F::sqrt(vi) + F::cast_from(eps)) * F::cast_from(step_size);
+                    if apply {
+                        let gi = g[i] * scale;
+                        let mi = m[i] * F::cast_from(beta1) + gi * F::cast_from(one_minus_beta1);
+                        let vi =
+                            v[i] * F::cast_from(beta2) + gi * gi * F::cast_from(one_minus_beta2);
+                        m[i] = mi;
+                        v[i] = vi;
+                        wo[i] = w[i] * F::cast_from(keep)
+                            - mi / (F::sqrt(vi) + F::cast_from(eps)) * F::cast_from(step_size);
+                    } else {
+                        wo[i] = w[i];
+                    }
                     i += stride;
                 }
             }

@@ -1,0 +1,618 @@
+//! Multi-head attention as our own CubeCL kernels (wgpu, cuda), forward
+//! and backward, for training: three launches a layer where Burn 0.21's
+//! autodiff decomposes attention into about a dozen differentiated ops.
+
+use std::marker::PhantomData;
+
+use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn_autodiff::Autodiff;
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::checkpoint::strategy::NoCheckpointing;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_cubecl::fusion::FusionCubeRuntime;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, tensor::CubeTensor};
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::{Fusion, FusionRuntime, FusionTensor};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+use clipa_core::kernels::{AttentionKernel, attention_composed};
+use cubecl::{CubeCount, CubeDim};
+
+/// The inner (non-autodiff) CubeCL backend with Burn's fusion, float32.
+type Inner<R, BT> = Fusion<CubeBackend<R, f32, i32, BT>>;
+/// Its fusion runtime.
+type Fr<R> = FusionCubeRuntime<R>;
+
+/// Rows (queries or keys) per cube, one a unit; also the rows of a tile of
+/// the other side staged in shared memory.
+const ROWS: u32 = 16;
+
+/// The largest head dimension the kernels take (each unit holds a row of
+/// that many floats in registers); wider heads take the composed path.
+pub const MAX_HEAD_DIM: usize = 128;
+
+/// softmax(q·kᵀ/√d)·v in our kernels, with its backward, on the autodiff
+/// backend that trains.
+///
+/// - Forward, one launch: a cube per (batch, head, 16 queries), one unit
+///   a query; key and value tiles of 16 rows staged in shared memory; an
+///   online softmax (running max and sum), so the scores never reach
+///   global memory; the output and each query's logsumexp are written.
+/// - Backward, two launches and no atomics: per query, Δ = dO·O and
+///   dQ = Σ_j P·(dO·v_j − Δ)·k_j/√d, recomputing each score from the saved
+///   logsumexp; per key, dV = Σ_i P·dO_i and dK = Σ_i P·(dO_i·v − Δ_i)·q_i/√d.
+/// - q, k and v are read in the projections' token-major layout
+///   `[batch, tokens, heads, head_dim]` through their strides, so the
+///   heads are never transposed into copies.
+///
+/// Arithmetic and reads: per (batch, head), 2·N²·d multiply-adds forward
+/// and 4·N²·d backward (the scores are recomputed twice), against a read
+/// of q, k, v (and dO, O) from global memory once per 16-row tile.
+pub struct CubeAttention;
+
+impl CubeAttention {
+    /// Whether q, k and v of `dims` (`[batch, tokens, heads, head_dim]`
+    /// each) and `dtype` run in the kernels; the composed attention
+    /// otherwise (other dtypes, heads wider than [`MAX_HEAD_DIM`], q/k/v
+    /// of different shapes).
+    pub fn takes(dims: [[usize; 4]; 3], dtype: DType) -> bool {
+        dtype == DType::F32
+            && dims[0][3] <= MAX_HEAD_DIM
+            && dims[0] == dims[1]
+            && dims[1] == dims[2]
+    }
+}
+
+impl<R: CubeRuntime, BT: BoolElement> AttentionKernel<Autodiff<Inner<R, BT>>> for CubeAttention {
+    fn attention(
+        &self,
+        q: Tensor<Autodiff<Inner<R, BT>>, 4>,
+        k: Tensor<Autodiff<Inner<R, BT>>, 4>,
+        v: Tensor<Autodiff<Inner<R, BT>>, 4>,
+        causal: bool,
+    ) -> Tensor<Autodiff<Inner<R, BT>>, 4> {
+        let same_dtype = q.dtype() == k.dtype() && k.dtype() == v.dtype();
+        if !same_dtype || !Self::takes([q.dims(), k.dims(), v.dims()], q.dtype()) {
+            return attention_composed(q, k, v, causal);
+        }
+        let [q, k, v] = [q, k, v].map(|t| t.into_primitive().tensor());
+        let [o, lse] = forward::<R, BT>(
+            q.primitive.clone(),
+            k.primitive.clone(),
+            v.primitive.clone(),
+            causal,
+        );
+        let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
+        let out = match AttentionBackward::<R, BT>::new(causal)
+            .prepare::<NoCheckpointing>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                prep.finish([q.primitive, k.primitive, v.primitive, o.clone(), lse], o)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(o),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+}
+
+/// The backward of [`CubeAttention`]; its state is `[q, k, v, o, lse]`.
+#[derive(Debug)]
+struct AttentionBackward<R, BT> {
+    causal: bool,
+    _b: PhantomData<(R, BT)>,
+}
+
+impl<R, BT> AttentionBackward<R, BT> {
+    fn new(causal: bool) -> Self {
+        Self {
+            causal,
+            _b: PhantomData,
+        }
+    }
+}
+
+impl<R: CubeRuntime, BT: BoolElement> Backward<Inner<R, BT>, 3> for AttentionBackward<R, BT> {
+    type State = [FusionTensor<Fr<R>>; 5];
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [nq, nk, nv] = ops.parents;
+        let grad = grads.consume::<Inner<R, BT>>(&ops.node);
+        let [q, k, v, o, lse] = ops.state;
+        let [dq, dk, dv] = backward::<R, BT>([q, k, v, o, lse, grad], self.causal);
+        for (node, g) in [(nq, dq), (nk, dk), (nv, dv)] {
+            if let Some(node) = node {
+                grads.register::<Inner<R, BT>>(node.id, g);
+            }
+        }
+    }
+}
+
+/// Registers `op` with `inputs` on the fusion stream, its outputs float32
+/// tensors of `shapes`.
+fn register<R: CubeRuntime, O: Operation<Fr<R>> + 'static>(
+    name: &'static str,
+    inputs: Vec<FusionTensor<Fr<R>>>,
+    shapes: Vec<Shape>,
+    op: impl FnOnce(CustomOpIr) -> O,
+) -> Vec<FusionTensor<Fr<R>>> {
+    let client = inputs[0].client.clone();
+    let streams = OperationStreams::with_inputs(inputs.iter());
+    let inputs: Vec<_> = inputs.into_iter().map(|t| t.into_ir()).collect();
+    let outputs: Vec<_> = shapes
+        .into_iter()
+        .map(|s| TensorIr::uninit(client.create_empty_handle(), s, DType::F32))
+        .collect();
+    let desc = CustomOpIr::new(name, &inputs, &outputs);
+    client.register(streams, OperationIr::Custom(desc.clone()), op(desc))
+}
+
+/// `[o, lse]`: o `[batch, tokens, heads, head_dim]` (contiguous), lse
+/// `[batch, heads, tokens]`.
+fn forward<R: CubeRuntime, BT: BoolElement>(
+    q: FusionTensor<Fr<R>>,
+    k: FusionTensor<Fr<R>>,
+    v: FusionTensor<Fr<R>>,
+    causal: bool,
+) -> [FusionTensor<Fr<R>>; 2] {
+    let [b, n, h, _] = q.shape.dims::<4>();
+    let shapes = vec![q.shape.clone(), Shape::new([b, h, n])];
+    let out = register::<R, _>("clipa_attention", vec![q, k, v], shapes, |desc| {
+        AttentionOp::<CubeBackend<R, f32, i32, BT>> {
+            desc,
+            causal,
+            backward: false,
+            _b: PhantomData,
+        }
+    });
+    out.try_into().expect("two outputs")
+}
+
+/// `[dq, dk, dv]`, each `[batch, tokens, heads, head_dim]`, from
+/// `[q, k, v, o, lse, do]`.
+fn backward<R: CubeRuntime, BT: BoolElement>(
+    inputs: [FusionTensor<Fr<R>>; 6],
+    causal: bool,
+) -> [FusionTensor<Fr<R>>; 3] {
+    let shape = inputs[0].shape.clone();
+    let shapes = vec![shape.clone(), shape.clone(), shape];
+    let out = register::<R, _>("clipa_attention_backward", inputs.into(), shapes, |desc| {
+        AttentionOp::<CubeBackend<R, f32, i32, BT>> {
+            desc,
+            causal,
+            backward: true,
+            _b: PhantomData,
+        }
+    });
+    out.try_into().expect("three outputs")
+}
+
+/// The forward or the backward as an operation on the fusion stream.
+#[derive(Debug)]
+struct AttentionOp<B> {
+    desc: CustomOpIr,
+    causal: bool,
+    backward: bool,
+    _b: PhantomData<B>,
+}
+
+impl<R: CubeRuntime, BT: BoolElement> Operation<Fr<R>>
+    for AttentionOp<CubeBackend<R, f32, i32, BT>>
+{
+    fn execute(&self, handles: &mut HandleContainer<<Fr<R> as FusionRuntime>::FusionHandle>) {
+        type B<R, BT> = CubeBackend<R, f32, i32, BT>;
+        let inputs: Vec<CubeTensor<R>> = self
+            .desc
+            .inputs
+            .iter()
+            .map(|t| handles.get_float_tensor::<B<R, BT>>(t))
+            .collect();
+        let outputs = match self.backward {
+            false => launch_forward(&inputs, self.causal),
+            true => launch_backward(&inputs, self.causal),
+        };
+        for (ir, t) in self.desc.outputs.iter().zip(outputs) {
+            handles.register_float_tensor::<B<R, BT>>(&ir.id, t);
+        }
+    }
+}
+
+/// A contiguous float32 tensor of `shape` on `like`'s device.
+fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape) -> CubeTensor<R> {
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, DType::F32)
+}
+
+/// The launch geometry: a cube per (16 rows, head, batch row).
+fn geometry(b: usize, n: usize, h: usize) -> (CubeCount, CubeDim) {
+    let tiles = n.div_ceil(ROWS as usize) as u32;
+    (
+        CubeCount::Static(tiles, h as u32, b as u32),
+        CubeDim::new_1d(ROWS),
+    )
+}
+
+/// `[o, lse]` from `[q, k, v]`.
+fn launch_forward<R: CubeRuntime>(inputs: &[CubeTensor<R>], causal: bool) -> Vec<CubeTensor<R>> {
+    let [q, k, v] = [&inputs[0], &inputs[1], &inputs[2]];
+    let [b, n, h, d] = q.meta.shape().dims::<4>();
+    let o = empty(q, Shape::new([b, n, h, d]));
+    let lse = empty(q, Shape::new([b, h, n]));
+    let (count, dim) = geometry(b, n, h);
+    kernel::forward_kernel::launch::<R>(
+        &q.client,
+        count,
+        dim,
+        q.clone().into_tensor_arg(),
+        k.clone().into_tensor_arg(),
+        v.clone().into_tensor_arg(),
+        o.clone().into_tensor_arg(),
+        lse.clone().into_tensor_arg(),
+        1.0 / (d as f32).sqrt(),
+        causal,
+        d,
+        ROWS as usize,
+        DType::F32.into(),
+    );
+    vec![o, lse]
+}
+
+/// `[dq, dk, dv]` from `[q, k, v, o, lse, do]`.
+fn launch_backward<R: CubeRuntime>(inputs: &[CubeTensor<R>], causal: bool) -> Vec<CubeTensor<R>> {
+    let [q, k, v, o, lse, dout] = [0, 1, 2, 3, 4, 5].map(|i| &inputs[i]);
+    let [b, n, h, d] = q.meta.shape().dims::<4>();
+    let shape = Shape::new([b, n, h, d]);
+    let (dq, dk, dv) = (
+        empty(q, shape.clone()),
+        empty(q, shape.clone()),
+        empty(q, shape),
+    );
+    // Δ_i = dO_i·O_i, [batch, heads, tokens], written by the query pass.
+    let delta = empty(q, Shape::new([b, h, n]));
+    let scale = 1.0 / (d as f32).sqrt();
+    let (count, dim) = geometry(b, n, h);
+    let arg = |t: &CubeTensor<R>| t.clone().into_tensor_arg();
+    kernel::backward_query_kernel::launch::<R>(
+        &q.client,
+        count.clone(),
+        dim,
+        arg(q),
+        arg(k),
+        arg(v),
+        arg(o),
+        arg(lse),
+        arg(dout),
+        arg(&dq),
+        arg(&delta),
+        scale,
+        causal,
+        d,
+        ROWS as usize,
+        DType::F32.into(),
+    );
+    kernel::backward_key_kernel::launch::<R>(
+        &q.client,
+        count,
+        dim,
+        arg(q),
+        arg(k),
+        arg(v),
+        arg(lse),
+        arg(&delta),
+        arg(dout),
+        arg(&dk),
+        arg(&dv),
+        scale,
+        causal,
+        d,
+        ROWS as usize,
+        DType::F32.into(),
+    );
+    vec![dq, dk, dv]
+}
+
+mod kernel {
+    use cubecl::prelude::*;
+
+    /// The offset of element `(batch, token, head, 0)` of a
+    /// `[batch, tokens, heads, head_dim]` tensor, through its strides.
+    #[cube]
+    fn row<F: Float>(t: &Tensor<F>, batch: usize, token: usize, head: usize) -> usize {
+        batch * t.stride(0) + token * t.stride(1) + head * t.stride(2)
+    }
+
+    /// Stages rows `start..start + rows` of `t` (head `head` of batch row
+    /// `batch`) into `tile` `[rows, d]`, zeros past the end; every unit
+    /// of the cube takes part.
+    #[cube]
+    fn stage<F: Float>(
+        t: &Tensor<F>,
+        tile: &mut SharedMemory<F>,
+        batch: usize,
+        head: usize,
+        start: usize,
+        n: usize,
+        #[comptime] d: usize,
+        #[comptime] rows: usize,
+    ) {
+        let s3 = t.stride(3);
+        let mut e = UNIT_POS_X as usize;
+        while e < rows * d {
+            let r = e / d;
+            let c = e % d;
+            let token = start + r;
+            let mut x = F::new(0.0);
+            if token < n {
+                x = t[row::<F>(t, batch, token, head) + c * s3];
+            }
+            tile[e] = x;
+            e += rows;
+        }
+    }
+
+    /// One query per unit: o = softmax(q·kᵀ·scale)·v by an online softmax
+    /// over key tiles, and lse = the log of the softmax's denominator
+    /// (with its max).
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward_kernel<F: Float>(
+        q: &Tensor<F>,
+        k: &Tensor<F>,
+        v: &Tensor<F>,
+        o: &mut Tensor<F>,
+        lse: &mut Tensor<F>,
+        scale: f32,
+        #[comptime] causal: bool,
+        #[comptime] d: usize,
+        #[comptime] rows: usize,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let n = q.shape(1);
+        let batch = CUBE_POS_Z as usize;
+        let head = CUBE_POS_Y as usize;
+        let i = CUBE_POS_X as usize * rows + UNIT_POS_X as usize;
+        let live = i < n;
+        let mut qi = Array::<F>::new(d);
+        let mut acc = Array::<F>::new(d);
+        let qs = q.stride(3);
+        for c in 0..d {
+            let mut x = F::new(0.0);
+            if live {
+                x = q[row::<F>(q, batch, i, head) + c * qs] * F::cast_from(scale);
+            }
+            qi[c] = x;
+            acc[c] = F::new(0.0);
+        }
+        let mut m = F::new(-1e30);
+        let mut l = F::new(0.0);
+        let mut kt = SharedMemory::<F>::new(rows * d);
+        let mut vt = SharedMemory::<F>::new(rows * d);
+        // Causal: keys past the cube's last query are never needed.
+        let mut end = n;
+        if causal {
+            let last = (CUBE_POS_X as usize + 1) * rows;
+            if last < n {
+                end = last;
+            }
+        }
+        let mut start = 0;
+        while start < end {
+            sync_cube();
+            stage::<F>(k, &mut kt, batch, head, start, n, d, rows);
+            stage::<F>(v, &mut vt, batch, head, start, n, d, rows);
+            sync_cube();
+            for r in 0..rows {
+                let j = start + r;
+                if live && j < n && !(causal && j > i) {
+                    let mut s = F::new(0.0);
+                    for c in 0..d {
+                        s += qi[c] * kt[r * d + c];
+                    }
+                    let m1 = F::max(m, s);
+                    let keep = F::exp(m - m1);
+                    let p = F::exp(s - m1);
+                    l = l * keep + p;
+                    for c in 0..d {
+                        acc[c] = acc[c] * keep + p * vt[r * d + c];
+                    }
+                    m = m1;
+                }
+            }
+            start += rows;
+        }
+        if live {
+            let base = row::<F>(o, batch, i, head);
+            for c in 0..d {
+                o[base + c * o.stride(3)] = acc[c] / l;
+            }
+            lse[(batch * lse.stride(0)) + head * lse.stride(1) + i * lse.stride(2)] = m + F::ln(l);
+        }
+    }
+
+    /// One query per unit: Δ_i = dO_i·O_i, and
+    /// dQ_i = scale·Σ_j P_ij·(dO_i·v_j − Δ_i)·k_j, each P_ij recomputed
+    /// from the saved logsumexp.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward_query_kernel<F: Float>(
+        q: &Tensor<F>,
+        k: &Tensor<F>,
+        v: &Tensor<F>,
+        o: &Tensor<F>,
+        lse: &Tensor<F>,
+        dout: &Tensor<F>,
+        dq: &mut Tensor<F>,
+        delta: &mut Tensor<F>,
+        scale: f32,
+        #[comptime] causal: bool,
+        #[comptime] d: usize,
+        #[comptime] rows: usize,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let n = q.shape(1);
+        let batch = CUBE_POS_Z as usize;
+        let head = CUBE_POS_Y as usize;
+        let i = CUBE_POS_X as usize * rows + UNIT_POS_X as usize;
+        let live = i < n;
+        let mut qi = Array::<F>::new(d);
+        let mut gi = Array::<F>::new(d);
+        let mut acc = Array::<F>::new(d);
+        let mut di = F::new(0.0);
+        let mut li = F::new(0.0);
+        for c in 0..d {
+            let mut x = F::new(0.0);
+            let mut g = F::new(0.0);
+            if live {
+                x = q[row::<F>(q, batch, i, head) + c * q.stride(3)] * F::cast_from(scale);
+                g = dout[row::<F>(dout, batch, i, head) + c * dout.stride(3)];
+                di += g * o[row::<F>(o, batch, i, head) + c * o.stride(3)];
+            }
+            qi[c] = x;
+            gi[c] = g;
+            acc[c] = F::new(0.0);
+        }
+        if live {
+            li = lse[batch * lse.stride(0) + head * lse.stride(1) + i * lse.stride(2)];
+        }
+        let mut kt = SharedMemory::<F>::new(rows * d);
+        let mut vt = SharedMemory::<F>::new(rows * d);
+        let mut end = n;
+        if causal {
+            let last = (CUBE_POS_X as usize + 1) * rows;
+            if last < n {
+                end = last;
+            }
+        }
+        let mut start = 0;
+        while start < end {
+            sync_cube();
+            stage::<F>(k, &mut kt, batch, head, start, n, d, rows);
+            stage::<F>(v, &mut vt, batch, head, start, n, d, rows);
+            sync_cube();
+            for r in 0..rows {
+                let j = start + r;
+                if live && j < n && !(causal && j > i) {
+                    let mut s = F::new(0.0);
+                    let mut dp = F::new(0.0);
+                    for c in 0..d {
+                        s += qi[c] * kt[r * d + c];
+                        dp += gi[c] * vt[r * d + c];
+                    }
+                    let ds = F::exp(s - li) * (dp - di);
+                    for c in 0..d {
+                        acc[c] += ds * kt[r * d + c];
+                    }
+                }
+            }
+            start += rows;
+        }
+        if live {
+            let base = row::<F>(dq, batch, i, head);
+            for c in 0..d {
+                dq[base + c * dq.stride(3)] = acc[c] * F::cast_from(scale);
+            }
+            delta[batch * delta.stride(0) + head * delta.stride(1) + i * delta.stride(2)] = di;
+        }
+    }
+
+    /// One key per unit: dV_j = Σ_i P_ij·dO_i and
+    /// dK_j = scale·Σ_i P_ij·(dO_i·v_j − Δ_i)·q_i, over query tiles.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward_key_kernel<F: Float>(
+        q: &Tensor<F>,
+        k: &Tensor<F>,
+        v: &Tensor<F>,
+        lse: &Tensor<F>,
+        delta: &Tensor<F>,
+        dout: &Tensor<F>,
+        dk: &mut Tensor<F>,
+        dv: &mut Tensor<F>,
+        scale: f32,
+        #[comptime] causal: bool,
+        #[comptime] d: usize,
+        #[comptime] rows: usize,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let n = q.shape(1);
+        let batch = CUBE_POS_Z as usize;
+        let head = CUBE_POS_Y as usize;
+        let j = CUBE_POS_X as usize * rows + UNIT_POS_X as usize;
+        let live = j < n;
+        let mut kj = Array::<F>::new(d);
+        let mut vj = Array::<F>::new(d);
+        let mut gk = Array::<F>::new(d);
+        let mut gv = Array::<F>::new(d);
+        for c in 0..d {
+            let mut x = F::new(0.0);
+            let mut y = F::new(0.0);
+            if live {
+                x = k[row::<F>(k, batch, j, head) + c * k.stride(3)] * F::cast_from(scale);
+                y = v[row::<F>(v, batch, j, head) + c * v.stride(3)];
+            }
+            kj[c] = x;
+            vj[c] = y;
+            gk[c] = F::new(0.0);
+            gv[c] = F::new(0.0);
+        }
+        let mut qt = SharedMemory::<F>::new(rows * d);
+        let mut gt = SharedMemory::<F>::new(rows * d);
+        let mut lt = SharedMemory::<F>::new(rows);
+        let mut dt = SharedMemory::<F>::new(rows);
+        // Causal: queries before the cube's first key never see it.
+        let mut start = 0;
+        if causal {
+            start = CUBE_POS_X as usize * rows;
+        }
+        while start < n {
+            sync_cube();
+            stage::<F>(q, &mut qt, batch, head, start, n, d, rows);
+            stage::<F>(dout, &mut gt, batch, head, start, n, d, rows);
+            let u = UNIT_POS_X as usize;
+            let mut lv = F::new(0.0);
+            let mut dv0 = F::new(0.0);
+            if start + u < n {
+                let at = batch * lse.stride(0) + head * lse.stride(1) + (start + u) * lse.stride(2);
+                lv = lse[at];
+                dv0 = delta[batch * delta.stride(0)
+                    + head * delta.stride(1)
+                    + (start + u) * delta.stride(2)];
+            }
+            lt[u] = lv;
+            dt[u] = dv0;
+            sync_cube();
+            for r in 0..rows {
+                let i = start + r;
+                if live && i < n && !(causal && j > i) {
+                    let mut s = F::new(0.0);
+                    let mut dp = F::new(0.0);
+                    for c in 0..d {
+                        s += kj[c] * qt[r * d + c];
+                        dp += vj[c] * gt[r * d + c];
+                    }
+                    let p = F::exp(s - lt[r]);
+                    let ds = p * (dp - dt[r]);
+                    for c in 0..d {
+                        gv[c] += p * gt[r * d + c];
+                        gk[c] += ds * qt[r * d + c];
+                    }
+                }
+            }
+            start += rows;
+        }
+        if live {
+            let bk = row::<F>(dk, batch, j, head);
+            let bv = row::<F>(dv, batch, j, head);
+            for c in 0..d {
+                dk[bk + c * dk.stride(3)] = gk[c] * F::cast_from(scale);
+                dv[bv + c * dv.stride(3)] = gv[c];
+            }
+        }
+    }
+}
