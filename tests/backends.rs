@@ -493,3 +493,77 @@ fn cube_attention_matches_the_composed_one_with_gradients_on_wgpu() {
         );
     }
 }
+
+/// Our CubeCL LayerNorm (one launch forward, three backward, under
+/// autodiff) against Burn's `LayerNorm` on wgpu, within 1e-4 in the output
+/// and the gradients of x, γ and β: rows fewer than, and several times,
+/// the 64 of a parameter-gradient part, widths below and above a cube's
+/// 128 units and not a multiple of them.
+#[cfg(feature = "wgpu")]
+#[test]
+fn cube_layer_norm_matches_burns_with_gradients_on_wgpu() {
+    use burn::backend::{Autodiff, Wgpu};
+    use burn::module::Param;
+    use burn::nn::LayerNormConfig;
+    use burn::tensor::Tensor;
+    use clipa_backends::cube::CubeLayerNorm;
+    use clipa_backends::wgpu_device;
+    use clipa_core::kernels::LayerNormKernel;
+    use clipa_core::numeric::{normal_data, relative_error};
+
+    use crate::common::skip_or_fail;
+
+    type B = Autodiff<Wgpu>;
+    let (device, _) = match wgpu_device(None) {
+        Ok(found) => found,
+        Err(err) => {
+            return skip_or_fail(
+                "cube_layer_norm_matches_burns_with_gradients_on_wgpu",
+                &err.to_string(),
+            );
+        }
+    };
+    let eps = 1e-5;
+    for (i, [batch, tokens, width]) in [[2, 17, 96], [3, 65, 256], [1, 50, 200]]
+        .into_iter()
+        .enumerate()
+    {
+        let seed = 1000 + 10 * i as u64;
+        let data = |shape: Vec<usize>, s, std| normal_data(shape, seed + s, std);
+        let x = Tensor::<B, 3>::from_data(data(vec![batch, tokens, width], 0, 2.0), &device) + 0.5;
+        let gamma = Tensor::<B, 1>::from_data(data(vec![width], 1, 1.0), &device);
+        let beta = Tensor::<B, 1>::from_data(data(vec![width], 2, 1.0), &device);
+        let w = Tensor::<B, 3>::from_data(data(vec![batch, tokens, width], 3, 1.0), &device);
+        let run = |fused: bool| {
+            let (x, gamma, beta) = (
+                x.clone().require_grad(),
+                gamma.clone().require_grad(),
+                beta.clone().require_grad(),
+            );
+            let y = match fused {
+                true => CubeLayerNorm.layer_norm(x.clone(), gamma.clone(), beta.clone(), eps),
+                false => {
+                    let mut ln = LayerNormConfig::new(width)
+                        .with_epsilon(eps)
+                        .init::<B>(&device);
+                    ln.gamma = Param::from_tensor(gamma.clone());
+                    ln.beta = Some(Param::from_tensor(beta.clone()));
+                    ln.forward(x.clone())
+                }
+            };
+            let grads = (y.clone() * w.clone()).sum().backward();
+            let g = |t: &Tensor<B, 1>| t.grad(&grads).expect("a gradient").into_data();
+            let gx = x.grad(&grads).expect("a gradient for x").into_data();
+            [y.into_data(), gx, g(&gamma), g(&beta)]
+        };
+        let want = run(false);
+        let got = run(true);
+        for (name, (got, want)) in ["y", "dx", "dγ", "dβ"].iter().zip(got.iter().zip(&want)) {
+            let err = relative_error(got, want);
+            assert!(
+                err <= 1e-4,
+                "{batch}×{tokens}×{width}: {name} relative error {err:.2e}"
+            );
+        }
+    }
+}

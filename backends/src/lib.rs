@@ -364,8 +364,9 @@ pub fn install_kernels(kind: BackendKind) -> clipa_core::kernels::Installed {
 }
 
 /// The CubeCL kernels: AdamW and the gradients' sum of squares on the
-/// inner backend `B` (the optimiser's), attention on the autodiff backend
-/// that trains (at inference Burn's own flash kernel runs it already).
+/// inner backend `B` (the optimiser's), attention and LayerNorm on the
+/// autodiff backend that trains (at inference Burn's own flash attention
+/// and fused LayerNorm run them already).
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 fn cube_kernels<B>() -> clipa_core::kernels::Installed
 where
@@ -373,6 +374,7 @@ where
     cube::CubeAdamW: clipa_core::kernels::AdamWKernel<B>,
     cube::CubeSumSquares: clipa_core::kernels::SumSquaresKernel<B>,
     cube::CubeAttention: clipa_core::kernels::AttentionKernel<burn::backend::Autodiff<B>>,
+    cube::CubeLayerNorm: clipa_core::kernels::LayerNormKernel<burn::backend::Autodiff<B>>,
 {
     use clipa_core::kernels::{Kernels, install};
     use std::sync::Arc;
@@ -383,6 +385,7 @@ where
     })
     .and(install(Kernels::<burn::backend::Autodiff<B>> {
         attention: Some(Arc::new(cube::CubeAttention)),
+        layer_norm: Some(Arc::new(cube::CubeLayerNorm)),
         ..Default::default()
     }))
 }

@@ -5,7 +5,6 @@ use std::marker::PhantomData;
 
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::fusion::FusionCubeRuntime;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, tensor::CubeTensor};
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionRuntime};
@@ -14,6 +13,7 @@ use clipa_core::kernels::{AdamWF32, AdamWKernel, AdamWSlot, UpdateGuard, adamw_c
 use cubecl::prelude::SequenceArg;
 use cubecl::{CubeCount, CubeDim};
 
+use super::common::empty;
 use super::multi::{Chunk, chunks, own};
 
 /// The inner (non-autodiff) CubeCL backend with Burn's fusion, float32.
@@ -116,28 +116,27 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>>
         let (inputs, outputs) = (&self.desc.inputs, &self.desc.outputs);
         let mut get = |t| handles.get_float_tensor::<B<R, BT>>(t);
         let packed = get(&inputs[inputs.len() - 1]);
-        let mut params: Vec<[CubeTensor<R>; 4]> = inputs[..inputs.len() - 1]
-            .chunks_exact(4)
-            .map(|c| [get(&c[0]), get(&c[1]), get(&c[2]), get(&c[3])])
-            .collect();
         // The moments are the optimiser's alone: owned, contiguous buffers
         // written in place (a copy first where something else still holds
         // one, so no other tensor sees it). The module still holds each
         // weight while the step runs, so the new weights go to fresh
         // buffers rather than paying a copy of each first.
-        let mut fresh = Vec::with_capacity(params.len());
-        for [w, g, m, v] in params.iter_mut() {
-            *w = burn_cubecl::kernel::into_contiguous(w.clone());
-            *g = burn_cubecl::kernel::into_contiguous(g.clone());
-            *m = own(m.clone());
-            *v = own(v.clone());
-            fresh.push(empty_device_contiguous_dtype(
-                w.client.clone(),
-                w.device.clone(),
-                w.meta.shape().clone(),
-                DType::F32,
-            ));
-        }
+        let contiguous = burn_cubecl::kernel::into_contiguous::<R>;
+        let params: Vec<[CubeTensor<R>; 4]> = inputs[..inputs.len() - 1]
+            .chunks_exact(4)
+            .map(|c| {
+                [
+                    contiguous(get(&c[0])),
+                    contiguous(get(&c[1])),
+                    own(get(&c[2])),
+                    own(get(&c[3])),
+                ]
+            })
+            .collect();
+        let fresh: Vec<CubeTensor<R>> = params
+            .iter()
+            .map(|[w, ..]| empty(w, w.meta.shape().clone()))
+            .collect();
         let numels: Vec<usize> = params.iter().map(|p| p[0].meta.num_elements()).collect();
         let client = packed.client.clone();
         // Five bindings a parameter, plus the guard and CubeCL's info.

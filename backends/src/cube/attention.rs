@@ -10,19 +10,17 @@ use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind};
-use burn_cubecl::fusion::FusionCubeRuntime;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, tensor::CubeTensor};
-use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::stream::Operation;
 use burn_fusion::{Fusion, FusionRuntime, FusionTensor};
-use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+use burn_ir::{CustomOpIr, HandleContainer};
 use clipa_core::kernels::{AttentionKernel, attention_composed};
 use cubecl::{CubeCount, CubeDim};
 
+use super::common::{Fr, empty, register};
+
 /// The inner (non-autodiff) CubeCL backend with Burn's fusion, float32.
 type Inner<R, BT> = Fusion<CubeBackend<R, f32, i32, BT>>;
-/// Its fusion runtime.
-type Fr<R> = FusionCubeRuntime<R>;
 
 /// Rows (queries or keys) per cube, one a unit; also the rows of a tile of
 /// the other side staged in shared memory.
@@ -135,25 +133,6 @@ impl<R: CubeRuntime, BT: BoolElement> Backward<Inner<R, BT>, 3> for AttentionBac
     }
 }
 
-/// Registers `op` with `inputs` on the fusion stream, its outputs float32
-/// tensors of `shapes`.
-fn register<R: CubeRuntime, O: Operation<Fr<R>> + 'static>(
-    name: &'static str,
-    inputs: Vec<FusionTensor<Fr<R>>>,
-    shapes: Vec<Shape>,
-    op: impl FnOnce(CustomOpIr) -> O,
-) -> Vec<FusionTensor<Fr<R>>> {
-    let client = inputs[0].client.clone();
-    let streams = OperationStreams::with_inputs(inputs.iter());
-    let inputs: Vec<_> = inputs.into_iter().map(|t| t.into_ir()).collect();
-    let outputs: Vec<_> = shapes
-        .into_iter()
-        .map(|s| TensorIr::uninit(client.create_empty_handle(), s, DType::F32))
-        .collect();
-    let desc = CustomOpIr::new(name, &inputs, &outputs);
-    client.register(streams, OperationIr::Custom(desc.clone()), op(desc))
-}
-
 /// `[o, lse]`: o `[batch, tokens, heads, head_dim]` (contiguous), lse
 /// `[batch, heads, tokens]`.
 fn forward<R: CubeRuntime, BT: BoolElement>(
@@ -222,11 +201,6 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<Fr<R>>
             handles.register_float_tensor::<B<R, BT>>(&ir.id, t);
         }
     }
-}
-
-/// A contiguous float32 tensor of `shape` on `like`'s device.
-fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape) -> CubeTensor<R> {
-    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, DType::F32)
 }
 
 /// The launch geometry: a cube per (16 rows, head, batch row).

@@ -133,20 +133,7 @@ fn sum_squares<R: CubeRuntime>(tensors: &[CubeTensor<R>]) -> CubeTensor<R> {
 mod kernel {
     use cubecl::prelude::*;
 
-    /// Adds `shared[0..CUBE_DIM_X]` into `shared[0]` by halving (the cube a
-    /// power of two); every unit of the cube takes part.
-    #[cube]
-    fn tree_sum<F: Float>(shared: &mut SharedMemory<F>) {
-        let u = UNIT_POS_X as usize;
-        let mut half = CUBE_DIM_X as usize / 2;
-        while half > 0 {
-            if u < half {
-                shared[u] = shared[u] + shared[u + half];
-            }
-            sync_cube();
-            half /= 2;
-        }
-    }
+    use crate::cube::common::kernel::tree_sum;
 
     /// Cube `(x, y)` writes the sum of squares of its strided share of
     /// tensor `y` to `partials[offset + y · cubes_x + x]`.

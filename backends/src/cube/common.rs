@@ -1,0 +1,60 @@
+//! What the CubeCL kernels share: registering an operation on the fusion
+//! stream, allocating outputs, and a cube-wide sum.
+
+use burn::tensor::{DType, Shape};
+use burn_cubecl::fusion::FusionCubeRuntime;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::{CubeRuntime, tensor::CubeTensor};
+use burn_fusion::FusionTensor;
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_ir::{CustomOpIr, OperationIr, TensorIr};
+
+/// The fusion runtime of CubeCL runtime `R`.
+pub(super) type Fr<R> = FusionCubeRuntime<R>;
+
+/// Registers the operation `op(desc)` named `name` on the fusion stream:
+/// `inputs` in, float32 tensors of `shapes` out. Only queues it: nothing
+/// blocks or reads back.
+pub(super) fn register<R: CubeRuntime, O: Operation<Fr<R>> + 'static>(
+    name: &'static str,
+    inputs: Vec<FusionTensor<Fr<R>>>,
+    shapes: Vec<Shape>,
+    op: impl FnOnce(CustomOpIr) -> O,
+) -> Vec<FusionTensor<Fr<R>>> {
+    let client = inputs[0].client.clone();
+    let streams = OperationStreams::with_inputs(inputs.iter());
+    let inputs: Vec<_> = inputs.into_iter().map(|t| t.into_ir()).collect();
+    let outputs: Vec<_> = shapes
+        .into_iter()
+        .map(|s| TensorIr::uninit(client.create_empty_handle(), s, DType::F32))
+        .collect();
+    let desc = CustomOpIr::new(name, &inputs, &outputs);
+    client.register(streams, OperationIr::Custom(desc.clone()), op(desc))
+}
+
+/// A contiguous float32 tensor of `shape` on `like`'s device, not
+/// initialised.
+pub(super) fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape) -> CubeTensor<R> {
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, DType::F32)
+}
+
+/// Kernel helpers.
+pub(super) mod kernel {
+    use cubecl::prelude::*;
+
+    /// Adds `shared[0..CUBE_DIM_X]` into `shared[0]` by halving (the cube a
+    /// power of two), in a fixed order; every unit of the cube takes part,
+    /// and all see the sum after it.
+    #[cube]
+    pub(in crate::cube) fn tree_sum<F: Float>(shared: &mut SharedMemory<F>) {
+        let u = UNIT_POS_X as usize;
+        let mut half = CUBE_DIM_X as usize / 2;
+        while half > 0 {
+            if u < half {
+                shared[u] = shared[u] + shared[u + half];
+            }
+            sync_cube();
+            half /= 2;
+        }
+    }
+}
