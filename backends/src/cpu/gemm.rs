@@ -130,3 +130,18 @@ pub(super) fn filled(slots: &mut [std::mem::MaybeUninit<f32>], value: f32) -> &m
     // the layout of `f32`.
     unsafe { &mut *(std::ptr::from_mut(slots) as *mut [f32]) }
 }
+
+/// Writes `from` into `slots` (the same length) and returns them as the
+/// floats they now are.
+pub(super) fn copied<'a>(
+    slots: &'a mut [std::mem::MaybeUninit<f32>],
+    from: &[f32],
+) -> &'a mut [f32] {
+    assert_eq!(slots.len(), from.len(), "a chunk and its source");
+    for (slot, &x) in slots.iter_mut().zip(from) {
+        slot.write(x);
+    }
+    // SAFETY: every element was just written, and `MaybeUninit<f32>` has
+    // the layout of `f32`.
+    unsafe { &mut *(std::ptr::from_mut(slots) as *mut [f32]) }
+}
