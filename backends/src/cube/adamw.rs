@@ -3,17 +3,17 @@
 
 use std::marker::PhantomData;
 
-use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_cubecl::fusion::FusionCubeRuntime;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, tensor::CubeTensor};
-use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::stream::Operation;
 use burn_fusion::{Fusion, FusionRuntime};
-use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+use burn_ir::{CustomOpIr, HandleContainer};
 use clipa_core::kernels::{AdamWF32, AdamWKernel, AdamWSlot, UpdateGuard, adamw_composed};
 use cubecl::prelude::SequenceArg;
 use cubecl::{CubeCount, CubeDim};
 
-use super::common::empty;
+use super::common::{empty, register};
 use super::multi::{Chunk, chunks, own};
 
 /// The inner (non-autodiff) CubeCL backend with Burn's fusion, float32.
@@ -53,39 +53,26 @@ impl<R: CubeRuntime, BT: BoolElement> AdamWKernel<Inner<R, BT>> for CubeAdamW {
                 .map(|slot| adamw_composed(slot, guard))
                 .collect();
         }
-        let packed = guard.packed.clone().into_primitive().tensor();
-        let client = packed.client.clone();
-        let mut inputs = Vec::with_capacity(4 * slots.len() + 1);
-        let mut outputs = Vec::with_capacity(3 * slots.len());
         let mut scalars = Vec::with_capacity(slots.len());
-        let mut prims = Vec::with_capacity(4 * slots.len() + 1);
+        let mut inputs = Vec::with_capacity(4 * slots.len() + 1);
+        let mut shapes = Vec::with_capacity(3 * slots.len());
         for slot in slots {
-            let [n] = slot.w.dims();
             scalars.push(slot.s.to_f32());
+            shapes.extend([slot.w.shape(), slot.w.shape(), slot.w.shape()]);
             for t in [slot.w, slot.g, slot.m, slot.v] {
-                prims.push(t.into_primitive().tensor());
-            }
-            for _ in 0..3 {
-                outputs.push(TensorIr::uninit(
-                    client.create_empty_handle(),
-                    Shape::new([n]),
-                    DType::F32,
-                ));
+                inputs.push(t.into_primitive().tensor());
             }
         }
-        prims.push(packed);
-        let streams = OperationStreams::with_inputs(prims.iter());
-        inputs.extend(prims.into_iter().map(|t| t.into_ir()));
-        let desc = CustomOpIr::new("clipa_adamw", &inputs, &outputs);
-        let op = AdamWOp::<CubeBackend<R, f32, i32, BT>> {
-            desc: desc.clone(),
+        inputs.push(guard.packed.clone().into_primitive().tensor());
+        let mut out = register::<R, _>("clipa_adamw", inputs, shapes, |desc| AdamWOp::<
+            CubeBackend<R, f32, i32, BT>,
+        > {
+            desc,
             scalars,
             _b: PhantomData,
-        };
-        let mut out = client
-            .register(streams, OperationIr::Custom(desc), op)
-            .into_iter()
-            .map(|t| Tensor::from_primitive(TensorPrimitive::Float(t)));
+        })
+        .into_iter()
+        .map(|t| Tensor::from_primitive(TensorPrimitive::Float(t)));
         let mut updated = Vec::with_capacity(out.len() / 3);
         while let (Some(w), Some(m), Some(v)) = (out.next(), out.next(), out.next()) {
             updated.push([w, m, v]);

@@ -7,9 +7,8 @@ use std::marker::PhantomData;
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
-use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_autodiff::ops::{Backward, Ops};
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, tensor::CubeTensor};
 use burn_fusion::stream::Operation;
 use burn_fusion::{Fusion, FusionRuntime, FusionTensor};
@@ -17,7 +16,7 @@ use burn_ir::{CustomOpIr, HandleContainer};
 use clipa_core::kernels::{AttentionKernel, attention_composed};
 use cubecl::{CubeCount, CubeDim};
 
-use super::common::{Fr, empty, register};
+use super::common::{Fr, empty, execute, register, tracked};
 
 /// The inner (non-autodiff) CubeCL backend with Burn's fusion, float32.
 type Inner<R, BT> = Fusion<CubeBackend<R, f32, i32, BT>>;
@@ -81,17 +80,19 @@ impl<R: CubeRuntime, BT: BoolElement> AttentionKernel<Autodiff<Inner<R, BT>>> fo
             v.primitive.clone(),
             causal,
         );
-        let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
-        let out = match AttentionBackward::<R, BT>::new(causal)
-            .prepare::<NoCheckpointing>(nodes)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                prep.finish([q.primitive, k.primitive, v.primitive, o.clone(), lse], o)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(o),
-        };
+        let state = [
+            q.primitive.clone(),
+            k.primitive.clone(),
+            v.primitive.clone(),
+            o.clone(),
+            lse,
+        ];
+        let out = tracked(
+            AttentionBackward::<R, BT>::new(causal),
+            [&q, &k, &v],
+            state,
+            o,
+        );
         Tensor::from_primitive(TensorPrimitive::Float(out))
     }
 }
@@ -186,20 +187,10 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<Fr<R>>
     for AttentionOp<CubeBackend<R, f32, i32, BT>>
 {
     fn execute(&self, handles: &mut HandleContainer<<Fr<R> as FusionRuntime>::FusionHandle>) {
-        type B<R, BT> = CubeBackend<R, f32, i32, BT>;
-        let inputs: Vec<CubeTensor<R>> = self
-            .desc
-            .inputs
-            .iter()
-            .map(|t| handles.get_float_tensor::<B<R, BT>>(t))
-            .collect();
-        let outputs = match self.backward {
+        execute::<R, BT>(handles, &self.desc, false, |inputs| match self.backward {
             false => launch_forward(&inputs, self.causal),
             true => launch_backward(&inputs, self.causal),
-        };
-        for (ir, t) in self.desc.outputs.iter().zip(outputs) {
-            handles.register_float_tensor::<B<R, BT>>(&ir.id, t);
-        }
+        });
     }
 }
 

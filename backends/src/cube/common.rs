@@ -1,13 +1,18 @@
 //! What the CubeCL kernels share: registering an operation on the fusion
 //! stream, allocating outputs, and a cube-wide sum.
 
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Shape};
+use burn_autodiff::Autodiff;
+use burn_autodiff::checkpoint::strategy::NoCheckpointing;
+use burn_autodiff::ops::{Backward, OpsKind};
 use burn_cubecl::fusion::FusionCubeRuntime;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
-use burn_cubecl::{CubeRuntime, tensor::CubeTensor};
-use burn_fusion::FusionTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, tensor::CubeTensor};
 use burn_fusion::stream::{Operation, OperationStreams};
-use burn_ir::{CustomOpIr, OperationIr, TensorIr};
+use burn_fusion::{FusionRuntime, FusionTensor};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
 /// The fusion runtime of CubeCL runtime `R`.
 pub(super) type Fr<R> = FusionCubeRuntime<R>;
@@ -30,6 +35,49 @@ pub(super) fn register<R: CubeRuntime, O: Operation<Fr<R>> + 'static>(
         .collect();
     let desc = CustomOpIr::new(name, &inputs, &outputs);
     client.register(streams, OperationIr::Custom(desc.clone()), op(desc))
+}
+
+/// Runs a custom operation: its inputs taken from `handles` (made
+/// contiguous where `contiguous`), `launch` on them, its outputs
+/// registered in order.
+pub(super) fn execute<R: CubeRuntime, BT: BoolElement>(
+    handles: &mut HandleContainer<<Fr<R> as FusionRuntime>::FusionHandle>,
+    desc: &CustomOpIr,
+    contiguous: bool,
+    launch: impl FnOnce(Vec<CubeTensor<R>>) -> Vec<CubeTensor<R>>,
+) {
+    type B<R, BT> = CubeBackend<R, f32, i32, BT>;
+    let inputs: Vec<CubeTensor<R>> = desc
+        .inputs
+        .iter()
+        .map(|t| handles.get_float_tensor::<B<R, BT>>(t))
+        .map(|t| match contiguous {
+            true => burn_cubecl::kernel::into_contiguous(t),
+            false => t,
+        })
+        .collect();
+    for (ir, t) in desc.outputs.iter().zip(launch(inputs)) {
+        handles.register_float_tensor::<B<R, BT>>(&ir.id, t);
+    }
+}
+
+/// `out`, the result of an op on autodiff tensors `parents`, with `op`'s
+/// backward recorded (with `state`) where any parent is tracked.
+pub(super) fn tracked<B: Backend, O: Backward<B, N>, const N: usize>(
+    op: O,
+    parents: [&FloatTensor<Autodiff<B>>; N],
+    state: O::State,
+    out: B::FloatTensorPrimitive,
+) -> FloatTensor<Autodiff<B>> {
+    let nodes = parents.map(|t| t.node.clone());
+    match op
+        .prepare::<NoCheckpointing>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(state, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
 }
 
 /// A contiguous float32 tensor of `shape` on `like`'s device, not

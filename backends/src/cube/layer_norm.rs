@@ -7,9 +7,8 @@ use std::marker::PhantomData;
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
-use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_autodiff::ops::{Backward, Ops};
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, tensor::CubeTensor};
 use burn_fusion::stream::Operation;
 use burn_fusion::{Fusion, FusionRuntime, FusionTensor};
@@ -17,7 +16,7 @@ use burn_ir::{CustomOpIr, HandleContainer};
 use clipa_core::kernels::LayerNormKernel;
 use cubecl::{CubeCount, CubeDim};
 
-use super::common::{Fr, empty, register};
+use super::common::{Fr, empty, execute, register, tracked};
 
 /// The inner (non-autodiff) CubeCL backend with Burn's fusion, float32.
 type Inner<R, BT> = Fusion<CubeBackend<R, f32, i32, BT>>;
@@ -67,15 +66,13 @@ impl<R: CubeRuntime, BT: BoolElement> LayerNormKernel<Autodiff<Inner<R, BT>>> fo
             beta.primitive.clone(),
             eps,
         );
-        let nodes = [x.node.clone(), gamma.node.clone(), beta.node.clone()];
-        let out = match LayerNormBackward::<R, BT>(PhantomData)
-            .prepare::<NoCheckpointing>(nodes)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish([x.primitive, gamma.primitive, mean, rstd], y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        };
+        let state = [x.primitive.clone(), gamma.primitive.clone(), mean, rstd];
+        let out = tracked(
+            LayerNormBackward::<R, BT>(PhantomData),
+            [&x, &gamma, &beta],
+            state,
+            y,
+        );
         Tensor::from_primitive(TensorPrimitive::Float(out))
     }
 }
@@ -170,20 +167,10 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<Fr<R>>
     for LayerNormOp<CubeBackend<R, f32, i32, BT>>
 {
     fn execute(&self, handles: &mut HandleContainer<<Fr<R> as FusionRuntime>::FusionHandle>) {
-        type B<R, BT> = CubeBackend<R, f32, i32, BT>;
-        let inputs: Vec<CubeTensor<R>> = self
-            .desc
-            .inputs
-            .iter()
-            .map(|t| burn_cubecl::kernel::into_contiguous(handles.get_float_tensor::<B<R, BT>>(t)))
-            .collect();
-        let outputs = match self.backward {
+        execute::<R, BT>(handles, &self.desc, true, |inputs| match self.backward {
             false => launch_forward(&inputs, self.rows, self.eps),
             true => launch_backward(&inputs, self.rows),
-        };
-        for (ir, t) in self.desc.outputs.iter().zip(outputs) {
-            handles.register_float_tensor::<B<R, BT>>(&ir.id, t);
-        }
+        });
     }
 }
 

@@ -4,16 +4,15 @@
 use std::marker::PhantomData;
 
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
-use burn_cubecl::fusion::FusionCubeRuntime;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, tensor::CubeTensor};
-use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::stream::Operation;
 use burn_fusion::{Fusion, FusionRuntime};
-use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+use burn_ir::{CustomOpIr, HandleContainer};
 use clipa_core::kernels::{SumSquaresKernel, sum_squares_composed};
 use cubecl::prelude::SequenceArg;
 use cubecl::{CubeCount, CubeDim};
 
+use super::common::{Fr, empty, execute, register};
 use super::multi::{CUBE, chunks};
 
 /// The inner (non-autodiff) CubeCL backend with Burn's fusion, float32.
@@ -40,18 +39,13 @@ impl<R: CubeRuntime, BT: BoolElement> SumSquaresKernel<Inner<R, BT>> for CubeSum
             .into_iter()
             .map(|t| t.into_primitive().tensor())
             .collect();
-        let client = prims[0].client.clone();
-        let streams = OperationStreams::with_inputs(prims.iter());
-        let inputs: Vec<_> = prims.into_iter().map(|t| t.into_ir()).collect();
-        let out = TensorIr::uninit(client.create_empty_handle(), Shape::new([1]), DType::F32);
-        let desc = CustomOpIr::new("clipa_sum_squares", &inputs, &[out]);
-        let op = SumSquaresOp::<CubeBackend<R, f32, i32, BT>> {
-            desc: desc.clone(),
-            _b: PhantomData,
-        };
-        let out = client
-            .register(streams, OperationIr::Custom(desc), op)
-            .remove(0);
+        let out = register::<R, _>("clipa_sum_squares", prims, vec![Shape::new([1])], |desc| {
+            SumSquaresOp::<CubeBackend<R, f32, i32, BT>> {
+                desc,
+                _b: PhantomData,
+            }
+        })
+        .remove(0);
         Tensor::from_primitive(TensorPrimitive::Float(out))
     }
 }
@@ -63,28 +57,19 @@ struct SumSquaresOp<B> {
     _b: PhantomData<B>,
 }
 
-impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>>
+impl<R: CubeRuntime, BT: BoolElement> Operation<Fr<R>>
     for SumSquaresOp<CubeBackend<R, f32, i32, BT>>
 {
-    fn execute(
-        &self,
-        handles: &mut HandleContainer<<FusionCubeRuntime<R> as FusionRuntime>::FusionHandle>,
-    ) {
-        type B<R, BT> = CubeBackend<R, f32, i32, BT>;
-        let tensors: Vec<CubeTensor<R>> = self
-            .desc
-            .inputs
-            .iter()
-            .map(|t| burn_cubecl::kernel::into_contiguous(handles.get_float_tensor::<B<R, BT>>(t)))
-            .collect();
-        let out = sum_squares::<R>(&tensors);
-        handles.register_float_tensor::<B<R, BT>>(&self.desc.outputs[0].id, out);
+    fn execute(&self, handles: &mut HandleContainer<<Fr<R> as FusionRuntime>::FusionHandle>) {
+        execute::<R, BT>(handles, &self.desc, true, |tensors| {
+            vec![sum_squares::<R>(&tensors)]
+        });
     }
 }
 
 /// `Σ_t Σ_i t[i]²` of contiguous, non-empty `tensors`, `[1]`.
 fn sum_squares<R: CubeRuntime>(tensors: &[CubeTensor<R>]) -> CubeTensor<R> {
-    let (client, device) = (tensors[0].client.clone(), tensors[0].device.clone());
+    let client = tensors[0].client.clone();
     let numels: Vec<usize> = tensors.iter().map(|t| t.meta.num_elements()).collect();
     // One binding a tensor, plus the partials and CubeCL's info.
     let per_launch = (client.properties().hardware.max_bindings as usize).saturating_sub(2);
@@ -93,11 +78,8 @@ fn sum_squares<R: CubeRuntime>(tensors: &[CubeTensor<R>]) -> CubeTensor<R> {
         .iter()
         .map(|c| c.slots.len() * c.cubes_x as usize)
         .sum();
-    let empty = |n: usize| {
-        empty_device_contiguous_dtype(client.clone(), device.clone(), Shape::new([n]), DType::F32)
-    };
     // [total]: every cube of every launch writes its one slot.
-    let partials = empty(total);
+    let partials = empty(&tensors[0], Shape::new([total]));
     let mut offset = 0;
     for chunk in &launches {
         let mut seq = SequenceArg::new();
@@ -117,7 +99,7 @@ fn sum_squares<R: CubeRuntime>(tensors: &[CubeTensor<R>]) -> CubeTensor<R> {
         );
         offset += chunk.slots.len() * chunk.cubes_x as usize;
     }
-    let out = empty(1);
+    let out = empty(&tensors[0], Shape::new([1]));
     kernel::total_kernel::launch::<R>(
         &client,
         CubeCount::Static(1, 1, 1),
