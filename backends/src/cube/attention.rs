@@ -44,8 +44,9 @@ pub const MAX_HEAD_DIM: usize = 128;
 ///   heads are never transposed into copies.
 ///
 /// Arithmetic and reads: per (batch, head), 2·N²·d multiply-adds forward
-/// and 4·N²·d backward (the scores are recomputed twice), against a read
-/// of q, k, v (and dO, O) from global memory once per 16-row tile.
+/// (scores, output) and 7·N²·d backward (the scores and dO·v recomputed in
+/// both passes, then dQ; dK and dV), against a read of k, v (forward, query
+/// pass) or q, dO (key pass) from global memory once per 16-row tile.
 pub struct CubeAttention;
 
 impl CubeAttention {
