@@ -293,6 +293,27 @@ mod kernel {
         batch * t.stride(0) + token * t.stride(1) + head * t.stride(2)
     }
 
+    /// The offset of entry `(batch, head, token)` of a per-query
+    /// `[batch, heads, tokens]` tensor (the logsumexp, Δ).
+    #[cube]
+    fn stat<F: Float>(t: &Tensor<F>, batch: usize, head: usize, token: usize) -> usize {
+        batch * t.stride(0) + head * t.stride(1) + token * t.stride(2)
+    }
+
+    /// The end of the keys a cube of queries reads: all `n`, or under the
+    /// causal mask none past the cube's last query.
+    #[cube]
+    fn key_end(n: usize, #[comptime] causal: bool, #[comptime] rows: usize) -> usize {
+        let mut end = n;
+        if causal {
+            let last = (CUBE_POS_X as usize + 1) * rows;
+            if last < n {
+                end = last;
+            }
+        }
+        end
+    }
+
     /// Stages rows `start..start + rows` of `t` (head `head` of batch row
     /// `batch`) into `tile` `[rows, d]`, zeros past the end; every unit
     /// of the cube takes part.
@@ -360,13 +381,7 @@ mod kernel {
         let mut kt = SharedMemory::<F>::new(rows * d);
         let mut vt = SharedMemory::<F>::new(rows * d);
         // Causal: keys past the cube's last query are never needed.
-        let mut end = n;
-        if causal {
-            let last = (CUBE_POS_X as usize + 1) * rows;
-            if last < n {
-                end = last;
-            }
-        }
+        let end = key_end(n, causal, rows);
         let mut start = 0;
         while start < end {
             sync_cube();
@@ -397,7 +412,7 @@ mod kernel {
             for c in 0..d {
                 o[base + c * o.stride(3)] = acc[c] / l;
             }
-            lse[(batch * lse.stride(0)) + head * lse.stride(1) + i * lse.stride(2)] = m + F::ln(l);
+            lse[stat::<F>(lse, batch, head, i)] = m + F::ln(l);
         }
     }
 
@@ -444,17 +459,11 @@ mod kernel {
             acc[c] = F::new(0.0);
         }
         if live {
-            li = lse[batch * lse.stride(0) + head * lse.stride(1) + i * lse.stride(2)];
+            li = lse[stat::<F>(lse, batch, head, i)];
         }
         let mut kt = SharedMemory::<F>::new(rows * d);
         let mut vt = SharedMemory::<F>::new(rows * d);
-        let mut end = n;
-        if causal {
-            let last = (CUBE_POS_X as usize + 1) * rows;
-            if last < n {
-                end = last;
-            }
-        }
+        let end = key_end(n, causal, rows);
         let mut start = 0;
         while start < end {
             sync_cube();
@@ -483,7 +492,7 @@ mod kernel {
             for c in 0..d {
                 dq[base + c * dq.stride(3)] = acc[c] * F::cast_from(scale);
             }
-            delta[batch * delta.stride(0) + head * delta.stride(1) + i * delta.stride(2)] = di;
+            delta[stat::<F>(delta, batch, head, i)] = di;
         }
     }
 
@@ -544,11 +553,8 @@ mod kernel {
             let mut lv = F::new(0.0);
             let mut dv0 = F::new(0.0);
             if start + u < n {
-                let at = batch * lse.stride(0) + head * lse.stride(1) + (start + u) * lse.stride(2);
-                lv = lse[at];
-                dv0 = delta[batch * delta.stride(0)
-                    + head * delta.stride(1)
-                    + (start + u) * delta.stride(2)];
+                lv = lse[stat::<F>(lse, batch, head, start + u)];
+                dv0 = delta[stat::<F>(delta, batch, head, start + u)];
             }
             lt[u] = lv;
             dt[u] = dv0;
