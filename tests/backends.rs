@@ -591,3 +591,100 @@ fn cube_layer_norm_matches_burns_with_gradients_on_wgpu() {
         }
     }
 }
+
+/// Our linear layer on wgpu ([`CubeLinear`]: Burn's products, the bias
+/// gradient and the split-K weight-gradient sum in one launch of ours)
+/// against Burn's `linear` plus the residual add: the output and the
+/// gradients of x, W, b and the residual, at 17, 50 and 65 tokens, with
+/// rows below one split-K chunk (dW from one product) and over two and
+/// four chunks (dW from the partials), output widths that are not a
+/// multiple of the 32 columns a bias cube adds, and an input that takes
+/// no gradient.
+#[cfg(feature = "wgpu")]
+#[test]
+fn cube_linear_matches_burns_with_gradients_on_wgpu() {
+    use burn::backend::{Autodiff, Wgpu};
+    use burn::tensor::Tensor;
+    use clipa_backends::cube::CubeLinear;
+    use clipa_backends::wgpu_device;
+    use clipa_core::kernels::{LinearKernel, split_k_chunks};
+    use clipa_core::numeric::{normal_data, relative_error};
+
+    use crate::common::skip_or_fail;
+
+    type B = Autodiff<Wgpu>;
+    let (device, _) = match wgpu_device(None) {
+        Ok(found) => found,
+        Err(err) => {
+            return skip_or_fail(
+                "cube_linear_matches_burns_with_gradients_on_wgpu",
+                &err.to_string(),
+            );
+        }
+    };
+    let cases = [
+        ([2, 17, 40], 200, true),
+        ([41, 50, 64], 72, true),
+        ([64, 65, 32], 96, false),
+    ];
+    let chunks: Vec<usize> = cases
+        .iter()
+        .map(|([b, t, _], _, _)| split_k_chunks(b * t))
+        .collect();
+    assert_eq!(
+        chunks,
+        [1, 2, 4],
+        "the cases cover one, two and four chunks"
+    );
+    for (i, ([batch, tokens, d_in], d_out, x_grad)) in cases.into_iter().enumerate() {
+        let seed = 2000 + 10 * i as u64;
+        let data = |shape: Vec<usize>, s, std| normal_data(shape, seed + s, std);
+        let x = Tensor::<B, 3>::from_data(data(vec![batch, tokens, d_in], 0, 1.0), &device);
+        let w = Tensor::<B, 2>::from_data(data(vec![d_in, d_out], 1, 0.2), &device);
+        let b = Tensor::<B, 1>::from_data(data(vec![d_out], 2, 1.0), &device);
+        let r = Tensor::<B, 3>::from_data(data(vec![batch, tokens, d_out], 3, 1.0), &device);
+        let probe = Tensor::<B, 3>::from_data(data(vec![batch, tokens, d_out], 4, 1.0), &device);
+        let run = |fused: bool| {
+            let x = match x_grad {
+                true => x.clone().require_grad(),
+                false => x.clone(),
+            };
+            let (w, b, r) = (
+                w.clone().require_grad(),
+                b.clone().require_grad(),
+                r.clone().require_grad(),
+            );
+            let y = match fused {
+                true => CubeLinear.linear(x.clone(), w.clone(), b.clone(), Some(r.clone())),
+                false => {
+                    r.clone() + burn::tensor::module::linear(x.clone(), w.clone(), Some(b.clone()))
+                }
+            };
+            let grads = (y.clone() * probe.clone()).sum().backward();
+            let mut out = vec![
+                y.into_data(),
+                w.grad(&grads).expect("dW").into_data(),
+                b.grad(&grads).expect("db").into_data(),
+                r.grad(&grads).expect("dr").into_data(),
+            ];
+            if x_grad {
+                out.push(x.grad(&grads).expect("dx").into_data());
+            } else {
+                assert!(x.grad(&grads).is_none(), "x takes no gradient");
+            }
+            out
+        };
+        let want = run(false);
+        let got = run(true);
+        for (name, (got, want)) in ["y", "dW", "db", "dr", "dx"]
+            .iter()
+            .zip(got.iter().zip(&want))
+        {
+            let err = relative_error(got, want);
+            assert!(
+                err <= 1e-4,
+                "{batch}×{tokens}×{d_in}→{d_out}: {name} relative error {err:.2e}"
+            );
+        }
+    }
+}

@@ -375,6 +375,7 @@ where
     cube::CubeSumSquares: clipa_core::kernels::SumSquaresKernel<B>,
     cube::CubeAttention: clipa_core::kernels::AttentionKernel<burn::backend::Autodiff<B>>,
     cube::CubeLayerNorm: clipa_core::kernels::LayerNormKernel<burn::backend::Autodiff<B>>,
+    cube::CubeLinear: clipa_core::kernels::LinearKernel<burn::backend::Autodiff<B>>,
 {
     use clipa_core::kernels::{Kernels, install};
     use std::sync::Arc;
@@ -386,6 +387,7 @@ where
     .and(install(Kernels::<burn::backend::Autodiff<B>> {
         attention: Some(Arc::new(cube::CubeAttention)),
         layer_norm: Some(Arc::new(cube::CubeLayerNorm)),
+        linear: Some(Arc::new(cube::CubeLinear)),
         ..Default::default()
     }))
 }

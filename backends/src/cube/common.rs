@@ -26,12 +26,23 @@ pub(super) fn register<R: CubeRuntime, O: Operation<Fr<R>> + 'static>(
     shapes: Vec<Shape>,
     op: impl FnOnce(CustomOpIr) -> O,
 ) -> Vec<FusionTensor<Fr<R>>> {
+    register_as(name, inputs, shapes, DType::F32, op)
+}
+
+/// [`register`] with outputs of `dtype`.
+pub(super) fn register_as<R: CubeRuntime, O: Operation<Fr<R>> + 'static>(
+    name: &'static str,
+    inputs: Vec<FusionTensor<Fr<R>>>,
+    shapes: Vec<Shape>,
+    dtype: DType,
+    op: impl FnOnce(CustomOpIr) -> O,
+) -> Vec<FusionTensor<Fr<R>>> {
     let client = inputs[0].client.clone();
     let streams = OperationStreams::with_inputs(inputs.iter());
     let inputs: Vec<_> = inputs.into_iter().map(|t| t.into_ir()).collect();
     let outputs: Vec<_> = shapes
         .into_iter()
-        .map(|s| TensorIr::uninit(client.create_empty_handle(), s, DType::F32))
+        .map(|s| TensorIr::uninit(client.create_empty_handle(), s, dtype))
         .collect();
     let desc = CustomOpIr::new(name, &inputs, &outputs);
     client.register(streams, OperationIr::Custom(desc.clone()), op(desc))
@@ -83,7 +94,16 @@ pub(super) fn tracked<B: Backend, O: Backward<B, N>, const N: usize>(
 /// A contiguous float32 tensor of `shape` on `like`'s device, not
 /// initialised.
 pub(super) fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape) -> CubeTensor<R> {
-    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, DType::F32)
+    empty_as(like, shape, DType::F32)
+}
+
+/// [`empty`] of `dtype`.
+pub(super) fn empty_as<R: CubeRuntime>(
+    like: &CubeTensor<R>,
+    shape: Shape,
+    dtype: DType,
+) -> CubeTensor<R> {
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, dtype)
 }
 
 /// Kernel helpers.

@@ -1,0 +1,361 @@
+//! `x·W + b` for training on wgpu and cuda: Burn's matrix products, with
+//! the backward's bias gradient and split-K weight-gradient sum in one
+//! launch of ours, where Burn 0.21's `linear` backward runs three
+//! reductions (the weight's batch sum and the bias's two axis sums).
+
+use std::marker::PhantomData;
+
+use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn_autodiff::Autodiff;
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops};
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, tensor::CubeTensor};
+use burn_fusion::stream::Operation;
+use burn_fusion::{Fusion, FusionRuntime, FusionTensor};
+use burn_ir::{CustomOpIr, HandleContainer};
+use clipa_core::kernels::{LinearKernel, linear_composed, split_k_chunks};
+use cubecl::{CubeCount, CubeDim};
+
+use super::common::{Fr, empty_as, execute, register_as, tracked};
+
+/// The inner (non-autodiff) CubeCL backend with Burn's fusion.
+type Inner<R, BT> = Fusion<CubeBackend<R, f32, i32, BT>>;
+
+/// Units per cube of the sums.
+const UNITS: u32 = 256;
+/// Columns of the bias gradient each cube adds up; its `UNITS / COLS`
+/// lanes stride over the rows.
+const COLS: usize = 32;
+
+/// A linear layer `x·W + b` (+ a residual) on the autodiff backend that
+/// trains.
+///
+/// - Forward: one product `[rows, d_in]·[d_in, d_out]` with the bias added
+///   (Burn's fusion folds the add into the product's output).
+/// - Backward, three launches: dx = dy·Wᵀ; the weight gradient as split-K
+///   partials `[chunks, d_in, d_out]` (each a deep GEMM over about
+///   [`ROWS_PER_CHUNK`](clipa_core::kernels::ROWS_PER_CHUNK) rows, so a GPU
+///   has thread blocks to spare); and one launch of ours that adds the
+///   partials in chunk order into dW and the rows of dy into db, in fixed
+///   order with no atomics. Burn's composition runs those as three
+///   reductions after the two products.
+///
+/// The sums read the partials once (`chunks·d_in·d_out`) and dy once
+/// (`rows·d_out`), and accumulate in float32 for bf16 inputs.
+pub struct CubeLinear;
+
+impl<R: CubeRuntime, BT: BoolElement> LinearKernel<Autodiff<Inner<R, BT>>> for CubeLinear {
+    fn linear(
+        &self,
+        x: Tensor<Autodiff<Inner<R, BT>>, 3>,
+        w: Tensor<Autodiff<Inner<R, BT>>, 2>,
+        b: Tensor<Autodiff<Inner<R, BT>>, 1>,
+        residual: Option<Tensor<Autodiff<Inner<R, BT>>, 3>>,
+    ) -> Tensor<Autodiff<Inner<R, BT>>, 3> {
+        let dtype = x.dtype();
+        let takes = matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+            && w.dtype() == dtype
+            && b.dtype() == dtype;
+        let y = if takes {
+            let [batch, tokens, d_in] = x.dims();
+            let d_out = w.dims()[1];
+            let [x, w, b] = [
+                x.into_primitive().tensor(),
+                w.into_primitive().tensor(),
+                b.into_primitive().tensor(),
+            ];
+            let inner = |t: &FusionTensor<Fr<R>>| -> TensorPrimitive<Inner<R, BT>> {
+                TensorPrimitive::Float(t.clone())
+            };
+            let xi = Tensor::<Inner<R, BT>, 3>::from_primitive(inner(&x.primitive));
+            let wi = Tensor::<Inner<R, BT>, 2>::from_primitive(inner(&w.primitive));
+            let bi = Tensor::<Inner<R, BT>, 1>::from_primitive(inner(&b.primitive));
+            let y = xi.reshape([batch * tokens, d_in]).matmul(wi) + bi.reshape([1, d_out]); // [rows, d_out]
+            let y = y.reshape([batch, tokens, d_out]).into_primitive().tensor();
+            let state = [x.primitive.clone(), w.primitive.clone()];
+            let out = tracked(LinearBackward::<R, BT>(PhantomData), [&x, &w, &b], state, y);
+            Tensor::from_primitive(TensorPrimitive::Float(out))
+        } else {
+            linear_composed(x, w, Some(b))
+        };
+        match residual {
+            Some(r) => r + y,
+            None => y,
+        }
+    }
+}
+
+/// The backward of [`CubeLinear`]; its state is `[x, W]`.
+#[derive(Debug)]
+struct LinearBackward<R, BT>(PhantomData<(R, BT)>);
+
+impl<R: CubeRuntime, BT: BoolElement> Backward<Inner<R, BT>, 3> for LinearBackward<R, BT> {
+    type State = [FusionTensor<Fr<R>>; 2];
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        type T<R, BT, const D: usize> = Tensor<Inner<R, BT>, D>;
+        let [nx, nw, nb] = ops.parents;
+        let dy = grads.consume::<Inner<R, BT>>(&ops.node);
+        let [x, w] = ops.state;
+        let [batch, tokens, d_in] = x.shape.dims::<3>();
+        let d_out = w.shape.dims::<2>()[1];
+        let rows = batch * tokens;
+        let dy = T::<R, BT, 3>::from_primitive(TensorPrimitive::Float(dy)).reshape([rows, d_out]); // [rows, d_out]
+        if let Some(node) = nx {
+            let w = T::<R, BT, 2>::from_primitive(TensorPrimitive::Float(w));
+            let dx = dy
+                .clone()
+                .matmul(w.transpose())
+                .reshape([batch, tokens, d_in]);
+            grads.register::<Inner<R, BT>>(node.id, dx.into_primitive().tensor());
+        }
+        if nw.is_none() && nb.is_none() {
+            return;
+        }
+        let x = T::<R, BT, 3>::from_primitive(TensorPrimitive::Float(x));
+        let chunks = split_k_chunks(rows);
+        // dW whole from one product (no chunks), or its split-K partials
+        // [chunks, d_in, d_out] for the sums to add.
+        let (dw, parts) = match (&nw, chunks) {
+            (None, _) => (None, None),
+            (Some(_), 1) => {
+                let dw = x.reshape([rows, d_in]).transpose().matmul(dy.clone());
+                (Some(dw.into_primitive().tensor()), None)
+            }
+            (Some(_), c) => {
+                let per = rows / c;
+                let parts = x
+                    .reshape([c, per, d_in])
+                    .swap_dims(1, 2)
+                    .matmul(dy.clone().reshape([c, per, d_out])); // [chunks, d_in, d_out]
+                (None, Some(parts.into_primitive().tensor()))
+            }
+        };
+        let dy = dy.into_primitive().tensor();
+        let (dw, db) = match (parts, &nb) {
+            (Some(parts), _) => {
+                let mut out = sums::<R, BT>(Some(parts), dy, d_in).into_iter();
+                (out.next(), out.next())
+            }
+            (None, Some(_)) => (dw, sums::<R, BT>(None, dy, d_in).pop()),
+            (None, None) => (dw, None),
+        };
+        if let (Some(node), Some(dw)) = (nw, dw) {
+            let dw =
+                T::<R, BT, 1>::from_primitive(TensorPrimitive::Float(dw)).reshape([d_in, d_out]);
+            grads.register::<Inner<R, BT>>(node.id, dw.into_primitive().tensor());
+        }
+        if let (Some(node), Some(db)) = (nb, db) {
+            grads.register::<Inner<R, BT>>(node.id, db);
+        }
+    }
+}
+
+/// One launch: `[dW, db]` (dW flat, `[d_in·d_out]`) from the partials
+/// `[chunks, d_in, d_out]` and dy `[rows, d_out]`, or `[db]` alone without
+/// partials.
+fn sums<R: CubeRuntime, BT: BoolElement>(
+    parts: Option<FusionTensor<Fr<R>>>,
+    dy: FusionTensor<Fr<R>>,
+    d_in: usize,
+) -> Vec<FusionTensor<Fr<R>>> {
+    let dtype = dy.dtype;
+    let d_out = dy.shape.dims::<2>()[1];
+    let mut shapes = vec![Shape::new([d_out])];
+    let mut inputs = vec![dy];
+    if let Some(parts) = parts {
+        shapes.insert(0, Shape::new([d_in * d_out]));
+        inputs.insert(0, parts);
+    }
+    register_as::<R, _>("clipa_linear_grad_sums", inputs, shapes, dtype, |desc| {
+        SumsOp::<CubeBackend<R, f32, i32, BT>> {
+            desc,
+            _b: PhantomData,
+        }
+    })
+}
+
+/// [`sums`] as an operation on the fusion stream.
+#[derive(Debug)]
+struct SumsOp<B> {
+    desc: CustomOpIr,
+    _b: PhantomData<B>,
+}
+
+impl<R: CubeRuntime, BT: BoolElement> Operation<Fr<R>> for SumsOp<CubeBackend<R, f32, i32, BT>> {
+    fn execute(&self, handles: &mut HandleContainer<<Fr<R> as FusionRuntime>::FusionHandle>) {
+        execute::<R, BT>(handles, &self.desc, true, |inputs| launch(&inputs));
+    }
+}
+
+/// `cubes` cubes laid out over x then y, the x side under the devices'
+/// 65,535 limit.
+fn grid(cubes: usize) -> CubeCount {
+    let x = cubes.clamp(1, 32_768) as u32;
+    CubeCount::Static(x, cubes.div_ceil(x as usize).max(1) as u32, 1)
+}
+
+/// `[dW, db]` from contiguous `[parts, dy]`, or `[db]` from `[dy]`.
+fn launch<R: CubeRuntime>(inputs: &[CubeTensor<R>]) -> Vec<CubeTensor<R>> {
+    let dy = inputs.last().expect("dy");
+    let dtype = dy.dtype;
+    let [rows, d_out] = dy.meta.shape().dims::<2>();
+    let db = empty_as(dy, Shape::new([d_out]), dtype);
+    let db_cubes = d_out.div_ceil(COLS);
+    let arg = |t: &CubeTensor<R>| t.clone().into_tensor_arg();
+    let dim = CubeDim::new_1d(UNITS);
+    match inputs {
+        [parts, dy] => {
+            let n = parts.meta.num_elements() / parts.meta.shape()[0];
+            let dw = empty_as(dy, Shape::new([n]), dtype);
+            let dw_cubes = n.div_ceil(UNITS as usize);
+            kernel::sums_kernel::launch::<R>(
+                &dy.client,
+                grid(dw_cubes + db_cubes),
+                dim,
+                arg(parts),
+                arg(dy),
+                arg(&dw),
+                arg(&db),
+                dw_cubes,
+                rows,
+                COLS,
+                UNITS as usize,
+                dtype.into(),
+            );
+            vec![dw, db]
+        }
+        _ => {
+            kernel::bias_kernel::launch::<R>(
+                &dy.client,
+                grid(db_cubes),
+                dim,
+                arg(dy),
+                arg(&db),
+                rows,
+                COLS,
+                UNITS as usize,
+                dtype.into(),
+            );
+            vec![db]
+        }
+    }
+}
+
+mod kernel {
+    use cubecl::prelude::*;
+
+    /// The cube's index: cubes are laid out over x then y.
+    #[cube]
+    fn cube_index() -> usize {
+        CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize
+    }
+
+    /// Cube `j` of the bias gradient: `db[c] = Σ_r dy[r, c]` for its `cols`
+    /// columns, each column's rows split over the cube's lanes (four
+    /// loads in flight a lane) and the lanes' sums added in lane order.
+    #[cube]
+    fn bias_cube<F: Float>(
+        dy: &Tensor<F>,
+        db: &mut Tensor<F>,
+        j: usize,
+        rows: usize,
+        #[comptime] cols: usize,
+        #[comptime] units: usize,
+    ) {
+        let d_out = db.len();
+        let u = UNIT_POS_X as usize;
+        let lanes = units / cols;
+        let c = j * cols + u % cols;
+        let lane = u / cols;
+        let mut acc = f32::new(0.0);
+        if c < d_out {
+            let step = lanes * 4;
+            let mut a0 = f32::new(0.0);
+            let mut a1 = f32::new(0.0);
+            let mut a2 = f32::new(0.0);
+            let mut a3 = f32::new(0.0);
+            let mut r = lane;
+            while r + 3 * lanes < rows {
+                a0 += f32::cast_from(dy[r * d_out + c]);
+                a1 += f32::cast_from(dy[(r + lanes) * d_out + c]);
+                a2 += f32::cast_from(dy[(r + 2 * lanes) * d_out + c]);
+                a3 += f32::cast_from(dy[(r + 3 * lanes) * d_out + c]);
+                r += step;
+            }
+            while r < rows {
+                a0 += f32::cast_from(dy[r * d_out + c]);
+                r += lanes;
+            }
+            acc = (a0 + a1) + (a2 + a3);
+        }
+        let mut shared = SharedMemory::<f32>::new(units);
+        shared[u] = acc;
+        sync_cube();
+        if lane == 0 && c < d_out {
+            let mut total = f32::new(0.0);
+            let mut l = 0usize;
+            while l < lanes {
+                total += shared[l * cols + u];
+                l += 1;
+            }
+            db[c] = F::cast_from(total);
+        }
+    }
+
+    /// The weight gradient's split-K sum, then the bias gradient: cubes
+    /// below `dw_cubes` give `dw[i] = Σ_k parts[k, i]` (a unit an element,
+    /// chunks in order), the rest are [`bias_cube`]s.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn sums_kernel<F: Float>(
+        parts: &Tensor<F>,
+        dy: &Tensor<F>,
+        dw: &mut Tensor<F>,
+        db: &mut Tensor<F>,
+        dw_cubes: usize,
+        rows: usize,
+        #[comptime] cols: usize,
+        #[comptime] units: usize,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let j = cube_index();
+        // The whole cube takes the same branch, so the bias cubes' sync
+        // stays uniform.
+        if j < dw_cubes {
+            let n = dw.len();
+            let i = j * units + UNIT_POS_X as usize;
+            if i < n {
+                let chunks = parts.len() / n;
+                let mut acc = f32::new(0.0);
+                let mut k = 0usize;
+                while k < chunks {
+                    acc += f32::cast_from(parts[k * n + i]);
+                    k += 1;
+                }
+                dw[i] = F::cast_from(acc);
+            }
+        } else {
+            bias_cube::<F>(dy, db, j - dw_cubes, rows, cols, units);
+        }
+    }
+
+    /// The bias gradient alone: every cube a [`bias_cube`].
+    #[cube(launch)]
+    pub(super) fn bias_kernel<F: Float>(
+        dy: &Tensor<F>,
+        db: &mut Tensor<F>,
+        rows: usize,
+        #[comptime] cols: usize,
+        #[comptime] units: usize,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        bias_cube::<F>(dy, db, cube_index(), rows, cols, units);
+    }
+}
