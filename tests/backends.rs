@@ -518,10 +518,10 @@ fn cube_attention_matches_the_composed_one_with_gradients_on_wgpu() {
     }
 }
 
-/// Our CubeCL LayerNorm (one launch forward, three backward, under
+/// Our CubeCL LayerNorm (one launch forward, two backward, under
 /// autodiff) against Burn's `LayerNorm` on wgpu, within 1e-4 in the output
 /// and the gradients of x, γ and β: rows fewer than, and several times,
-/// the 64 of a parameter-gradient part, widths below and above a cube's
+/// the 32 of a backward cube's part, widths below and above a cube's
 /// 128 units and not a multiple of them.
 #[cfg(feature = "wgpu")]
 #[test]
@@ -548,7 +548,7 @@ fn cube_layer_norm_matches_burns_with_gradients_on_wgpu() {
         }
     };
     let eps = 1e-5;
-    for (i, [batch, tokens, width]) in [[2, 17, 96], [3, 65, 256], [1, 50, 200]]
+    for (i, [batch, tokens, width]) in [[1, 17, 96], [3, 65, 256], [1, 50, 200]]
         .into_iter()
         .enumerate()
     {

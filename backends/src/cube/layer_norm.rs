@@ -1,5 +1,5 @@
 //! LayerNorm as our own CubeCL kernels (wgpu, cuda), forward and backward,
-//! for training: one launch forward and three backward, where Burn 0.21's
+//! for training: one launch forward and two backward, where Burn 0.21's
 //! autodiff runs the decomposed norm (means, variance, their gradients).
 
 use std::marker::PhantomData;
@@ -21,13 +21,15 @@ use super::common::{Fr, empty, execute, register, tracked};
 /// The inner (non-autodiff) CubeCL backend with Burn's fusion, float32.
 type Inner<R, BT> = Fusion<CubeBackend<R, f32, i32, BT>>;
 
-/// Units per cube: one row a cube, its units striding over the row's
-/// columns (forward, input gradient), or one column a unit (parameter
-/// gradients).
+/// Units per cube: one row (forward) or part (backward) a cube, its units
+/// striding over the row's columns, or one column a unit (the parameter
+/// gradients' totals).
 const UNITS: u32 = 128;
 
-/// Rows each cube of the parameter gradients' first phase adds up.
-const ROWS_PER_PART: usize = 64;
+/// Rows each cube of the backward takes, one after another: the parts of
+/// the parameter gradients' first phase. Fewer rows a cube would give a
+/// GPU more cubes but phase two more parts to add.
+const ROWS_PER_PART: usize = 32;
 
 /// `(x − mean)·rstd·γ + β` over each row, in our kernels, with its
 /// backward, on the autodiff backend that trains.
@@ -35,9 +37,10 @@ const ROWS_PER_PART: usize = 64;
 /// - Forward, one launch: a cube per row; the mean, then the variance
 ///   about it (two passes over the row, in cache), by cube-wide sums; the
 ///   row's mean and 1/√(var + ε) are saved.
-/// - Backward, three launches and no atomics: per row, the input gradient
-///   rstd·(g − mean(g) − x̂·mean(g·x̂)) with g = dy·γ; per (column, 64
-///   rows), partial sums of dy·x̂ and dy; per column, their totals dγ, dβ.
+/// - Backward, two launches and no atomics: a cube per 32 rows gives,
+///   row after row, the input gradient rstd·(g − mean(g) − x̂·mean(g·x̂))
+///   with g = dy·γ, and the part's sums of dy·x̂ and dy per column; then
+///   per column, their totals dγ, dβ in part order.
 ///
 /// Reads and writes: forward, x twice and y once per element; backward, x
 /// and dy twice and dx once. Burn's decomposition makes about 4 passes
@@ -215,16 +218,16 @@ fn launch_backward<R: CubeRuntime>(inputs: &[CubeTensor<R>], rows: usize) -> Vec
     let w = gamma.meta.num_elements();
     let dx = empty(x, x.meta.shape().clone());
     let parts = rows.div_ceil(ROWS_PER_PART);
-    // [parts, w] each: phase one's sums of dy·x̂ and dy over 64 rows.
+    // [parts, w] each: phase one's sums of dy·x̂ and dy over 32 rows.
     let (pg, pb) = (
         empty(x, Shape::new([parts, w])),
         empty(x, Shape::new([parts, w])),
     );
     let (dgamma, dbeta) = (empty(x, Shape::new([w])), empty(x, Shape::new([w])));
     let arg = |t: &CubeTensor<R>| t.clone().into_tensor_arg();
-    kernel::input_grad_kernel::launch::<R>(
+    kernel::backward_kernel::launch::<R>(
         &x.client,
-        per_row(rows),
+        per_row(parts),
         CubeDim::new_1d(UNITS),
         arg(x),
         arg(gamma),
@@ -232,24 +235,14 @@ fn launch_backward<R: CubeRuntime>(inputs: &[CubeTensor<R>], rows: usize) -> Vec
         arg(rstd),
         arg(dy),
         arg(&dx),
+        arg(&pg),
+        arg(&pb),
         rows,
+        ROWS_PER_PART,
         UNITS as usize,
         DType::F32.into(),
     );
     let columns = w.div_ceil(UNITS as usize) as u32;
-    kernel::param_parts_kernel::launch::<R>(
-        &x.client,
-        CubeCount::Static(columns, parts as u32, 1),
-        CubeDim::new_1d(UNITS),
-        arg(x),
-        arg(mean),
-        arg(rstd),
-        arg(dy),
-        arg(&pg),
-        arg(&pb),
-        ROWS_PER_PART,
-        DType::F32.into(),
-    );
     kernel::param_total_kernel::launch::<R>(
         &x.client,
         CubeCount::Static(columns, 1, 1),
@@ -334,82 +327,69 @@ mod kernel {
         }
     }
 
-    /// A cube per row: dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), g = dy·γ.
+    /// A cube per part of `per` rows, row after row: dx = rstd·(g −
+    /// mean(g) − x̂·mean(g·x̂)), g = dy·γ, and the part's sums of dy·x̂ and
+    /// dy into `pg`, `pb` `[parts, w]`, each unit adding into its own
+    /// columns.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn input_grad_kernel<F: Float>(
+    pub(super) fn backward_kernel<F: Float>(
         x: &Tensor<F>,
         gamma: &Tensor<F>,
         mean: &Tensor<F>,
         rstd: &Tensor<F>,
         dy: &Tensor<F>,
         dx: &mut Tensor<F>,
+        pg: &mut Tensor<F>,
+        pb: &mut Tensor<F>,
         rows: usize,
+        #[comptime] per: usize,
         #[comptime] units: usize,
         #[define(F)] _dtype: StorageType,
     ) {
-        let r = cube_row();
-        if r < rows {
+        let part = cube_row();
+        let parts = pg.shape(0);
+        // The whole cube takes the same branch, so its syncs stay uniform.
+        if part < parts {
             let w = gamma.len();
-            let base = r * w;
             let wf = F::cast_from(w as u32);
-            let mu = mean[r];
-            let inv = rstd[r];
-            let mut a = F::new(0.0);
-            let mut b = F::new(0.0);
             let mut c = UNIT_POS_X as usize;
             while c < w {
-                let g = dy[base + c] * gamma[c];
-                a += g;
-                b += g * (x[base + c] - mu) * inv;
+                pg[part * w + c] = F::new(0.0);
+                pb[part * w + c] = F::new(0.0);
                 c += units;
             }
-            let a = cube_sum::<F>(a, units) / wf;
-            let b = cube_sum::<F>(b, units) / wf;
-            c = UNIT_POS_X as usize;
-            while c < w {
-                let g = dy[base + c] * gamma[c];
-                let xhat = (x[base + c] - mu) * inv;
-                dx[base + c] = inv * (g - a - xhat * b);
-                c += units;
-            }
-        }
-    }
-
-    /// A unit per (column, block of `per` rows): the block's sums of dy·x̂
-    /// and dy, into `pg`, `pb` `[parts, w]`.
-    #[cube(launch)]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn param_parts_kernel<F: Float>(
-        x: &Tensor<F>,
-        mean: &Tensor<F>,
-        rstd: &Tensor<F>,
-        dy: &Tensor<F>,
-        pg: &mut Tensor<F>,
-        pb: &mut Tensor<F>,
-        #[comptime] per: usize,
-        #[define(F)] _dtype: StorageType,
-    ) {
-        let w = pg.shape(1);
-        let rows = mean.len();
-        let c = ABSOLUTE_POS_X as usize;
-        let part = CUBE_POS_Y as usize;
-        if c < w {
-            let mut g = F::new(0.0);
-            let mut b = F::new(0.0);
             let mut r = part * per;
             let mut end = r + per;
             if end > rows {
                 end = rows;
             }
             while r < end {
-                let d = dy[r * w + c];
-                g += d * (x[r * w + c] - mean[r]) * rstd[r];
-                b += d;
+                let base = r * w;
+                let mu = mean[r];
+                let inv = rstd[r];
+                let mut a = F::new(0.0);
+                let mut b = F::new(0.0);
+                c = UNIT_POS_X as usize;
+                while c < w {
+                    let g = dy[base + c] * gamma[c];
+                    a += g;
+                    b += g * (x[base + c] - mu) * inv;
+                    c += units;
+                }
+                let a = cube_sum::<F>(a, units) / wf;
+                let b = cube_sum::<F>(b, units) / wf;
+                c = UNIT_POS_X as usize;
+                while c < w {
+                    let d = dy[base + c];
+                    let xhat = (x[base + c] - mu) * inv;
+                    dx[base + c] = inv * (d * gamma[c] - a - xhat * b);
+                    pg[part * w + c] += d * xhat;
+                    pb[part * w + c] += d;
+                    c += units;
+                }
                 r += 1;
             }
-            pg[part * w + c] = g;
-            pb[part * w + c] = b;
         }
     }
 
