@@ -15,6 +15,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 
 mod block;
 mod collective;
+mod gemm;
 mod loader;
 mod model;
 mod reduce;
@@ -75,6 +76,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = block::bench, model::bench, loader::benches, reduce::bench, collective::bench
+    targets = block::bench, model::bench, loader::benches, reduce::bench, collective::bench, gemm::bench
 }
 criterion_main!(benches);

@@ -60,19 +60,14 @@ fi
 # timing on the GPU and, for the ratio, on this machine's CPU.
 run 60 "$BIN" --backend cuda check --batch 32 --tokens 197 --width 768 --heads 12
 run 60 "$BIN" --backend cpu check --batch 32 --tokens 197 --width 768 --heads 12
-# Mixed precision and per-block checkpointing in a real run: 40 steps of the
-# tiny preset in bf16 with checkpointing; the loss must fall (the final
-# report prints it) and the run must finish.
-run 120 "$BIN" --backend cuda train --preset tiny --steps 40 --precision bf16 --grad-checkpointing \
-    --output "$(mktemp -d)/bf16-run"
 # Step times (clipa bench --json) on CUDA and on WGPU (Vulkan): the peer
 # cases of bench-tiny, then ViT-B/16 at 224/112/64 px with text 32/16/8 in
 # bf16 at batch 256 (H200: 139 GiB; every case fits with room to spare).
-run 150 sh -c "\"$BIN\" --backend cuda bench --sweep --steps 20 --json | tee $OUT/cuda.json"
+run 150 sh -c "\"$BIN\" --backend cuda bench --sweep --steps 10 --json | tee $OUT/cuda.json"
 for spec in "224 32" "112 16" "64 8"; do
     set -- $spec
     run 120 sh -c "\"$BIN\" --backend cuda bench --model vit-b16 --batch-size 256 --image-size $1 \
-        --text-length $2 --precision bf16 --steps 20 --json | tee -a $OUT/cuda.json"
+        --text-length $2 --precision bf16 --steps 10 --json | tee -a $OUT/cuda.json"
 done
 # The largest batch that fits, for the goal case (ViT-B/16, 112 px, text 16,
 # bf16). Memory grows about linearly with the batch, and the batch-256
@@ -107,7 +102,34 @@ while [ "$big" -gt 256 ] && [ $tries -lt 3 ]; do
     tries=$((tries + 1))
 done
 [ "$fits" = 1 ] || { echo "no batch above 256 ran: the table has batch 256 only"; big=0; }
-run 150 sh -c "\"$BIN\" --backend wgpu bench --sweep --steps 10 --json | tee $OUT/wgpu.json"
+# Where the time of one ViT-B/16 step (112 px, text 16, batch 256, bf16)
+# goes, kernel by kernel: CubeCL's profiling log times each launch (it
+# waits for each, so the step is slower than the bench's), and
+# ci/kernel_table.py sums the last step's rows by kernel name.
+run 150 env CUBECL_DEBUG_LOG="$OUT/b16-kernels.log" CUBECL_DEBUG_OPTION=profile "$BIN" --backend cuda \
+    bench --model vit-b16 --batch-size 256 --image-size 112 --text-length 16 --precision bf16 \
+    --steps 1 --warmup 2 --json
+run 30 sh -c "python3 ci/kernel_table.py \"$OUT/b16-kernels.log\" --top 40 | tee $OUT/b16-kernels.txt"
+gzip -f "$OUT/b16-kernels.log"
+# The six GEMM shapes of that step alone, bf16, Burn's matmul (criterion's
+# cuda/gemm_b16 group, benches/gemm.rs) beside torch.matmul: whether the
+# products themselves hold the step back.
+if [ -x "$BENCH" ]; then
+    run 120 "$BENCH" --bench '^cuda/gemm_b16' --warm-up-time 1 --measurement-time 2
+else
+    echo "no .gpu/clipa-bench: Burn's side of the GEMM comparison was not run"
+fi
+if python3 -c 'import torch' 2>/dev/null; then
+    run 60 python3 ci/gemm_peer.py --json "$OUT/gemm-torch.json"
+fi
+# Extra checks when time allows (CLIPA_GPU_EXTRA=1): the wgpu sweep on
+# Vulkan, and mixed precision with per-block checkpointing in a real run
+# (40 steps of the tiny preset in bf16; the loss must fall).
+if [ "${CLIPA_GPU_EXTRA:-0}" = 1 ]; then
+    run 150 sh -c "\"$BIN\" --backend wgpu bench --sweep --steps 10 --json | tee $OUT/wgpu.json"
+    run 120 "$BIN" --backend cuda train --preset tiny --steps 40 --precision bf16 --grad-checkpointing \
+        --output "$(mktemp -d)/bf16-run"
+fi
 # OpenCLIP on the same cases with bf16 autocast, where PyTorch is installed
 # (open_clip itself may travel as wheels in .gpu/whl).
 if python3 -c 'import torch' 2>/dev/null; then
@@ -132,7 +154,9 @@ else
     echo "PyTorch is not installed here: no OpenCLIP rows"
 fi
 printf '\n=== clipa and OpenCLIP (bf16 autocast), ms per training step\n'
-python3 ci/gpu_table.py --peer "$OUT/openclip.json" cuda="$OUT/cuda.json" wgpu="$OUT/wgpu.json" \
+wgpu_rows=()
+[ -s "$OUT/wgpu.json" ] && wgpu_rows=(wgpu="$OUT/wgpu.json")
+python3 ci/gpu_table.py --peer "$OUT/openclip.json" cuda="$OUT/cuda.json" "${wgpu_rows[@]}" \
     | tee "$OUT/table.txt"
 # Data parallelism, when the machine has more than one GPU: the same short
 # ViT-B/16 run (112 px, 16 tokens, bf16, 256 images per GPU on the built-in

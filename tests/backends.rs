@@ -486,7 +486,9 @@ fn cube_attention_matches_the_composed_one_with_gradients_on_wgpu() {
             normal_data([batch, n, heads, head_dim], seed + 1, 1.0),
             &device,
         );
-        let run = |fused: bool| {
+        // 0: the composition; 1: the kernels on packed q, k, v, as the
+        // projection writes them; 2: the kernels on separate q, k, v.
+        let run = |how: usize| {
             let qkv = qkv.clone().require_grad();
             let part = |j: usize| {
                 qkv.clone()
@@ -494,27 +496,30 @@ fn cube_attention_matches_the_composed_one_with_gradients_on_wgpu() {
                     .reshape([batch, n, heads, head_dim])
             };
             let (q, k, v) = (part(0), part(1), part(2));
+            let packed = qkv.clone().reshape([batch, n, 3 * heads, head_dim]);
             // The kernels, not their fallback to the composition.
-            let dims = [q.dims(), k.dims(), v.dims()];
-            assert!(CubeAttention::takes(dims, q.dtype()));
-            let out = match fused {
-                true => CubeAttention.attention(q, k, v, causal),
-                false => attention_composed(q, k, v, causal),
+            assert!(CubeAttention::takes(packed.dims(), q.dtype()));
+            let out = match how {
+                0 => attention_composed(q, k, v, causal),
+                1 => CubeAttention.attention_packed(packed, causal),
+                _ => CubeAttention.attention(q, k, v, causal),
             };
             let grads = (out.clone() * w.clone()).sum().backward();
             let g = qkv.grad(&grads).expect("a gradient for q, k and v");
             (out.into_data(), g.into_data())
         };
-        let (want, want_grad) = run(false);
-        let (got, got_grad) = run(true);
-        let what = format!("{n} tokens, causal {causal}, {heads}×{head_dim}");
-        let err = relative_error(&got, &want);
-        assert!(err <= 1e-4, "{what}: output relative error {err:.2e}");
-        let err = relative_error(&got_grad, &want_grad);
-        assert!(
-            err <= 1e-4,
-            "{what}: q/k/v gradient relative error {err:.2e}"
-        );
+        let (want, want_grad) = run(0);
+        for how in [1, 2] {
+            let (got, got_grad) = run(how);
+            let what = format!("{n} tokens, causal {causal}, {heads}×{head_dim}, run {how}");
+            let err = relative_error(&got, &want);
+            assert!(err <= 1e-4, "{what}: output relative error {err:.2e}");
+            let err = relative_error(&got_grad, &want_grad);
+            assert!(
+                err <= 1e-4,
+                "{what}: q/k/v gradient relative error {err:.2e}"
+            );
+        }
     }
 }
 
@@ -684,6 +689,92 @@ fn cube_linear_matches_burns_with_gradients_on_wgpu() {
             assert!(
                 err <= 1e-4,
                 "{batch}×{tokens}×{d_in}→{d_out}: {name} relative error {err:.2e}"
+            );
+        }
+    }
+}
+
+/// The packed q/k/v projection on wgpu ([`CubeQkv`]: our packing, Burn's
+/// product, and one launch of ours for the six parameter gradients)
+/// against three of Burn's `linear` side by side: the output and the
+/// gradients of x and of each weight and bias, at 17, 50 and 65 tokens,
+/// with one, two and four split-K chunks of rows and widths that are not
+/// a multiple of the 32 columns a bias cube adds.
+#[cfg(feature = "wgpu")]
+#[test]
+fn cube_qkv_matches_three_linears_with_gradients_on_wgpu() {
+    use burn::backend::{Autodiff, Wgpu};
+    use burn::tensor::Tensor;
+    use clipa_backends::cube::CubeQkv;
+    use clipa_backends::wgpu_device;
+    use clipa_core::kernels::{QkvKernel, split_k_chunks};
+    use clipa_core::numeric::{normal_data, relative_error};
+
+    use crate::common::skip_or_fail;
+
+    type B = Autodiff<Wgpu>;
+    let (device, _) = match wgpu_device(None) {
+        Ok(found) => found,
+        Err(err) => {
+            return skip_or_fail(
+                "cube_qkv_matches_three_linears_with_gradients_on_wgpu",
+                &err.to_string(),
+            );
+        }
+    };
+    let cases = [([2, 17, 40], 24), ([41, 50, 64], 40), ([64, 65, 32], 48)];
+    let chunks: Vec<usize> = cases
+        .iter()
+        .map(|([b, t, _], _)| split_k_chunks(b * t))
+        .collect();
+    assert_eq!(
+        chunks,
+        [1, 2, 4],
+        "the cases cover one, two and four chunks"
+    );
+    for (i, ([batch, tokens, d_in], width)) in cases.into_iter().enumerate() {
+        let seed = 3000 + 20 * i as u64;
+        let data = |shape: Vec<usize>, s, std| normal_data(shape, seed + s, std);
+        let x = Tensor::<B, 3>::from_data(data(vec![batch, tokens, d_in], 0, 1.0), &device);
+        let w: [Tensor<B, 2>; 3] =
+            [1, 2, 3].map(|s| Tensor::from_data(data(vec![d_in, width], s, 0.2), &device));
+        let b: [Tensor<B, 1>; 3] =
+            [4, 5, 6].map(|s| Tensor::from_data(data(vec![width], s, 1.0), &device));
+        let probe =
+            Tensor::<B, 3>::from_data(data(vec![batch, tokens, 3 * width], 7, 1.0), &device);
+        let run = |fused: bool| {
+            let x = x.clone().require_grad();
+            let w = w.clone().map(|t| t.require_grad());
+            let b = b.clone().map(|t| t.require_grad());
+            let y = match fused {
+                true => CubeQkv.qkv(x.clone(), w.clone(), b.clone()),
+                false => {
+                    let parts = (0..3)
+                        .map(|j| {
+                            burn::tensor::module::linear(
+                                x.clone(),
+                                w[j].clone(),
+                                Some(b[j].clone()),
+                            )
+                        })
+                        .collect();
+                    Tensor::cat(parts, 2)
+                }
+            };
+            let grads = (y.clone() * probe.clone()).sum().backward();
+            let mut out = vec![y.into_data(), x.grad(&grads).expect("dx").into_data()];
+            out.extend(w.iter().map(|t| t.grad(&grads).expect("dW").into_data()));
+            out.extend(b.iter().map(|t| t.grad(&grads).expect("db").into_data()));
+            out
+        };
+        let want = run(false);
+        let got = run(true);
+        let names = ["y", "dx", "dWq", "dWk", "dWv", "dbq", "dbk", "dbv"];
+        for (name, (got, want)) in names.iter().zip(got.iter().zip(&want)) {
+            let err = relative_error(got, want);
+            assert!(
+                err <= 1e-4,
+                "{batch}×{tokens}×{d_in}→3×{width}: {name} relative error {err:.2e}"
             );
         }
     }

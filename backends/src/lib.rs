@@ -376,6 +376,7 @@ where
     cube::CubeAttention: clipa_core::kernels::AttentionKernel<burn::backend::Autodiff<B>>,
     cube::CubeLayerNorm: clipa_core::kernels::LayerNormKernel<burn::backend::Autodiff<B>>,
     cube::CubeLinear: clipa_core::kernels::LinearKernel<burn::backend::Autodiff<B>>,
+    cube::CubeQkv: clipa_core::kernels::QkvKernel<burn::backend::Autodiff<B>>,
 {
     use clipa_core::kernels::{Kernels, install};
     use std::sync::Arc;
@@ -388,6 +389,7 @@ where
         attention: Some(Arc::new(cube::CubeAttention)),
         layer_norm: Some(Arc::new(cube::CubeLayerNorm)),
         linear: Some(Arc::new(cube::CubeLinear)),
+        qkv: Some(Arc::new(cube::CubeQkv)),
         ..Default::default()
     }))
 }

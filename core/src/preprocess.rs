@@ -73,16 +73,15 @@ pub fn u8_batch_to_tensor<B: Backend>(
         })
         .collect();
     let m = words.len();
-    let packed = Tensor::<B, 1, Int>::from_data(TensorData::new(words, [m]), device); // [m]
-    let lanes: Vec<Tensor<B, 1, Int>> = (0..4)
-        .map(|k| {
-            packed
-                .clone()
-                .bitwise_right_shift_scalar((8 * k).elem())
-                .bitwise_and_scalar(255.elem())
-        })
-        .collect();
-    let x = Tensor::stack::<2>(lanes, 1) // [m, 4]
+    let packed = Tensor::<B, 2, Int>::from_data(TensorData::new(words, [m, 1]), device); // [m, 1]
+    // Byte k of each word by one broadcast shift and one mask (two
+    // launches on a GPU, where a shift and a mask per byte and a stack
+    // took twelve).
+    let shifts =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(vec![0i32, 8, 16, 24], [1, 4]), device);
+    let x = packed
+        .bitwise_right_shift(shifts)
+        .bitwise_and_scalar(255.elem()) // [m, 4]
         .reshape([4 * m])
         .narrow(0, 0, n)
         .reshape([batch, size, size, 3])

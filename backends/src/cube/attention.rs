@@ -39,9 +39,11 @@ pub const MAX_HEAD_DIM: usize = 128;
 /// - Backward, two launches and no atomics: per query, Δ = dO·O and
 ///   dQ = Σ_j P·(dO·v_j − Δ)·k_j/√d, recomputing each score from the saved
 ///   logsumexp; per key, dV = Σ_i P·dO_i and dK = Σ_i P·(dO_i·v − Δ_i)·q_i/√d.
-/// - q, k and v are read in the projections' token-major layout
-///   `[batch, tokens, heads, head_dim]` through their strides, so the
-///   heads are never transposed into copies.
+/// - q, k and v are read packed, where the projection ([`super::CubeQkv`])
+///   writes them: `[batch, tokens, 3·heads, head_dim]`, q's heads then
+///   k's then v's, through the strides, so the heads are never transposed
+///   or split into copies; the backward writes dq, dk and dv into one
+///   gradient of that layout, which the projection's backward reads.
 ///
 /// Arithmetic and reads: per (batch, head), 2·N²·d multiply-adds forward
 /// (scores, output) and 7·N²·d backward (the scores and dO·v recomputed in
@@ -50,19 +52,18 @@ pub const MAX_HEAD_DIM: usize = 128;
 pub struct CubeAttention;
 
 impl CubeAttention {
-    /// Whether q, k and v of `dims` (`[batch, tokens, heads, head_dim]`
-    /// each) and `dtype` run in the kernels; the composed attention
-    /// otherwise (other dtypes, heads wider than [`MAX_HEAD_DIM`], q/k/v
-    /// of different shapes).
-    pub fn takes(dims: [[usize; 4]; 3], dtype: DType) -> bool {
-        dtype == DType::F32
-            && dims[0][3] <= MAX_HEAD_DIM
-            && dims[0] == dims[1]
-            && dims[1] == dims[2]
+    /// Whether packed q, k and v of `dims` (`[batch, tokens, 3·heads,
+    /// head_dim]`) and `dtype` run in the kernels; the composed attention
+    /// otherwise (other dtypes, heads wider than [`MAX_HEAD_DIM`]).
+    pub fn takes(dims: [usize; 4], dtype: DType) -> bool {
+        dtype == DType::F32 && dims[2] % 3 == 0 && dims[3] <= MAX_HEAD_DIM
     }
 }
 
 impl<R: CubeRuntime, BT: BoolElement> AttentionKernel<Autodiff<Inner<R, BT>>> for CubeAttention {
+    /// Packs q, k and v side by side (a copy) for the kernels: the
+    /// training step reaches them packed by the projection
+    /// ([`super::CubeQkv`]) through [`Self::attention_packed`] instead.
     fn attention(
         &self,
         q: Tensor<Autodiff<Inner<R, BT>>, 4>,
@@ -70,30 +71,28 @@ impl<R: CubeRuntime, BT: BoolElement> AttentionKernel<Autodiff<Inner<R, BT>>> fo
         v: Tensor<Autodiff<Inner<R, BT>>, 4>,
         causal: bool,
     ) -> Tensor<Autodiff<Inner<R, BT>>, 4> {
-        let same_dtype = q.dtype() == k.dtype() && k.dtype() == v.dtype();
-        if !same_dtype || !Self::takes([q.dims(), k.dims(), v.dims()], q.dtype()) {
+        let same = q.dims() == k.dims() && k.dims() == v.dims();
+        let same = same && q.dtype() == k.dtype() && k.dtype() == v.dtype();
+        if !same {
             return attention_composed(q, k, v, causal);
         }
-        let [q, k, v] = [q, k, v].map(|t| t.into_primitive().tensor());
-        let [o, lse] = forward::<R, BT>(
-            q.primitive.clone(),
-            k.primitive.clone(),
-            v.primitive.clone(),
-            causal,
-        );
-        let state = [
-            q.primitive.clone(),
-            k.primitive.clone(),
-            v.primitive.clone(),
-            o.clone(),
-            lse,
-        ];
-        let out = tracked(
-            AttentionBackward::<R, BT>::new(causal),
-            [&q, &k, &v],
-            state,
-            o,
-        );
+        self.attention_packed(Tensor::cat(vec![q, k, v], 2), causal)
+    }
+
+    fn attention_packed(
+        &self,
+        qkv: Tensor<Autodiff<Inner<R, BT>>, 4>,
+        causal: bool,
+    ) -> Tensor<Autodiff<Inner<R, BT>>, 4> {
+        if !Self::takes(qkv.dims(), qkv.dtype()) {
+            let heads = qkv.dims()[2] / 3;
+            let [q, k, v] = [0, 1, 2].map(|i| qkv.clone().narrow(2, i * heads, heads));
+            return attention_composed(q, k, v, causal);
+        }
+        let qkv = qkv.into_primitive().tensor();
+        let [o, lse] = forward::<R, BT>(qkv.primitive.clone(), causal);
+        let state = [qkv.primitive.clone(), o.clone(), lse];
+        let out = tracked(AttentionBackward::<R, BT>::new(causal), [&qkv], state, o);
         Tensor::from_primitive(TensorPrimitive::Float(out))
     }
 }
@@ -114,57 +113,53 @@ impl<R, BT> AttentionBackward<R, BT> {
     }
 }
 
-impl<R: CubeRuntime, BT: BoolElement> Backward<Inner<R, BT>, 3> for AttentionBackward<R, BT> {
-    type State = [FusionTensor<Fr<R>>; 5];
+impl<R: CubeRuntime, BT: BoolElement> Backward<Inner<R, BT>, 1> for AttentionBackward<R, BT> {
+    type State = [FusionTensor<Fr<R>>; 3];
 
     fn backward(
         self,
-        ops: Ops<Self::State, 3>,
+        ops: Ops<Self::State, 1>,
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
-        let [nq, nk, nv] = ops.parents;
+        let [nqkv] = ops.parents;
         let grad = grads.consume::<Inner<R, BT>>(&ops.node);
-        let [q, k, v, o, lse] = ops.state;
-        let [dq, dk, dv] = backward::<R, BT>([q, k, v, o, lse, grad], self.causal);
-        for (node, g) in [(nq, dq), (nk, dk), (nv, dv)] {
-            if let Some(node) = node {
-                grads.register::<Inner<R, BT>>(node.id, g);
-            }
+        let [qkv, o, lse] = ops.state;
+        if let Some(node) = nqkv {
+            let dqkv = backward::<R, BT>([qkv, o, lse, grad], self.causal);
+            grads.register::<Inner<R, BT>>(node.id, dqkv);
         }
     }
 }
 
-/// `[o, lse]`: o `[batch, tokens, heads, head_dim]` (contiguous), lse
-/// `[batch, heads, tokens]`.
+/// `[o, lse]` from packed `qkv` `[batch, tokens, 3·heads, head_dim]`: o
+/// `[batch, tokens, heads, head_dim]` (contiguous), lse `[batch, heads,
+/// tokens]`.
 fn forward<R: CubeRuntime, BT: BoolElement>(
-    q: FusionTensor<Fr<R>>,
-    k: FusionTensor<Fr<R>>,
-    v: FusionTensor<Fr<R>>,
+    qkv: FusionTensor<Fr<R>>,
     causal: bool,
 ) -> [FusionTensor<Fr<R>>; 2] {
-    let [b, n, h, _] = q.shape.dims::<4>();
-    let shapes = vec![q.shape.clone(), Shape::new([b, h, n])];
-    let out = register::<R, _>("clipa_attention", vec![q, k, v], shapes, |desc| {
-        AttentionOp::<CubeBackend<R, f32, i32, BT>> {
-            desc,
-            causal,
-            backward: false,
-            _b: PhantomData,
-        }
+    let [b, n, h3, d] = qkv.shape.dims::<4>();
+    let h = h3 / 3;
+    let shapes = vec![Shape::new([b, n, h, d]), Shape::new([b, h, n])];
+    let out = register::<R, _>("clipa_attention", vec![qkv], shapes, |desc| AttentionOp::<
+        CubeBackend<R, f32, i32, BT>,
+    > {
+        desc,
+        causal,
+        backward: false,
+        _b: PhantomData,
     });
     out.try_into().expect("two outputs")
 }
 
-/// `[dq, dk, dv]`, each `[batch, tokens, heads, head_dim]`, from
-/// `[q, k, v, o, lse, do]`.
+/// dqkv, packed as qkv, from `[qkv, o, lse, do]`.
 fn backward<R: CubeRuntime, BT: BoolElement>(
-    inputs: [FusionTensor<Fr<R>>; 6],
+    inputs: [FusionTensor<Fr<R>>; 4],
     causal: bool,
-) -> [FusionTensor<Fr<R>>; 3] {
-    let shape = inputs[0].shape.clone();
-    let shapes = vec![shape.clone(), shape.clone(), shape];
-    let out = register::<R, _>("clipa_attention_backward", inputs.into(), shapes, |desc| {
+) -> FusionTensor<Fr<R>> {
+    let shapes = vec![inputs[0].shape.clone()];
+    let mut out = register::<R, _>("clipa_attention_backward", inputs.into(), shapes, |desc| {
         AttentionOp::<CubeBackend<R, f32, i32, BT>> {
             desc,
             causal,
@@ -172,7 +167,7 @@ fn backward<R: CubeRuntime, BT: BoolElement>(
             _b: PhantomData,
         }
     });
-    out.try_into().expect("three outputs")
+    out.pop().expect("one output")
 }
 
 /// The forward or the backward as an operation on the fusion stream.
@@ -204,22 +199,22 @@ fn geometry(b: usize, n: usize, h: usize) -> (CubeCount, CubeDim) {
     )
 }
 
-/// `[o, lse]` from `[q, k, v]`.
+/// `[o, lse]` from `[qkv]`.
 fn launch_forward<R: CubeRuntime>(inputs: &[CubeTensor<R>], causal: bool) -> Vec<CubeTensor<R>> {
-    let [q, k, v] = [&inputs[0], &inputs[1], &inputs[2]];
-    let [b, n, h, d] = q.meta.shape().dims::<4>();
-    let o = empty(q, Shape::new([b, n, h, d]));
-    let lse = empty(q, Shape::new([b, h, n]));
+    let qkv = &inputs[0];
+    let [b, n, h3, d] = qkv.meta.shape().dims::<4>();
+    let h = h3 / 3;
+    let o = empty(qkv, Shape::new([b, n, h, d]));
+    let lse = empty(qkv, Shape::new([b, h, n]));
     let (count, dim) = geometry(b, n, h);
     kernel::forward_kernel::launch::<R>(
-        &q.client,
+        &qkv.client,
         count,
         dim,
-        q.clone().into_tensor_arg(),
-        k.clone().into_tensor_arg(),
-        v.clone().into_tensor_arg(),
+        qkv.clone().into_tensor_arg(),
         o.clone().into_tensor_arg(),
         lse.clone().into_tensor_arg(),
+        h,
         1.0 / (d as f32).sqrt(),
         causal,
         d,
@@ -229,33 +224,29 @@ fn launch_forward<R: CubeRuntime>(inputs: &[CubeTensor<R>], causal: bool) -> Vec
     vec![o, lse]
 }
 
-/// `[dq, dk, dv]` from `[q, k, v, o, lse, do]`.
+/// `[dqkv]` from `[qkv, o, lse, do]`: the query pass writes dq's heads,
+/// the key pass dk's and dv's, each into its own columns of one tensor.
 fn launch_backward<R: CubeRuntime>(inputs: &[CubeTensor<R>], causal: bool) -> Vec<CubeTensor<R>> {
-    let [q, k, v, o, lse, dout] = [0, 1, 2, 3, 4, 5].map(|i| &inputs[i]);
-    let [b, n, h, d] = q.meta.shape().dims::<4>();
-    let shape = Shape::new([b, n, h, d]);
-    let (dq, dk, dv) = (
-        empty(q, shape.clone()),
-        empty(q, shape.clone()),
-        empty(q, shape),
-    );
+    let [qkv, o, lse, dout] = [0, 1, 2, 3].map(|i| &inputs[i]);
+    let [b, n, h3, d] = qkv.meta.shape().dims::<4>();
+    let h = h3 / 3;
+    let dqkv = empty(qkv, Shape::new([b, n, h3, d]));
     // Δ_i = dO_i·O_i, [batch, heads, tokens], written by the query pass.
-    let delta = empty(q, Shape::new([b, h, n]));
+    let delta = empty(qkv, Shape::new([b, h, n]));
     let scale = 1.0 / (d as f32).sqrt();
     let (count, dim) = geometry(b, n, h);
     let arg = |t: &CubeTensor<R>| t.clone().into_tensor_arg();
     kernel::backward_query_kernel::launch::<R>(
-        &q.client,
+        &qkv.client,
         count.clone(),
         dim,
-        arg(q),
-        arg(k),
-        arg(v),
+        arg(qkv),
         arg(o),
         arg(lse),
         arg(dout),
-        arg(&dq),
+        arg(&dqkv),
         arg(&delta),
+        h,
         scale,
         causal,
         d,
@@ -263,24 +254,22 @@ fn launch_backward<R: CubeRuntime>(inputs: &[CubeTensor<R>], causal: bool) -> Ve
         DType::F32.into(),
     );
     kernel::backward_key_kernel::launch::<R>(
-        &q.client,
+        &qkv.client,
         count,
         dim,
-        arg(q),
-        arg(k),
-        arg(v),
+        arg(qkv),
         arg(lse),
         arg(&delta),
         arg(dout),
-        arg(&dk),
-        arg(&dv),
+        arg(&dqkv),
+        h,
         scale,
         causal,
         d,
         ROWS as usize,
         DType::F32.into(),
     );
-    vec![dq, dk, dv]
+    vec![dqkv]
 }
 
 mod kernel {
@@ -349,29 +338,28 @@ mod kernel {
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn forward_kernel<F: Float>(
-        q: &Tensor<F>,
-        k: &Tensor<F>,
-        v: &Tensor<F>,
+        qkv: &Tensor<F>,
         o: &mut Tensor<F>,
         lse: &mut Tensor<F>,
+        heads: usize,
         scale: f32,
         #[comptime] causal: bool,
         #[comptime] d: usize,
         #[comptime] rows: usize,
         #[define(F)] _dtype: StorageType,
     ) {
-        let n = q.shape(1);
+        let n = qkv.shape(1);
         let batch = CUBE_POS_Z as usize;
         let head = CUBE_POS_Y as usize;
         let i = CUBE_POS_X as usize * rows + UNIT_POS_X as usize;
         let live = i < n;
         let mut qi = Array::<F>::new(d);
         let mut acc = Array::<F>::new(d);
-        let qs = q.stride(3);
+        let qs = qkv.stride(3);
         for c in 0..d {
             let mut x = F::new(0.0);
             if live {
-                x = q[row::<F>(q, batch, i, head) + c * qs] * F::cast_from(scale);
+                x = qkv[row::<F>(qkv, batch, i, head) + c * qs] * F::cast_from(scale);
             }
             qi[c] = x;
             acc[c] = F::new(0.0);
@@ -385,8 +373,8 @@ mod kernel {
         let mut start = 0;
         while start < end {
             sync_cube();
-            stage::<F>(k, &mut kt, batch, head, start, n, d, rows);
-            stage::<F>(v, &mut vt, batch, head, start, n, d, rows);
+            stage::<F>(qkv, &mut kt, batch, heads + head, start, n, d, rows);
+            stage::<F>(qkv, &mut vt, batch, 2 * heads + head, start, n, d, rows);
             sync_cube();
             for r in 0..rows {
                 let j = start + r;
@@ -422,21 +410,20 @@ mod kernel {
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn backward_query_kernel<F: Float>(
-        q: &Tensor<F>,
-        k: &Tensor<F>,
-        v: &Tensor<F>,
+        qkv: &Tensor<F>,
         o: &Tensor<F>,
         lse: &Tensor<F>,
         dout: &Tensor<F>,
-        dq: &mut Tensor<F>,
+        dqkv: &mut Tensor<F>,
         delta: &mut Tensor<F>,
+        heads: usize,
         scale: f32,
         #[comptime] causal: bool,
         #[comptime] d: usize,
         #[comptime] rows: usize,
         #[define(F)] _dtype: StorageType,
     ) {
-        let n = q.shape(1);
+        let n = qkv.shape(1);
         let batch = CUBE_POS_Z as usize;
         let head = CUBE_POS_Y as usize;
         let i = CUBE_POS_X as usize * rows + UNIT_POS_X as usize;
@@ -450,7 +437,7 @@ mod kernel {
             let mut x = F::new(0.0);
             let mut g = F::new(0.0);
             if live {
-                x = q[row::<F>(q, batch, i, head) + c * q.stride(3)] * F::cast_from(scale);
+                x = qkv[row::<F>(qkv, batch, i, head) + c * qkv.stride(3)] * F::cast_from(scale);
                 g = dout[row::<F>(dout, batch, i, head) + c * dout.stride(3)];
                 di += g * o[row::<F>(o, batch, i, head) + c * o.stride(3)];
             }
@@ -467,8 +454,8 @@ mod kernel {
         let mut start = 0;
         while start < end {
             sync_cube();
-            stage::<F>(k, &mut kt, batch, head, start, n, d, rows);
-            stage::<F>(v, &mut vt, batch, head, start, n, d, rows);
+            stage::<F>(qkv, &mut kt, batch, heads + head, start, n, d, rows);
+            stage::<F>(qkv, &mut vt, batch, 2 * heads + head, start, n, d, rows);
             sync_cube();
             for r in 0..rows {
                 let j = start + r;
@@ -488,9 +475,9 @@ mod kernel {
             start += rows;
         }
         if live {
-            let base = row::<F>(dq, batch, i, head);
+            let base = row::<F>(dqkv, batch, i, head);
             for c in 0..d {
-                dq[base + c * dq.stride(3)] = acc[c] * F::cast_from(scale);
+                dqkv[base + c * dqkv.stride(3)] = acc[c] * F::cast_from(scale);
             }
             delta[stat::<F>(delta, batch, head, i)] = di;
         }
@@ -501,21 +488,19 @@ mod kernel {
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn backward_key_kernel<F: Float>(
-        q: &Tensor<F>,
-        k: &Tensor<F>,
-        v: &Tensor<F>,
+        qkv: &Tensor<F>,
         lse: &Tensor<F>,
         delta: &Tensor<F>,
         dout: &Tensor<F>,
-        dk: &mut Tensor<F>,
-        dv: &mut Tensor<F>,
+        dqkv: &mut Tensor<F>,
+        heads: usize,
         scale: f32,
         #[comptime] causal: bool,
         #[comptime] d: usize,
         #[comptime] rows: usize,
         #[define(F)] _dtype: StorageType,
     ) {
-        let n = q.shape(1);
+        let n = qkv.shape(1);
         let batch = CUBE_POS_Z as usize;
         let head = CUBE_POS_Y as usize;
         let j = CUBE_POS_X as usize * rows + UNIT_POS_X as usize;
@@ -528,8 +513,9 @@ mod kernel {
             let mut x = F::new(0.0);
             let mut y = F::new(0.0);
             if live {
-                x = k[row::<F>(k, batch, j, head) + c * k.stride(3)] * F::cast_from(scale);
-                y = v[row::<F>(v, batch, j, head) + c * v.stride(3)];
+                let s3 = qkv.stride(3);
+                x = qkv[row::<F>(qkv, batch, j, heads + head) + c * s3] * F::cast_from(scale);
+                y = qkv[row::<F>(qkv, batch, j, 2 * heads + head) + c * s3];
             }
             kj[c] = x;
             vj[c] = y;
@@ -547,7 +533,7 @@ mod kernel {
         }
         while start < n {
             sync_cube();
-            stage::<F>(q, &mut qt, batch, head, start, n, d, rows);
+            stage::<F>(qkv, &mut qt, batch, head, start, n, d, rows);
             stage::<F>(dout, &mut gt, batch, head, start, n, d, rows);
             let u = UNIT_POS_X as usize;
             let mut lv = F::new(0.0);
@@ -579,11 +565,12 @@ mod kernel {
             start += rows;
         }
         if live {
-            let bk = row::<F>(dk, batch, j, head);
-            let bv = row::<F>(dv, batch, j, head);
+            let bk = row::<F>(dqkv, batch, j, heads + head);
+            let bv = row::<F>(dqkv, batch, j, 2 * heads + head);
+            let s3 = dqkv.stride(3);
             for c in 0..d {
-                dk[bk + c * dk.stride(3)] = gk[c] * F::cast_from(scale);
-                dv[bv + c * dv.stride(3)] = gv[c];
+                dqkv[bk + c * s3] = gk[c] * F::cast_from(scale);
+                dqkv[bv + c * s3] = gv[c];
             }
         }
     }

@@ -23,10 +23,10 @@ use super::common::{Fr, empty_as, execute, register_as, tracked};
 type Inner<R, BT> = Fusion<CubeBackend<R, f32, i32, BT>>;
 
 /// Units per cube of the sums.
-const UNITS: u32 = 256;
+pub(super) const UNITS: u32 = 256;
 /// Columns of the bias gradient each cube adds up; its `UNITS / COLS`
 /// lanes stride over the rows.
-const COLS: usize = 32;
+pub(super) const COLS: usize = 32;
 
 /// A linear layer `x·W + b` (+ a residual) on the autodiff backend that
 /// trains.
@@ -196,7 +196,7 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<Fr<R>> for SumsOp<CubeBackend<R,
 
 /// `cubes` cubes laid out over x then y, the x side under the devices'
 /// 65,535 limit.
-fn grid(cubes: usize) -> CubeCount {
+pub(super) fn grid(cubes: usize) -> CubeCount {
     let x = cubes.clamp(1, 32_768) as u32;
     CubeCount::Static(x, cubes.div_ceil(x as usize).max(1) as u32, 1)
 }
@@ -248,28 +248,30 @@ fn launch<R: CubeRuntime>(inputs: &[CubeTensor<R>]) -> Vec<CubeTensor<R>> {
     }
 }
 
-mod kernel {
+pub(super) mod kernel {
     use cubecl::prelude::*;
 
     /// The cube's index: cubes are laid out over x then y.
     #[cube]
-    fn cube_index() -> usize {
+    pub(in crate::cube) fn cube_index() -> usize {
         CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize
     }
 
-    /// Cube `j` of the bias gradient: `db[c] = Σ_r dy[r, c]` for its `cols`
-    /// columns, each column's rows split over the cube's lanes (four
-    /// loads in flight a lane) and the lanes' sums added in lane order.
+    /// Cube `j` of a bias gradient: `Σ_r dy[r, c]` over the `rows` rows of
+    /// `dy` `[rows, d_out]` for its `cols` columns `c`, each column's rows
+    /// split over the cube's lanes (four loads in flight a lane) and the
+    /// lanes' sums added in lane order. The total of column `j·cols + u` is
+    /// returned to unit `u < cols` (lane 0); every unit of the cube must
+    /// call it.
     #[cube]
-    fn bias_cube<F: Float>(
+    pub(in crate::cube) fn column_total<F: Float>(
         dy: &Tensor<F>,
-        db: &mut Tensor<F>,
         j: usize,
         rows: usize,
         #[comptime] cols: usize,
         #[comptime] units: usize,
-    ) {
-        let d_out = db.len();
+    ) -> f32 {
+        let d_out = dy.shape(1);
         let u = UNIT_POS_X as usize;
         let lanes = units / cols;
         let c = j * cols + u % cols;
@@ -298,13 +300,32 @@ mod kernel {
         let mut shared = SharedMemory::<f32>::new(units);
         shared[u] = acc;
         sync_cube();
-        if lane == 0 && c < d_out {
-            let mut total = f32::new(0.0);
+        let mut total = f32::new(0.0);
+        if lane == 0 {
             let mut l = 0usize;
             while l < lanes {
                 total += shared[l * cols + u];
                 l += 1;
             }
+        }
+        total
+    }
+
+    /// Cube `j` of the bias gradient `db[c] = Σ_r dy[r, c]`
+    /// ([`column_total`]).
+    #[cube]
+    fn bias_cube<F: Float>(
+        dy: &Tensor<F>,
+        db: &mut Tensor<F>,
+        j: usize,
+        rows: usize,
+        #[comptime] cols: usize,
+        #[comptime] units: usize,
+    ) {
+        let total = column_total::<F>(dy, j, rows, cols, units);
+        let u = UNIT_POS_X as usize;
+        let c = j * cols + u;
+        if u < cols && c < db.len() {
             db[c] = F::cast_from(total);
         }
     }

@@ -12,10 +12,12 @@ mod common;
 mod layer_norm;
 mod linear;
 mod multi;
+mod qkv;
 mod sum_squares;
 
 pub use adamw::CubeAdamW;
 pub use attention::{CubeAttention, MAX_HEAD_DIM};
 pub use layer_norm::CubeLayerNorm;
 pub use linear::CubeLinear;
+pub use qkv::CubeQkv;
 pub use sum_squares::CubeSumSquares;

@@ -24,6 +24,45 @@ pub trait AttentionKernel<B: Backend>: Send + Sync {
         v: Tensor<B, 4>,
         causal: bool,
     ) -> Tensor<B, 4>;
+
+    /// [`Self::attention`] on q, k and v packed side by side, as the
+    /// packed projection ([`super::QkvKernel`]) writes them: q's heads,
+    /// then k's, then v's. A kernel that reads this layout where it lies
+    /// overrides it; by default the three are split off and passed on.
+    ///
+    /// # Shapes
+    /// - `qkv`: `[batch, tokens, 3·heads, head_dim]`
+    /// - output: `[batch, tokens, heads, head_dim]`
+    fn attention_packed(&self, qkv: Tensor<B, 4>, causal: bool) -> Tensor<B, 4> {
+        let [q, k, v] = unpack(qkv);
+        self.attention(q, k, v, causal)
+    }
+}
+
+/// q, k and v of a packed `[batch, tokens, 3·heads, head_dim]`, each
+/// `[batch, tokens, heads, head_dim]`.
+fn unpack<B: Backend>(qkv: Tensor<B, 4>) -> [Tensor<B, 4>; 3] {
+    let heads = qkv.dims()[2] / 3;
+    [0, 1, 2].map(|i| qkv.clone().narrow(2, i * heads, heads))
+}
+
+/// [`attention`] on packed q, k and v ([`AttentionKernel::attention_packed`]).
+///
+/// # Shapes
+/// - `qkv`: `[batch, tokens, 3·heads, head_dim]`
+/// - output: `[batch, tokens, heads, head_dim]`
+pub fn attention_packed<B: Backend>(
+    kernels: &Resolved<B>,
+    qkv: Tensor<B, 4>,
+    causal: bool,
+) -> Tensor<B, 4> {
+    match kernels.attention() {
+        Some(kernel) => kernel.attention_packed(qkv, causal),
+        None => {
+            let [q, k, v] = unpack(qkv);
+            attention_composed(q, k, v, causal)
+        }
+    }
 }
 
 /// softmax(q·kᵀ/√head_dim)·v per head: the resolved [`AttentionKernel`]

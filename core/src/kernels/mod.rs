@@ -3,7 +3,8 @@
 //!
 //! Core is generic over the backend and names none. `nn/` and the optimiser
 //! call one function per op here ([`linear`], [`linear_add`],
-//! [`layer_norm`], [`gelu`], [`attention`], [`embedding`], and
+//! [`layer_norm`], [`gelu`], [`attention`], [`attention_packed`], the packed
+//! q/k/v projection of [`QkvKernel`], [`embedding`], and
 //! [`Kernels::adamw`] and [`Kernels::sum_squares`] through
 //! [`crate::train::optim::AdamW`]). Each
 //! function runs the op in the backend's kernel where it has one, and
@@ -44,11 +45,12 @@ mod embedding;
 mod gelu;
 mod linear;
 mod norm;
+mod qkv;
 mod resolved;
 mod sum_squares;
 
 pub use adamw::{AdamWF32, AdamWKernel, AdamWScalars, AdamWSlot, UpdateGuard, adamw_composed};
-pub use attention::{AttentionKernel, attention, attention_composed};
+pub use attention::{AttentionKernel, attention, attention_composed, attention_packed};
 pub use embedding::{EmbeddingKernel, embedding};
 pub use gelu::{GeluKernel, gelu, gelu_composed};
 pub use linear::{
@@ -56,6 +58,7 @@ pub use linear::{
     split_k_chunks,
 };
 pub use norm::{LayerNormKernel, layer_norm};
+pub use qkv::{QkvKernel, qkv_composed};
 pub use resolved::Resolved;
 pub use sum_squares::{SumSquaresKernel, sum_squares_composed};
 
@@ -72,8 +75,11 @@ pub struct Kernels<B: Backend> {
     pub layer_norm: Option<Arc<dyn LayerNormKernel<B>>>,
     /// The exact GELU, [`gelu`].
     pub gelu: Option<Arc<dyn GeluKernel<B>>>,
-    /// Multi-head attention, [`attention`].
+    /// Multi-head attention, [`attention`] and [`attention_packed`].
     pub attention: Option<Arc<dyn AttentionKernel<B>>>,
+    /// The packed q/k/v projection (`nn::Attention` uses it where the
+    /// attention kernel is there too).
+    pub qkv: Option<Arc<dyn QkvKernel<B>>>,
     /// The token-embedding lookup, [`embedding`].
     pub embedding: Option<Arc<dyn EmbeddingKernel<B>>>,
     /// One AdamW update of one parameter ([`crate::train::optim::AdamW`]).
@@ -91,6 +97,7 @@ impl<B: Backend> Default for Kernels<B> {
             layer_norm: None,
             gelu: None,
             attention: None,
+            qkv: None,
             embedding: None,
             adamw: None,
             sum_squares: None,
@@ -115,6 +122,7 @@ impl<B: Backend> Kernels<B> {
             ("layer_norm", self.layer_norm.is_some()),
             ("gelu", self.gelu.is_some()),
             ("attention", self.attention.is_some()),
+            ("qkv", self.qkv.is_some()),
             ("embedding", self.embedding.is_some()),
             ("adamw", self.adamw.is_some()),
             ("sum_squares", self.sum_squares.is_some()),

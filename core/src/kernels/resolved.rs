@@ -11,7 +11,9 @@ use burn::module::{
 };
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
-use super::{AttentionKernel, EmbeddingKernel, GeluKernel, Kernels, LayerNormKernel, LinearKernel};
+use super::{
+    AttentionKernel, EmbeddingKernel, GeluKernel, Kernels, LayerNormKernel, LinearKernel, QkvKernel,
+};
 
 /// A bundle behind `Any`: the other side's kernels, whose backend type
 /// `Resolved<B>` cannot name.
@@ -90,6 +92,11 @@ impl<B: Backend> Resolved<B> {
     /// The attention kernel, if any.
     pub fn attention(&self) -> Option<&dyn AttentionKernel<B>> {
         self.kernels.as_deref()?.attention.as_deref()
+    }
+
+    /// The packed q/k/v projection kernel, if any.
+    pub fn qkv(&self) -> Option<&dyn QkvKernel<B>> {
+        self.kernels.as_deref()?.qkv.as_deref()
     }
 
     /// The embedding kernel, if any.

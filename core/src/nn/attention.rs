@@ -6,8 +6,8 @@ use crate::kernels::{self, Resolved, linear, linear_add};
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
+use burn::tensor::{DType, FloatDType, Tensor};
 
 /// Configuration of [`Attention`].
 #[derive(Config, Debug)]
@@ -86,15 +86,54 @@ impl<B: Backend> Attention<B> {
         let split = |t: Tensor<B, 3>| t.reshape([batch, tokens, self.heads, head_dim]);
         // In `x`'s dtype: bf16 under mixed precision (see `ResidualBlock`).
         let ks = &self.kernels;
-        let q = split(linear(ks, &self.query, x.clone())); // [batch, tokens, heads, head_dim]
-        let k = split(linear(ks, &self.key, x.clone()));
-        let v = split(linear(ks, &self.value, x));
-        let y = kernels::attention(ks, q, k, v, causal); // [batch, tokens, heads, head_dim]
+        let packed = ks
+            .qkv()
+            .and_then(|kernel| Some((kernel, self.packed_params(x.dtype())?)));
+        let y = match packed {
+            // One product for the three projections, read by the attention
+            // kernel where it lies.
+            Some((kernel, (w, b))) => {
+                let qkv = kernel.qkv(x, w, b); // [batch, tokens, 3·width]
+                let qkv = qkv.reshape([batch, tokens, 3 * self.heads, head_dim]);
+                kernels::attention_packed(ks, qkv, causal)
+            }
+            None => {
+                let q = split(linear(ks, &self.query, x.clone())); // [batch, tokens, heads, head_dim]
+                let k = split(linear(ks, &self.key, x.clone()));
+                let v = split(linear(ks, &self.value, x));
+                kernels::attention(ks, q, k, v, causal) // [batch, tokens, heads, head_dim]
+            }
+        };
         let y = y.reshape([batch, tokens, width]);
         match residual {
             Some(r) => linear_add(ks, &self.out, y, r),
             None => linear(ks, &self.out, y),
         }
+    }
+}
+
+impl<B: Backend> Attention<B> {
+    /// The q, k and v weights and biases in `dtype` (cast from the float32
+    /// master copy under mixed precision, as [`kernels::linear`] does), or
+    /// `None` where a projection has no bias.
+    #[allow(clippy::type_complexity)]
+    fn packed_params(&self, dtype: DType) -> Option<([Tensor<B, 2>; 3], [Tensor<B, 1>; 3])> {
+        let layers = [&self.query, &self.key, &self.value];
+        let cast = |t: Tensor<B, 2>| match t.dtype() == dtype {
+            true => t,
+            false => t.cast(FloatDType::from(dtype)),
+        };
+        let w = layers.map(|l| cast(l.weight.val()));
+        let b = [
+            self.query.bias.as_ref()?.val(),
+            self.key.bias.as_ref()?.val(),
+            self.value.bias.as_ref()?.val(),
+        ];
+        let b = b.map(|b| match b.dtype() == dtype {
+            true => b,
+            false => b.cast(FloatDType::from(dtype)),
+        });
+        Some((w, b))
     }
 }
 
