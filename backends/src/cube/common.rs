@@ -1,17 +1,20 @@
 //! What the CubeCL kernels share: registering an operation on the fusion
 //! stream, allocating outputs, and a cube-wide sum.
 
+use std::sync::Arc;
+
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Shape};
+use burn::tensor::{DType, Shape, Tensor};
 use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
-use burn_autodiff::ops::{Backward, OpsKind};
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_cubecl::fusion::FusionCubeRuntime;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, tensor::CubeTensor};
 use burn_fusion::stream::{Operation, OperationStreams};
-use burn_fusion::{FusionRuntime, FusionTensor};
+use burn_fusion::{Fusion, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
 /// The fusion runtime of CubeCL runtime `R`.
@@ -88,6 +91,35 @@ pub(super) fn tracked<B: Backend, O: Backward<B, N>, const N: usize>(
     {
         OpsKind::Tracked(prep) => prep.finish(state, out),
         OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+/// The gradient registered so far for parent `i` of `ops`, taken out of
+/// `grads` for the caller's kernel to add into the one it registers (where
+/// `Gradients::register` would add the two in a launch of its own): `Some`
+/// only where it is float32 and of `shape`; one of another kind stays
+/// registered. `Gradients::remove` takes an autodiff tensor, so an empty
+/// probe carries the node.
+pub(super) fn take_earlier_grad<R: CubeRuntime, BT: BoolElement, S, const N: usize>(
+    grads: &mut Gradients,
+    ops: &Ops<S, N>,
+    i: usize,
+    shape: &Shape,
+    device: &burn::tensor::Device<Fusion<CubeBackend<R, f32, i32, BT>>>,
+) -> Option<FusionTensor<Fr<R>>> {
+    type Inner<R, BT> = Fusion<CubeBackend<R, f32, i32, BT>>;
+    let node = ops.parents[i].as_ref()?;
+    let mut probe = Tensor::<Autodiff<Inner<R, BT>>, 1>::empty([0], device)
+        .into_primitive()
+        .tensor();
+    probe.node = node.clone();
+    probe.rc = Arc::new(node.id);
+    let g = grads.remove::<Inner<R, BT>>(&probe)?;
+    if g.dtype == DType::F32 && &g.shape == shape {
+        Some(g)
+    } else {
+        grads.register::<Inner<R, BT>>(node.id, g);
+        None
     }
 }
 

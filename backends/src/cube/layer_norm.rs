@@ -16,7 +16,7 @@ use burn_ir::{CustomOpIr, HandleContainer};
 use clipa_core::kernels::LayerNormKernel;
 use cubecl::{CubeCount, CubeDim};
 
-use super::common::{Fr, empty, execute, register, tracked};
+use super::common::{Fr, empty, execute, register, take_earlier_grad, tracked};
 
 /// The inner (non-autodiff) CubeCL backend with Burn's fusion, float32.
 type Inner<R, BT> = Fusion<CubeBackend<R, f32, i32, BT>>;
@@ -40,7 +40,9 @@ const ROWS_PER_PART: usize = 32;
 /// - Backward, two launches and no atomics: a cube per 32 rows gives,
 ///   row after row, the input gradient rstd·(g − mean(g) − x̂·mean(g·x̂))
 ///   with g = dy·γ, and the part's sums of dy·x̂ and dy per column; then
-///   per column, their totals dγ, dβ in part order.
+///   per column, their totals dγ, dβ in part order. x's gradient from its
+///   other uses so far (a pre-LN block's residual branch) is added into
+///   dx by the first launch, where autodiff would add it in one more.
 ///
 /// Reads and writes: forward, x twice and y once per element; backward, x
 /// and dy twice and dx once. Burn's decomposition makes about 4 passes
@@ -108,25 +110,28 @@ impl<R: CubeRuntime, BT: BoolElement> Backward<Inner<R, BT>, 3> for LayerNormBac
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
-        let [nx, ngamma, nbeta] = ops.parents;
         let dy = grads.consume::<Inner<R, BT>>(&ops.node);
+        let x_shape = ops.state[0].shape.clone();
+        // x's gradient from its other uses so far (a pre-LN block's
+        // residual branch): the first launch adds it into dx.
+        let device = dy.client.device().clone();
+        let earlier = take_earlier_grad::<R, BT, _, 3>(grads, &ops, 0, &x_shape, &device);
+        let [nx, ngamma, nbeta] = ops.parents;
         let [x, gamma, mean, rstd] = ops.state;
         let w = gamma.shape.num_elements();
         let rows = x.shape.num_elements() / w;
-        let x_shape = x.shape.clone();
         let shapes = vec![x_shape, Shape::new([w]), Shape::new([w])];
-        let out = register::<R, _>(
-            "clipa_layer_norm_backward",
-            vec![x, gamma, mean, rstd, dy],
-            shapes,
-            |desc| LayerNormOp::<CubeBackend<R, f32, i32, BT>> {
+        let mut inputs = vec![x, gamma, mean, rstd, dy];
+        inputs.extend(earlier);
+        let out = register::<R, _>("clipa_layer_norm_backward", inputs, shapes, |desc| {
+            LayerNormOp::<CubeBackend<R, f32, i32, BT>> {
                 desc,
                 eps: 0.0,
                 rows,
                 backward: true,
                 _b: PhantomData,
-            },
-        );
+            }
+        });
         for (node, g) in [nx, ngamma, nbeta].into_iter().zip(out) {
             if let Some(node) = node {
                 grads.register::<Inner<R, BT>>(node.id, g);
@@ -212,9 +217,12 @@ fn launch_forward<R: CubeRuntime>(
     vec![y, mean, rstd]
 }
 
-/// `[dx, dγ, dβ]` from contiguous `[x, γ, mean, rstd, dy]`.
+/// `[dx, dγ, dβ]` from contiguous `[x, γ, mean, rstd, dy]`, and x's
+/// earlier gradient to add into dx where one follows.
 fn launch_backward<R: CubeRuntime>(inputs: &[CubeTensor<R>], rows: usize) -> Vec<CubeTensor<R>> {
     let [x, gamma, mean, rstd, dy] = [0, 1, 2, 3, 4].map(|i| &inputs[i]);
+    // Without one, dy stands in (bound read-only, never read as such).
+    let earlier = inputs.get(5);
     let w = gamma.meta.num_elements();
     let dx = empty(x, x.meta.shape().clone());
     let parts = rows.div_ceil(ROWS_PER_PART);
@@ -234,12 +242,14 @@ fn launch_backward<R: CubeRuntime>(inputs: &[CubeTensor<R>], rows: usize) -> Vec
         arg(mean),
         arg(rstd),
         arg(dy),
+        arg(earlier.unwrap_or(dy)),
         arg(&dx),
         arg(&pg),
         arg(&pb),
         rows,
         ROWS_PER_PART,
         UNITS as usize,
+        earlier.is_some(),
         DType::F32.into(),
     );
     let columns = w.div_ceil(UNITS as usize) as u32;
@@ -328,9 +338,9 @@ mod kernel {
     }
 
     /// A cube per part of `per` rows, row after row: dx = rstd·(g −
-    /// mean(g) − x̂·mean(g·x̂)), g = dy·γ, and the part's sums of dy·x̂ and
-    /// dy into `pg`, `pb` `[parts, w]`, each unit adding into its own
-    /// columns.
+    /// mean(g) − x̂·mean(g·x̂)), g = dy·γ (plus `earlier` where
+    /// `accumulate`), and the part's sums of dy·x̂ and dy into `pg`, `pb`
+    /// `[parts, w]`, each unit adding into its own columns.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn backward_kernel<F: Float>(
@@ -339,12 +349,14 @@ mod kernel {
         mean: &Tensor<F>,
         rstd: &Tensor<F>,
         dy: &Tensor<F>,
+        earlier: &Tensor<F>,
         dx: &mut Tensor<F>,
         pg: &mut Tensor<F>,
         pb: &mut Tensor<F>,
         rows: usize,
         #[comptime] per: usize,
         #[comptime] units: usize,
+        #[comptime] accumulate: bool,
         #[define(F)] _dtype: StorageType,
     ) {
         let part = cube_row();
@@ -383,7 +395,11 @@ mod kernel {
                 while c < w {
                     let d = dy[base + c];
                     let xhat = (x[base + c] - mu) * inv;
-                    dx[base + c] = inv * (d * gamma[c] - a - xhat * b);
+                    let mut g = inv * (d * gamma[c] - a - xhat * b);
+                    if accumulate {
+                        g += earlier[base + c];
+                    }
+                    dx[base + c] = g;
                     pg[part * w + c] += d * xhat;
                     pb[part * w + c] += d;
                     c += units;
