@@ -77,10 +77,15 @@ impl<B: Backend> UpdateGuard<B> {
     /// The guard of a step: `scale` (`None`: no clipping) and `apply`,
     /// both `[1]` on the device.
     pub fn new(scale: Option<Tensor<B, 1>>, apply: Tensor<B, 1, Bool>) -> Self {
-        let factor = scale
-            .clone()
-            .unwrap_or_else(|| Tensor::ones([1], &apply.device()));
-        let packed = Tensor::cat(vec![factor, apply.clone().float()], 0); // [2]
+        // [scale, apply] as e₀·scale + e₁·apply: element-wise ops that fuse
+        // into one launch on a GPU, where a concatenation is several.
+        let device = apply.device();
+        let unit = |v: [f32; 2]| Tensor::<B, 1>::from_floats(v, &device);
+        let apply_f = unit([0.0, 1.0]) * apply.clone().float(); // [2]
+        let packed = match &scale {
+            Some(s) => unit([1.0, 0.0]) * s.clone() + apply_f,
+            None => unit([1.0, 0.0]) + apply_f,
+        };
         Self {
             scale,
             apply,

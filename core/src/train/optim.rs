@@ -306,12 +306,11 @@ impl<B: Backend> AdamW<B> {
 }
 
 /// The factor that scales gradients of norm `norm` `[1]` down to
-/// `max_norm`, 1 where they are within it (OpenCLIP's
-/// `clip_grad_norm_`), computed on the device `[1]`.
+/// `max_norm`: `min(1, max_norm / (norm + 1e-6))`, PyTorch's
+/// `clip_grad_norm_` (which OpenCLIP calls), computed on the device `[1]`
+/// in element-wise ops that fuse into one launch on a GPU.
 pub fn clip_factor<B: Backend>(norm: Tensor<B, 1>, max_norm: f64) -> Tensor<B, 1> {
-    let over = norm.clone().greater_elem(max_norm); // [1]
-    norm.ones_like()
-        .mask_where(over, (norm + 1e-6).recip() * max_norm)
+    ((norm + 1e-6).recip() * max_norm).clamp_max(1.0)
 }
 
 /// Collects every parameter's gradient, flattened to `[numel]`.
@@ -501,7 +500,8 @@ mod tests {
             clip_factor(norm, max).into_scalar()
         };
         assert_eq!(factor(0.5, 1.0), 1.0);
-        assert_eq!(factor(1.0, 1.0), 1.0);
+        // At the bound, PyTorch's 1/(1 + 1e-6).
+        assert!((factor(1.0, 1.0) - 0.999_999).abs() < 1e-7);
         assert!((factor(4.0, 1.0) - 0.25).abs() < 1e-6);
     }
 
