@@ -8,11 +8,15 @@
 #   cargo test --release -p clipa-cli --features cuda --test integration --no-run  # prints TESTS
 #   cargo bench -p clipa-cli --bench clipa --features cuda --no-run   # prints BENCH
 #   mkdir -p .gpu && cp "$CARGO_TARGET_DIR/release/clipa" .gpu/clipa && cp TESTS .gpu/clipa-tests
-#   cp BENCH .gpu/clipa-bench               # optional: leave it out if the tree is too large
+#   cp BENCH .gpu/clipa-bench               # Burn's side of the GEMM comparison; leave it out if the tree is too large
 #   strip .gpu/clipa* && gzip -9 .gpu/clipa*   # the carried tree is limited to 64 MiB
 # then run `bash ci/gpu.sh` there with `.gpu` (and `.gl`, Vulkan's loader) carried.
 # It prints one table of ms/step, images/s, TFLOP/s and MFU, clipa beside
-# OpenCLIP (ci/peer_gpu.py; open_clip's wheels may travel in .gpu/whl).
+# OpenCLIP (ci/peer_gpu.py; open_clip's wheels may travel in .gpu/whl), the
+# per-kernel time of one ViT-B/16 step (ci/kernel_table.py) and B/16's six
+# bf16 GEMMs in Burn beside torch.matmul (benches/gemm.rs, ci/gemm_peer.py).
+# Sized for one device call of at most 8 minutes; CLIPA_GPU_EXTRA=1 adds the
+# wgpu sweep and a bf16 training run.
 set -uo pipefail
 # Everything the table needs lands in $OUT (the device tool brings it back)
 # or in a temporary folder.
