@@ -56,7 +56,7 @@ impl CubeAttention {
     /// head_dim]`) and `dtype` run in the kernels; the composed attention
     /// otherwise (other dtypes, heads wider than [`MAX_HEAD_DIM`]).
     pub fn takes(dims: [usize; 4], dtype: DType) -> bool {
-        dtype == DType::F32 && dims[2] % 3 == 0 && dims[3] <= MAX_HEAD_DIM
+        dtype == DType::F32 && dims[2].is_multiple_of(3) && dims[3] <= MAX_HEAD_DIM
     }
 }
 
