@@ -4,7 +4,6 @@
 //! text→image cross-entropies, with the matching caption of each image on
 //! the diagonal; the sigmoid loss follows OpenCLIP `SigLipLoss`.
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use serde::{Deserialize, Serialize};
@@ -47,19 +46,16 @@ pub fn logits<B: Backend>(
     image.matmul(text.transpose()) * scale.exp().unsqueeze::<2>()
 }
 
-/// Mean cross-entropy of each row `i` of `logits` against column
-/// `offset + i` (the row's own caption when the rows are one replica's slice
-/// of the global batch and the columns the whole global batch).
+/// log Σ_j exp(x_ij) of each row of `x`, shifted by the row's maximum for
+/// range; the shift is detached, its gradient cancelling exactly, so the
+/// backward is the softmax alone.
 ///
 /// # Shapes
-/// `[n, m]` (offset + n ≤ m) → `[1]`
-fn diagonal_cross_entropy<B: Backend>(logits: Tensor<B, 2>, offset: usize) -> Tensor<B, 1> {
-    let [n, _] = logits.dims();
-    let device = logits.device();
-    let labels =
-        Tensor::<B, 1, Int>::arange(offset as i64..(offset + n) as i64, &device).reshape([n, 1]); // [n, 1]
-    let picked = log_softmax(logits, 1).gather(1, labels); // [n, 1]
-    -picked.mean().reshape([1])
+/// `[n, m]` → `[n]`
+fn logsumexp_rows<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 1> {
+    let [n, _] = x.dims();
+    let max = x.clone().detach().max_dim(1); // [n, 1]
+    ((x - max.clone()).exp().sum_dim(1).log() + max).reshape([n])
 }
 
 /// The CLIP loss on `logits_per_image` `[batch, batch]`:
@@ -81,7 +77,18 @@ pub fn clip_loss_rows<B: Backend>(
     per_text: Tensor<B, 2>,
     offset: usize,
 ) -> Tensor<B, 1> {
-    (diagonal_cross_entropy(per_image, offset) + diagonal_cross_entropy(per_text, offset)) / 2.0
+    // CE = logsumexp(row) − the matching pair's logit, in each direction.
+    // The pair's logit s·⟨image, text⟩ is the same in both, so it is
+    // gathered once, and neither direction's full log-softmax is formed:
+    // fewer launches on a GPU than two `log_softmax`es and two gathers,
+    // forward and backward (docs/BENCHMARKS.md).
+    let [n, _] = per_image.dims();
+    let device = per_image.device();
+    let labels =
+        Tensor::<B, 1, Int>::arange(offset as i64..(offset + n) as i64, &device).reshape([n, 1]); // [n, 1]
+    let pair = per_image.clone().gather(1, labels).reshape([n]); // [n]
+    let lse = logsumexp_rows(per_image) + logsumexp_rows(per_text); // [n]
+    (lse / 2.0 - pair).mean().reshape([1])
 }
 
 /// The SigLIP loss (Zhai et al. 2023; OpenCLIP `SigLipLoss`) on biased
