@@ -16,6 +16,7 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, tensor::CubeTensor};
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+use cubecl::CubeCount;
 
 /// The fusion runtime of CubeCL runtime `R`.
 pub(super) type Fr<R> = FusionCubeRuntime<R>;
@@ -138,9 +139,23 @@ pub(super) fn empty_as<R: CubeRuntime>(
     empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, dtype)
 }
 
+/// `cubes` cubes laid out over x then y (see [`kernel::cube_index`]), the
+/// x side under the devices' 65,535 limit.
+pub(super) fn grid(cubes: usize) -> CubeCount {
+    let x = cubes.clamp(1, 32_768) as u32;
+    CubeCount::Static(x, cubes.div_ceil(x as usize).max(1) as u32, 1)
+}
+
 /// Kernel helpers.
 pub(super) mod kernel {
     use cubecl::prelude::*;
+
+    /// The cube's index in a [`super::grid`]: cubes are laid out over x
+    /// then y.
+    #[cube]
+    pub(in crate::cube) fn cube_index() -> usize {
+        CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize
+    }
 
     /// Adds `shared[0..CUBE_DIM_X]` into `shared[0]` by halving (the cube a
     /// power of two), in a fixed order; every unit of the cube takes part,

@@ -16,7 +16,7 @@ use burn_ir::{CustomOpIr, HandleContainer};
 use clipa_core::kernels::LayerNormKernel;
 use cubecl::{CubeCount, CubeDim};
 
-use super::common::{Fr, empty, execute, register, take_earlier_grad, tracked};
+use super::common::{Fr, empty, execute, grid, register, take_earlier_grad, tracked};
 
 /// The inner (non-autodiff) CubeCL backend with Burn's fusion, float32.
 type Inner<R, BT> = Fusion<CubeBackend<R, f32, i32, BT>>;
@@ -182,13 +182,6 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<Fr<R>>
     }
 }
 
-/// A cube per row: `rows` cubes over a grid whose x side stays under the
-/// devices' 65,535 limit.
-fn per_row(rows: usize) -> CubeCount {
-    let x = rows.min(32_768) as u32;
-    CubeCount::Static(x, rows.div_ceil(x as usize) as u32, 1)
-}
-
 /// `[y, mean, rstd]` from contiguous `[x, γ, β]`.
 fn launch_forward<R: CubeRuntime>(
     inputs: &[CubeTensor<R>],
@@ -201,7 +194,7 @@ fn launch_forward<R: CubeRuntime>(
     let arg = |t: &CubeTensor<R>| t.clone().into_tensor_arg();
     kernel::forward_kernel::launch::<R>(
         &x.client,
-        per_row(rows),
+        grid(rows),
         CubeDim::new_1d(UNITS),
         arg(x),
         arg(gamma),
@@ -235,7 +228,7 @@ fn launch_backward<R: CubeRuntime>(inputs: &[CubeTensor<R>], rows: usize) -> Vec
     let arg = |t: &CubeTensor<R>| t.clone().into_tensor_arg();
     kernel::backward_kernel::launch::<R>(
         &x.client,
-        per_row(parts),
+        grid(parts),
         CubeDim::new_1d(UNITS),
         arg(x),
         arg(gamma),
@@ -269,13 +262,7 @@ fn launch_backward<R: CubeRuntime>(inputs: &[CubeTensor<R>], rows: usize) -> Vec
 mod kernel {
     use cubecl::prelude::*;
 
-    use crate::cube::common::kernel::tree_sum;
-
-    /// The cube's row: cubes are laid out over x then y.
-    #[cube]
-    fn cube_row() -> usize {
-        CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize
-    }
+    use crate::cube::common::kernel::{cube_index, tree_sum};
 
     /// `Σ` over the cube of each unit's `value`, seen by every unit.
     #[cube]
@@ -304,7 +291,7 @@ mod kernel {
         #[comptime] units: usize,
         #[define(F)] _dtype: StorageType,
     ) {
-        let r = cube_row();
+        let r = cube_index();
         // The whole cube takes the same branch, so its syncs stay uniform.
         if r < rows {
             let w = gamma.len();
@@ -359,7 +346,7 @@ mod kernel {
         #[comptime] accumulate: bool,
         #[define(F)] _dtype: StorageType,
     ) {
-        let part = cube_row();
+        let part = cube_index();
         let parts = pg.shape(0);
         // The whole cube takes the same branch, so its syncs stay uniform.
         if part < parts {

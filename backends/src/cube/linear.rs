@@ -15,9 +15,9 @@ use burn_fusion::stream::Operation;
 use burn_fusion::{Fusion, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer};
 use clipa_core::kernels::{LinearKernel, linear_composed, split_k_chunks};
-use cubecl::{CubeCount, CubeDim};
+use cubecl::CubeDim;
 
-use super::common::{Fr, empty_as, execute, register_as, tracked};
+use super::common::{Fr, empty_as, execute, grid, register_as, tracked};
 
 /// The inner (non-autodiff) CubeCL backend with Burn's fusion.
 type Inner<R, BT> = Fusion<CubeBackend<R, f32, i32, BT>>;
@@ -194,13 +194,6 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<Fr<R>> for SumsOp<CubeBackend<R,
     }
 }
 
-/// `cubes` cubes laid out over x then y, the x side under the devices'
-/// 65,535 limit.
-pub(super) fn grid(cubes: usize) -> CubeCount {
-    let x = cubes.clamp(1, 32_768) as u32;
-    CubeCount::Static(x, cubes.div_ceil(x as usize).max(1) as u32, 1)
-}
-
 /// `[dW, db]` from contiguous `[parts, dy]`, or `[db]` from `[dy]`.
 fn launch<R: CubeRuntime>(inputs: &[CubeTensor<R>]) -> Vec<CubeTensor<R>> {
     let dy = inputs.last().expect("dy");
@@ -251,11 +244,7 @@ fn launch<R: CubeRuntime>(inputs: &[CubeTensor<R>]) -> Vec<CubeTensor<R>> {
 pub(super) mod kernel {
     use cubecl::prelude::*;
 
-    /// The cube's index: cubes are laid out over x then y.
-    #[cube]
-    pub(in crate::cube) fn cube_index() -> usize {
-        CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize
-    }
+    use crate::cube::common::kernel::cube_index;
 
     /// Cube `j` of a bias gradient: `Σ_r dy[r, c]` over the `rows` rows of
     /// `dy` `[rows, d_out]` for its `cols` columns `c`, each column's rows

@@ -18,8 +18,8 @@ use burn_ir::{CustomOpIr, HandleContainer};
 use clipa_core::kernels::{QkvKernel, qkv_composed, split_k_chunks};
 use cubecl::CubeDim;
 
-use super::common::{Fr, empty_as, execute, register_as, tracked};
-use super::linear::{COLS, UNITS, grid};
+use super::common::{Fr, empty_as, execute, grid, register_as, tracked};
+use super::linear::{COLS, UNITS};
 
 /// The inner (non-autodiff) CubeCL backend with Burn's fusion.
 type Inner<R, BT> = Fusion<CubeBackend<R, f32, i32, BT>>;
@@ -253,7 +253,8 @@ fn launch_sums<R: CubeRuntime>(inputs: &[CubeTensor<R>]) -> Vec<CubeTensor<R>> {
 mod kernel {
     use cubecl::prelude::*;
 
-    use crate::cube::linear::kernel::{column_total, cube_index};
+    use crate::cube::common::kernel::cube_index;
+    use crate::cube::linear::kernel::column_total;
 
     /// A unit per element of the packed weight `[d_in, 3·width]`, then of
     /// the packed bias `[3·width]`: each copied from its part.
