@@ -523,6 +523,92 @@ fn cube_attention_matches_the_composed_one_with_gradients_on_wgpu() {
     }
 }
 
+/// Our CubeCL attention in half precision, as mixed precision runs it on
+/// cuda (bf16 there; f16 here, the half type WebGPU has): q, k, v, O and
+/// the gradients in f16, every score and accumulator in float32. Against
+/// the float32 composition over the same f16-rounded inputs, within 2e-3
+/// in the output and the q/k/v gradient (f16 keeps 11 bits, a relative
+/// rounding of 4.9e-4 an element), at 17, 50 and 65 tokens, causal and
+/// not. Skipped, with the reason printed, on an adapter without f16
+/// shaders.
+#[cfg(feature = "wgpu")]
+#[test]
+fn cube_attention_in_f16_matches_float32_on_wgpu() {
+    use burn::backend::{Autodiff, Wgpu};
+    use burn::tensor::backend::Backend;
+    use burn::tensor::{DType, FloatDType, Tensor};
+    use clipa_backends::cube::CubeAttention;
+    use clipa_backends::wgpu_device;
+    use clipa_core::kernels::{AttentionKernel, attention_composed};
+    use clipa_core::numeric::{normal_data, relative_error};
+
+    use crate::common::skip_or_fail;
+
+    type B = Autodiff<Wgpu>;
+    let name = "cube_attention_in_f16_matches_float32_on_wgpu";
+    let (device, _) = match wgpu_device(None) {
+        Ok(found) => found,
+        Err(err) => return skip_or_fail(name, &err.to_string()),
+    };
+    if !B::supports_dtype(&device, DType::F16) {
+        eprintln!("SKIPPED {name}: this adapter has no f16 shaders");
+        return;
+    }
+    for (i, (n, causal, heads, head_dim)) in
+        [(17, false, 2, 32), (50, true, 3, 64), (65, false, 1, 64)]
+            .into_iter()
+            .enumerate()
+    {
+        let batch = 2;
+        let seed = 500 + 10 * i as u64;
+        let half = |t: Tensor<B, 4>| t.cast(FloatDType::F16);
+        // f16-rounded inputs, read back as float32 for the reference.
+        let qkv = half(Tensor::from_data(
+            normal_data([batch, n, 3 * heads, head_dim], seed, 1.0),
+            &device,
+        ));
+        let w = half(Tensor::from_data(
+            normal_data([batch, n, heads, head_dim], seed + 1, 1.0),
+            &device,
+        ));
+        let run = |fused: bool| {
+            let (qkv, w) = match fused {
+                true => (qkv.clone().require_grad(), w.clone()),
+                false => (
+                    qkv.clone().cast(FloatDType::F32).require_grad(),
+                    w.clone().cast(FloatDType::F32),
+                ),
+            };
+            let out = match fused {
+                true => {
+                    assert!(CubeAttention::takes(qkv.dims(), qkv.dtype()));
+                    CubeAttention.attention_packed(qkv.clone(), causal)
+                }
+                false => {
+                    let [q, k, v] = [0, 1, 2].map(|j| qkv.clone().narrow(2, j * heads, heads));
+                    attention_composed(q, k, v, causal)
+                }
+            };
+            assert_eq!(out.dtype(), qkv.dtype(), "the output in the input's dtype");
+            let grads = (out.clone() * w).cast(FloatDType::F32).sum().backward();
+            let g = qkv.grad(&grads).expect("a gradient for q, k and v");
+            assert_eq!(g.dtype(), qkv.dtype(), "the gradient in the input's dtype");
+            let f32_data = |t: Tensor<Wgpu, 4>| t.cast(FloatDType::F32).into_data();
+            (f32_data(out.inner()), f32_data(g))
+        };
+        let (want, want_grad) = run(false);
+        let (got, got_grad) = run(true);
+        let what = format!("{n} tokens, causal {causal}, {heads}×{head_dim}");
+        let err = relative_error(&got, &want);
+        assert!(err <= 2e-3, "{what}: output relative error {err:.2e}");
+        let err = relative_error(&got_grad, &want_grad);
+        assert!(
+            err <= 2e-3,
+            "{what}: q/k/v gradient relative error {err:.2e}"
+        );
+    }
+}
+
 /// Our CubeCL LayerNorm (one launch forward, two backward, under
 /// autodiff) against Burn's `LayerNorm` on wgpu, within 1e-4 in the output
 /// and the gradients of x, γ and β: rows fewer than, and several times,

@@ -4,7 +4,7 @@
 
 use std::marker::PhantomData;
 
-use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorPrimitive};
 use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::grads::Gradients;
@@ -16,7 +16,7 @@ use burn_ir::{CustomOpIr, HandleContainer};
 use clipa_core::kernels::{AttentionKernel, attention_composed};
 use cubecl::{CubeCount, CubeDim};
 
-use super::common::{Fr, empty, execute, register, tracked};
+use super::common::{Fr, empty, empty_as, execute, register_as, register_typed, tracked};
 
 /// The inner (non-autodiff) CubeCL backend with Burn's fusion, float32.
 type Inner<R, BT> = Fusion<CubeBackend<R, f32, i32, BT>>;
@@ -44,6 +44,10 @@ pub const MAX_HEAD_DIM: usize = 128;
 ///   k's then v's, through the strides, so the heads are never transposed
 ///   or split into copies; the backward writes dq, dk and dv into one
 ///   gradient of that layout, which the projection's backward reads.
+/// - Under mixed precision q, k, v, O and dO are bf16 (f16) in global
+///   memory, as PyTorch's SDPA keeps them; every score, softmax statistic,
+///   accumulator and staged tile is float32, and the logsumexp and Δ are
+///   kept in float32.
 ///
 /// Arithmetic and reads: per (batch, head), 2·N²·d multiply-adds forward
 /// (scores, output) and 7·N²·d backward (the scores and dO·v recomputed in
@@ -53,10 +57,14 @@ pub struct CubeAttention;
 
 impl CubeAttention {
     /// Whether packed q, k and v of `dims` (`[batch, tokens, 3·heads,
-    /// head_dim]`) and `dtype` run in the kernels; the composed attention
-    /// otherwise (other dtypes, heads wider than [`MAX_HEAD_DIM`]).
+    /// head_dim]`) and `dtype` run in the kernels: float32, and bf16 or
+    /// f16 (mixed precision; read and written in that dtype, computed in
+    /// float32). The composed attention otherwise (other dtypes, heads
+    /// wider than [`MAX_HEAD_DIM`]).
     pub fn takes(dims: [usize; 4], dtype: DType) -> bool {
-        dtype == DType::F32 && dims[2].is_multiple_of(3) && dims[3] <= MAX_HEAD_DIM
+        matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+            && dims[2].is_multiple_of(3)
+            && dims[3] <= MAX_HEAD_DIM
     }
 }
 
@@ -125,6 +133,14 @@ impl<R: CubeRuntime, BT: BoolElement> Backward<Inner<R, BT>, 1> for AttentionBac
         let [nqkv] = ops.parents;
         let grad = grads.consume::<Inner<R, BT>>(&ops.node);
         let [qkv, o, lse] = ops.state;
+        // The kernels read dO in the forward's dtype.
+        let grad = match grad.dtype == qkv.dtype {
+            true => grad,
+            false => Tensor::<Inner<R, BT>, 4>::from_primitive(TensorPrimitive::Float(grad))
+                .cast(FloatDType::from(qkv.dtype))
+                .into_primitive()
+                .tensor(),
+        };
         if let Some(node) = nqkv {
             let dqkv = backward::<R, BT>([qkv, o, lse, grad], self.causal);
             grads.register::<Inner<R, BT>>(node.id, dqkv);
@@ -133,16 +149,19 @@ impl<R: CubeRuntime, BT: BoolElement> Backward<Inner<R, BT>, 1> for AttentionBac
 }
 
 /// `[o, lse]` from packed `qkv` `[batch, tokens, 3·heads, head_dim]`: o
-/// `[batch, tokens, heads, head_dim]` (contiguous), lse `[batch, heads,
-/// tokens]`.
+/// `[batch, tokens, heads, head_dim]` (contiguous, qkv's dtype), lse
+/// `[batch, heads, tokens]` (float32).
 fn forward<R: CubeRuntime, BT: BoolElement>(
     qkv: FusionTensor<Fr<R>>,
     causal: bool,
 ) -> [FusionTensor<Fr<R>>; 2] {
     let [b, n, h3, d] = qkv.shape.dims::<4>();
     let h = h3 / 3;
-    let shapes = vec![Shape::new([b, n, h, d]), Shape::new([b, h, n])];
-    let out = register::<R, _>("clipa_attention", vec![qkv], shapes, |desc| AttentionOp::<
+    let outputs = vec![
+        (Shape::new([b, n, h, d]), qkv.dtype),
+        (Shape::new([b, h, n]), DType::F32),
+    ];
+    let out = register_typed::<R, _>("clipa_attention", vec![qkv], outputs, |desc| AttentionOp::<
         CubeBackend<R, f32, i32, BT>,
     > {
         desc,
@@ -159,13 +178,15 @@ fn backward<R: CubeRuntime, BT: BoolElement>(
     causal: bool,
 ) -> FusionTensor<Fr<R>> {
     let shapes = vec![inputs[0].shape.clone()];
-    let mut out = register::<R, _>("clipa_attention_backward", inputs.into(), shapes, |desc| {
-        AttentionOp::<CubeBackend<R, f32, i32, BT>> {
-            desc,
-            causal,
-            backward: true,
-            _b: PhantomData,
-        }
+    let dtype = inputs[0].dtype;
+    let name = "clipa_attention_backward";
+    let mut out = register_as::<R, _>(name, inputs.into(), shapes, dtype, |desc| AttentionOp::<
+        CubeBackend<R, f32, i32, BT>,
+    > {
+        desc,
+        causal,
+        backward: true,
+        _b: PhantomData,
     });
     out.pop().expect("one output")
 }
@@ -204,7 +225,7 @@ fn launch_forward<R: CubeRuntime>(inputs: &[CubeTensor<R>], causal: bool) -> Vec
     let qkv = &inputs[0];
     let [b, n, h3, d] = qkv.meta.shape().dims::<4>();
     let h = h3 / 3;
-    let o = empty(qkv, Shape::new([b, n, h, d]));
+    let o = empty_as(qkv, Shape::new([b, n, h, d]), qkv.dtype);
     let lse = empty(qkv, Shape::new([b, h, n]));
     let (count, dim) = geometry(b, n, h);
     kernel::forward_kernel::launch::<R>(
@@ -219,7 +240,7 @@ fn launch_forward<R: CubeRuntime>(inputs: &[CubeTensor<R>], causal: bool) -> Vec
         causal,
         d,
         ROWS as usize,
-        DType::F32.into(),
+        qkv.dtype.into(),
     );
     vec![o, lse]
 }
@@ -230,7 +251,7 @@ fn launch_backward<R: CubeRuntime>(inputs: &[CubeTensor<R>], causal: bool) -> Ve
     let [qkv, o, lse, dout] = [0, 1, 2, 3].map(|i| &inputs[i]);
     let [b, n, h3, d] = qkv.meta.shape().dims::<4>();
     let h = h3 / 3;
-    let dqkv = empty(qkv, Shape::new([b, n, h3, d]));
+    let dqkv = empty_as(qkv, Shape::new([b, n, h3, d]), qkv.dtype);
     // Δ_i = dO_i·O_i, [batch, heads, tokens], written by the query pass.
     let delta = empty(qkv, Shape::new([b, h, n]));
     let scale = 1.0 / (d as f32).sqrt();
@@ -251,7 +272,7 @@ fn launch_backward<R: CubeRuntime>(inputs: &[CubeTensor<R>], causal: bool) -> Ve
         causal,
         d,
         ROWS as usize,
-        DType::F32.into(),
+        qkv.dtype.into(),
     );
     kernel::backward_key_kernel::launch::<R>(
         &qkv.client,
@@ -267,7 +288,7 @@ fn launch_backward<R: CubeRuntime>(inputs: &[CubeTensor<R>], causal: bool) -> Ve
         causal,
         d,
         ROWS as usize,
-        DType::F32.into(),
+        qkv.dtype.into(),
     );
     vec![dqkv]
 }
@@ -285,7 +306,7 @@ mod kernel {
     /// The offset of entry `(batch, head, token)` of a per-query
     /// `[batch, heads, tokens]` tensor (the logsumexp, Δ).
     #[cube]
-    fn stat<F: Float>(t: &Tensor<F>, batch: usize, head: usize, token: usize) -> usize {
+    fn stat(t: &Tensor<f32>, batch: usize, head: usize, token: usize) -> usize {
         batch * t.stride(0) + head * t.stride(1) + token * t.stride(2)
     }
 
@@ -304,12 +325,12 @@ mod kernel {
     }
 
     /// Stages rows `start..start + rows` of `t` (head `head` of batch row
-    /// `batch`) into `tile` `[rows, d]`, zeros past the end; every unit
-    /// of the cube takes part.
+    /// `batch`) into `tile` `[rows, d]` in float32, zeros past the end;
+    /// every unit of the cube takes part.
     #[cube]
     fn stage<F: Float>(
         t: &Tensor<F>,
-        tile: &mut SharedMemory<F>,
+        tile: &mut SharedMemory<f32>,
         batch: usize,
         head: usize,
         start: usize,
@@ -323,9 +344,9 @@ mod kernel {
             let r = e / d;
             let c = e % d;
             let token = start + r;
-            let mut x = F::new(0.0);
+            let mut x = f32::new(0.0);
             if token < n {
-                x = t[row::<F>(t, batch, token, head) + c * s3];
+                x = f32::cast_from(t[row::<F>(t, batch, token, head) + c * s3]);
             }
             tile[e] = x;
             e += rows;
@@ -340,7 +361,7 @@ mod kernel {
     pub(super) fn forward_kernel<F: Float>(
         qkv: &Tensor<F>,
         o: &mut Tensor<F>,
-        lse: &mut Tensor<F>,
+        lse: &mut Tensor<f32>,
         heads: usize,
         scale: f32,
         #[comptime] causal: bool,
@@ -353,21 +374,21 @@ mod kernel {
         let head = CUBE_POS_Y as usize;
         let i = CUBE_POS_X as usize * rows + UNIT_POS_X as usize;
         let live = i < n;
-        let mut qi = Array::<F>::new(d);
-        let mut acc = Array::<F>::new(d);
+        let mut qi = Array::<f32>::new(d);
+        let mut acc = Array::<f32>::new(d);
         let qs = qkv.stride(3);
         for c in 0..d {
-            let mut x = F::new(0.0);
+            let mut x = f32::new(0.0);
             if live {
-                x = qkv[row::<F>(qkv, batch, i, head) + c * qs] * F::cast_from(scale);
+                x = f32::cast_from(qkv[row::<F>(qkv, batch, i, head) + c * qs]) * scale;
             }
             qi[c] = x;
-            acc[c] = F::new(0.0);
+            acc[c] = f32::new(0.0);
         }
-        let mut m = F::new(-1e30);
-        let mut l = F::new(0.0);
-        let mut kt = SharedMemory::<F>::new(rows * d);
-        let mut vt = SharedMemory::<F>::new(rows * d);
+        let mut m = f32::new(-1e30);
+        let mut l = f32::new(0.0);
+        let mut kt = SharedMemory::<f32>::new(rows * d);
+        let mut vt = SharedMemory::<f32>::new(rows * d);
         // Causal: keys past the cube's last query are never needed.
         let end = key_end(n, causal, rows);
         let mut start = 0;
@@ -379,13 +400,13 @@ mod kernel {
             for r in 0..rows {
                 let j = start + r;
                 if live && j < n && !(causal && j > i) {
-                    let mut s = F::new(0.0);
+                    let mut s = f32::new(0.0);
                     for c in 0..d {
                         s += qi[c] * kt[r * d + c];
                     }
-                    let m1 = F::max(m, s);
-                    let keep = F::exp(m - m1);
-                    let p = F::exp(s - m1);
+                    let m1 = f32::max(m, s);
+                    let keep = f32::exp(m - m1);
+                    let p = f32::exp(s - m1);
                     l = l * keep + p;
                     for c in 0..d {
                         acc[c] = acc[c] * keep + p * vt[r * d + c];
@@ -398,9 +419,9 @@ mod kernel {
         if live {
             let base = row::<F>(o, batch, i, head);
             for c in 0..d {
-                o[base + c * o.stride(3)] = acc[c] / l;
+                o[base + c * o.stride(3)] = F::cast_from(acc[c] / l);
             }
-            lse[stat::<F>(lse, batch, head, i)] = m + F::ln(l);
+            lse[stat(lse, batch, head, i)] = m + f32::ln(l);
         }
     }
 
@@ -412,10 +433,10 @@ mod kernel {
     pub(super) fn backward_query_kernel<F: Float>(
         qkv: &Tensor<F>,
         o: &Tensor<F>,
-        lse: &Tensor<F>,
+        lse: &Tensor<f32>,
         dout: &Tensor<F>,
         dqkv: &mut Tensor<F>,
-        delta: &mut Tensor<F>,
+        delta: &mut Tensor<f32>,
         heads: usize,
         scale: f32,
         #[comptime] causal: bool,
@@ -428,28 +449,28 @@ mod kernel {
         let head = CUBE_POS_Y as usize;
         let i = CUBE_POS_X as usize * rows + UNIT_POS_X as usize;
         let live = i < n;
-        let mut qi = Array::<F>::new(d);
-        let mut gi = Array::<F>::new(d);
-        let mut acc = Array::<F>::new(d);
-        let mut di = F::new(0.0);
-        let mut li = F::new(0.0);
+        let mut qi = Array::<f32>::new(d);
+        let mut gi = Array::<f32>::new(d);
+        let mut acc = Array::<f32>::new(d);
+        let mut di = f32::new(0.0);
+        let mut li = f32::new(0.0);
         for c in 0..d {
-            let mut x = F::new(0.0);
-            let mut g = F::new(0.0);
+            let mut x = f32::new(0.0);
+            let mut g = f32::new(0.0);
             if live {
-                x = qkv[row::<F>(qkv, batch, i, head) + c * qkv.stride(3)] * F::cast_from(scale);
-                g = dout[row::<F>(dout, batch, i, head) + c * dout.stride(3)];
-                di += g * o[row::<F>(o, batch, i, head) + c * o.stride(3)];
+                x = f32::cast_from(qkv[row::<F>(qkv, batch, i, head) + c * qkv.stride(3)]) * scale;
+                g = f32::cast_from(dout[row::<F>(dout, batch, i, head) + c * dout.stride(3)]);
+                di += g * f32::cast_from(o[row::<F>(o, batch, i, head) + c * o.stride(3)]);
             }
             qi[c] = x;
             gi[c] = g;
-            acc[c] = F::new(0.0);
+            acc[c] = f32::new(0.0);
         }
         if live {
-            li = lse[stat::<F>(lse, batch, head, i)];
+            li = lse[stat(lse, batch, head, i)];
         }
-        let mut kt = SharedMemory::<F>::new(rows * d);
-        let mut vt = SharedMemory::<F>::new(rows * d);
+        let mut kt = SharedMemory::<f32>::new(rows * d);
+        let mut vt = SharedMemory::<f32>::new(rows * d);
         let end = key_end(n, causal, rows);
         let mut start = 0;
         while start < end {
@@ -460,13 +481,13 @@ mod kernel {
             for r in 0..rows {
                 let j = start + r;
                 if live && j < n && !(causal && j > i) {
-                    let mut s = F::new(0.0);
-                    let mut dp = F::new(0.0);
+                    let mut s = f32::new(0.0);
+                    let mut dp = f32::new(0.0);
                     for c in 0..d {
                         s += qi[c] * kt[r * d + c];
                         dp += gi[c] * vt[r * d + c];
                     }
-                    let ds = F::exp(s - li) * (dp - di);
+                    let ds = f32::exp(s - li) * (dp - di);
                     for c in 0..d {
                         acc[c] += ds * kt[r * d + c];
                     }
@@ -477,9 +498,9 @@ mod kernel {
         if live {
             let base = row::<F>(dqkv, batch, i, head);
             for c in 0..d {
-                dqkv[base + c * dqkv.stride(3)] = acc[c] * F::cast_from(scale);
+                dqkv[base + c * dqkv.stride(3)] = F::cast_from(acc[c] * scale);
             }
-            delta[stat::<F>(delta, batch, head, i)] = di;
+            delta[stat(delta, batch, head, i)] = di;
         }
     }
 
@@ -489,8 +510,8 @@ mod kernel {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn backward_key_kernel<F: Float>(
         qkv: &Tensor<F>,
-        lse: &Tensor<F>,
-        delta: &Tensor<F>,
+        lse: &Tensor<f32>,
+        delta: &Tensor<f32>,
         dout: &Tensor<F>,
         dqkv: &mut Tensor<F>,
         heads: usize,
@@ -505,27 +526,27 @@ mod kernel {
         let head = CUBE_POS_Y as usize;
         let j = CUBE_POS_X as usize * rows + UNIT_POS_X as usize;
         let live = j < n;
-        let mut kj = Array::<F>::new(d);
-        let mut vj = Array::<F>::new(d);
-        let mut gk = Array::<F>::new(d);
-        let mut gv = Array::<F>::new(d);
+        let mut kj = Array::<f32>::new(d);
+        let mut vj = Array::<f32>::new(d);
+        let mut gk = Array::<f32>::new(d);
+        let mut gv = Array::<f32>::new(d);
         for c in 0..d {
-            let mut x = F::new(0.0);
-            let mut y = F::new(0.0);
+            let mut x = f32::new(0.0);
+            let mut y = f32::new(0.0);
             if live {
                 let s3 = qkv.stride(3);
-                x = qkv[row::<F>(qkv, batch, j, heads + head) + c * s3] * F::cast_from(scale);
-                y = qkv[row::<F>(qkv, batch, j, 2 * heads + head) + c * s3];
+                x = f32::cast_from(qkv[row::<F>(qkv, batch, j, heads + head) + c * s3]) * scale;
+                y = f32::cast_from(qkv[row::<F>(qkv, batch, j, 2 * heads + head) + c * s3]);
             }
             kj[c] = x;
             vj[c] = y;
-            gk[c] = F::new(0.0);
-            gv[c] = F::new(0.0);
+            gk[c] = f32::new(0.0);
+            gv[c] = f32::new(0.0);
         }
-        let mut qt = SharedMemory::<F>::new(rows * d);
-        let mut gt = SharedMemory::<F>::new(rows * d);
-        let mut lt = SharedMemory::<F>::new(rows);
-        let mut dt = SharedMemory::<F>::new(rows);
+        let mut qt = SharedMemory::<f32>::new(rows * d);
+        let mut gt = SharedMemory::<f32>::new(rows * d);
+        let mut lt = SharedMemory::<f32>::new(rows);
+        let mut dt = SharedMemory::<f32>::new(rows);
         // Causal: queries before the cube's first key never see it.
         let mut start = 0;
         if causal {
@@ -536,11 +557,11 @@ mod kernel {
             stage::<F>(qkv, &mut qt, batch, head, start, n, d, rows);
             stage::<F>(dout, &mut gt, batch, head, start, n, d, rows);
             let u = UNIT_POS_X as usize;
-            let mut lv = F::new(0.0);
-            let mut dv0 = F::new(0.0);
+            let mut lv = f32::new(0.0);
+            let mut dv0 = f32::new(0.0);
             if start + u < n {
-                lv = lse[stat::<F>(lse, batch, head, start + u)];
-                dv0 = delta[stat::<F>(delta, batch, head, start + u)];
+                lv = lse[stat(lse, batch, head, start + u)];
+                dv0 = delta[stat(delta, batch, head, start + u)];
             }
             lt[u] = lv;
             dt[u] = dv0;
@@ -548,13 +569,13 @@ mod kernel {
             for r in 0..rows {
                 let i = start + r;
                 if live && i < n && !(causal && j > i) {
-                    let mut s = F::new(0.0);
-                    let mut dp = F::new(0.0);
+                    let mut s = f32::new(0.0);
+                    let mut dp = f32::new(0.0);
                     for c in 0..d {
                         s += kj[c] * qt[r * d + c];
                         dp += vj[c] * gt[r * d + c];
                     }
-                    let p = F::exp(s - lt[r]);
+                    let p = f32::exp(s - lt[r]);
                     let ds = p * (dp - dt[r]);
                     for c in 0..d {
                         gv[c] += p * gt[r * d + c];
@@ -569,8 +590,8 @@ mod kernel {
             let bv = row::<F>(dqkv, batch, j, 2 * heads + head);
             let s3 = dqkv.stride(3);
             for c in 0..d {
-                dqkv[bk + c * s3] = gk[c] * F::cast_from(scale);
-                dqkv[bv + c * s3] = gv[c];
+                dqkv[bk + c * s3] = F::cast_from(gk[c] * scale);
+                dqkv[bv + c * s3] = F::cast_from(gv[c]);
             }
         }
     }

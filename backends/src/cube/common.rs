@@ -41,12 +41,23 @@ pub(super) fn register_as<R: CubeRuntime, O: Operation<Fr<R>> + 'static>(
     dtype: DType,
     op: impl FnOnce(CustomOpIr) -> O,
 ) -> Vec<FusionTensor<Fr<R>>> {
+    let outputs = shapes.into_iter().map(|s| (s, dtype)).collect();
+    register_typed(name, inputs, outputs, op)
+}
+
+/// [`register`] with each output's shape and dtype.
+pub(super) fn register_typed<R: CubeRuntime, O: Operation<Fr<R>> + 'static>(
+    name: &'static str,
+    inputs: Vec<FusionTensor<Fr<R>>>,
+    outputs: Vec<(Shape, DType)>,
+    op: impl FnOnce(CustomOpIr) -> O,
+) -> Vec<FusionTensor<Fr<R>>> {
     let client = inputs[0].client.clone();
     let streams = OperationStreams::with_inputs(inputs.iter());
     let inputs: Vec<_> = inputs.into_iter().map(|t| t.into_ir()).collect();
-    let outputs: Vec<_> = shapes
+    let outputs: Vec<_> = outputs
         .into_iter()
-        .map(|s| TensorIr::uninit(client.create_empty_handle(), s, dtype))
+        .map(|(s, dtype)| TensorIr::uninit(client.create_empty_handle(), s, dtype))
         .collect();
     let desc = CustomOpIr::new(name, &inputs, &outputs);
     client.register(streams, OperationIr::Custom(desc.clone()), op(desc))
