@@ -5,7 +5,7 @@
 
 use std::marker::PhantomData;
 
-use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorPrimitive};
 use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::grads::Gradients;
@@ -17,7 +17,7 @@ use burn_ir::{CustomOpIr, HandleContainer};
 use clipa_core::kernels::{LinearKernel, linear_composed, split_k_chunks};
 use cubecl::CubeDim;
 
-use super::common::{Fr, empty_as, execute, grid, register_as, tracked};
+use super::common::{Fr, empty_as, execute, grid, register_as, register_typed, tracked};
 
 /// The inner (non-autodiff) CubeCL backend with Burn's fusion.
 type Inner<R, BT> = Fusion<CubeBackend<R, f32, i32, BT>>;
@@ -43,6 +43,10 @@ pub(super) const COLS: usize = 32;
 ///
 /// The sums read the partials once (`chunks·d_in·d_out`) and dy once
 /// (`rows·d_out`), and accumulate in float32 for bf16 inputs.
+///
+/// Mixed precision: W and b stay the float32 master weights; one launch of
+/// ours casts both to x's bf16 for the product (a cast of each and their
+/// backward took four), and the sums write their gradients in float32.
 pub struct CubeLinear;
 
 impl<R: CubeRuntime, BT: BoolElement> LinearKernel<Autodiff<Inner<R, BT>>> for CubeLinear {
@@ -54,9 +58,12 @@ impl<R: CubeRuntime, BT: BoolElement> LinearKernel<Autodiff<Inner<R, BT>>> for C
         residual: Option<Tensor<Autodiff<Inner<R, BT>>, 3>>,
     ) -> Tensor<Autodiff<Inner<R, BT>>, 3> {
         let dtype = x.dtype();
+        // The parameters' dtype: x's, or float32 master weights under mixed
+        // precision, cast by a launch of ours.
+        let master = w.dtype();
         let takes = matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
-            && w.dtype() == dtype
-            && b.dtype() == dtype;
+            && (master == dtype || master == DType::F32)
+            && b.dtype() == master;
         let y = if takes {
             let [batch, tokens, d_in] = x.dims();
             let d_out = w.dims()[1];
@@ -68,27 +75,39 @@ impl<R: CubeRuntime, BT: BoolElement> LinearKernel<Autodiff<Inner<R, BT>>> for C
             let inner = |t: &FusionTensor<Fr<R>>| -> TensorPrimitive<Inner<R, BT>> {
                 TensorPrimitive::Float(t.clone())
             };
+            // W and b in x's dtype, `[d_in, d_out]` and `[d_out]`.
+            let (wc, bc) = match master == dtype {
+                true => (w.primitive.clone(), b.primitive.clone()),
+                false => cast_pair::<R, BT>(w.primitive.clone(), b.primitive.clone(), dtype),
+            };
             let xi = Tensor::<Inner<R, BT>, 3>::from_primitive(inner(&x.primitive));
-            let wi = Tensor::<Inner<R, BT>, 2>::from_primitive(inner(&w.primitive));
-            let bi = Tensor::<Inner<R, BT>, 1>::from_primitive(inner(&b.primitive));
+            let wi = Tensor::<Inner<R, BT>, 2>::from_primitive(inner(&wc));
+            let bi = Tensor::<Inner<R, BT>, 1>::from_primitive(inner(&bc));
             let y = xi.reshape([batch * tokens, d_in]).matmul(wi) + bi.reshape([1, d_out]); // [rows, d_out]
             let y = y.reshape([batch, tokens, d_out]).into_primitive().tensor();
-            let state = [x.primitive.clone(), w.primitive.clone()];
-            let out = tracked(LinearBackward::<R, BT>(PhantomData), [&x, &w, &b], state, y);
+            let state = [x.primitive.clone(), wc];
+            let op = LinearBackward::<R, BT>(master, PhantomData);
+            let out = tracked(op, [&x, &w, &b], state, y);
             Tensor::from_primitive(TensorPrimitive::Float(out))
         } else {
-            linear_composed(x, w, Some(b))
+            let cast = FloatDType::from(dtype);
+            linear_composed(x, w.cast(cast), Some(b.cast(cast)))
         };
         match residual {
             Some(r) => r + y,
             None => y,
         }
     }
+
+    fn takes_master_weights(&self) -> bool {
+        true
+    }
 }
 
-/// The backward of [`CubeLinear`]; its state is `[x, W]`.
+/// The backward of [`CubeLinear`], with the parameters' dtype (their
+/// gradients'); its state is `[x, W]`, W in x's dtype.
 #[derive(Debug)]
-struct LinearBackward<R, BT>(PhantomData<(R, BT)>);
+struct LinearBackward<R, BT>(DType, PhantomData<(R, BT)>);
 
 impl<R: CubeRuntime, BT: BoolElement> Backward<Inner<R, BT>, 3> for LinearBackward<R, BT> {
     type State = [FusionTensor<Fr<R>>; 2];
@@ -119,31 +138,34 @@ impl<R: CubeRuntime, BT: BoolElement> Backward<Inner<R, BT>, 3> for LinearBackwa
             return;
         }
         let x = T::<R, BT, 3>::from_primitive(TensorPrimitive::Float(x));
+        let master = self.0;
         let chunks = split_k_chunks(rows);
-        // dW whole from one product (no chunks), or its split-K partials
-        // [chunks, d_in, d_out] for the sums to add.
-        let (dw, parts) = match (&nw, chunks) {
-            (None, _) => (None, None),
-            (Some(_), 1) => {
+        // dW whole from one product, or as split-K partials [chunks, d_in,
+        // d_out] for the sums to add. Float32 master weights take theirs
+        // from the sums even in one chunk: the sums write float32.
+        let direct = chunks == 1 && master == dy.dtype();
+        let (dw, parts) = match &nw {
+            None => (None, None),
+            Some(_) if direct => {
                 let dw = x.reshape([rows, d_in]).transpose().matmul(dy.clone());
                 (Some(dw.into_primitive().tensor()), None)
             }
-            (Some(_), c) => {
-                let per = rows / c;
+            Some(_) => {
+                let per = rows / chunks;
                 let parts = x
-                    .reshape([c, per, d_in])
+                    .reshape([chunks, per, d_in])
                     .swap_dims(1, 2)
-                    .matmul(dy.clone().reshape([c, per, d_out])); // [chunks, d_in, d_out]
+                    .matmul(dy.clone().reshape([chunks, per, d_out])); // [chunks, d_in, d_out]
                 (None, Some(parts.into_primitive().tensor()))
             }
         };
         let dy = dy.into_primitive().tensor();
         let (dw, db) = match (parts, &nb) {
             (Some(parts), _) => {
-                let mut out = sums::<R, BT>(Some(parts), dy, d_in).into_iter();
+                let mut out = sums::<R, BT>(Some(parts), dy, d_in, master).into_iter();
                 (out.next(), out.next())
             }
-            (None, Some(_)) => (dw, sums::<R, BT>(None, dy, d_in).pop()),
+            (None, Some(_)) => (dw, sums::<R, BT>(None, dy, d_in, master).pop()),
             (None, None) => (dw, None),
         };
         if let (Some(node), Some(dw)) = (nw, dw) {
@@ -157,15 +179,15 @@ impl<R: CubeRuntime, BT: BoolElement> Backward<Inner<R, BT>, 3> for LinearBackwa
     }
 }
 
-/// One launch: `[dW, db]` (dW flat, `[d_in·d_out]`) from the partials
-/// `[chunks, d_in, d_out]` and dy `[rows, d_out]`, or `[db]` alone without
-/// partials.
+/// One launch: `[dW, db]` (dW flat, `[d_in·d_out]`) in `dtype` from the
+/// partials `[chunks, d_in, d_out]` and dy `[rows, d_out]`, or `[db]`
+/// alone without partials.
 fn sums<R: CubeRuntime, BT: BoolElement>(
     parts: Option<FusionTensor<Fr<R>>>,
     dy: FusionTensor<Fr<R>>,
     d_in: usize,
+    dtype: DType,
 ) -> Vec<FusionTensor<Fr<R>>> {
-    let dtype = dy.dtype;
     let d_out = dy.shape.dims::<2>()[1];
     let mut shapes = vec![Shape::new([d_out])];
     let mut inputs = vec![dy];
@@ -174,30 +196,77 @@ fn sums<R: CubeRuntime, BT: BoolElement>(
         inputs.insert(0, parts);
     }
     register_as::<R, _>("clipa_linear_grad_sums", inputs, shapes, dtype, |desc| {
-        SumsOp::<CubeBackend<R, f32, i32, BT>> {
+        LinearOp::<CubeBackend<R, f32, i32, BT>> {
             desc,
+            cast: false,
             _b: PhantomData,
         }
     })
 }
 
-/// [`sums`] as an operation on the fusion stream.
+/// One launch: W `[d_in, d_out]` and b `[d_out]` cast to `dtype` (mixed
+/// precision's float32 master weights to the product's bf16).
+fn cast_pair<R: CubeRuntime, BT: BoolElement>(
+    w: FusionTensor<Fr<R>>,
+    b: FusionTensor<Fr<R>>,
+    dtype: DType,
+) -> (FusionTensor<Fr<R>>, FusionTensor<Fr<R>>) {
+    let outputs = vec![(w.shape.clone(), dtype), (b.shape.clone(), dtype)];
+    let out = register_typed::<R, _>("clipa_linear_cast", vec![w, b], outputs, |desc| LinearOp::<
+        CubeBackend<R, f32, i32, BT>,
+    > {
+        desc,
+        cast: true,
+        _b: PhantomData,
+    });
+    let [wc, bc]: [FusionTensor<Fr<R>>; 2] = out.try_into().expect("two outputs");
+    (wc, bc)
+}
+
+/// [`sums`] or [`cast_pair`] as an operation on the fusion stream.
 #[derive(Debug)]
-struct SumsOp<B> {
+struct LinearOp<B> {
     desc: CustomOpIr,
+    cast: bool,
     _b: PhantomData<B>,
 }
 
-impl<R: CubeRuntime, BT: BoolElement> Operation<Fr<R>> for SumsOp<CubeBackend<R, f32, i32, BT>> {
+impl<R: CubeRuntime, BT: BoolElement> Operation<Fr<R>> for LinearOp<CubeBackend<R, f32, i32, BT>> {
     fn execute(&self, handles: &mut HandleContainer<<Fr<R> as FusionRuntime>::FusionHandle>) {
-        execute::<R, BT>(handles, &self.desc, true, |inputs| launch(&inputs));
+        // Outputs are of one dtype, which the registration set.
+        let dtype = self.desc.outputs[0].dtype;
+        execute::<R, BT>(handles, &self.desc, true, |inputs| match self.cast {
+            false => launch(&inputs, dtype),
+            true => launch_cast(&inputs, dtype),
+        });
     }
 }
 
-/// `[dW, db]` from contiguous `[parts, dy]`, or `[db]` from `[dy]`.
-fn launch<R: CubeRuntime>(inputs: &[CubeTensor<R>]) -> Vec<CubeTensor<R>> {
+/// `[W, b]` in `dtype` from contiguous `[W, b]`.
+fn launch_cast<R: CubeRuntime>(inputs: &[CubeTensor<R>], dtype: DType) -> Vec<CubeTensor<R>> {
+    let [w, b] = [&inputs[0], &inputs[1]];
+    let wc = empty_as(w, w.meta.shape().clone(), dtype);
+    let bc = empty_as(w, b.meta.shape().clone(), dtype);
+    let total = w.meta.num_elements() + b.meta.num_elements();
+    let arg = |t: &CubeTensor<R>| t.clone().into_tensor_arg();
+    kernel::cast_pair_kernel::launch::<R>(
+        &w.client,
+        grid(total.div_ceil(UNITS as usize)),
+        CubeDim::new_1d(UNITS),
+        arg(w),
+        arg(b),
+        arg(&wc),
+        arg(&bc),
+        UNITS as usize,
+        [w.dtype.into(), dtype.into()],
+    );
+    vec![wc, bc]
+}
+
+/// `[dW, db]` in `dtype` from contiguous `[parts, dy]`, or `[db]` from
+/// `[dy]`.
+fn launch<R: CubeRuntime>(inputs: &[CubeTensor<R>], dtype: DType) -> Vec<CubeTensor<R>> {
     let dy = inputs.last().expect("dy");
-    let dtype = dy.dtype;
     let [rows, d_out] = dy.meta.shape().dims::<2>();
     let db = empty_as(dy, Shape::new([d_out]), dtype);
     let db_cubes = d_out.div_ceil(COLS);
@@ -220,7 +289,7 @@ fn launch<R: CubeRuntime>(inputs: &[CubeTensor<R>]) -> Vec<CubeTensor<R>> {
                 rows,
                 COLS,
                 UNITS as usize,
-                dtype.into(),
+                [dy.dtype.into(), dtype.into()],
             );
             vec![dw, db]
         }
@@ -234,7 +303,7 @@ fn launch<R: CubeRuntime>(inputs: &[CubeTensor<R>]) -> Vec<CubeTensor<R>> {
                 rows,
                 COLS,
                 UNITS as usize,
-                dtype.into(),
+                [dy.dtype.into(), dtype.into()],
             );
             vec![db]
         }
@@ -301,11 +370,11 @@ pub(super) mod kernel {
     }
 
     /// Cube `j` of the bias gradient `db[c] = Σ_r dy[r, c]`
-    /// ([`column_total`]).
+    /// ([`column_total`]), written in `G`.
     #[cube]
-    fn bias_cube<F: Float>(
+    fn bias_cube<F: Float, G: Float>(
         dy: &Tensor<F>,
-        db: &mut Tensor<F>,
+        db: &mut Tensor<G>,
         j: usize,
         rows: usize,
         #[comptime] cols: usize,
@@ -315,25 +384,26 @@ pub(super) mod kernel {
         let u = UNIT_POS_X as usize;
         let c = j * cols + u;
         if u < cols && c < db.len() {
-            db[c] = F::cast_from(total);
+            db[c] = G::cast_from(total);
         }
     }
 
     /// The weight gradient's split-K sum, then the bias gradient: cubes
     /// below `dw_cubes` give `dw[i] = Σ_k parts[k, i]` (a unit an element,
-    /// chunks in order), the rest are [`bias_cube`]s.
+    /// chunks in order), the rest are [`bias_cube`]s. Added in float32,
+    /// written in `G` (float32 master weights under mixed precision).
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn sums_kernel<F: Float>(
+    pub(super) fn sums_kernel<F: Float, G: Float>(
         parts: &Tensor<F>,
         dy: &Tensor<F>,
-        dw: &mut Tensor<F>,
-        db: &mut Tensor<F>,
+        dw: &mut Tensor<G>,
+        db: &mut Tensor<G>,
         dw_cubes: usize,
         rows: usize,
         #[comptime] cols: usize,
         #[comptime] units: usize,
-        #[define(F)] _dtype: StorageType,
+        #[define(F, G)] _dtypes: [StorageType; 2],
     ) {
         let j = cube_index();
         // The whole cube takes the same branch, so the bias cubes' sync
@@ -349,23 +419,42 @@ pub(super) mod kernel {
                     acc += f32::cast_from(parts[k * n + i]);
                     k += 1;
                 }
-                dw[i] = F::cast_from(acc);
+                dw[i] = G::cast_from(acc);
             }
         } else {
-            bias_cube::<F>(dy, db, j - dw_cubes, rows, cols, units);
+            bias_cube::<F, G>(dy, db, j - dw_cubes, rows, cols, units);
         }
     }
 
     /// The bias gradient alone: every cube a [`bias_cube`].
     #[cube(launch)]
-    pub(super) fn bias_kernel<F: Float>(
+    pub(super) fn bias_kernel<F: Float, G: Float>(
         dy: &Tensor<F>,
-        db: &mut Tensor<F>,
+        db: &mut Tensor<G>,
         rows: usize,
         #[comptime] cols: usize,
         #[comptime] units: usize,
-        #[define(F)] _dtype: StorageType,
+        #[define(F, G)] _dtypes: [StorageType; 2],
     ) {
-        bias_cube::<F>(dy, db, cube_index(), rows, cols, units);
+        bias_cube::<F, G>(dy, db, cube_index(), rows, cols, units);
+    }
+
+    /// A unit per element of W, then of b, each cast from `I` to `O`.
+    #[cube(launch)]
+    pub(super) fn cast_pair_kernel<I: Float, O: Float>(
+        w: &Tensor<I>,
+        b: &Tensor<I>,
+        wo: &mut Tensor<O>,
+        bo: &mut Tensor<O>,
+        #[comptime] units: usize,
+        #[define(I, O)] _dtypes: [StorageType; 2],
+    ) {
+        let n = w.len();
+        let i = cube_index() * units + UNIT_POS_X as usize;
+        if i < n {
+            wo[i] = O::cast_from(w[i]);
+        } else if i < n + b.len() {
+            bo[i - n] = O::cast_from(b[i - n]);
+        }
     }
 }

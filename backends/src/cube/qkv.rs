@@ -6,7 +6,7 @@
 
 use std::marker::PhantomData;
 
-use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorPrimitive};
 use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::grads::Gradients;
@@ -37,6 +37,10 @@ type Inner<R, BT> = Fusion<CubeBackend<R, f32, i32, BT>>;
 ///   and the rows of dy, writing the six gradients (three weights, three
 ///   biases) apart. Three projections take nine launches, and two adds
 ///   for x's gradient.
+/// - Mixed precision: the parameters stay the float32 master weights; the
+///   packing launch casts them to x's bf16 as it copies, and the sums
+///   write their gradients in float32. No cast of its own either way,
+///   where a cast per parameter and its backward took twelve launches.
 pub struct CubeQkv;
 
 impl<R: CubeRuntime, BT: BoolElement> QkvKernel<Autodiff<Inner<R, BT>>> for CubeQkv {
@@ -47,14 +51,19 @@ impl<R: CubeRuntime, BT: BoolElement> QkvKernel<Autodiff<Inner<R, BT>>> for Cube
         b: [Tensor<Autodiff<Inner<R, BT>>, 1>; 3],
     ) -> Tensor<Autodiff<Inner<R, BT>>, 3> {
         let dtype = x.dtype();
+        // The parameters' dtype: x's, or float32 master weights under
+        // mixed precision, cast by the packing launch.
+        let master = w[0].dtype();
         let shapes_agree = w.iter().all(|t| t.dims() == w[0].dims())
             && b.iter().all(|t| t.dims() == [w[0].dims()[1]]);
         let takes = matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+            && (master == dtype || master == DType::F32)
             && shapes_agree
-            && w.iter().all(|t| t.dtype() == dtype)
-            && b.iter().all(|t| t.dtype() == dtype);
+            && w.iter().all(|t| t.dtype() == master)
+            && b.iter().all(|t| t.dtype() == master);
         if !takes {
-            return qkv_composed(x, w, b);
+            let cast = FloatDType::from(dtype);
+            return qkv_composed(x, w.map(|t| t.cast(cast)), b.map(|t| t.cast(cast)));
         }
         let [batch, tokens, d_in] = x.dims();
         let width = w[0].dims()[1];
@@ -88,18 +97,23 @@ impl<R: CubeRuntime, BT: BoolElement> QkvKernel<Autodiff<Inner<R, BT>>> for Cube
             .tensor();
         let parents = [&x, &w[0], &w[1], &w[2], &b[0], &b[1], &b[2]];
         let out = tracked(
-            QkvBackward::<R, BT>(PhantomData),
+            QkvBackward::<R, BT>(master, PhantomData),
             parents,
             [x.primitive.clone(), wp],
             y,
         );
         Tensor::from_primitive(TensorPrimitive::Float(out))
     }
+
+    fn takes_master_weights(&self) -> bool {
+        true
+    }
 }
 
-/// The backward of [`CubeQkv`]; its state is `[x, W packed]`.
+/// The backward of [`CubeQkv`], with the parameters' dtype (their
+/// gradients'); its state is `[x, W packed]`.
 #[derive(Debug)]
-struct QkvBackward<R, BT>(PhantomData<(R, BT)>);
+struct QkvBackward<R, BT>(DType, PhantomData<(R, BT)>);
 
 impl<R: CubeRuntime, BT: BoolElement> Backward<Inner<R, BT>, 7> for QkvBackward<R, BT> {
     type State = [FusionTensor<Fr<R>>; 2];
@@ -142,7 +156,7 @@ impl<R: CubeRuntime, BT: BoolElement> Backward<Inner<R, BT>, 7> for QkvBackward<
         let parts = parts.into_primitive().tensor();
         let dy = dy.into_primitive().tensor();
         let width = width3 / 3;
-        let dtype = dy.dtype;
+        let dtype = self.0;
         let mut shapes = vec![Shape::new([d_in, width]); 3];
         shapes.extend([
             Shape::new([width]),
@@ -179,17 +193,19 @@ struct QkvOp<B> {
 
 impl<R: CubeRuntime, BT: BoolElement> Operation<Fr<R>> for QkvOp<CubeBackend<R, f32, i32, BT>> {
     fn execute(&self, handles: &mut HandleContainer<<Fr<R> as FusionRuntime>::FusionHandle>) {
+        // Outputs are of one dtype, which the registration set.
+        let dtype = self.desc.outputs[0].dtype;
         execute::<R, BT>(handles, &self.desc, true, |inputs| match self.backward {
-            false => launch_pack(&inputs),
-            true => launch_sums(&inputs),
+            false => launch_pack(&inputs, dtype),
+            true => launch_sums(&inputs, dtype),
         });
     }
 }
 
-/// `[W, b]` packed from contiguous `[Wq, Wk, Wv, bq, bk, bv]`.
-fn launch_pack<R: CubeRuntime>(inputs: &[CubeTensor<R>]) -> Vec<CubeTensor<R>> {
+/// `[W, b]` packed from contiguous `[Wq, Wk, Wv, bq, bk, bv]`, in
+/// `dtype` (the parameters' own, or the compute dtype they are cast to).
+fn launch_pack<R: CubeRuntime>(inputs: &[CubeTensor<R>], dtype: DType) -> Vec<CubeTensor<R>> {
     let w = &inputs[0];
-    let dtype = w.dtype;
     let [d_in, width] = w.meta.shape().dims::<2>();
     let wp = empty_as(w, Shape::new([d_in, 3 * width]), dtype);
     let bp = empty_as(w, Shape::new([3 * width]), dtype);
@@ -208,15 +224,15 @@ fn launch_pack<R: CubeRuntime>(inputs: &[CubeTensor<R>]) -> Vec<CubeTensor<R>> {
         arg(&wp),
         arg(&bp),
         UNITS as usize,
-        dtype.into(),
+        [w.dtype.into(), dtype.into()],
     );
     vec![wp, bp]
 }
 
-/// `[dWq, dWk, dWv, dbq, dbk, dbv]` from contiguous `[partials, dy]`.
-fn launch_sums<R: CubeRuntime>(inputs: &[CubeTensor<R>]) -> Vec<CubeTensor<R>> {
+/// `[dWq, dWk, dWv, dbq, dbk, dbv]` in `dtype` (the parameters') from
+/// contiguous `[partials, dy]`.
+fn launch_sums<R: CubeRuntime>(inputs: &[CubeTensor<R>], dtype: DType) -> Vec<CubeTensor<R>> {
     let [parts, dy] = [&inputs[0], &inputs[1]];
-    let dtype = dy.dtype;
     let [rows, width3] = dy.meta.shape().dims::<2>();
     let width = width3 / 3;
     let d_in = parts.meta.shape()[1];
@@ -245,7 +261,7 @@ fn launch_sums<R: CubeRuntime>(inputs: &[CubeTensor<R>]) -> Vec<CubeTensor<R>> {
         rows,
         COLS,
         UNITS as usize,
-        dtype.into(),
+        [dy.dtype.into(), dtype.into()],
     );
     dw.into_iter().chain(db).collect()
 }
@@ -257,20 +273,21 @@ mod kernel {
     use crate::cube::linear::kernel::column_total;
 
     /// A unit per element of the packed weight `[d_in, 3·width]`, then of
-    /// the packed bias `[3·width]`: each copied from its part.
+    /// the packed bias `[3·width]`: each copied from its part, cast from
+    /// the parameters' dtype `I` to the product's `O`.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn pack_kernel<F: Float>(
-        wq: &Tensor<F>,
-        wk: &Tensor<F>,
-        wv: &Tensor<F>,
-        bq: &Tensor<F>,
-        bk: &Tensor<F>,
-        bv: &Tensor<F>,
-        w: &mut Tensor<F>,
-        b: &mut Tensor<F>,
+    pub(super) fn pack_kernel<I: Float, O: Float>(
+        wq: &Tensor<I>,
+        wk: &Tensor<I>,
+        wv: &Tensor<I>,
+        bq: &Tensor<I>,
+        bk: &Tensor<I>,
+        bv: &Tensor<I>,
+        w: &mut Tensor<O>,
+        b: &mut Tensor<O>,
         #[comptime] units: usize,
-        #[define(F)] _dtype: StorageType,
+        #[define(I, O)] _dtypes: [StorageType; 2],
     ) {
         let width = bq.len();
         let width3 = 3 * width;
@@ -283,22 +300,22 @@ mod kernel {
             let src = r * width + c;
             let part = col / width;
             if part == 0 {
-                w[i] = wq[src];
+                w[i] = O::cast_from(wq[src]);
             } else if part == 1 {
-                w[i] = wk[src];
+                w[i] = O::cast_from(wk[src]);
             } else {
-                w[i] = wv[src];
+                w[i] = O::cast_from(wv[src]);
             }
         } else if i < n + width3 {
             let col = i - n;
             let c = col % width;
             let part = col / width;
             if part == 0 {
-                b[col] = bq[c];
+                b[col] = O::cast_from(bq[c]);
             } else if part == 1 {
-                b[col] = bk[c];
+                b[col] = O::cast_from(bk[c]);
             } else {
-                b[col] = bv[c];
+                b[col] = O::cast_from(bv[c]);
             }
         }
     }
@@ -307,23 +324,24 @@ mod kernel {
     /// add each element of the partials `[chunks, d_in, 3·width]` over the
     /// chunks in order into dWq, dWk or dWv by its column; the rest add
     /// the rows of dy `[rows, 3·width]` ([`column_total`]) into dbq, dbk
-    /// or dbv.
+    /// or dbv; in float32, written in the parameters' dtype `G` (float32
+    /// master weights under mixed precision).
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn split_sums_kernel<F: Float>(
+    pub(super) fn split_sums_kernel<F: Float, G: Float>(
         parts: &Tensor<F>,
         dy: &Tensor<F>,
-        dwq: &mut Tensor<F>,
-        dwk: &mut Tensor<F>,
-        dwv: &mut Tensor<F>,
-        dbq: &mut Tensor<F>,
-        dbk: &mut Tensor<F>,
-        dbv: &mut Tensor<F>,
+        dwq: &mut Tensor<G>,
+        dwk: &mut Tensor<G>,
+        dwv: &mut Tensor<G>,
+        dbq: &mut Tensor<G>,
+        dbk: &mut Tensor<G>,
+        dbv: &mut Tensor<G>,
         dw_cubes: usize,
         rows: usize,
         #[comptime] cols: usize,
         #[comptime] units: usize,
-        #[define(F)] _dtype: StorageType,
+        #[define(F, G)] _dtypes: [StorageType; 2],
     ) {
         let width = dbq.len();
         let width3 = 3 * width;
@@ -345,11 +363,11 @@ mod kernel {
                 let dst = (i / width3) * width + col % width;
                 let part = col / width;
                 if part == 0 {
-                    dwq[dst] = F::cast_from(acc);
+                    dwq[dst] = G::cast_from(acc);
                 } else if part == 1 {
-                    dwk[dst] = F::cast_from(acc);
+                    dwk[dst] = G::cast_from(acc);
                 } else {
-                    dwv[dst] = F::cast_from(acc);
+                    dwv[dst] = G::cast_from(acc);
                 }
             }
         } else {
@@ -361,11 +379,11 @@ mod kernel {
                 let c = col % width;
                 let part = col / width;
                 if part == 0 {
-                    dbq[c] = F::cast_from(total);
+                    dbq[c] = G::cast_from(total);
                 } else if part == 1 {
-                    dbk[c] = F::cast_from(total);
+                    dbk[c] = G::cast_from(total);
                 } else {
-                    dbv[c] = F::cast_from(total);
+                    dbv[c] = G::cast_from(total);
                 }
             }
         }

@@ -23,6 +23,15 @@ pub trait LinearKernel<B: Backend>: Send + Sync {
         b: Tensor<B, 1>,
         residual: Option<Tensor<B, 3>>,
     ) -> Tensor<B, 3>;
+
+    /// Whether [`Self::linear`] also takes `w` and `b` as the float32
+    /// master weights of mixed precision with `x` narrower (bf16): the
+    /// product in `x`'s dtype, the weights cast inside the kernel's own
+    /// launches and their gradients returned in float32. Where not,
+    /// [`linear`] casts them first (a cast and its backward per call).
+    fn takes_master_weights(&self) -> bool {
+        false
+    }
 }
 
 /// `x·W + b` computed in `x`'s dtype. Under mixed precision the block hands
@@ -64,13 +73,15 @@ fn linear_onto<B: Backend, const D: usize>(
 ) -> Tensor<B, D> {
     let w = lin.weight.val(); // [d_in, d_out]
     let b = lin.bias.as_ref().map(|b| b.val()); // [d_out]
-    let (w, b) = if w.dtype() == x.dtype() {
+    let kernel = kernels.linear();
+    let cast_inside = kernel.is_some_and(|k| k.takes_master_weights()) && b.is_some();
+    let (w, b) = if w.dtype() == x.dtype() || cast_inside {
         (w, b)
     } else {
         let dt = FloatDType::from(x.dtype());
         (w.cast(dt), b.map(|b| b.cast(dt)))
     };
-    match (kernels.linear(), b) {
+    match (kernel, b) {
         (Some(kernel), Some(b)) => with_kernel(kernel, x, w, b, residual),
         (_, b) => {
             let y = linear_composed(x, w, b);

@@ -20,6 +20,14 @@ pub trait QkvKernel<B: Backend>: Send + Sync {
     /// - `w`: three `[d_in, width]`; `b`: three `[width]`
     /// - output: `[batch, tokens, 3·width]` (q's columns, then k's, then v's)
     fn qkv(&self, x: Tensor<B, 3>, w: [Tensor<B, 2>; 3], b: [Tensor<B, 1>; 3]) -> Tensor<B, 3>;
+
+    /// Whether [`Self::qkv`] also takes `w` and `b` as the float32 master
+    /// weights of mixed precision with `x` narrower (bf16), as
+    /// [`super::LinearKernel::takes_master_weights`]; where not, the caller
+    /// casts them first.
+    fn takes_master_weights(&self) -> bool {
+        false
+    }
 }
 
 /// [`QkvKernel::qkv`] from Burn's ops: three products and a concatenation.

@@ -86,9 +86,15 @@ impl<B: Backend> Attention<B> {
         let split = |t: Tensor<B, 3>| t.reshape([batch, tokens, self.heads, head_dim]);
         // In `x`'s dtype: bf16 under mixed precision (see `ResidualBlock`).
         let ks = &self.kernels;
-        let packed = ks
-            .qkv()
-            .and_then(|kernel| Some((kernel, self.packed_params(x.dtype())?)));
+        let packed = ks.qkv().and_then(|kernel| {
+            // The float32 master weights as they are where the kernel casts
+            // them in its own launch.
+            let dtype = match kernel.takes_master_weights() {
+                true => None,
+                false => Some(x.dtype()),
+            };
+            Some((kernel, self.packed_params(dtype)?))
+        });
         let y = match packed {
             // One product for the three projections, read by the attention
             // kernel where it lies.
@@ -113,15 +119,18 @@ impl<B: Backend> Attention<B> {
 }
 
 impl<B: Backend> Attention<B> {
-    /// The q, k and v weights and biases in `dtype` (cast from the float32
-    /// master copy under mixed precision, as [`kernels::linear`] does), or
-    /// `None` where a projection has no bias.
+    /// The q, k and v weights and biases, cast to `dtype` where given
+    /// (from the float32 master copy under mixed precision, as
+    /// [`kernels::linear`] does), or `None` where a projection has no bias.
     #[allow(clippy::type_complexity)]
-    fn packed_params(&self, dtype: DType) -> Option<([Tensor<B, 2>; 3], [Tensor<B, 1>; 3])> {
+    fn packed_params(
+        &self,
+        dtype: Option<DType>,
+    ) -> Option<([Tensor<B, 2>; 3], [Tensor<B, 1>; 3])> {
         let layers = [&self.query, &self.key, &self.value];
-        let cast = |t: Tensor<B, 2>| match t.dtype() == dtype {
-            true => t,
-            false => t.cast(FloatDType::from(dtype)),
+        let cast = |t: Tensor<B, 2>| match dtype {
+            Some(d) if d != t.dtype() => t.cast(FloatDType::from(d)),
+            _ => t,
         };
         let w = layers.map(|l| cast(l.weight.val()));
         let b = [
@@ -129,9 +138,9 @@ impl<B: Backend> Attention<B> {
             self.key.bias.as_ref()?.val(),
             self.value.bias.as_ref()?.val(),
         ];
-        let b = b.map(|b| match b.dtype() == dtype {
-            true => b,
-            false => b.cast(FloatDType::from(dtype)),
+        let b = b.map(|b| match dtype {
+            Some(d) if d != b.dtype() => b.cast(FloatDType::from(d)),
+            _ => b,
         });
         Some((w, b))
     }
