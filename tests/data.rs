@@ -112,3 +112,47 @@ fn bad_samples_and_shards_are_skipped_counted_and_reported() {
         "{stdout}"
     );
 }
+
+/// A short run on 48 samples, every other caption blank: the bad share
+/// (a half) is judged from the first batch on what was read, and the run
+/// stops with exit 2, naming the counts, where it used to finish with
+/// "64 bad captions (of 48 samples)".
+#[test]
+fn much_bad_data_stops_a_short_run() {
+    let dir_tmp = scratch();
+    let dir = dir_tmp.path();
+    let members: Vec<(String, Vec<u8>)> = good(0, 48)
+        .into_iter()
+        .map(|(name, bytes)| {
+            let key: u32 = name[..5].parse().expect("keyed member");
+            match name.ends_with(".txt") && key % 2 == 0 {
+                true => (name, b" ".to_vec()),
+                false => (name, bytes),
+            }
+        })
+        .collect();
+    write_tar(&dir.join("shard-0.tar"), &members);
+    let run = dir.join("run");
+    let out = clipa(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--image-size",
+        "28",
+        "--train-data",
+        dir.join("shard-0.tar").to_str().expect("utf-8 temp dir"),
+        "--steps",
+        "10",
+        "--workers",
+        "1",
+        "--output",
+        run.to_str().expect("utf-8 temp dir"),
+    ]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("unusable") && stderr.contains("max_bad_fraction"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

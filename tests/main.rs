@@ -11,5 +11,6 @@ mod hub; // released CLIPA models: hub folders, pickles (and malicious ones), em
 mod interop; // import-openclip / export-openclip / embed / models through the binary
 mod parity; // OpenCLIP fixtures: features, logits, activations, loss, gradients
 mod presets; // every training preset takes a step with its own tokenizer; `clipa plan`'s command starts
+mod reliability; // the run folder's lock, damaged checkpoints, values out of range, closed or full stdout
 mod scaling; // `clipa sweep` (resume, csv, figures) and `clipa plan` (the paper's budgets)
 mod train; // `clipa train`/`eval`: run folder, kill-and-resume, one-line errors

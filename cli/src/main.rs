@@ -5,6 +5,26 @@
 
 use std::process::ExitCode;
 
+/// `println!` for a command's output: through
+/// [`commands::write_out`], so a closed pipe ends the process quietly and
+/// an unwritable standard output fails the command (`?`: the enclosing
+/// function returns `anyhow::Result`) instead of panicking.
+macro_rules! outln {
+    () => {
+        $crate::commands::write_out("\n")?
+    };
+    ($($arg:tt)*) => {
+        $crate::commands::write_out(&format!("{}\n", format_args!($($arg)*)))?
+    };
+}
+
+/// `print!` for a command's output, as `outln!`.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::commands::write_out(&format!($($arg)*))?
+    };
+}
+
 mod args;
 mod commands;
 

@@ -36,6 +36,18 @@ pub enum Error {
     /// left, shapes disagreed, the orchestrator is unreachable).
     #[error("data-parallel collective failed: {0}")]
     Collective(String),
+    /// Another live run holds the run folder's lock.
+    #[error(
+        "{} is in use by another clipa run{}: wait for it to finish, or choose another --output",
+        run.display(),
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    Locked {
+        /// The run folder.
+        run: PathBuf,
+        /// The holder's process id, where it could be read.
+        pid: Option<u32>,
+    },
     /// The backend failed while running a computation.
     #[error("backend error: {0}")]
     Backend(String),

@@ -4,7 +4,7 @@ use clipa_backends::{BackendKind, probe};
 
 /// Prints one line per backend: compiled in or not, and the device found.
 pub fn run() -> anyhow::Result<()> {
-    println!("{:<6} {:<10} device", "name", "compiled");
+    outln!("{:<6} {:<10} device", "name", "compiled");
     for kind in BackendKind::ALL {
         let status = if !kind.is_compiled() {
             format!("- (rebuild with --features {kind})")
@@ -15,7 +15,7 @@ pub fn run() -> anyhow::Result<()> {
             }
         };
         let compiled = if kind.is_compiled() { "yes" } else { "no" };
-        println!("{:<6} {:<10} {status}", kind.name(), compiled);
+        outln!("{:<6} {:<10} {status}", kind.name(), compiled);
     }
     Ok(())
 }

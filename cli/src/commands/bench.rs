@@ -7,6 +7,7 @@ use clipa_backends::{BackendJob, BackendKind, Devices, PeakMemory};
 use clipa_core::bench::{self, BenchCase, BenchHooks, BenchResult, BenchSteps};
 use clipa_core::data::tokenizer::Tokenizer;
 use clipa_core::model::ClipConfig;
+use clipa_core::train::config::{MAX_BATCH, MAX_IMAGE_SIZE, MAX_TEXT_LENGTH};
 use serde::Serialize;
 
 use crate::args::BenchArgs;
@@ -131,6 +132,17 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &BenchArgs) -> anyhow
             grad_checkpointing: args.grad_checkpointing,
         };
         case.name = case_name(&args.model, &case);
+        // A typo's size would be an allocation failure, not an error.
+        for (flag, v, max) in [
+            ("--batch-size", case.batch, MAX_BATCH),
+            ("--image-size", case.image_size as usize, MAX_IMAGE_SIZE),
+            ("--text-length", case.text_length, MAX_TEXT_LENGTH),
+        ] {
+            ensure!(
+                (1..=max).contains(&v),
+                "{flag} {v} is out of range (1 to {max})"
+            );
+        }
         vec![case]
     };
     let launches = launch_log(kind);
@@ -160,14 +172,15 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &BenchArgs) -> anyhow
             warmup: args.warmup,
             cases: &results,
         };
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?);
         return Ok(());
     }
-    println!(
+    outln!(
         "{info}, {threads} threads; median of {} steps after {} warm-up",
-        args.steps, args.warmup
+        args.steps,
+        args.warmup
     );
-    println!(
+    outln!(
         "{:<28} {:>5} {:>9} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8} {:>6}",
         "case",
         "batch",
@@ -186,7 +199,7 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &BenchArgs) -> anyhow
         "reads"
     );
     for r in &results {
-        println!(
+        outln!(
             "{:<28} {:>5} {:>9} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>9.1} {:>9.1} {:>9.1} {:>9.3} {:>10.1} {:>9} {:>8} {:>6.1}",
             r.name,
             r.batch,

@@ -96,7 +96,7 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &CheckArgs) -> anyhow
         "--tolerance must be a positive number"
     );
     let info = clipa_backends::probe(kind, device)?;
-    println!("clipa check: {info} against the cpu reference");
+    outln!("clipa check: {info} against the cpu reference");
     // The first run on a GPU compiles kernels; time the second.
     clipa_backends::run(kind, device, SelfTest(shape))?;
     let got = clipa_backends::run(kind, device, SelfTest(shape))?;
@@ -106,7 +106,7 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &CheckArgs) -> anyhow
     for (g, r) in got.iter().zip(&reference) {
         let (out_err, worst_name, grad_err) = part_errors(g, r, kind)?;
         worst = worst.max(out_err).max(grad_err);
-        println!(
+        outln!(
             "  {:<9} forward err {:.2e}  grads ({}) max err {:.2e} [{}]  {kind} {:.2}+{:.2} ms  cpu {:.2}+{:.2} ms",
             g.name,
             out_err,
@@ -127,13 +127,13 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &CheckArgs) -> anyhow
         worst <= tolerance,
         "{kind} differs from the cpu by {worst:.2e} relative error (tolerance {tolerance:.0e}{why})"
     );
-    println!("ok: {kind} matches the cpu within {tolerance:.0e}{why} (worst {worst:.2e})");
+    outln!("ok: {kind} matches the cpu within {tolerance:.0e}{why} (worst {worst:.2e})");
     // Mixed precision: the same block with bf16 branches, against float32.
     // Warmed up like the float32 parts: the bf16 kernels compile on the
     // first run, and the second is the one timed.
     clipa_backends::run(kind, device, SelfTestBf16(shape))?;
     let Some(g) = clipa_backends::run(kind, device, SelfTestBf16(shape))? else {
-        println!("bf16 block: skipped, {kind} has no bf16 arithmetic (training runs in float32)");
+        outln!("bf16 block: skipped, {kind} has no bf16 arithmetic (training runs in float32)");
         return Ok(());
     };
     let r = reference
@@ -141,7 +141,7 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &CheckArgs) -> anyhow
         .find(|r| r.name == "block")
         .context("the cpu reference has no block part")?;
     let (out_err, worst_name, grad_err) = part_errors(&g, r, kind)?;
-    println!(
+    outln!(
         "  {:<10} forward err {out_err:.2e}  grads max err {grad_err:.2e} [{worst_name}]  {kind} {:.2}+{:.2} ms (f32 {:.2}+{:.2} ms)",
         g.name,
         g.forward_ms,
@@ -158,6 +158,6 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &CheckArgs) -> anyhow
         worst <= BF16_TOLERANCE,
         "{kind} bf16 block differs from float32 by {worst:.2e} (tolerance {BF16_TOLERANCE:.0e})"
     );
-    println!("ok: bf16 mixed precision within {BF16_TOLERANCE:.0e} of float32 (worst {worst:.2e})");
+    outln!("ok: bf16 mixed precision within {BF16_TOLERANCE:.0e} of float32 (worst {worst:.2e})");
     Ok(())
 }

@@ -92,7 +92,7 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &ClassifyArgs) -> any
             .take(args.top)
             .map(|&i| format!("{} {:.1}%", labels[i], 100.0 * p[i]))
             .collect();
-        println!("{}: {}", path.display(), shown.join(", "));
+        outln!("{}: {}", path.display(), shown.join(", "));
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ pub fn run(cmd: &DataCommand) -> anyhow::Result<()> {
                 limit_train: a.limit_train,
                 limit_test: a.limit_test,
             })?;
-            println!(
+            outln!(
                 "wrote {} training samples in {} shards and {} test images\n\ntrain with:\n  clipa train --preset fmnist --train-data '{}' --zeroshot-data {} --classnames {}",
                 summary.train_samples,
                 summary.train_shards,

@@ -130,7 +130,7 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &EmbedArgs) -> anyhow
         );
     }
     io::write_safetensors(&args.out, &out, meta)?;
-    println!(
+    outln!(
         "wrote {} image and {} text embeddings of size {dim} to {}",
         images.len(),
         captions.len(),

@@ -133,11 +133,11 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &EvalArgs) -> anyhow:
         },
     )?;
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?);
         return Ok(());
     }
     if let Some(r) = &report.zeroshot {
-        println!(
+        outln!(
             "zero-shot top-1 {:.2}%  top-5 {:.2}%  per-class recall {:.2}%  ({} images, chance {:.2}%)",
             100.0 * r.top1,
             100.0 * r.top5,
@@ -147,15 +147,16 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &EvalArgs) -> anyhow:
         );
     }
     if let Some(r) = &report.retrieval {
-        println!(
+        outln!(
             "retrieval ({} images, {} captions)   R@1     R@5     R@10    mean rank  median rank",
-            r.images, r.texts
+            r.images,
+            r.texts
         );
         for (name, k) in [
             ("image → text", &r.image_to_text),
             ("text → image", &r.text_to_image),
         ] {
-            println!(
+            outln!(
                 "  {name:<14} {:>6.2}% {:>6.2}% {:>6.2}%  {:>9.2}  {:>11.1}",
                 100.0 * k.r1,
                 100.0 * k.r5,

@@ -23,7 +23,7 @@ pub fn import(args: &ImportArgs) -> anyhow::Result<()> {
         &imported.state,
         &imported.tokenizer,
     )?;
-    println!(
+    outln!(
         "imported {} tensors from {} ({:.2} M parameters; {}, context {}) into {}",
         imported.source_tensors,
         imported.weights.display(),
@@ -50,6 +50,6 @@ pub fn export(args: &ExportArgs) -> anyhow::Result<()> {
         let text = serde_json::to_string_pretty(&config).expect("JSON values serialise");
         io::write_atomic(path, text.as_bytes())?;
     }
-    println!("exported {} tensors to {}", out.len(), args.out.display());
+    outln!("exported {} tensors to {}", out.len(), args.out.display());
     Ok(())
 }

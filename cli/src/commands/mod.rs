@@ -31,6 +31,18 @@ pub(crate) fn write_line(out: &mut impl Write, line: &str) -> anyhow::Result<()>
     }
 }
 
+/// Writes `text` to standard output (the `outln!` and `out!` macros), as
+/// [`write_line`]: a closed pipe ends the process quietly, any other
+/// failure (a full disk, `> /dev/full`) is an error. `println!` panics on
+/// both.
+pub(crate) fn write_out(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        other => other.context("cannot write to standard output"),
+    }
+}
+
 /// Runs the subcommand the user picked.
 pub fn dispatch(args: &Args) -> anyhow::Result<()> {
     match &args.command {

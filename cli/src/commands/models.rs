@@ -45,10 +45,10 @@ pub fn run(args: &ModelsArgs) -> anyhow::Result<()> {
         args.image_size
     );
     if args.json {
-        println!("{}", serde_json::json!({ "models": rows }));
+        outln!("{}", serde_json::json!({ "models": rows }));
         return Ok(());
     }
-    println!(
+    outln!(
         "{:<13} {:>9} {:>6} {:>7} {:>5} {:>9} {:>8} {:>9} {:>10}  tokenizer",
         "model",
         "params(M)",
@@ -61,7 +61,7 @@ pub fn run(args: &ModelsArgs) -> anyhow::Result<()> {
         "train GFLOP",
     );
     for r in rows {
-        println!(
+        outln!(
             "{:<13} {:>9.2} {:>6} {:>7} {:>5} {:>9.2} {:>8.2} {:>9.2} {:>10.2}  {}",
             r["name"].as_str().unwrap_or_default(),
             r["params_m"].as_f64().unwrap_or_default(),
@@ -75,10 +75,10 @@ pub fn run(args: &ModelsArgs) -> anyhow::Result<()> {
             r["tokenizer"].as_str().unwrap_or_default(),
         );
     }
-    println!(
+    outln!(
         "GFLOPs per image–text pair, forward (2 × multiply-adds of matrix products); training ≈ 3× forward."
     );
-    println!(
+    outln!(
         "wordpiece models (CLIPA-v2) read BERT uncased WordPiece: training from scratch needs --vocab FILE."
     );
     Ok(())

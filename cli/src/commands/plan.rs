@@ -23,7 +23,7 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
         tflops: args.tflops,
     };
     let p = plan::plan(budget)?;
-    print_assumptions(&budget, &p);
+    print_assumptions(&budget, &p)?;
     let (rec, shortened) = match (p.choice, &p.shortened) {
         (Some(i), _) => (&p.candidates[i], false),
         (None, Some(s)) => (s, true),
@@ -31,24 +31,24 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
     };
     print_recommendation(&budget, &p, rec, shortened)?;
     print_run_command(args, &budget, rec, shortened)?;
-    print_candidates(&p);
+    print_candidates(&p)?;
     Ok(())
 }
 
 /// The budget and what the estimate assumes.
-fn print_assumptions(budget: &Budget, p: &Plan) {
+fn print_assumptions(budget: &Budget, p: &Plan) -> anyhow::Result<()> {
     let cal = a100_calibration();
     let gpu = budget.gpu.as_str().to_uppercase();
-    println!(
+    outln!(
         "budget: {} × {gpu} for {} h = {:.0} GPU-hours",
         budget.gpus,
         budget.hours,
         budget.gpus as f64 * budget.hours
     );
-    println!("assumptions:");
+    outln!("assumptions:");
     match budget.tflops {
-        Some(t) => println!("  throughput: {t:.1} TFLOP/s per GPU (--tflops)"),
-        None => println!(
+        Some(t) => outln!("  throughput: {t:.1} TFLOP/s per GPU (--tflops)"),
+        None => outln!(
             "  throughput: {:.1} TFLOP/s per {gpu}: {:.0} % of its {:.0} TFLOP/s bf16 peak, the median share that the \
              paper's {} runs with published A100 hours achieved ({:.0}–{:.0} TFLOP/s per A100). clipa's own CUDA path \
              is not there yet (docs/BENCHMARKS.md); pass --tflops with a measured figure",
@@ -60,20 +60,21 @@ fn print_assumptions(budget: &Budget, p: &Plan) {
             cal.max
         ),
     }
-    println!(
+    outln!(
         "  FLOPs: clipa's counter (matrix products, training = 3 × forward; OpenCLIP's model profile within 5 %)"
     );
     match budget.samples {
-        Some(n) => println!(
+        Some(n) => outln!(
             "  pre-training samples: {} for every recipe; accuracy moved by {POINTS_PER_DECADE:.1} points per tenfold \
              samples (CLIPA-v2 Table 1, H/14 on LAION-2B) — an extrapolation",
             count(n)
         ),
-        None => println!("  pre-training samples: each recipe's published count"),
+        None => outln!("  pre-training samples: each recipe's published count"),
     }
-    println!(
+    outln!(
         "  accuracy: published ImageNet-1k zero-shot of the recipe on its dataset; yours depends on your data"
     );
+    Ok(())
 }
 
 /// The recommended recipe, its stages and the accuracy it expects.
@@ -83,15 +84,15 @@ fn print_recommendation(
     rec: &Candidate,
     shortened: bool,
 ) -> anyhow::Result<()> {
-    println!();
+    outln!();
     if shortened {
-        println!(
+        outln!(
             "no published recipe fits; the cheapest one, with its pre-training shortened to fit ({} samples):",
             count(rec.config.stages[0].samples() as f64)
         );
     } else {
         let about = clipa_core::train::presets::find(rec.run.preset).map_or("", |p| p.about);
-        println!("recommendation: {} ({about})", rec.run.preset);
+        outln!("recommendation: {} ({about})", rec.run.preset);
     }
     describe(rec)?;
     let bracket = |i: Option<usize>| {
@@ -105,18 +106,18 @@ fn print_recommendation(
     } else {
         "published"
     };
-    println!(
+    outln!(
         "  expected ImageNet-1k zero-shot: {:.1} % ({kind}, {}; {})",
         rec.expected,
         rec.run.data.as_str(),
         rec.run.source
     );
     if let Some(pre) = rec.run.pretrain_top1 {
-        println!("    {pre:.1} % before fine-tuning, as published");
+        outln!("    {pre:.1} % before fine-tuning, as published");
     }
     match (bracket(p.below), bracket(p.above)) {
         (None, None) => {}
-        (lo, hi) => println!(
+        (lo, hi) => outln!(
             "  range it is based on: {} … {}",
             lo.unwrap_or_else(|| "nothing cheaper".into()),
             hi.map(|h| format!("{h}, over budget"))
@@ -155,19 +156,19 @@ fn print_run_command(
         None => None,
     };
     match source {
-        Some(source) => println!("  run it: clipa --backend cuda train {source}{devices}{vocab}"),
-        None => println!(
+        Some(source) => outln!("  run it: clipa --backend cuda train {source}{devices}{vocab}"),
+        None => outln!(
             "  run it: add --write plan.toml, then clipa --backend cuda train --config plan.toml{devices}{vocab}"
         ),
     }
     if wordpiece {
-        println!(
+        outln!(
             "  vocab.txt: the BERT uncased WordPiece vocabulary CLIPA-v2 models read (the \
              bert-base-uncased tokenizer files, or any CLIPA hub folder's vocab.txt)"
         );
     }
     if budget.gpus > GPUS_PER_MACHINE {
-        println!(
+        outln!(
             "  note: training across machines is not available yet: one clipa process trains on \
              the GPUs of one machine (--devices), so {} GPUs need {} machines of {GPUS_PER_MACHINE} \
              that clipa cannot join; on one machine the run takes {:.0} h",
@@ -180,14 +181,19 @@ fn print_run_command(
 }
 
 /// Every published recipe on the budget, cheapest first.
-fn print_candidates(p: &Plan) {
-    println!("\nevery published recipe on this budget (cheapest first):");
-    println!(
+fn print_candidates(p: &Plan) -> anyhow::Result<()> {
+    outln!("\nevery published recipe on this budget (cheapest first):");
+    outln!(
         "  {:<26} {:<12} {:>10} {:>9} {:>5} {:>7}",
-        "preset", "data", "PFLOP", "hours", "fits", "top-1"
+        "preset",
+        "data",
+        "PFLOP",
+        "hours",
+        "fits",
+        "top-1"
     );
     for c in &p.candidates {
-        println!(
+        outln!(
             "  {:<26} {:<12} {:>10.0} {:>9.1} {:>5} {:>6.1}%",
             c.run.preset,
             c.run.data.as_str(),
@@ -197,13 +203,14 @@ fn print_candidates(p: &Plan) {
             c.expected
         );
     }
+    Ok(())
 }
 
 /// The stages of a recommendation: model, pre-training tokens, fine-tune.
 fn describe(c: &Candidate) -> anyhow::Result<()> {
     let cfg: &TrainConfig = &c.config;
     let model = ClipConfig::preset(&cfg.model)?;
-    println!(
+    outln!(
         "  model: {} ({:.0} M parameters, patch {})",
         cfg.model,
         model.num_params() as f64 / 1e6,
@@ -211,9 +218,9 @@ fn describe(c: &Candidate) -> anyhow::Result<()> {
     );
     for (i, s) in cfg.stages.iter().enumerate() {
         let what = if i == 0 { "pre-train" } else { "fine-tune" };
-        println!("  {what}: {}", stage_line(s, &model));
+        outln!("  {what}: {}", stage_line(s, &model));
     }
-    println!(
+    outln!(
         "  compute: {:.3e} FLOP ({:.0} % pre-training) → {:.1} h",
         c.pretrain_flops + c.finetune_flops,
         100.0 * c.pretrain_flops / (c.pretrain_flops + c.finetune_flops),

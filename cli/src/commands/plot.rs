@@ -22,7 +22,7 @@ const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans-ascii.ttf");
 /// Draws the charts of `run_dir` and prints the files written.
 pub fn run(run_dir: &Path) -> anyhow::Result<()> {
     for file in plot_run(run_dir)? {
-        println!("{}", file.display());
+        outln!("{}", file.display());
     }
     Ok(())
 }

@@ -39,7 +39,7 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &SweepArgs) -> anyhow
     }
     cfg.validate()?;
     if args.dry_run {
-        print!("{}", cfg.to_toml());
+        out!("{}", cfg.to_toml());
         return Ok(());
     }
     let output = args
@@ -53,7 +53,7 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &SweepArgs) -> anyhow
     };
     let summary = clipa_backends::run(kind, device, SweepJob { cfg, opts })?;
     let figures = draw_figures(&summary.results, &output.join("figures"))?;
-    print_report(&summary, &figures);
+    print_report(&summary, &figures)?;
     Ok(())
 }
 
@@ -125,23 +125,27 @@ impl SweepObserver for Watch {
     }
 }
 
-fn print_report(s: &SweepSummary, figures: &[PathBuf]) {
+fn print_report(s: &SweepSummary, figures: &[PathBuf]) -> anyhow::Result<()> {
     let state = if s.interrupted {
         " — stopped early; rerun the same command to continue"
     } else {
         ""
     };
-    println!(
+    outln!(
         "\nsweep: {} of {} points done{state}",
         s.results.len(),
         s.total
     );
-    println!(
+    outln!(
         "{:<34} {:>9} {:>9} {:>10} {:>7}",
-        "point", "pre top1", "ft top1", "GFLOP", "s"
+        "point",
+        "pre top1",
+        "ft top1",
+        "GFLOP",
+        "s"
     );
     for r in &s.results {
-        println!(
+        outln!(
             "{:<34} {:>8.1}% {:>8.1}% {:>10.1} {:>7.0}",
             r.point.id(),
             100.0 * r.pretrain.top1,
@@ -150,10 +154,11 @@ fn print_report(s: &SweepSummary, figures: &[PathBuf]) {
             r.pretrain.seconds + r.finetune.seconds
         );
     }
-    println!("  table: {}", s.csv.display());
+    outln!("  table: {}", s.csv.display());
     for f in figures {
-        println!("  figure: {}", f.display());
+        outln!("  figure: {}", f.display());
     }
+    Ok(())
 }
 
 /// One drawn line: a label and (x, fine-tuned y, pre-trained y) points.

@@ -190,8 +190,8 @@ pub(super) fn interrupt_flag() -> Arc<AtomicBool> {
     flag
 }
 
-fn print_report(s: &TrainSummary) {
-    println!(
+fn print_report(s: &TrainSummary) -> anyhow::Result<()> {
+    outln!(
         "\nrun finished{}: {} steps",
         if s.interrupted {
             " early (interrupted)"
@@ -210,7 +210,7 @@ fn print_report(s: &TrainSummary) {
                 z.samples
             )
         });
-        println!(
+        outln!(
             "  {}: {:.0} s{}",
             st.name,
             st.seconds,
@@ -219,18 +219,22 @@ fn print_report(s: &TrainSummary) {
     }
     let d = s.data;
     if d.bad_images + d.bad_captions + d.bad_shards > 0 {
-        println!(
-            "  skipped data: {} bad images, {} bad captions, {} bad shards (of {} samples)",
-            d.bad_images, d.bad_captions, d.bad_shards, d.samples
+        outln!(
+            "  skipped data: {} bad images, {} bad captions, {} bad shards (of {} samples read)",
+            d.bad_images,
+            d.bad_captions,
+            d.bad_shards,
+            d.read()
         );
     }
     if s.nonfinite_skipped > 0 {
-        println!("  non-finite steps skipped: {}", s.nonfinite_skipped);
+        outln!("  non-finite steps skipped: {}", s.nonfinite_skipped);
     }
-    println!("  run folder: {}", s.run_dir.display());
+    outln!("  run folder: {}", s.run_dir.display());
     if let Some(c) = &s.checkpoint {
-        println!("  checkpoint: {}", c.display());
+        outln!("  checkpoint: {}", c.display());
     }
+    Ok(())
 }
 
 /// `clipa train`.
@@ -243,7 +247,7 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &TrainArgs) -> anyhow
         Tokenizer::for_text(&cfg.model_config()?.text, cfg.vocab.as_deref())?;
     }
     if args.dry_run {
-        print!("{}", cfg.to_toml());
+        out!("{}", cfg.to_toml());
         return Ok(());
     }
     if args.resume == Some(Resume::Latest) && args.output.is_none() {
@@ -261,6 +265,6 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &TrainArgs) -> anyhow
         Some(set) => clipa_backends::run_on(kind, set, job)?,
         None => clipa_backends::run(kind, device, job)?,
     };
-    print_report(&summary);
+    print_report(&summary)?;
     Ok(())
 }

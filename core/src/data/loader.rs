@@ -230,12 +230,18 @@ struct Shared {
     /// Per worker: epochs it has finished since the start, for the
     /// "a whole pass yielded nothing" check.
     passes: Vec<AtomicU64>,
+    /// Whether any worker has handed a sample to the batcher: the
+    /// `samples` count also holds samples read but not yet decoded.
+    delivered: AtomicBool,
     max_bad_fraction: f64,
 }
 
-/// Bad samples and shards counted before the bad share is judged, so that
-/// one broken file at the start does not stop a run.
-const MIN_ATTEMPTS: u64 = 100;
+/// Samples (and shards) read before the bad share is judged. One broken
+/// file among the first 32 is 3 %, well under the default 10 %, so it does
+/// not stop a run; a set of a few dozen samples with much bad data still
+/// stops before its first batch (a minimum above the set's size would let
+/// a short run end first).
+const MIN_ATTEMPTS: u64 = 32;
 
 impl Shared {
     fn stopping(&self) -> bool {
@@ -251,11 +257,13 @@ impl Shared {
         }
     }
 
-    /// Fails the run when the bad share exceeds the configured maximum.
+    /// Fails the run when the bad share of what was read exceeds the
+    /// configured maximum. Called on every read and every bad find, so the
+    /// share is judged as soon as the counts change.
     fn check_bad(&self, place: &str) -> bool {
         let s = self.stats.snapshot();
         let bad = s.bad_images + s.bad_captions + s.bad_shards;
-        let total = bad + s.samples;
+        let total = s.read() + s.bad_shards;
         if total >= MIN_ATTEMPTS && bad as f64 > self.max_bad_fraction * total as f64 {
             self.fail(Error::Format {
                 path: place.into(),
@@ -308,6 +316,7 @@ impl Loader {
             stop: AtomicBool::new(false),
             fatal: Mutex::new(None),
             passes: (0..config.workers).map(|_| AtomicU64::new(0)).collect(),
+            delivered: AtomicBool::new(false),
             max_bad_fraction: config.max_bad_fraction,
         });
         let per_worker = config.batch_size.div_ceil(config.workers);
@@ -430,6 +439,11 @@ impl Batcher {
 
     /// One batch; `Ok(None)` when the loader is being dropped.
     fn assemble(&mut self) -> Result<Option<Batch>> {
+        // Workers read ahead: a stop they found holds from the next batch,
+        // not only once the samples already queued run out.
+        if let Some(err) = self.shared.fatal.lock().ok().and_then(|mut f| f.take()) {
+            return Err(err);
+        }
         let (b, size) = (self.config.batch_size, self.config.image_size);
         let len = (size as usize).pow(2) * 3;
         let mut images = vec![0u8; b * len];

@@ -102,7 +102,9 @@ pub trait ShardSource: Send + Sync {
 /// Counters of good and bad data, shared by all loader workers.
 #[derive(Debug, Default)]
 pub struct DataStats {
-    /// Samples delivered.
+    /// Good samples read: counted when read, as bad ones are, so that the
+    /// two share a base; a sample whose image then fails to decode moves
+    /// to `bad_images`.
     pub samples: AtomicU64,
     /// Images that failed to decode.
     pub bad_images: AtomicU64,
@@ -115,7 +117,7 @@ pub struct DataStats {
 /// A plain copy of [`DataStats`] for reports and the run summary.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataStatsSnapshot {
-    /// Samples delivered.
+    /// Good samples read.
     pub samples: u64,
     /// Images that failed to decode.
     pub bad_images: u64,
@@ -139,5 +141,13 @@ impl DataStats {
             bad_captions: self.bad_captions.load(Ordering::Relaxed),
             bad_shards: self.bad_shards.load(Ordering::Relaxed),
         }
+    }
+}
+
+impl DataStatsSnapshot {
+    /// Samples read, good and bad (each counted once; shards are not
+    /// samples): the base of the bad share and of the report.
+    pub fn read(&self) -> u64 {
+        self.samples + self.bad_images + self.bad_captions
     }
 }

@@ -20,6 +20,17 @@ use crate::model::ClipConfig;
 use crate::reduce::{ImageReduction, TextReduction};
 use crate::{Error, Result};
 
+/// The largest global batch a stage takes (2^20 samples: past the largest
+/// published CLIP batches, 160k, with room; a typo's 10^11 is refused).
+pub const MAX_BATCH: usize = 1 << 20;
+/// The longest text a stage takes, in tokens (CLIP's is 77; long-caption
+/// models use a few hundred).
+pub const MAX_TEXT_LENGTH: usize = 1024;
+/// The largest image side a stage takes, in pixels.
+pub const MAX_IMAGE_SIZE: usize = 4096;
+/// The most data-loading threads (each holds a decode buffer and a stack).
+pub const MAX_WORKERS: usize = 1024;
+
 /// Numeric precision of the transformer blocks in training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -404,17 +415,75 @@ impl TrainConfig {
             if s.text_length < 3 {
                 return bad(format!("{tag}: text_length must be at least 3"));
             }
-            if s.base_lr.is_nan()
-                || s.base_lr <= 0.0
-                || s.end_base_lr.is_nan()
-                || s.end_base_lr < 0.0
-            {
-                return bad(format!(
-                    "{tag}: base_lr must be positive and end_base_lr not negative"
-                ));
+            for (key, v) in [("base_lr", s.base_lr), ("end_base_lr", s.end_base_lr)] {
+                if !(v.is_finite() && v >= 0.0) {
+                    return bad(format!(
+                        "{tag}: {key} = {v} must be finite and not negative"
+                    ));
+                }
+            }
+            for (key, v, range) in [
+                ("batch_size", s.batch_size, MAX_BATCH),
+                ("text_length", s.text_length, MAX_TEXT_LENGTH),
+                ("image_size", s.image_size as usize, MAX_IMAGE_SIZE),
+            ] {
+                if v > range {
+                    return bad(format!(
+                        "{tag}: {key} = {v} is out of range (at most {range})"
+                    ));
+                }
             }
         }
-        Ok(())
+        if self.data.workers > MAX_WORKERS {
+            return bad(format!(
+                "data.workers = {} is out of range (0 for all cores, at most {MAX_WORKERS})",
+                self.data.workers
+            ));
+        }
+        self.validate_numerics()
+    }
+
+    /// The optimiser's and the clipping's values: each finite, and in its
+    /// range (the error names the key).
+    fn validate_numerics(&self) -> Result<()> {
+        let o = &self.optimizer;
+        let checks = [
+            (
+                "optimizer.beta1",
+                o.beta1,
+                (0.0..1.0).contains(&o.beta1),
+                "in [0, 1)",
+            ),
+            (
+                "optimizer.beta2",
+                o.beta2,
+                (0.0..1.0).contains(&o.beta2),
+                "in [0, 1)",
+            ),
+            (
+                "optimizer.eps",
+                o.eps,
+                o.eps.is_finite() && o.eps > 0.0,
+                "finite and positive",
+            ),
+            (
+                "optimizer.weight_decay",
+                o.weight_decay,
+                o.weight_decay.is_finite() && o.weight_decay >= 0.0,
+                "finite and not negative",
+            ),
+        ];
+        for (key, value, ok, range) in checks {
+            if !ok {
+                return Err(Error::Config(format!("{key} = {value} must be {range}")));
+            }
+        }
+        match self.grad_clip {
+            Some(c) if !(c.is_finite() && c > 0.0) => Err(Error::Config(format!(
+                "grad_clip = {c} must be finite and positive (leave it out for no clipping)"
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -11,6 +11,7 @@ pub mod batch;
 pub mod config;
 pub mod data;
 pub mod grads;
+pub mod lock;
 pub mod optim;
 pub mod overrides;
 pub mod presets;
@@ -163,6 +164,8 @@ pub fn train<B: AutodiffBackend>(
     device: &B::Device,
     observer: &mut dyn Observer,
 ) -> Result<TrainSummary> {
+    let _lock = lock::RunLock::acquire(&opts.output)?;
+    runstate::remove_stale_temps(&opts.output, observer)?;
     train_replica(
         cfg,
         opts,
@@ -200,6 +203,8 @@ pub fn train_parallel<B: AutodiffBackend>(
             )));
         }
     }
+    let _lock = lock::RunLock::acquire(&opts.output)?;
+    runstate::remove_stale_temps(&opts.output, observer)?;
     let feed = Feed::default();
     let (cfg, feed) = (&cfg, &feed);
     let replica = |i: usize, obs: &mut dyn Observer| -> Result<TrainSummary> {

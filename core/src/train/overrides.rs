@@ -137,6 +137,11 @@ impl TrainConfig {
         }
         self.apply_data(o)?;
         if let Some(n) = o.steps {
+            if n == 0 {
+                return Err(Error::Config(
+                    "--steps 0: a run needs at least one step".into(),
+                ));
+            }
             self.set_total_steps(n);
         }
         for s in &mut self.stages {

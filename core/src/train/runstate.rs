@@ -9,7 +9,7 @@
 //! temporary folder, every file fsynced, then renamed into place: a crash at
 //! any moment leaves either no checkpoint or a complete one.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -53,6 +53,11 @@ pub struct Manifest {
     pub train_seconds: f64,
     /// The resolved run config.
     pub config: TrainConfig,
+    /// Each other file of the checkpoint folder by name, with its SHA-256
+    /// (lowercase hex), checked on load. Empty in checkpoints written
+    /// before digests, which load unchecked.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, String>,
 }
 
 /// The checkpoints folder of a run.
@@ -80,7 +85,10 @@ pub fn save(
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     crate::checkpoint::save(&tmp, model_config, model, tokenizer)?;
     write_safetensors(&tmp.join(OPTIMIZER_FILE), optimizer, HashMap::new())?;
-    let json = serde_json::to_string_pretty(manifest).expect("manifests serialise");
+    // The digests of what was written, read back (from the page cache).
+    let mut manifest = manifest.clone();
+    manifest.files = digests(&tmp)?;
+    let json = serde_json::to_string_pretty(&manifest).expect("manifests serialise");
     write_atomic(&tmp.join(MANIFEST_FILE), json.as_bytes())?;
     if dir.exists() {
         // The same step saved twice (a periodic save that is also a stage
@@ -126,6 +134,107 @@ pub fn latest(run: &Path) -> Result<Option<PathBuf>> {
     Ok(list(run)?.pop().map(|(_, p)| p))
 }
 
+/// Removes the temporary folders (`checkpoints/.tmp-*`) of saves that a
+/// killed run left half-written, saying how many and how large. Only under
+/// the run's lock ([`super::lock::RunLock`]): no live save is touched.
+pub fn remove_stale_temps(run: &Path, observer: &mut dyn super::Observer) -> Result<()> {
+    let root = checkpoints_dir(run);
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return Ok(());
+    };
+    let (mut count, mut bytes) = (0usize, 0u64);
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(&root, e))?.path();
+        let stale = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(".tmp-"));
+        if !stale {
+            continue;
+        }
+        bytes += folder_bytes(&path);
+        std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        count += 1;
+    }
+    if count > 0 {
+        observer.message(&format!(
+            "removed {count} partial checkpoint folder(s) of an interrupted save ({:.1} MB)",
+            bytes as f64 / 1e6
+        ));
+    }
+    Ok(())
+}
+
+/// The bytes of the files directly inside `dir` (a checkpoint has no
+/// subfolders).
+fn folder_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// The SHA-256 of every file of checkpoint folder `dir` but the manifest,
+/// by name.
+fn digests(dir: &Path) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if name != MANIFEST_FILE && path.is_file() {
+            out.insert(name.to_string(), sha256_file(&path)?);
+        }
+    }
+    Ok(out)
+}
+
+/// A file's SHA-256 in lowercase hex, read in 1 MiB blocks.
+fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Checks every file the manifest lists against its digest: an error
+/// naming the first damaged or missing one.
+fn verify(dir: &Path, manifest: &Manifest) -> Result<()> {
+    for (name, want) in &manifest.files {
+        let path = dir.join(name);
+        if !path.is_file() {
+            return Err(Error::Format {
+                path,
+                reason: "missing from its checkpoint (the manifest lists it)".into(),
+            });
+        }
+        if &sha256_file(&path)? != want {
+            return Err(Error::Format {
+                path,
+                reason: "damaged: its SHA-256 differs from the one its manifest recorded".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Reads a checkpoint folder: manifest, model (config, weights, tokenizer)
 /// and optimiser state.
 pub fn load(dir: &Path) -> Result<(Manifest, Checkpoint, StateDict)> {
@@ -144,6 +253,7 @@ pub fn load(dir: &Path) -> Result<(Manifest, Checkpoint, StateDict)> {
             ),
         });
     }
+    verify(dir, &manifest)?;
     let model = crate::checkpoint::load(dir)?;
     let optimizer = read_safetensors(&dir.join(OPTIMIZER_FILE))?.tensors;
     Ok((manifest, model, optimizer))

@@ -91,13 +91,25 @@ impl Reader<'_> {
     fn next(&mut self, window_epoch: Option<u64>) -> Next {
         loop {
             match &mut self.open {
-                Slot::Open(samples) => match samples.next() {
-                    Some(sample) => {
-                        self.read += 1;
-                        return Next::Sample(sample);
+                Slot::Open(samples) => {
+                    let next = samples.next();
+                    // Sources count bad captions (and missing images) as they
+                    // read, so good samples are counted here, when read, and
+                    // the share is judged on every read, not once a window.
+                    if next.is_some() {
+                        DataStats::bump(&self.shared.stats.samples);
                     }
-                    None => self.advance(),
-                },
+                    if self.shared.check_bad("data") {
+                        return Next::Stop;
+                    }
+                    match next {
+                        Some(sample) => {
+                            self.read += 1;
+                            return Next::Sample(sample);
+                        }
+                        None => self.advance(),
+                    }
+                }
                 Slot::Failed => self.advance(),
                 Slot::Pending => {
                     let epoch = self.plan.epoch_of(self.slot);
@@ -115,6 +127,10 @@ impl Reader<'_> {
                                 if samples.next().is_none() {
                                     break;
                                 }
+                                // The source counts the bad ones it passes
+                                // again; the good ones count too, or the share
+                                // would lean to the bad.
+                                DataStats::bump(&self.shared.stats.samples);
                             }
                             Slot::Open(samples)
                         }
@@ -154,7 +170,12 @@ impl Reader<'_> {
         let all_done = passes
             .iter()
             .all(|p| p.load(std::sync::atomic::Ordering::Relaxed) >= need);
-        if all_done && self.shared.stats.snapshot().samples == 0 {
+        if all_done
+            && !self
+                .shared
+                .delivered
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
             self.shared.fail(Error::Format {
                 path: self.source.shard_name(0).into(),
                 reason: format!(
@@ -284,13 +305,20 @@ impl Worker {
                     &mut Rng::keyed(&[seed, id, window, i, AUG_KEY]),
                 ) {
                     Ok(item) => {
-                        DataStats::bump(&shared.stats.samples);
+                        shared
+                            .delivered
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
                         if tx.send(item).is_err() {
                             return;
                         }
                     }
                     Err(err) => {
+                        // Counted as good when read; it moves to the bad.
                         DataStats::bump(&shared.stats.bad_images);
+                        shared
+                            .stats
+                            .samples
+                            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::debug!("skipping {key}: {err}");
                         if shared.check_bad(&key) {
                             return;

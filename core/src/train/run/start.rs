@@ -1,13 +1,14 @@
 //! Where a run starts: a resumed checkpoint, given weights, or a fresh
 //! initialisation from the seed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::AutodiffBackend;
 
 use super::super::config::{LossKind, TrainConfig};
 use super::super::runstate::{self, Manifest};
 use super::super::{Feed, Observer, Resume, RunOptions};
+use crate::checkpoint::Checkpoint;
 use crate::data::DataStatsSnapshot;
 use crate::data::tokenizer::Tokenizer;
 use crate::model::ClipModel;
@@ -40,13 +41,13 @@ pub(super) fn start<B: AutodiffBackend>(
     observer: &mut dyn Observer,
 ) -> Result<Start<B>> {
     let run = opts.output.as_path();
-    let from = match &opts.resume {
+    let loaded = match &opts.resume {
         None => None,
-        Some(Resume::Latest) => runstate::latest(run)?,
-        Some(Resume::Dir(d)) => Some(d.clone()),
+        Some(Resume::Latest) => newest_intact(run, observer)?,
+        // A checkpoint the user named is used as it is or not at all.
+        Some(Resume::Dir(d)) => Some((d.clone(), runstate::load(d)?)),
     };
-    if let Some(dir) = &from {
-        let (manifest, saved, optim) = runstate::load(dir)?;
+    if let Some((dir, (manifest, saved, optim))) = loaded {
         runstate::check_resumable(&manifest.config, cfg)?;
         let model = load_state_dict(saved.config.init(device), &saved.state)?;
         observer.message(&format!(
@@ -59,7 +60,7 @@ pub(super) fn start<B: AutodiffBackend>(
             tokenizer: saved.tokenizer,
             manifest,
             optim_state: Some(optim),
-            from,
+            from: Some(dir),
         });
     }
     if opts.resume.is_some() {
@@ -107,6 +108,7 @@ pub(super) fn start<B: AutodiffBackend>(
         nonfinite_skipped: 0,
         train_seconds: 0.0,
         config: cfg.clone(),
+        files: Default::default(),
     };
     Ok(Start {
         model,
@@ -115,4 +117,38 @@ pub(super) fn start<B: AutodiffBackend>(
         optim_state: None,
         from: None,
     })
+}
+
+/// A checkpoint folder and what it holds ([`runstate::load`]).
+type Loaded = (PathBuf, (Manifest, Checkpoint, StateDict));
+
+/// The newest checkpoint of `run` that loads with every file matching its
+/// digest. Each newer one that does not is named, with why, and moved
+/// aside to `checkpoints/damaged-step-…` (kept for a look, never listed or
+/// removed again). `None` where the run has no checkpoint; an error where
+/// it has some and none is intact.
+fn newest_intact(run: &Path, observer: &mut dyn Observer) -> Result<Option<Loaded>> {
+    let all = runstate::list(run)?;
+    for (_, dir) in all.iter().rev() {
+        let err = match runstate::load(dir) {
+            Ok(loaded) => return Ok(Some((dir.clone(), loaded))),
+            Err(err) => err,
+        };
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("step");
+        let aside = dir.with_file_name(format!("damaged-{name}"));
+        let _ = std::fs::remove_dir_all(&aside);
+        std::fs::rename(dir, &aside).map_err(|e| Error::io(dir, e))?;
+        observer.message(&format!(
+            "checkpoint {} is unusable ({err}); moved aside to {}, resuming from the one before it",
+            dir.display(),
+            aside.display()
+        ));
+    }
+    match all.is_empty() {
+        true => Ok(None),
+        false => Err(Error::Format {
+            path: runstate::checkpoints_dir(run),
+            reason: format!("none of its {} checkpoints is intact", all.len()),
+        }),
+    }
 }
