@@ -252,3 +252,65 @@ fn a_closed_or_full_stdout_never_panics() {
         "{stderr}"
     );
 }
+
+/// Evaluation data that cannot be read (a missing zero-shot folder, two
+/// class names for three class folders) fails before the first step, in
+/// seconds and with no run folder left behind, where it failed at the end
+/// of a stage with that stage's training lost.
+#[test]
+fn a_bad_evaluation_path_fails_before_training() {
+    let tmp = scratch();
+    let zs = tmp.path().join("zs");
+    for class in ["a", "b", "c"] {
+        std::fs::create_dir_all(zs.join(class)).unwrap();
+        std::fs::write(zs.join(class).join("0.png"), b"not read before training").unwrap();
+    }
+    let names = tmp.path().join("cn2.txt");
+    std::fs::write(&names, "first\nsecond\n").unwrap();
+    let run = tmp.path().join("run");
+    for (extra, needle) in [
+        (vec!["--zeroshot-data", "/nope"], "/nope"),
+        (
+            vec!["--zeroshot-data", s(&zs), "--classnames", s(&names)],
+            "cn2.txt",
+        ),
+    ] {
+        let t0 = Instant::now();
+        let args = [
+            &TINY[..],
+            &["--steps", "200", "--output", s(&run)],
+            &extra[..],
+        ]
+        .concat();
+        assert_one_line_error(&args, needle);
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+        assert!(!run.exists(), "no run folder is left behind");
+    }
+}
+
+/// `--init-from` weights of another model than the run's are refused
+/// naming both, where `--model` was silently ignored.
+#[test]
+fn init_from_another_model_is_refused() {
+    let tmp = scratch();
+    let first = tmp.path().join("first");
+    let out = clipa(&[&TINY[..], &["--steps", "1", "--output", s(&first)]].concat());
+    assert!(out.status.success(), "{}", text(&out).1);
+    let ckpt = first.join("checkpoints").join("step-00000001");
+    let second = tmp.path().join("second");
+    let args = [
+        &TINY[..],
+        &[
+            "--steps",
+            "1",
+            "--model",
+            "scale-w32",
+            "--init-from",
+            s(&ckpt),
+        ],
+        &["--output", s(&second)],
+    ]
+    .concat();
+    assert_one_line_error(&args, "but the run's model 'scale-w32' is a");
+    assert!(!second.exists(), "no run folder is left behind");
+}

@@ -315,8 +315,8 @@ fn every_reduction_is_reachable_from_the_flags() {
 }
 
 /// `[[evaluators]]` in a run config run at the end of the stage, and their
-/// metrics reach `metrics.jsonl` as `name/metric`; a broken evaluator is
-/// reported without stopping the run.
+/// metrics reach `metrics.jsonl` as `name/metric`; an evaluator whose
+/// data is missing is refused before the first step.
 #[test]
 fn config_evaluators_log_named_metrics() {
     let (_dir_tmp, dir) = run_dir();
@@ -346,18 +346,37 @@ fn config_evaluators_log_named_metrics() {
     )
     .unwrap();
     let run = dir.join("run");
-    let out = clipa(&[
-        "train",
-        "--config",
-        config.to_str().unwrap(),
-        "--output",
-        run.to_str().unwrap(),
-        "--workers=1",
-    ]);
+    let train = |config: &std::path::Path| {
+        clipa(&[
+            "train",
+            "--config",
+            config.to_str().unwrap(),
+            "--output",
+            run.to_str().unwrap(),
+            "--workers=1",
+        ])
+    };
+    // A missing evaluator set is a mistake found before the first step,
+    // naming the evaluator and the path once.
+    let out = train(&config);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("evaluator 'missing'") && stderr.matches("os error 2").count() == 1,
+        "{stderr}"
+    );
+    std::fs::write(
+        &config,
+        format!(
+            "{toml}\n[[evaluators]]\nkind = \"zeroshot\"\nname = \"colours\"\ndata = \"{}\"\n",
+            folder.display(),
+        ),
+    )
+    .unwrap();
+    let out = train(&config);
     let (_, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("colours: top1"), "{stderr}");
-    assert!(stderr.contains("evaluator missing failed"), "{stderr}");
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
     let last: serde_json::Value =
         serde_json::from_str(metrics.lines().last().expect("a line")).expect("JSON");

@@ -10,13 +10,15 @@ pub enum Error {
     /// A configuration value is out of range or inconsistent.
     #[error("invalid config: {0}")]
     Config(String),
-    /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
+    /// A file could not be read or written. The I/O error is part of the
+    /// message and not a `source()`: an error chain printed whole (the
+    /// CLI's `{:#}`) would repeat it.
+    #[error("{}: {cause}", path.display())]
     Io {
         /// The file involved.
         path: PathBuf,
         /// The underlying I/O error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A state dict does not match the module it is loaded into.
     #[error("weights do not match the model: {0}")]
@@ -61,7 +63,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 }

@@ -143,6 +143,26 @@ impl EvaluatorConfig {
         }
     }
 
+    /// Checks, without a model, what [`Self::run`] will read: the zero-shot
+    /// folder with its class names and templates, or the retrieval set.
+    /// A training run calls it before its first step, so that a wrong path
+    /// fails at once rather than at the end of a stage.
+    pub fn check(&self) -> Result<()> {
+        match self {
+            Self::Zeroshot(z) => {
+                ImageFolder::open(&z.data, z.classnames.as_deref())?;
+                if let Some(t) = &z.templates {
+                    t.load()?;
+                }
+                Ok(())
+            }
+            Self::Retrieval(r) => {
+                open_caption_source(&r.data, None, &r.csv_img_key, &r.csv_caption_key)?;
+                Ok(())
+            }
+        }
+    }
+
     /// Runs the evaluation. `cache_dir` keeps zero-shot classifiers (a
     /// checkpoint folder); `progress` hears the images scored so far.
     pub fn run<B: Backend>(

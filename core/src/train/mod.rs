@@ -164,16 +164,100 @@ pub fn train<B: AutodiffBackend>(
     device: &B::Device,
     observer: &mut dyn Observer,
 ) -> Result<TrainSummary> {
-    let _lock = lock::RunLock::acquire(&opts.output)?;
-    runstate::remove_stale_temps(&opts.output, observer)?;
-    train_replica(
-        cfg,
-        opts,
-        device,
-        &Replica::<B>::single(),
-        &Feed::default(),
-        observer,
+    preflight(&cfg, opts)?;
+    locked_run(opts, observer, |observer| {
+        train_replica(
+            cfg,
+            opts,
+            device,
+            &Replica::<B>::single(),
+            &Feed::default(),
+            observer,
+        )
+    })
+}
+
+/// Checks what a run will need before its folder is made or a step is
+/// taken: the config, every evaluator's data (the zero-shot folder and its
+/// class names and templates, `[[evaluators]]` sets) and `--init-from`'s
+/// model against the config's. Found at the end of a stage, a wrong path
+/// threw the stage's training away.
+fn preflight(cfg: &TrainConfig, opts: &RunOptions) -> Result<()> {
+    cfg.validate()?;
+    if let Some(root) = &cfg.data.zeroshot_data {
+        crate::eval::EvaluatorConfig::Zeroshot(crate::eval::ZeroShotEval {
+            name: "zeroshot".into(),
+            data: root.clone(),
+            classnames: cfg.data.classnames.clone(),
+            templates: cfg.data.templates.clone(),
+            resize: None,
+        })
+        .check()?;
+    }
+    for eval in &cfg.evaluators {
+        eval.check()
+            .map_err(|e| Error::Config(format!("evaluator '{}': {e}", eval.name())))?;
+    }
+    if let (Some(dir), None) = (&opts.init_from, &opts.resume) {
+        let have = crate::checkpoint::load_config(dir)?;
+        let want = cfg.model_config()?;
+        if architecture(&have) != architecture(&want) {
+            return Err(Error::Config(format!(
+                "--init-from {} holds a {} model, but the run's model '{}' is a {}: choose the matching --model",
+                dir.display(),
+                architecture(&have),
+                cfg.model,
+                architecture(&want)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What weights must agree on to be loaded into a model: the towers'
+/// shapes (not the image size or context length, which stages change).
+fn architecture(c: &crate::model::ClipConfig) -> String {
+    let (v, t) = (&c.vision, &c.text);
+    format!(
+        "embed {} / vision patch {} width {} × {} layers ({} heads, MLP {}) / text width {} × {} layers ({} heads, MLP {}, vocabulary {})",
+        c.embed_dim,
+        v.patch_size,
+        v.width,
+        v.layers,
+        v.heads,
+        v.mlp_width,
+        t.width,
+        t.layers,
+        t.heads,
+        t.mlp_width,
+        t.vocab_size
     )
+}
+
+/// Runs `run` holding the run folder's lock ([`lock::RunLock`]), after
+/// removing what killed saves left behind. Where `run` fails before
+/// logging a step into a folder this call made, the folder is removed
+/// again (still under the lock), so a mistake leaves nothing behind; a
+/// folder that holds a logged step or a checkpoint is kept.
+fn locked_run<T>(
+    opts: &RunOptions,
+    observer: &mut dyn Observer,
+    run: impl FnOnce(&mut dyn Observer) -> Result<T>,
+) -> Result<T> {
+    let dir = &opts.output;
+    let fresh = !dir.exists();
+    let lock = lock::RunLock::acquire(dir)?;
+    runstate::remove_stale_temps(dir, observer)?;
+    let out = run(observer);
+    if out.is_err() && fresh {
+        let logged = std::fs::metadata(dir.join("metrics.jsonl")).is_ok_and(|m| m.len() > 0);
+        let saved = runstate::list(dir).is_ok_and(|l| !l.is_empty());
+        if !logged && !saved {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    drop(lock);
+    out
 }
 
 /// Runs (or resumes) a data-parallel training run: one replica per device
@@ -194,7 +278,7 @@ pub fn train_parallel<B: AutodiffBackend>(
     if world == 1 {
         return train::<B>(cfg, opts, &devices[0], observer);
     }
-    cfg.validate()?;
+    preflight(&cfg, opts)?;
     for stage in &cfg.stages {
         if stage.batch_size % (world * stage.accum_steps) != 0 {
             return Err(Error::Config(format!(
@@ -203,44 +287,44 @@ pub fn train_parallel<B: AutodiffBackend>(
             )));
         }
     }
-    let _lock = lock::RunLock::acquire(&opts.output)?;
-    runstate::remove_stale_temps(&opts.output, observer)?;
-    let feed = Feed::default();
-    let (cfg, feed) = (&cfg, &feed);
-    let replica = |i: usize, obs: &mut dyn Observer| -> Result<TrainSummary> {
-        let out = Replica::<B>::join(i, world, &devices[i]).and_then(|rep| {
-            let summary = train_replica(cfg.clone(), opts, &devices[i], &rep, feed, obs)?;
-            rep.leave()?;
-            Ok(summary)
-        });
-        if out.is_err() {
-            // The other replicas would wait for this one forever.
-            Replica::<B>::abort_all();
-        }
-        out
-    };
-    std::thread::scope(|s| {
-        let others: Vec<_> = (1..world)
-            .map(|i| s.spawn(move || replica(i, &mut Silent)))
-            .collect();
-        let first = replica(0, observer);
-        let mut errors: Vec<Error> = others
-            .into_iter()
-            .filter_map(|h| h.join().expect("a replica thread panicked").err())
-            .collect();
-        match first {
-            Ok(summary) if errors.is_empty() => Ok(summary),
-            first => {
-                errors.extend(first.err());
-                // The replica that failed first says why; the others only
-                // report that the collective was aborted under them.
-                let cause = errors
-                    .iter()
-                    .position(|e| !matches!(e, Error::Collective(_)))
-                    .unwrap_or(0);
-                Err(errors.swap_remove(cause))
+    locked_run(opts, observer, |observer| {
+        let feed = Feed::default();
+        let (cfg, feed) = (&cfg, &feed);
+        let replica = |i: usize, obs: &mut dyn Observer| -> Result<TrainSummary> {
+            let out = Replica::<B>::join(i, world, &devices[i]).and_then(|rep| {
+                let summary = train_replica(cfg.clone(), opts, &devices[i], &rep, feed, obs)?;
+                rep.leave()?;
+                Ok(summary)
+            });
+            if out.is_err() {
+                // The other replicas would wait for this one forever.
+                Replica::<B>::abort_all();
             }
-        }
+            out
+        };
+        std::thread::scope(|s| {
+            let others: Vec<_> = (1..world)
+                .map(|i| s.spawn(move || replica(i, &mut Silent)))
+                .collect();
+            let first = replica(0, observer);
+            let mut errors: Vec<Error> = others
+                .into_iter()
+                .filter_map(|h| h.join().expect("a replica thread panicked").err())
+                .collect();
+            match first {
+                Ok(summary) if errors.is_empty() => Ok(summary),
+                first => {
+                    errors.extend(first.err());
+                    // The replica that failed first says why; the others only
+                    // report that the collective was aborted under them.
+                    let cause = errors
+                        .iter()
+                        .position(|e| !matches!(e, Error::Collective(_)))
+                        .unwrap_or(0);
+                    Err(errors.swap_remove(cause))
+                }
+            }
+        })
     })
 }
 
