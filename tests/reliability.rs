@@ -289,9 +289,10 @@ fn a_bad_evaluation_path_fails_before_training() {
 }
 
 /// `--init-from` weights of another model than the run's are refused
-/// naming both, where `--model` was silently ignored.
+/// naming both, where `--model` was silently ignored; `eval` counts the
+/// unreadable images of a zero-shot folder.
 #[test]
-fn init_from_another_model_is_refused() {
+fn init_from_another_model_is_refused_and_eval_counts_bad_images() {
     let tmp = scratch();
     let first = tmp.path().join("first");
     let out = clipa(&[&TINY[..], &["--steps", "1", "--output", s(&first)]].concat());
@@ -313,4 +314,28 @@ fn init_from_another_model_is_refused() {
     .concat();
     assert_one_line_error(&args, "but the run's model 'scale-w32' is a");
     assert!(!second.exists(), "no run folder is left behind");
+
+    // A corrupt image in a zero-shot folder is counted and reported by
+    // `eval`, where it was dropped without a word.
+    let zs = tmp.path().join("zs");
+    for (class, v) in [("dark", 40u8), ("light", 220u8)] {
+        std::fs::create_dir_all(zs.join(class)).unwrap();
+        for k in 0..2u8 {
+            image::RgbImage::from_pixel(32, 32, image::Rgb([v, v ^ k, v]))
+                .save(zs.join(class).join(format!("{k}.png")))
+                .unwrap();
+        }
+    }
+    std::fs::write(zs.join("dark").join("broken.png"), b"not a png").unwrap();
+    let eval = ["eval", "--checkpoint", s(&ckpt), "--zeroshot-data", s(&zs)];
+    let out = clipa(&eval);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("(4 images") && stdout.contains("1 unreadable images skipped"),
+        "{stdout}"
+    );
+    let out = clipa(&[&eval[..], &["--json"]].concat());
+    let report: serde_json::Value = serde_json::from_str(text(&out).0.trim()).expect("eval JSON");
+    assert_eq!(report["zeroshot"]["skipped"], 1, "{report}");
 }

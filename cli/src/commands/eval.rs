@@ -145,6 +145,9 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &EvalArgs) -> anyhow:
             r.samples,
             100.0 * r.chance
         );
+        if r.skipped > 0 {
+            outln!("  {} unreadable images skipped", r.skipped);
+        }
     }
     if let Some(r) = &report.retrieval {
         outln!(

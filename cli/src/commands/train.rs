@@ -202,8 +202,12 @@ fn print_report(s: &TrainSummary) -> anyhow::Result<()> {
     );
     for st in &s.stages {
         let zs = st.zeroshot.map(|z: ZeroShotResult| {
+            let skipped = match z.skipped {
+                0 => String::new(),
+                n => format!(", {n} unreadable skipped"),
+            };
             format!(
-                ", zero-shot top-1 {:.1}% (top-5 {:.1}%, chance {:.1}%, {} images)",
+                ", zero-shot top-1 {:.1}% (top-5 {:.1}%, chance {:.1}%, {} images{skipped})",
                 100.0 * z.top1,
                 100.0 * z.top5,
                 100.0 * z.chance,

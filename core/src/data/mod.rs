@@ -112,6 +112,8 @@ pub struct DataStats {
     pub bad_captions: AtomicU64,
     /// Shards that could not be opened or ended early (truncated tar).
     pub bad_shards: AtomicU64,
+    /// The shards already warned about ([`DataStats::warn_shard`]).
+    warned: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// A plain copy of [`DataStats`] for reports and the run summary.
@@ -133,6 +135,24 @@ impl DataStats {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Warns about bad shard `shard` once: a shard met again (every epoch,
+    /// by every worker) is counted in `bad_shards` but not warned about
+    /// again, and the message loses the control characters and the length
+    /// that a corrupt tar header's bytes bring into it.
+    pub fn warn_shard(&self, shard: &str, message: &str) {
+        let first = self
+            .warned
+            .lock()
+            .map_or(true, |mut seen| seen.insert(shard.to_string()));
+        if first {
+            tracing::warn!(
+                "{}: {} (a shard warns once; the run's report counts bad shards)",
+                printable(shard),
+                printable(message)
+            );
+        }
+    }
+
     /// The current counts.
     pub fn snapshot(&self) -> DataStatsSnapshot {
         DataStatsSnapshot {
@@ -149,5 +169,41 @@ impl DataStatsSnapshot {
     /// samples): the base of the bad share and of the report.
     pub fn read(&self) -> u64 {
         self.samples + self.bad_images + self.bad_captions
+    }
+}
+
+/// The longest message [`printable`] keeps, in characters.
+const PRINTABLE_MAX: usize = 200;
+
+/// `text` safe for a terminal: control characters escaped (`\u{1b}`), cut
+/// to [`PRINTABLE_MAX`] characters with `…`.
+pub fn printable(text: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == PRINTABLE_MAX {
+            out.push('…');
+            break;
+        }
+        match c.is_control() {
+            true => out.extend(c.escape_default()),
+            false => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod printable_tests {
+    use super::*;
+
+    /// Control characters are escaped and long text is cut.
+    #[test]
+    fn control_characters_are_escaped_and_long_text_cut() {
+        assert_eq!(printable("a\u{1b}[31mb\0"), "a\\u{1b}[31mb\\u{0}");
+        let long = "x".repeat(500);
+        let cut = printable(&long);
+        assert_eq!(cut.chars().count(), PRINTABLE_MAX + 1);
+        assert!(cut.ends_with('…'));
+        assert_eq!(printable("plain text"), "plain text");
     }
 }

@@ -364,9 +364,9 @@ impl Iterator for Samples<'_> {
                         break;
                     }
                     Err(e) => {
-                        tracing::warn!(
-                            "{}: {e}; keeping the samples read before it",
-                            self.path.display()
+                        self.stats.warn_shard(
+                            &self.path.display().to_string(),
+                            &format!("{e}; keeping the samples read before it"),
                         );
                         DataStats::bump(&self.stats.bad_shards);
                         self.done = true;

@@ -278,7 +278,7 @@ pub fn score_labelled<B: Backend>(
     let px = model.config.vision.image_size;
     let mut acc = Accuracy::default();
     let mut done = 0;
-    for_each_batch(source, transform, px, |images, meta| {
+    let stats = for_each_batch(source, transform, px, |images, meta| {
         let labels = meta
             .iter()
             .map(|(key, label, _)| {
@@ -292,7 +292,8 @@ pub fn score_labelled<B: Backend>(
         progress(done);
         Ok(())
     })?;
-    let result = acc.result(classifier.dims()[0]);
+    let mut result = acc.result(classifier.dims()[0]);
+    result.skipped = stats.snapshot().bad_images as usize;
     if result.samples == 0 {
         return Err(Error::Config(
             "the evaluation set yielded no readable image".into(),

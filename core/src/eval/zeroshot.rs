@@ -152,6 +152,9 @@ pub struct ZeroShotResult {
     pub samples: usize,
     /// Accuracy of guessing: `1 / classes`.
     pub chance: f64,
+    /// Images that could not be decoded: skipped, not in `samples`.
+    #[serde(default)]
+    pub skipped: usize,
 }
 
 impl ZeroShotTask {
@@ -317,6 +320,7 @@ impl Accuracy {
             per_class_recall: present.iter().sum::<f64>() / present.len().max(1) as f64,
             samples: self.seen,
             chance: 1.0 / classes.max(1) as f64,
+            skipped: 0,
         }
     }
 }

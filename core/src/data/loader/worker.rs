@@ -137,7 +137,9 @@ impl Reader<'_> {
                         Err(err) => {
                             DataStats::bump(&self.shared.stats.bad_shards);
                             let name = self.source.shard_name(shard);
-                            tracing::warn!("skipping shard {name}: {err}");
+                            self.shared
+                                .stats
+                                .warn_shard(&name, &format!("skipped: {err}"));
                             if self.shared.check_bad(&name) {
                                 return Next::Stop;
                             }
