@@ -339,3 +339,20 @@ fn init_from_another_model_is_refused_and_eval_counts_bad_images() {
     let report: serde_json::Value = serde_json::from_str(text(&out).0.trim()).expect("eval JSON");
     assert_eq!(report["zeroshot"]["skipped"], 1, "{report}");
 }
+
+/// Without `XDG_RUNTIME_DIR` (containers, CI), probing the WGPU adapter
+/// prints no `error:` line: Mesa's Wayland client printed two, which read
+/// as if clipa had failed.
+#[cfg(target_os = "linux")]
+#[test]
+fn probing_the_graphics_stack_prints_no_error_lines() {
+    let out = Command::new(env!("CARGO_BIN_EXE_clipa"))
+        .arg("backends")
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .expect("the clipa binary runs");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("wgpu"), "{stdout}");
+    assert!(!stderr.lines().any(|l| l.starts_with("error")), "{stderr}");
+}

@@ -29,6 +29,7 @@ mod args;
 mod commands;
 
 fn main() -> ExitCode {
+    quiet_graphics_stack();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -62,4 +63,38 @@ fn one_line(rendered: &str) -> String {
         .map(|l| l.strip_prefix("error: ").unwrap_or(l))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Gives the Wayland client library that Mesa's Vulkan drivers load an
+/// `XDG_RUNTIME_DIR` where none is set (containers, CI, `ssh` without a
+/// login session): without one it prints `error: XDG_RUNTIME_DIR is
+/// invalid or not set in the environment.` on every WGPU adapter probe,
+/// which reads as clipa failing when nothing did. The folder is private
+/// (0700, as the XDG spec asks) and holds no display socket, so the
+/// library's connection attempt fails quietly. Runs first in `main`,
+/// before any thread exists, as setting a variable requires.
+fn quiet_graphics_stack() {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+        if std::env::var_os("XDG_RUNTIME_DIR").is_some() {
+            return;
+        }
+        let Ok(uid) = std::fs::metadata("/proc/self").map(|m| m.uid()) else {
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("clipa-runtime-{uid}"));
+        let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+        // Only a folder of our own, closed to others, is used.
+        let ours = std::fs::symlink_metadata(&dir)
+            .is_ok_and(|m| m.is_dir() && m.uid() == uid && m.permissions().mode() & 0o077 == 0);
+        if ours {
+            // SAFETY: called first in `main`, before any other thread
+            // exists, so no concurrent `getenv` can observe the write.
+            #[allow(unsafe_code)]
+            unsafe {
+                std::env::set_var("XDG_RUNTIME_DIR", &dir)
+            };
+        }
+    }
 }
