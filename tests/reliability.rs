@@ -65,6 +65,23 @@ fn out_of_range_flags_are_one_line_errors() {
     ] {
         assert_one_line_error(&args, needle);
     }
+    // In range, but past what the machine has: refused before the run
+    // folder is made, with the estimate and what to lower, where it grew
+    // to 22 GB until the kernel killed it.
+    let tmp = scratch();
+    let run = tmp.path().join("run");
+    let big = [
+        "train",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "1000000",
+        "--steps",
+        "1",
+        "--output",
+    ];
+    assert_one_line_error(&[&big[..], &[s(&run)]].concat(), "needs at least");
+    assert!(!run.exists(), "no run folder is left behind");
 }
 
 /// A config file's optimiser and learning-rate values out of range are

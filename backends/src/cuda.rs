@@ -63,6 +63,13 @@ pub fn select(index: Option<usize>) -> Result<(CudaDevice, DeviceInfo), BackendE
     ))
 }
 
+/// Device memory free on GPU `index`, in bytes.
+pub fn memory_free(index: usize) -> Option<u64> {
+    let ctx = CudaContext::new(index).ok()?;
+    let (free, _) = ctx.mem_get_info().ok()?;
+    Some(free as u64)
+}
+
 /// Device memory in use on GPU `index` (total − free), in bytes.
 pub fn memory_in_use(index: usize) -> Option<u64> {
     let ctx = CudaContext::new(index).ok()?;

@@ -26,7 +26,7 @@ mod wgpu_backend;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub use launches::LaunchLog;
 
-pub use memory::PeakMemory;
+pub use memory::{PeakMemory, free_memory};
 
 /// The compute backends clipa knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]

@@ -47,3 +47,20 @@ impl PeakMemory {
         }
     }
 }
+
+/// Bytes free for a job on the device `info` names: on the CPU, the
+/// system's available memory (`MemAvailable`, Linux); on CUDA, the
+/// device's free memory; on WGPU, `None` (wgpu does not report it).
+pub fn free_memory(info: &DeviceInfo) -> Option<u64> {
+    match info.kind {
+        BackendKind::Cpu => {
+            let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kb * 1024)
+        }
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => crate::cuda::memory_free(info.index),
+        _ => None,
+    }
+}

@@ -158,6 +158,17 @@ impl BackendJob for TrainJob {
 
     fn run<B: AutodiffBackend>(self, on: Devices<B>) -> clipa_core::Result<TrainSummary> {
         let names: Vec<String> = on.info().iter().map(ToString::to_string).collect();
+        // A step that cannot fit is refused before anything is made. CPU
+        // replicas share the machine's memory; GPU replicas have their own.
+        let replicas = on.info().len();
+        let free: Option<Vec<u64>> = on.info().iter().map(clipa_backends::free_memory).collect();
+        if let Some(per) = free.and_then(|f| f.into_iter().min()) {
+            let per = match on.info()[0].kind {
+                BackendKind::Cpu => per / replicas as u64,
+                _ => per,
+            };
+            clipa_core::train::memory::check_fits(&self.cfg, replicas, per)?;
+        }
         eprintln!(
             "training on {}; run folder {}",
             names.join(", "),

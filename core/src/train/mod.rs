@@ -12,6 +12,7 @@ pub mod config;
 pub mod data;
 pub mod grads;
 pub mod lock;
+pub mod memory;
 pub mod optim;
 pub mod overrides;
 pub mod presets;
