@@ -125,7 +125,7 @@ fn much_bad_data_stops_a_short_run() {
         .into_iter()
         .map(|(name, bytes)| {
             let key: u32 = name[..5].parse().expect("keyed member");
-            match name.ends_with(".txt") && key % 2 == 0 {
+            match name.ends_with(".txt") && key.is_multiple_of(2) {
                 true => (name, b" ".to_vec()),
                 false => (name, bytes),
             }
