@@ -523,6 +523,32 @@ fn cube_attention_matches_the_composed_one_with_gradients_on_wgpu() {
     }
 }
 
+/// The WGPU device for test `name` where its adapter has f16 shaders;
+/// `None`, with the reason printed, where not (a missing adapter fails
+/// under CI, as [`skip_or_fail`] does).
+#[cfg(feature = "wgpu")]
+fn f16_device(name: &str) -> Option<burn::backend::wgpu::WgpuDevice> {
+    use burn::backend::Wgpu;
+    use burn::tensor::DType;
+    use burn::tensor::backend::Backend;
+    use clipa_backends::wgpu_device;
+
+    use crate::common::skip_or_fail;
+
+    let device = match wgpu_device(None) {
+        Ok((device, _)) => device,
+        Err(err) => {
+            skip_or_fail(name, &err.to_string());
+            return None;
+        }
+    };
+    if !<Wgpu as Backend>::supports_dtype(&device, DType::F16) {
+        eprintln!("SKIPPED {name}: this adapter has no f16 shaders");
+        return None;
+    }
+    Some(device)
+}
+
 /// Our CubeCL attention in half precision, as mixed precision runs it on
 /// cuda (bf16 there; f16 here, the half type WebGPU has): q, k, v, O and
 /// the gradients in f16, every score and accumulator in float32. Against
@@ -535,25 +561,15 @@ fn cube_attention_matches_the_composed_one_with_gradients_on_wgpu() {
 #[test]
 fn cube_attention_in_f16_matches_float32_on_wgpu() {
     use burn::backend::{Autodiff, Wgpu};
-    use burn::tensor::backend::Backend;
-    use burn::tensor::{DType, FloatDType, Tensor};
+    use burn::tensor::{FloatDType, Tensor};
     use clipa_backends::cube::CubeAttention;
-    use clipa_backends::wgpu_device;
     use clipa_core::kernels::{AttentionKernel, attention_composed};
     use clipa_core::numeric::{normal_data, relative_error};
 
-    use crate::common::skip_or_fail;
-
     type B = Autodiff<Wgpu>;
-    let name = "cube_attention_in_f16_matches_float32_on_wgpu";
-    let (device, _) = match wgpu_device(None) {
-        Ok(found) => found,
-        Err(err) => return skip_or_fail(name, &err.to_string()),
-    };
-    if !B::supports_dtype(&device, DType::F16) {
-        eprintln!("SKIPPED {name}: this adapter has no f16 shaders");
+    let Some(device) = f16_device("cube_attention_in_f16_matches_float32_on_wgpu") else {
         return;
-    }
+    };
     for (i, (n, causal, heads, head_dim)) in
         [(17, false, 2, 32), (50, true, 3, 64), (65, false, 1, 64)]
             .into_iter()
@@ -882,25 +898,16 @@ fn cube_qkv_matches_three_linears_with_gradients_on_wgpu() {
 #[test]
 fn cube_linear_and_qkv_take_float32_master_weights_in_f16_on_wgpu() {
     use burn::backend::{Autodiff, Wgpu};
-    use burn::tensor::backend::Backend;
     use burn::tensor::{DType, FloatDType, Tensor, TensorData};
     use clipa_backends::cube::{CubeLinear, CubeQkv};
-    use clipa_backends::wgpu_device;
     use clipa_core::kernels::{LinearKernel, QkvKernel};
     use clipa_core::numeric::{normal_data, relative_error};
 
-    use crate::common::skip_or_fail;
-
     type B = Autodiff<Wgpu>;
     let name = "cube_linear_and_qkv_take_float32_master_weights_in_f16_on_wgpu";
-    let (device, _) = match wgpu_device(None) {
-        Ok(found) => found,
-        Err(err) => return skip_or_fail(name, &err.to_string()),
-    };
-    if !B::supports_dtype(&device, DType::F16) {
-        eprintln!("SKIPPED {name}: this adapter has no f16 shaders");
+    let Some(device) = f16_device(name) else {
         return;
-    }
+    };
     assert!(
         LinearKernel::<B>::takes_master_weights(&CubeLinear)
             && QkvKernel::<B>::takes_master_weights(&CubeQkv)

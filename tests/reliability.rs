@@ -116,7 +116,9 @@ fn bad_optimiser_values_are_refused_naming_the_key() {
 }
 
 /// A second run into a live run's folder, or a resume of it, is refused
-/// naming the holder's pid; the first run goes on to finish. (A lock left
+/// naming the holder's pid; the first run goes on to finish. (400 steps:
+/// 40 of the tiny preset take under a second, which a loaded machine's
+/// second process could miss.) (A lock left
 /// by a killed run does not block: `a_killed_run_resumes_to_the_same_loss_curve`
 /// resumes after SIGKILL, the lock file still there.)
 #[cfg(unix)]
@@ -133,7 +135,7 @@ fn a_live_run_folder_is_locked() {
             "1",
             "--workers=1",
         ];
-        let run: Vec<String> = ["--steps", "40", "--output", s(&run)]
+        let run: Vec<String> = ["--steps", "400", "--output", s(&run)]
             .map(String::from)
             .into();
         let mut all: Vec<String> = base.iter().map(|a| a.to_string()).collect();
@@ -163,7 +165,7 @@ fn a_live_run_folder_is_locked() {
     }
     let status = first.wait().expect("the first run ends");
     assert!(status.success(), "the first run was disturbed: {status}");
-    assert_eq!(curve(&run).len(), 40, "every step of the first run logged");
+    assert_eq!(curve(&run).len(), 400, "every step of the first run logged");
 }
 
 /// Overwrites 4 KB in the middle of `file` with 0xFF.

@@ -35,12 +35,7 @@ impl PeakMemory {
     /// CUDA context; on WGPU, `None` (wgpu does not report it).
     pub fn peak(&mut self) -> Option<u64> {
         match self.kind {
-            BackendKind::Cpu => {
-                let status = std::fs::read_to_string("/proc/self/status").ok()?;
-                let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-                let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-                Some(kb * 1024)
-            }
+            BackendKind::Cpu => proc_kb("/proc/self/status", "VmHWM:"),
             #[cfg(feature = "cuda")]
             BackendKind::Cuda => crate::cuda::memory_in_use(self.index),
             _ => None,
@@ -53,14 +48,17 @@ impl PeakMemory {
 /// device's free memory; on WGPU, `None` (wgpu does not report it).
 pub fn free_memory(info: &DeviceInfo) -> Option<u64> {
     match info.kind {
-        BackendKind::Cpu => {
-            let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-            let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kb * 1024)
-        }
+        BackendKind::Cpu => proc_kb("/proc/meminfo", "MemAvailable:"),
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => crate::cuda::memory_free(info.index),
         _ => None,
     }
+}
+
+/// Bytes from the `KEY  N kB` line of a Linux `/proc` file.
+fn proc_kb(file: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

@@ -327,6 +327,60 @@ fn diff(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::numeric::TestBackend;
+
+    /// A save that fails part-way (its temporary folder cannot be made: a
+    /// file stands in its place, as a full disk fails a write) returns the
+    /// error and leaves the run's checkpoints as they were; the newest
+    /// complete one still loads with its digests checked. Flipping a byte
+    /// of its weights is then found.
+    #[test]
+    fn a_failed_save_keeps_the_last_good_checkpoint_and_damage_is_found() {
+        let run = tempfile::tempdir().unwrap();
+        let run = run.path();
+        let cfg = TrainConfig::preset("tiny").unwrap();
+        let model_cfg = cfg.model_config().unwrap();
+        let model = model_cfg.init::<TestBackend>(&Default::default());
+        let tokenizer = Tokenizer::for_text(&model_cfg.text, None).unwrap();
+        let state = crate::state::state_dict(&model);
+        let mut manifest = Manifest {
+            version: MANIFEST_VERSION,
+            step: 1,
+            stage: 0,
+            stage_step: 1,
+            loader: None,
+            data: DataStatsSnapshot::default(),
+            nonfinite_skipped: 0,
+            train_seconds: 0.0,
+            config: cfg.clone(),
+            files: BTreeMap::new(),
+        };
+        let save =
+            |m: &Manifest| save(run, m, &model_cfg, &state, &tokenizer, &StateDict::new(), 3);
+        let first = save(&manifest).unwrap();
+        manifest.step = 2;
+        let blocker =
+            checkpoints_dir(run).join(format!(".tmp-step-00000002-{}", std::process::id()));
+        std::fs::write(&blocker, b"in the way").unwrap();
+        // remove_dir_all refuses a file: the save fails before writing.
+        assert!(save(&manifest).is_err());
+        assert_eq!(list(run).unwrap(), vec![(1, first.clone())]);
+        let (loaded, ..) = load(&first).unwrap();
+        assert_eq!(loaded.step, 1);
+        assert!(
+            loaded.files.contains_key("model.safetensors"),
+            "{:?}",
+            loaded.files
+        );
+
+        let weights = first.join("model.safetensors");
+        let mut bytes = std::fs::read(&weights).unwrap();
+        let at = bytes.len() - 1;
+        bytes[at] ^= 1;
+        std::fs::write(&weights, bytes).unwrap();
+        let err = load(&first).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("damaged"), "{err}");
+    }
 
     #[test]
     fn resume_check_names_the_mismatch_and_allows_logging_changes() {
