@@ -38,6 +38,26 @@ fn write_tar(path: &Path, members: &[(String, Vec<u8>)]) {
     std::fs::write(path, b.into_inner().expect("in-memory tar")).expect("write shard");
 }
 
+/// Ten steps of the tiny preset at 28 px on one worker, from the shards
+/// `spec` names, into run folder `run`.
+fn train_tiny_on(spec: &str, run: &Path) -> std::process::Output {
+    clipa(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--image-size",
+        "28",
+        "--train-data",
+        spec,
+        "--steps",
+        "10",
+        "--workers",
+        "1",
+        "--output",
+        run.to_str().expect("utf-8 temp dir"),
+    ])
+}
+
 /// `n` good samples keyed from `first`.
 fn good(first: u32, n: u32) -> Vec<(String, Vec<u8>)> {
     (first..first + n)
@@ -78,21 +98,7 @@ fn bad_samples_and_shards_are_skipped_counted_and_reported() {
     // shard-3.tar is never written.
     let spec = format!("{}/shard-{{0..3}}.tar", dir.display());
     let run = dir.join("run");
-    let out = clipa(&[
-        "train",
-        "--preset",
-        "tiny",
-        "--image-size",
-        "28",
-        "--train-data",
-        &spec,
-        "--steps",
-        "10",
-        "--workers",
-        "1",
-        "--output",
-        run.to_str().expect("utf-8 temp dir"),
-    ]);
+    let out = train_tiny_on(&spec, &run);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     let summary: serde_json::Value = serde_json::from_str(
@@ -133,21 +139,8 @@ fn much_bad_data_stops_a_short_run() {
         .collect();
     write_tar(&dir.join("shard-0.tar"), &members);
     let run = dir.join("run");
-    let out = clipa(&[
-        "train",
-        "--preset",
-        "tiny",
-        "--image-size",
-        "28",
-        "--train-data",
-        dir.join("shard-0.tar").to_str().expect("utf-8 temp dir"),
-        "--steps",
-        "10",
-        "--workers",
-        "1",
-        "--output",
-        run.to_str().expect("utf-8 temp dir"),
-    ]);
+    let shard = dir.join("shard-0.tar");
+    let out = train_tiny_on(shard.to_str().expect("utf-8 temp dir"), &run);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(

@@ -25,10 +25,7 @@ use crate::args::{Args, Command};
 /// ends the process quietly with success, as `head` expects of a writer;
 /// any other write failure is an error.
 pub(crate) fn write_line(out: &mut impl Write, line: &str) -> anyhow::Result<()> {
-    match writeln!(out, "{line}") {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
-        other => other.context("cannot write to standard output"),
-    }
+    written(writeln!(out, "{line}"))
 }
 
 /// Writes `text` to standard output (the `outln!` and `out!` macros), as
@@ -36,8 +33,13 @@ pub(crate) fn write_line(out: &mut impl Write, line: &str) -> anyhow::Result<()>
 /// failure (a full disk, `> /dev/full`) is an error. `println!` panics on
 /// both.
 pub(crate) fn write_out(text: &str) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()) {
+    written(std::io::stdout().lock().write_all(text.as_bytes()))
+}
+
+/// A write to standard output judged: a closed pipe exits quietly with
+/// success, any other failure is an error.
+fn written(result: std::io::Result<()>) -> anyhow::Result<()> {
+    match result {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
         other => other.context("cannot write to standard output"),
     }
