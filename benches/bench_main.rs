@@ -19,6 +19,7 @@ mod gemm;
 mod loader;
 mod model;
 mod reduce;
+mod search;
 
 /// A topic's benches on one backend: one criterion group per backend,
 /// named `{label}/...`.
@@ -76,6 +77,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = block::bench, model::bench, loader::benches, reduce::bench, collective::bench, gemm::bench
+    targets = block::bench, model::bench, loader::benches, reduce::bench, collective::bench, gemm::bench, search::bench
 }
 criterion_main!(benches);

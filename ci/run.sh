@@ -50,6 +50,16 @@ cargo clippy --workspace --all-targets --features cuda -- -D warnings
 step "cargo check --features cuda"
 cargo check --workspace --features cuda
 
+step "Python's tensorboard package (tests/tensorboard.rs reads the event files back with it)"
+# A venv outside the checkout, kept between runs like the target folder.
+venv="${CLIPA_PY_VENV:-$HOME/.cache/clipa-py}"
+if ! "$venv/bin/python" -c "import tensorboard" >/dev/null 2>&1; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q tensorboard
+fi
+export CLIPA_TEST_PYTHON="$venv/bin/python"
+"$CLIPA_TEST_PYTHON" -c "import tensorboard; print('tensorboard', tensorboard.__version__)"
+
 step "tests (the README's test command)"
 bash ci/test.sh
 

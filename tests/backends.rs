@@ -171,6 +171,7 @@ fn reduced_train_steps_match_cpu_on_wgpu() {
             LossKind::Softmax,
             2,
             checkpoint,
+            Default::default(),
             &clipa_core::dist::Replica::single(),
         )
         .unwrap();

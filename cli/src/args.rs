@@ -8,6 +8,7 @@ use clipa_backends::BackendKind;
 use clipa_core::eval::{EvalResize, TemplateSet, ZeroShotFlags};
 use clipa_core::plan::{Dataset, Gpu};
 use clipa_core::reduce::{ImageReduction, TextReduction};
+use clipa_core::search::Against;
 use clipa_core::train::Resume;
 use clipa_core::train::config::Precision;
 use clipa_core::train::overrides::TrainOverrides;
@@ -53,6 +54,9 @@ pub enum Command {
     Embed(EmbedArgs),
     /// Print the token ids a checkpoint's tokenizer gives captions.
     Tokenize(TokenizeArgs),
+    /// Exact top-k cosine search of an `embed` output file, by text or by
+    /// image.
+    Search(SearchArgs),
     /// Train a CLIP model (default: the `demo` preset on the built-in
     /// synthetic data, on the CPU).
     Train(Box<TrainArgs>),
@@ -114,6 +118,13 @@ pub struct BenchArgs {
     /// Per-block activation checkpointing.
     #[arg(long)]
     pub grad_checkpointing: bool,
+    /// Lock the image tower whole (LiT): no gradient, no optimiser state,
+    /// no autodiff.
+    #[arg(long)]
+    pub lock_image: bool,
+    /// Lock the text tower whole.
+    #[arg(long)]
+    pub lock_text: bool,
     /// Timed steps per case.
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
@@ -209,8 +220,11 @@ pub struct TrainArgs {
     /// checkpoint folder.
     #[arg(long)]
     pub resume: Option<Resume>,
-    /// Start from the weights of a clipa checkpoint folder (e.g. one made by
-    /// `import-openclip`) instead of a random init.
+    /// Start from the weights of a clipa checkpoint folder or a downloaded
+    /// OpenCLIP hub folder (`UCSC-VLAA/ViT-*-CLIPA*`) instead of a random
+    /// init, keeping that model's tokenizer and preprocessing; the
+    /// optimiser and schedule start fresh. --model must name the same
+    /// architecture.
     #[arg(long, conflicts_with = "resume")]
     pub init_from: Option<PathBuf>,
     /// Word → part-of-speech lexicon for syntax masking (default: shipped).
@@ -240,9 +254,14 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub zeroshot: ZeroShotFlags,
     /// Image–caption set for retrieval: WebDataset shards (each `txt` line
-    /// a caption) or a CSV/TSV (several rows may name one image).
+    /// a caption), a clip_benchmark dataset folder, or a CSV/TSV (several
+    /// rows may name one image).
     #[arg(long)]
     pub retrieval_data: Option<String>,
+    /// The split of a clip_benchmark dataset root to evaluate (its
+    /// `SPLIT/*.tar`); default: test.
+    #[arg(long)]
+    pub split: Option<String>,
     /// CSV column with image paths (--retrieval-data).
     #[arg(long, default_value = "filepath")]
     pub csv_img_key: String,
@@ -283,14 +302,15 @@ pub struct ClassifyArgs {
 #[derive(Debug, Subcommand)]
 pub enum DataCommand {
     /// Convert Debian's `dataset-fashion-mnist` IDX files into WebDataset
-    /// training shards and a test image folder.
+    /// training shards, a test image folder and clip_benchmark test shards.
     FashionMnist(FashionMnistArgs),
 }
 
 /// Flags of `clipa data fashion-mnist`.
 #[derive(Debug, clap::Args)]
 pub struct FashionMnistArgs {
-    /// Output folder (gets `train/` shards and a `test/` image folder).
+    /// Output folder (gets `train/` shards, a `test/` image folder and the
+    /// test split in clip_benchmark's layout, `test-wds/`).
     #[arg(long)]
     pub out: PathBuf,
     /// Folder with the IDX files.
@@ -390,6 +410,36 @@ pub struct EmbedArgs {
     /// Images or captions per forward pass.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+}
+
+/// Flags of `clipa search`: one query, a text or an image.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("query").required(true).args(["text", "image"])))]
+pub struct SearchArgs {
+    /// clipa checkpoint folder that embeds the query (the one that wrote
+    /// the index).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// `clipa embed` output file to search.
+    #[arg(long)]
+    pub index: PathBuf,
+    /// Search by this text, embedded with the checkpoint's text tower.
+    #[arg(long)]
+    pub text: Option<String>,
+    /// Search by this image, embedded with the checkpoint's image tower
+    /// and evaluation preprocessing.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Results to print, best first.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+    /// Matrix of the index to search.
+    #[arg(long, value_enum, default_value_t = Against::Images)]
+    pub against: Against,
+    /// Print one JSON object (`{"query", "against", "top", "results":
+    /// [{"rank", "index", "score", "name"}, ...]}`).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags of `clipa tokenize`.

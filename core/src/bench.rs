@@ -17,6 +17,7 @@ use crate::host;
 use crate::model::{ClipConfig, ClipModel};
 use crate::reduce::{ImageReduction, TextReducer, TextReduction};
 use crate::train::batch::DeviceBatch;
+use crate::train::lit::LockConfig;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::step::{StepConfig, train_step};
 use crate::train::{LossKind, Precision};
@@ -47,6 +48,9 @@ pub struct BenchCase {
     pub precision: Precision,
     /// Per-block activation checkpointing.
     pub grad_checkpointing: bool,
+    /// Locked towers (LiT): no gradient, no optimiser state; a tower locked
+    /// whole runs without autodiff.
+    pub lock: LockConfig,
 }
 
 impl BenchCase {
@@ -97,6 +101,7 @@ pub fn peer_sweep() -> Result<Vec<BenchCase>> {
         accum_steps: 1,
         precision: Precision::Auto,
         grad_checkpointing: false,
+        lock: LockConfig::default(),
     };
     let case = |name: &str, image: &str, text_length: usize| -> Result<BenchCase> {
         Ok(BenchCase {
@@ -287,7 +292,8 @@ impl<B: AutodiffBackend> BenchRun<B> {
                 case.name, case.text_length, case.model.text.context_length
             )));
         }
-        let mut model: ClipModel<B> = case.model.init::<B>(device).resize(px, case.text_length);
+        let model = case.model.init::<B>(device).resize(px, case.text_length);
+        let (mut model, _) = case.lock.apply(model);
         model.set_compute_dtype(case.precision.compute_dtype::<B>(device)?);
         Ok(Self {
             case: case.clone(),
@@ -350,6 +356,7 @@ impl<B: AutodiffBackend> BenchRun<B> {
         let cfg = StepConfig {
             accum_steps: self.case.accum_steps,
             grad_checkpointing: self.case.grad_checkpointing,
+            frozen: self.case.lock.frozen(),
             timed: true,
             ..StepConfig::plain(LossKind::Softmax)
         };
@@ -497,6 +504,7 @@ mod tests {
             accum_steps: 2,
             precision: Precision::F32,
             grad_checkpointing: true,
+            lock: LockConfig::default(),
         };
         let steps = BenchSteps {
             warmup: 1,

@@ -173,6 +173,30 @@ fn check_against_config(config: &ClipConfig, state: &StateDict) -> std::result::
     }
 }
 
+/// The model config of `dir`: a clipa checkpoint folder, or a downloaded
+/// OpenCLIP hub folder (read as `import-openclip --dir` reads it).
+pub fn load_config_or_hub(dir: &Path) -> Result<ClipConfig> {
+    match !dir.join(CONFIG_FILE).is_file() && crate::openclip::is_hub_dir(dir) {
+        true => crate::openclip::read_config(dir),
+        false => load_config(dir),
+    }
+}
+
+/// The model of `dir` on `device` with its tokenizer, its preprocessing in
+/// its config: a clipa checkpoint folder, or an OpenCLIP hub folder
+/// imported on the fly (`clipa train --init-from`).
+pub fn load_model_or_hub<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(ClipModel<B>, Tokenizer)> {
+    if dir.join(CONFIG_FILE).is_file() || !crate::openclip::is_hub_dir(dir) {
+        return load_model(dir, device);
+    }
+    let imported = crate::openclip::import_dir(dir, None)?;
+    let model = load_state_dict(imported.config.init(device), &imported.state)?;
+    Ok((model, imported.tokenizer))
+}
+
 /// Builds the model of checkpoint `dir` on `device`, with its tokenizer.
 pub fn load_model<B: Backend>(dir: &Path, device: &B::Device) -> Result<(ClipModel<B>, Tokenizer)> {
     let Checkpoint {

@@ -22,6 +22,7 @@ pub mod plan;
 pub mod preprocess;
 pub mod reduce;
 pub mod rng;
+pub mod search;
 pub mod selftest;
 pub mod state;
 pub mod sweep;

@@ -8,6 +8,7 @@ use clipa_core::bench::{self, BenchCase, BenchHooks, BenchResult, BenchSteps};
 use clipa_core::data::tokenizer::Tokenizer;
 use clipa_core::model::ClipConfig;
 use clipa_core::train::config::{MAX_BATCH, MAX_IMAGE_SIZE, MAX_TEXT_LENGTH};
+use clipa_core::train::lit::{LockConfig, TowerLock};
 use serde::Serialize;
 
 use crate::args::BenchArgs;
@@ -100,6 +101,12 @@ fn case_name(model: &str, case: &BenchCase) -> String {
     if case.text_length != case.model.text.context_length {
         name += &format!("_txt{}", case.text_length);
     }
+    if case.lock.image.is_some() {
+        name += "_lockimg";
+    }
+    if case.lock.text.is_some() {
+        name += "_locktxt";
+    }
     name
 }
 
@@ -107,12 +114,18 @@ fn case_name(model: &str, case: &BenchCase) -> String {
 pub fn run(kind: BackendKind, device: Option<usize>, args: &BenchArgs) -> anyhow::Result<()> {
     ensure!(args.steps > 0, "--steps must be positive");
     let precision = args.precision;
+    let whole = |on: bool| on.then(TowerLock::default);
+    let lock = LockConfig {
+        image: whole(args.lock_image),
+        text: whole(args.lock_text),
+    };
     let cases = if args.sweep {
         let mut cases = bench::peer_sweep()?;
         for c in &mut cases {
             c.precision = precision;
             c.grad_checkpointing = args.grad_checkpointing;
             c.accum_steps = args.accum_steps;
+            c.lock = lock;
         }
         cases
     } else {
@@ -130,6 +143,7 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &BenchArgs) -> anyhow
             accum_steps: args.accum_steps,
             precision,
             grad_checkpointing: args.grad_checkpointing,
+            lock,
         };
         case.name = case_name(&args.model, &case);
         // A typo's size would be an allocation failure, not an error.

@@ -17,10 +17,11 @@ pub fn run(cmd: &DataCommand) -> anyhow::Result<()> {
                 limit_test: a.limit_test,
             })?;
             outln!(
-                "wrote {} training samples in {} shards and {} test images\n\ntrain with:\n  clipa train --preset fmnist --train-data '{}' --zeroshot-data {} --classnames {}",
+                "wrote {} training samples in {} shards and {} test images (also in clip_benchmark's layout: {})\n\ntrain with:\n  clipa train --preset fmnist --train-data '{}' --zeroshot-data {} --classnames {}",
                 summary.train_samples,
                 summary.train_shards,
                 summary.test_samples,
+                summary.test_wds.display(),
                 summary.train_pattern,
                 summary.test_dir.display(),
                 summary.classnames.display()

@@ -29,15 +29,20 @@ fn read_captions(path: &Path) -> anyhow::Result<Vec<String>> {
     Ok(captions)
 }
 
-struct Embed<'a> {
-    checkpoint: &'a Path,
-    images: &'a [PathBuf],
-    captions: &'a [String],
-    batch_size: usize,
+/// The embedding job on a backend; `clipa search` runs it for its query.
+pub(crate) struct Embed<'a> {
+    /// clipa checkpoint folder.
+    pub(crate) checkpoint: &'a Path,
+    /// Image files, in order.
+    pub(crate) images: &'a [PathBuf],
+    /// Captions, in order.
+    pub(crate) captions: &'a [String],
+    /// Images or captions per forward pass.
+    pub(crate) batch_size: usize,
 }
 
 /// Row-major features and their width.
-type Features = (Vec<f32>, usize);
+pub(crate) type Features = (Vec<f32>, usize);
 
 impl BackendJob for Embed<'_> {
     /// Image features, then text features.

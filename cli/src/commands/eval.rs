@@ -1,13 +1,17 @@
 //! `clipa eval`: zero-shot accuracy and image–text retrieval of a
-//! checkpoint, batched on any backend, as a table or one JSON object.
+//! checkpoint, batched on any backend, as a table or one JSON object that
+//! is also a clip_benchmark result (`clipa_core::eval::benchmark`).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use burn::tensor::backend::AutodiffBackend;
 use clipa_backends::{BackendJob, BackendKind, Devices};
+use clipa_core::data::benchmark::{BenchmarkSplit, dataset_name};
+use clipa_core::eval::benchmark::model_name;
 use clipa_core::eval::{
-    EvalResult, EvaluatorConfig, RetrievalEval, RetrievalResult, ZeroShotEval, ZeroShotResult,
+    BenchmarkRecord, EvalResult, EvaluatorConfig, RetrievalEval, RetrievalResult, ZeroShotEval,
+    ZeroShotResult,
 };
 use clipa_core::train::{self, TrainConfig, runstate};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -22,6 +26,12 @@ struct Report {
     retrieval: Option<RetrievalResult>,
     /// Images scored over all evaluations.
     samples: usize,
+    /// clip_benchmark's keys (`dataset`, `model`, `task`, `metrics`, …) of
+    /// the first evaluation: the zero-shot one when both ran.
+    #[serde(flatten)]
+    benchmark: BenchmarkRecord,
+    /// Every evaluation as a clip_benchmark result.
+    results: Vec<BenchmarkRecord>,
 }
 
 /// A checkpoint folder, or the newest checkpoint of a run folder.
@@ -36,6 +46,8 @@ pub(crate) fn resolve_checkpoint(path: &Path) -> anyhow::Result<PathBuf> {
 
 struct EvalJob {
     checkpoint: PathBuf,
+    /// The checkpoint as given (clip_benchmark's `pretrained`).
+    given: PathBuf,
     evaluators: Vec<EvaluatorConfig>,
     quiet: bool,
 }
@@ -48,19 +60,21 @@ impl BackendJob for EvalJob {
         let (model, tokenizer) =
             clipa_core::checkpoint::load_model::<B::InnerBackend>(&self.checkpoint, &device)?;
         eprintln!("evaluating {} on {info}", self.checkpoint.display());
-        let mut report = Report {
-            zeroshot: None,
-            retrieval: None,
-            samples: 0,
+        let model_name = model_name(&model.config, &self.given);
+        let pretrained = self.given.display().to_string();
+        let record = |dataset: &str, r: &EvalResult| {
+            BenchmarkRecord::new(dataset, &model_name, &pretrained, r)
         };
+        let (mut zeroshot, mut retrieval, mut samples) = (None, None, 0);
+        let mut results = Vec::new();
         if self.evaluators.is_empty() {
             // The synthetic held-out colour–shape pairs.
             let cfg = TrainConfig::preset("tiny")?;
             let r = train::data::zeroshot_eval(&cfg, &model, &tokenizer, &device)?
                 .ok_or_else(|| clipa_core::Error::Config("nothing to evaluate".into()))?;
-            report.samples = r.samples;
-            report.zeroshot = Some(r);
-            return Ok(report);
+            results.push(record("synthetic", &EvalResult::Zeroshot(r)));
+            samples = r.samples;
+            zeroshot = Some(r);
         }
         for e in &self.evaluators {
             let bar = if self.quiet {
@@ -81,18 +95,26 @@ impl BackendJob for EvalJob {
                 &mut |n| bar.set_position(n as u64),
             );
             bar.finish_and_clear();
-            match result? {
+            let result = result?;
+            results.push(record(e.name(), &result));
+            match result {
                 EvalResult::Zeroshot(r) => {
-                    report.samples += r.samples;
-                    report.zeroshot = Some(r);
+                    samples += r.samples;
+                    zeroshot = Some(r);
                 }
                 EvalResult::Retrieval(r) => {
-                    report.samples += r.images;
-                    report.retrieval = Some(r);
+                    samples += r.images;
+                    retrieval = Some(r);
                 }
             }
         }
-        Ok(report)
+        Ok(Report {
+            zeroshot,
+            retrieval,
+            samples,
+            benchmark: results[0].clone(),
+            results,
+        })
     }
 }
 
@@ -104,20 +126,42 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &EvalArgs) -> anyhow:
     if templates.is_some() && args.zeroshot.zeroshot_data.is_none() {
         bail!("--templates applies to --zeroshot-data, which is not given");
     }
+    // `--split` picks a clip_benchmark root's split folder, which the
+    // evaluators read like the root's default `test`.
+    let split = |data: &Path| -> anyhow::Result<PathBuf> {
+        Ok(match &args.split {
+            Some(split) => {
+                let found = BenchmarkSplit::open(data, split).context("--split")?;
+                found.root.join(found.split)
+            }
+            None => data.to_path_buf(),
+        })
+    };
+    if args.split.is_some()
+        && args.zeroshot.zeroshot_data.is_none()
+        && args.retrieval_data.is_none()
+    {
+        bail!("--split applies to --zeroshot-data or --retrieval-data, neither of which is given");
+    }
     let mut evaluators = Vec::new();
     if let Some(data) = &args.zeroshot.zeroshot_data {
+        let data = split(data)?;
         evaluators.push(EvaluatorConfig::Zeroshot(ZeroShotEval {
-            name: "zeroshot".into(),
-            data: data.clone(),
+            name: dataset_name(&data.to_string_lossy()),
+            data,
             classnames: args.zeroshot.classnames.clone(),
             templates,
             resize,
         }));
     }
     if let Some(data) = &args.retrieval_data {
+        let data = match args.split {
+            Some(_) => split(Path::new(data))?.to_string_lossy().into_owned(),
+            None => data.clone(),
+        };
         evaluators.push(EvaluatorConfig::Retrieval(RetrievalEval {
-            name: "retrieval".into(),
-            data: data.clone(),
+            name: dataset_name(&data),
+            data,
             csv_img_key: args.csv_img_key.clone(),
             csv_caption_key: args.csv_caption_key.clone(),
             resize,
@@ -128,6 +172,7 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &EvalArgs) -> anyhow:
         device,
         EvalJob {
             checkpoint,
+            given: args.checkpoint.clone(),
             evaluators,
             quiet: args.json,
         },
@@ -146,7 +191,10 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &EvalArgs) -> anyhow:
             100.0 * r.chance
         );
         if r.skipped > 0 {
-            outln!("  {} unreadable images skipped", r.skipped);
+            outln!(
+                "  {} unreadable images skipped (or samples without a usable class label)",
+                r.skipped
+            );
         }
     }
     if let Some(r) = &report.retrieval {

@@ -12,6 +12,7 @@ mod interop;
 mod models;
 mod plan;
 mod plot;
+mod search;
 mod sweep;
 mod train;
 
@@ -55,6 +56,7 @@ pub fn dispatch(args: &Args) -> anyhow::Result<()> {
         Command::ExportOpenclip(export) => interop::export(export),
         Command::Embed(embed) => embed::run(args.backend, args.device, embed),
         Command::Tokenize(t) => embed::tokenize(t),
+        Command::Search(search) => search::run(args.backend, args.device, search),
         Command::Train(train) => train::run(args.backend, args.device, train),
         Command::Eval(eval_args) => eval::run(args.backend, args.device, eval_args),
         Command::Classify(c) => classify::run(args.backend, args.device, c),

@@ -262,6 +262,9 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &TrainArgs) -> anyhow
         Tokenizer::for_text(&cfg.model_config()?.text, cfg.vocab.as_deref())?;
     }
     if args.dry_run {
+        for line in cfg.describe_optimizer() {
+            outln!("# {line}");
+        }
         out!("{}", cfg.to_toml());
         return Ok(());
     }

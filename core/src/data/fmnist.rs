@@ -7,7 +7,10 @@
 //! grey images with `<key>.txt` captions from CLIP-style prompt templates
 //! (OpenCLIP `zero_shot_metadata.py`, varied so the text tower sees more
 //! than one sentence per class), and the 10k test images as an image folder
-//! with `classnames.txt` for zero-shot evaluation. Every file is written
+//! with `classnames.txt` for zero-shot evaluation, and again in
+//! clip_benchmark's WebDataset layout (`test-wds/`, see
+//! [`super::benchmark`]): the same images, so both evaluate alike. Every
+//! file is written
 //! under a temporary name and renamed, so an interrupted run leaves no
 //! half-written shard under a final name.
 
@@ -16,6 +19,9 @@ use std::path::{Path, PathBuf};
 
 use image::ImageEncoder;
 
+use super::benchmark::{
+    CLASSNAMES_FILE, NSHARDS_FILE, SAMPLES_PER_SHARD, TEMPLATES_FILE, write_labelled_shard,
+};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -57,7 +63,7 @@ const TEMPLATE_STREAM: u64 = 0x464d_4e49_5354;
 pub struct FashionMnistOptions {
     /// Folder with the four IDX files.
     pub input: PathBuf,
-    /// Output folder; `train/` and `test/` are created inside.
+    /// Output folder; `train/`, `test/` and `test-wds/` are created inside.
     pub out: PathBuf,
     /// Training samples per tar shard.
     pub samples_per_shard: usize,
@@ -101,6 +107,9 @@ pub struct FashionMnistSummary {
     pub classnames: PathBuf,
     /// `test/templates.txt`: the caption templates, for `--templates`.
     pub templates: PathBuf,
+    /// The test images in clip_benchmark's layout (`OUT/test-wds`), with
+    /// the same class names and templates (`{c}`).
+    pub test_wds: PathBuf,
 }
 
 /// Converts the training set to shards and the test set to a folder.
@@ -145,6 +154,8 @@ pub fn convert(opts: &FashionMnistOptions) -> Result<FashionMnistSummary> {
     write_atomic(&templates, |w| {
         w.write_all(format!("{}\n", lines.join("\n")).as_bytes())
     })?;
+    let test_wds = opts.out.join("test-wds");
+    write_benchmark(&test_wds, &test, &lines)?;
 
     Ok(FashionMnistSummary {
         train_samples: train.len(),
@@ -158,6 +169,33 @@ pub fn convert(opts: &FashionMnistOptions) -> Result<FashionMnistSummary> {
         test_dir,
         classnames,
         templates,
+        test_wds,
+    })
+}
+
+/// Writes `test` as clip_benchmark's `root/test/{0..n-1}.tar` with
+/// `s%07d.png` + `.cls` samples, `nshards.txt`, the class names and
+/// `templates` (their `{}` written as `{c}`).
+fn write_benchmark(root: &Path, test: &Split, templates: &[String]) -> Result<()> {
+    let split = root.join("test");
+    std::fs::create_dir_all(&split).map_err(|e| Error::io(&split, e))?;
+    let shards = test.len().div_ceil(SAMPLES_PER_SHARD);
+    for s in 0..shards {
+        let range = s * SAMPLES_PER_SHARD..((s + 1) * SAMPLES_PER_SHARD).min(test.len());
+        let samples = range.map(|i| (i, "png", test.png(i), test.labels[i] as usize));
+        write_atomic(&split.join(format!("{s}.tar")), |w| {
+            write_labelled_shard(w, samples)
+        })?;
+    }
+    write_atomic(&split.join(NSHARDS_FILE), |w| {
+        w.write_all(format!("{shards}\n").as_bytes())
+    })?;
+    write_atomic(&root.join(CLASSNAMES_FILE), |w| {
+        w.write_all(format!("{}\n", CLASS_NAMES.join("\n")).as_bytes())
+    })?;
+    let templates: Vec<String> = templates.iter().map(|t| t.replace("{}", "{c}")).collect();
+    write_atomic(&root.join(TEMPLATES_FILE), |w| {
+        w.write_all(format!("{}\n", templates.join("\n")).as_bytes())
     })
 }
 
@@ -476,6 +514,25 @@ mod tests {
         let labels: Vec<usize> = folder.files().iter().map(|f| f.1).collect();
         assert_eq!(labels, [0, 0, 2, 9]);
         assert!(folder.files()[3].0.ends_with("09_ankle_boot/00000.png"));
+
+        // The same test images in clip_benchmark's layout, in index order.
+        let wds = crate::eval::ZeroShotData::open(&sum.test_wds, None).unwrap();
+        let task = wds.task(false, None).unwrap();
+        assert_eq!(task.classnames, CLASS_NAMES);
+        assert_eq!(task.templates[0], "a photo of a {}.");
+        let read: Vec<(String, Option<usize>)> = wds
+            .source()
+            .open(0, &stats)
+            .unwrap()
+            .map(|s| (s.key, s.label))
+            .collect();
+        assert_eq!(read[0], ("0.tar/s0000000".to_string(), Some(9)));
+        let labels: Vec<usize> = read.iter().map(|r| r.1.unwrap()).collect();
+        assert_eq!(labels, [9, 0, 0, 2]);
+        assert_eq!(
+            std::fs::read_to_string(sum.test_wds.join("test/nshards.txt")).unwrap(),
+            "1\n"
+        );
 
         // Same input and seed, same bytes.
         let again = convert(&options(d, "again")).unwrap();

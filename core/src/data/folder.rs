@@ -6,9 +6,14 @@
 //! captions and zero-shot prompts come from an optional class-names file
 //! (one per line, in sorted-folder order, as OpenCLIP's
 //! `zero_shot_metadata.py` lists them) or else from the folder names with
-//! `_` read as a space.
+//! `_` read as a space. A class-names file that lists exactly the folder
+//! names, in another order, is read as a mapping instead: label `i` is the
+//! folder named on line `i`, and a warning says so (sorted-folder labels
+//! would silently score every class against another's name).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use super::{DataStats, ImagePayload, RawSample, ShardSource};
 use crate::{Error, Result};
@@ -21,6 +26,9 @@ pub const FILES_PER_SHARD: usize = 1000;
 pub struct ImageFolder {
     /// Human-readable class names, indexed by label.
     pub classes: Vec<String>,
+    /// Whether labels follow the class-names file's order of the folder
+    /// names rather than the sorted folders.
+    pub labels_by_name: bool,
     /// Every image with its label, sorted by class folder then file name.
     files: Vec<(PathBuf, usize)>,
     files_per_shard: usize,
@@ -35,7 +43,8 @@ impl ImageFolder {
     /// Scans `root` (one level of class folders, one of images in each).
     ///
     /// Errors if `root` is missing, has no class folders or no images, or
-    /// the class-names file does not have one line per class.
+    /// the class-names file does not have one line per class. A file that
+    /// lists the folder names in another order maps labels by name.
     pub fn open(root: &Path, classnames: Option<&Path>) -> Result<Self> {
         let mut folders: Vec<(String, PathBuf)> = Vec::new();
         for entry in std::fs::read_dir(root).map_err(|e| Error::io(root, e))? {
@@ -72,8 +81,20 @@ impl ImageFolder {
                 reason: "no images in the class subfolders".into(),
             });
         }
+        let mut labels_by_name = false;
         let classes = match classnames {
-            Some(path) => read_classnames(path, folders.len())?,
+            Some(path) => {
+                let names = read_classnames(path, folders.len())?;
+                let folder_names: Vec<&str> = folders.iter().map(|(n, _)| n.as_str()).collect();
+                if let Some(label_of) = labels_by_position(&names, &folder_names) {
+                    for file in &mut files {
+                        file.1 = label_of[file.1];
+                    }
+                    labels_by_name = true;
+                    say_once(path);
+                }
+                names
+            }
             None => folders
                 .iter()
                 .map(|(name, _)| name.replace('_', " "))
@@ -81,6 +102,7 @@ impl ImageFolder {
         };
         Ok(Self {
             classes,
+            labels_by_name,
             files,
             files_per_shard: FILES_PER_SHARD,
         })
@@ -169,6 +191,43 @@ fn read_classnames(path: &Path, n: usize) -> Result<Vec<String>> {
         });
     }
     Ok(names)
+}
+
+/// When `names` lists exactly the (distinct) `folders`, in another order:
+/// each sorted folder's label, its line in `names`.
+fn labels_by_position(names: &[String], folders: &[&str]) -> Option<Vec<usize>> {
+    let mut listed: Vec<&str> = names.iter().map(String::as_str).collect();
+    listed.sort_unstable();
+    let mut present = folders.to_vec();
+    present.sort_unstable();
+    let distinct = listed.windows(2).all(|w| w[0] != w[1]);
+    if names.iter().map(String::as_str).eq(folders.iter().copied())
+        || !distinct
+        || listed != present
+    {
+        return None;
+    }
+    let label_of = folders
+        .iter()
+        .map(|f| names.iter().position(|n| n == f))
+        .collect::<Option<Vec<usize>>>()
+        .expect("the same names, as sets");
+    Some(label_of)
+}
+
+/// Warns once per class-names file (an evaluator reopens its folder at
+/// every evaluation) that its order, not the folders', gives the labels.
+fn say_once(path: &Path) {
+    static SAID: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+    let first = SAID
+        .lock()
+        .map_or(true, |mut said| said.insert(path.to_path_buf()));
+    if first {
+        tracing::warn!(
+            "{}: class names file lists the folders in another order: labels follow the file",
+            path.display()
+        );
+    }
 }
 
 impl ShardSource for ImageFolder {
@@ -292,5 +351,49 @@ mod tests {
         let empty = d.join("n01_tench");
         let e = open(&empty, None).unwrap_err().to_string();
         assert!(e.contains("no class subfolders"), "{e}");
+    }
+
+    #[test]
+    fn a_file_naming_the_folders_in_another_order_maps_by_name() {
+        let d_tmp = tree();
+        let d = d_tmp.path();
+        let names = d.join("names.txt");
+        let labels = |ds: &ImageFolder| -> Vec<(String, usize)> {
+            ds.files()
+                .iter()
+                .map(|(p, l)| (p.file_name().unwrap().to_string_lossy().into_owned(), *l))
+                .collect()
+        };
+        // Sorted folders: n01_tench is 0. The file puts it second.
+        std::fs::write(&names, "n02_golden_retriever\nn01_tench\n").unwrap();
+        let ds = open(d, Some(&names)).unwrap();
+        assert!(ds.labels_by_name);
+        assert_eq!(ds.classes, ["n02_golden_retriever", "n01_tench"]);
+        assert_eq!(
+            labels(&ds),
+            [
+                ("z.webp".into(), 1),
+                ("a.png".into(), 0),
+                ("b.JPG".into(), 0)
+            ]
+        );
+        let stats = DataStats::default();
+        let first = ds.open(0, &stats).unwrap().next().unwrap();
+        assert_eq!(
+            (first.label, first.caption.as_str()),
+            (Some(1), "n01_tench")
+        );
+        // The folders in their own order, display names, or a repeated
+        // name: labels follow the sorted folders, as before.
+        for text in [
+            "n01_tench\nn02_golden_retriever\n",
+            "golden retriever\ntench\n",
+            "n01_tench\nn01_tench\n",
+        ] {
+            std::fs::write(&names, text).unwrap();
+            let ds = open(d, Some(&names)).unwrap();
+            assert!(!ds.labels_by_name, "{text}");
+            assert_eq!(labels(&ds)[0], ("z.webp".into(), 0), "{text}");
+        }
     }
 }

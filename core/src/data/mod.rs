@@ -8,6 +8,7 @@
 //! [`DataStats`].
 
 pub mod augment;
+pub mod benchmark;
 pub mod brace;
 pub mod csv;
 pub mod fmnist;
@@ -108,7 +109,8 @@ pub struct DataStats {
     pub samples: AtomicU64,
     /// Images that failed to decode.
     pub bad_images: AtomicU64,
-    /// Samples with an empty or missing caption, or missing image.
+    /// Samples with an empty or missing caption (a missing or bad class
+    /// label, in labelled shards), or missing image.
     pub bad_captions: AtomicU64,
     /// Shards that could not be opened or ended early (truncated tar).
     pub bad_shards: AtomicU64,

@@ -5,6 +5,8 @@
 //! The image comes from `jpg|jpeg|png|webp`, the caption from `txt`; other
 //! members (`json`, `cls`, ...) are skipped without being buffered. Shards may
 //! be gzip-compressed (`.tar.gz`, `.tgz`; detected from the magic bytes).
+//! Classification shards ([`SampleTarget::Label`], clip_benchmark's `wds_*`
+//! sets) label each image with a `cls` member instead: a decimal class index.
 //!
 //! The tar stream is walked block by block with `tar::Header` doing the
 //! header parsing, because `tar::Archive::entries` borrows the archive and so
@@ -25,10 +27,22 @@ const BLOCK: usize = 512;
 /// Largest member we buffer; a larger size means a corrupt header.
 const MAX_MEMBER: u64 = 1 << 30;
 
+/// What a sample needs besides its image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SampleTarget {
+    /// A non-empty `txt` caption: image–text data.
+    #[default]
+    Caption,
+    /// A `cls` class index in decimal text (webdataset's `cls` decoder);
+    /// a `txt` member, if any, is kept as the caption.
+    Label,
+}
+
 /// WebDataset shards of one or more weighted sources.
 #[derive(Debug, Clone)]
 pub struct WebDataset {
     sources: Vec<SourceSpec>,
+    target: SampleTarget,
     files: Vec<PathBuf>,
     /// Shard index where each source starts, plus the total at the end.
     bounds: Vec<usize>,
@@ -60,10 +74,18 @@ impl WebDataset {
         }
         Ok(Self {
             sources,
+            target: SampleTarget::Caption,
             files,
             bounds,
             cumulative,
         })
+    }
+
+    /// The same shards, read for `target`: captions (the default) or
+    /// class labels.
+    pub fn with_target(mut self, target: SampleTarget) -> Self {
+        self.target = target;
+        self
     }
 
     /// Parses an OpenCLIP `--train-data` spec and optional
@@ -150,6 +172,7 @@ impl ShardSource for WebDataset {
         );
         Ok(Box::new(Samples {
             members: TarMembers { reader },
+            target: self.target,
             shard: name,
             path,
             pending: None,
@@ -278,6 +301,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 enum Role {
     Image,
     Caption,
+    Label,
     Other,
 }
 
@@ -288,6 +312,7 @@ fn split_key(path: &str) -> Option<(&str, Role)> {
     let role = match path[dot + 1..].to_ascii_lowercase().as_str() {
         "jpg" | "jpeg" | "png" | "webp" => Role::Image,
         "txt" => Role::Caption,
+        "cls" => Role::Label,
         _ => Role::Other,
     };
     Some((&path[..dot], role))
@@ -298,15 +323,18 @@ struct Group {
     key: String,
     image: Option<Vec<u8>>,
     caption: Option<Vec<u8>>,
+    label: Option<Vec<u8>>,
 }
 
 impl Group {
     fn add(&mut self, role: Role, data: Option<Vec<u8>>) {
-        // The first image and caption win; webdataset rejects duplicates,
-        // but one bad sample should not cost the rest of the shard.
+        // The first image, caption and label win; webdataset rejects
+        // duplicates, but one bad sample should not cost the rest of the
+        // shard.
         match role {
             Role::Image if self.image.is_none() => self.image = data,
             Role::Caption if self.caption.is_none() => self.caption = data,
+            Role::Label if self.label.is_none() => self.label = data,
             _ => {}
         }
     }
@@ -315,6 +343,7 @@ impl Group {
 /// The samples of one open shard.
 struct Samples<'a> {
     members: TarMembers<Box<dyn Read + Send>>,
+    target: SampleTarget,
     shard: String,
     path: &'a Path,
     /// The first member of the next sample, read while closing the last.
@@ -324,18 +353,28 @@ struct Samples<'a> {
 }
 
 impl Samples<'_> {
-    /// The group's sample, or `None` (counted) if it lacks image or caption.
+    /// The group's sample, or `None` (counted in `bad_captions`) if it
+    /// lacks the image or what [`SampleTarget`] asks for.
     fn finish(&self, g: Group) -> Option<RawSample> {
         let caption = g
             .caption
             .and_then(|c| String::from_utf8(c).ok())
             .map(|c| c.trim().to_string());
+        let label = g
+            .label
+            .and_then(|l| String::from_utf8(l).ok())
+            .and_then(|l| l.trim().parse::<usize>().ok());
+        let (caption, label) = match (self.target, caption, label) {
+            (SampleTarget::Caption, Some(c), _) if !c.is_empty() => (Some(c), None),
+            (SampleTarget::Label, c, Some(l)) => (Some(c.unwrap_or_default()), Some(l)),
+            _ => (None, None),
+        };
         match (g.image, caption) {
-            (Some(image), Some(caption)) if !caption.is_empty() => Some(RawSample {
+            (Some(image), Some(caption)) => Some(RawSample {
                 key: format!("{}/{}", self.shard, g.key),
                 image: ImagePayload::Encoded(image),
                 caption,
-                label: None,
+                label,
             }),
             _ => {
                 DataStats::bump(&self.stats.bad_captions);
@@ -349,7 +388,12 @@ impl Iterator for Samples<'_> {
     type Item = RawSample;
 
     fn next(&mut self) -> Option<RawSample> {
-        let wanted = |p: &str| matches!(split_key(p), Some((_, Role::Image | Role::Caption)));
+        let target = self.target;
+        let wanted = |p: &str| match split_key(p) {
+            Some((_, Role::Image | Role::Caption)) => true,
+            Some((_, Role::Label)) => target == SampleTarget::Label,
+            _ => false,
+        };
         while !self.done {
             let mut group: Option<Group> = None;
             loop {
@@ -387,6 +431,7 @@ impl Iterator for Samples<'_> {
                             key: key.to_string(),
                             image: None,
                             caption: None,
+                            label: None,
                         };
                         g.add(role, member.data);
                         group = Some(g);
@@ -534,6 +579,47 @@ mod tests {
         assert_eq!(got[0].0, "s.tar/4");
         assert_eq!(stats.bad_captions.load(Relaxed), 4);
         assert_eq!(stats.bad_shards.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn label_target_reads_cls_and_counts_bad_labels() {
+        let d_tmp = dir();
+        let d = d_tmp.path();
+        let path = d.join("0.tar");
+        let members: Vec<(String, Vec<u8>)> = [
+            ("s0000000.png", &b"I0"[..]),
+            ("s0000000.cls", b"3\n"),
+            ("s0000001.webp", b"I1"),
+            ("s0000001.cls", b"x"),
+            ("s0000002.cls", b"1"),
+            ("s0000003.jpg", b"I3"),
+            ("s0000004.jpg", b"I4"),
+            ("s0000004.cls", b"12"),
+            ("s0000004.txt", b"a caption"),
+        ]
+        .iter()
+        .map(|(n, d)| (n.to_string(), d.to_vec()))
+        .collect();
+        write_tar(&path, &members);
+        let stats = DataStats::default();
+        let ds = one_shard(&path).with_target(SampleTarget::Label);
+        let got: Vec<(String, Option<usize>, String)> = ds
+            .open(0, &stats)
+            .unwrap()
+            .map(|s| (s.key, s.label, s.caption))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("0.tar/s0000000".to_string(), Some(3), String::new()),
+                ("0.tar/s0000004".to_string(), Some(12), "a caption".into()),
+            ]
+        );
+        // A bad label, no image, no label.
+        assert_eq!(stats.bad_captions.load(Relaxed), 3);
+        // Read for captions, the same shard has one sample.
+        let stats = DataStats::default();
+        assert_eq!(read(&one_shard(&path), &stats).len(), 1);
     }
 
     #[test]

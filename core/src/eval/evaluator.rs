@@ -11,21 +11,29 @@
 //! templates = "openai"            # photo | simple | openai | FILE
 //!
 //! [[evaluators]]
+//! kind = "zeroshot"
+//! name = "cifar10"
+//! data = "/data/wds_vtab-cifar10"  # clip_benchmark layout: test/*.tar
+//!
+//! [[evaluators]]
 //! kind = "retrieval"
 //! name = "coco"
 //! data = "/data/coco/test-{0..4}.tar"   # or captions.csv
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::retrieval::{DEFAULT_CHUNK, RetrievalResult, retrieval};
-use super::zeroshot::{Accuracy, TemplateSet, ZeroShotResult, ZeroShotTask, imagenet_classnames};
+use super::zeroshot::{Accuracy, TemplateSet, ZeroShotResult};
+use super::zeroshot_data::ZeroShotData;
 use crate::data::augment::{Augmenter, ImageTransform};
-use crate::data::folder::ImageFolder;
+use crate::data::benchmark::BenchmarkSplit;
+use crate::data::shards::SampleTarget;
 use crate::data::tokenizer::Tokenizer;
 use crate::data::{DataStats, ShardSource, open_caption_source};
 use crate::model::{ClipModel, EvalResize, l2_normalize};
@@ -36,19 +44,23 @@ use crate::{Error, Result};
 /// Images (and captions) per forward pass during evaluation.
 pub const EVAL_BATCH: usize = 256;
 
-/// Zero-shot classification over an image folder (`root/<class>/*`).
+/// Zero-shot classification over an image folder (`root/<class>/*`) or a
+/// dataset in clip_benchmark's WebDataset layout ([`ZeroShotData`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ZeroShotEval {
     /// Metric prefix in logs (`imagenet` → `imagenet/top1`).
     pub name: String,
-    /// The image folder.
+    /// The image folder, or a clip_benchmark dataset root (its `test`
+    /// split), split folder or shard pattern.
     pub data: PathBuf,
-    /// Class names, one per line in folder order. Default: the bundled
-    /// ImageNet names for a 1,000-class folder, else the folder names.
+    /// Class names, one per line in label order. Default: a clip_benchmark
+    /// root's `classnames.txt`; for a folder, the bundled ImageNet names
+    /// for 1,000 classes, else the folder names.
     #[serde(default)]
     pub classnames: Option<PathBuf>,
-    /// Prompt templates. Default: `openai` for ImageNet, else `photo`.
+    /// Prompt templates. Default: a clip_benchmark dataset's own, `openai`
+    /// for an ImageNet folder, else `photo`.
     #[serde(default)]
     pub templates: Option<TemplateSet>,
     /// Preprocessing; default: the model's own (`ClipConfig::eval_resize`).
@@ -57,14 +69,16 @@ pub struct ZeroShotEval {
 }
 
 /// Image–text retrieval over a caption set: WebDataset shards (each `txt`
-/// line is one caption) or a CSV/TSV (rows naming the same image in a row
-/// are one image with several captions).
+/// line is one caption; also a clip_benchmark dataset root or split folder)
+/// or a CSV/TSV (rows naming the same image in a row are one image with
+/// several captions).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetrievalEval {
     /// Metric prefix in logs (`coco` → `coco/i2t_r1`).
     pub name: String,
-    /// Shard spec (`/data/{0..4}.tar`) or a `.csv`/`.tsv` file.
+    /// Shard spec (`/data/{0..4}.tar`), a clip_benchmark dataset folder, or
+    /// a `.csv`/`.tsv` file.
     pub data: String,
     /// CSV column with image paths.
     #[serde(default = "default_img_key")]
@@ -150,14 +164,12 @@ impl EvaluatorConfig {
     pub fn check(&self) -> Result<()> {
         match self {
             Self::Zeroshot(z) => {
-                ImageFolder::open(&z.data, z.classnames.as_deref())?;
-                if let Some(t) = &z.templates {
-                    t.load()?;
-                }
+                ZeroShotData::open(&z.data, z.classnames.as_deref())?
+                    .task(z.classnames.is_some(), z.templates.as_ref())?;
                 Ok(())
             }
             Self::Retrieval(r) => {
-                open_caption_source(&r.data, None, &r.csv_img_key, &r.csv_caption_key)?;
+                r.source()?;
                 Ok(())
             }
         }
@@ -175,22 +187,8 @@ impl EvaluatorConfig {
     ) -> Result<EvalResult> {
         match self {
             Self::Zeroshot(z) => {
-                let folder = ImageFolder::open(&z.data, z.classnames.as_deref())?;
-                let imagenet = z.classnames.is_none() && folder.classes.len() == 1000;
-                let classnames = if imagenet {
-                    imagenet_classnames()
-                } else {
-                    folder.classes.clone()
-                };
-                let templates = z.templates.clone().unwrap_or(if imagenet {
-                    TemplateSet::Openai
-                } else {
-                    TemplateSet::Photo
-                });
-                let task = ZeroShotTask {
-                    classnames,
-                    templates: templates.load()?,
-                };
+                let data = ZeroShotData::open(&z.data, z.classnames.as_deref())?;
+                let task = data.task(z.classnames.is_some(), z.templates.as_ref())?;
                 let context = model.config.text.context_length;
                 let classifier = match cache_dir {
                     Some(dir) => task.classifier_cached(model, tokenizer, context, device, dir),
@@ -199,15 +197,14 @@ impl EvaluatorConfig {
                 score_labelled(
                     model,
                     &classifier,
-                    &folder,
+                    data.source(),
                     z.resize.unwrap_or(model.config.eval_resize).transform(),
                     progress,
                 )
                 .map(EvalResult::Zeroshot)
             }
             Self::Retrieval(r) => {
-                let source =
-                    open_caption_source(&r.data, None, &r.csv_img_key, &r.csv_caption_key)?;
+                let source = r.source()?;
                 retrieve(
                     model,
                     source.as_ref(),
@@ -218,6 +215,17 @@ impl EvaluatorConfig {
                 )
                 .map(EvalResult::Retrieval)
             }
+        }
+    }
+}
+
+impl RetrievalEval {
+    /// The caption set: a clip_benchmark dataset's split (`txt` lines are
+    /// captions), else shards or a CSV as [`open_caption_source`] reads them.
+    fn source(&self) -> Result<Arc<dyn ShardSource>> {
+        match BenchmarkSplit::locate(Path::new(&self.data))? {
+            Some(split) => Ok(Arc::new(split.webdataset(SampleTarget::Caption)?)),
+            None => open_caption_source(&self.data, None, &self.csv_img_key, &self.csv_caption_key),
         }
     }
 }
@@ -267,7 +275,9 @@ fn for_each_batch(
 }
 
 /// Zero-shot accuracy of every labelled sample of `source` against
-/// `classifier` `[classes, dim]`.
+/// `classifier` `[classes, dim]`. Samples whose label is not a class, like
+/// unreadable images and labelled shards' samples without a usable `cls`,
+/// are skipped and counted in [`ZeroShotResult::skipped`].
 pub fn score_labelled<B: Backend>(
     model: &ClipModel<B>,
     classifier: &Tensor<B, 2>,
@@ -276,8 +286,9 @@ pub fn score_labelled<B: Backend>(
     progress: &mut dyn FnMut(usize),
 ) -> Result<ZeroShotResult> {
     let px = model.config.vision.image_size;
+    let classes = classifier.dims()[0];
     let mut acc = Accuracy::default();
-    let mut done = 0;
+    let (mut done, mut not_a_class) = (0, 0);
     let stats = for_each_batch(source, transform, px, |images, meta| {
         let labels = meta
             .iter()
@@ -287,13 +298,28 @@ pub fn score_labelled<B: Backend>(
                 })
             })
             .collect::<Result<Vec<usize>>>()?;
-        acc.add_batch(model, classifier, images, &labels, px);
+        if labels.iter().all(|&l| l < classes) {
+            acc.add_batch(model, classifier, images, &labels, px);
+        } else {
+            let len = images.len() / labels.len();
+            let keep: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] < classes).collect();
+            not_a_class += labels.len() - keep.len();
+            let kept: Vec<u8> = keep
+                .iter()
+                .flat_map(|&i| images[i * len..(i + 1) * len].iter().copied())
+                .collect();
+            let labels: Vec<usize> = keep.iter().map(|&i| labels[i]).collect();
+            if !labels.is_empty() {
+                acc.add_batch(model, classifier, &kept, &labels, px);
+            }
+        }
         done += labels.len();
         progress(done);
         Ok(())
     })?;
-    let mut result = acc.result(classifier.dims()[0]);
-    result.skipped = stats.snapshot().bad_images as usize;
+    let mut result = acc.result(classes);
+    let read = stats.snapshot();
+    result.skipped = (read.bad_images + read.bad_captions) as usize + not_a_class;
     if result.samples == 0 {
         return Err(Error::Config(
             "the evaluation set yielded no readable image".into(),

@@ -38,7 +38,7 @@ pub enum TemplateSet {
     Simple,
     /// OpenAI's 80 ImageNet templates (the default for ImageNet folders).
     Openai,
-    /// One template per line of a file.
+    /// One template per line of a file (`{}` or `{c}` for the class).
     File(PathBuf),
 }
 
@@ -58,24 +58,35 @@ impl TemplateSet {
             Self::Openai => lines(include_str!("../../data/zeroshot/openai_templates.txt")),
             Self::File(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-                let t = lines(&text);
-                if let Some(bad) = t.iter().find(|t| !t.contains("{}")) {
-                    return Err(Error::Format {
-                        path: path.clone(),
-                        reason: format!("template {bad:?} has no {{}} for the class name"),
-                    });
-                }
-                if t.is_empty() {
-                    return Err(Error::Format {
-                        path: path.clone(),
-                        reason: "no templates".into(),
-                    });
-                }
-                t
+                templates_from_lines(&lines(&text)).map_err(|reason| Error::Format {
+                    path: path.clone(),
+                    reason,
+                })?
             }
         };
         Ok(templates)
     }
+}
+
+/// Prompt templates from `lines`, with `{}` or clip_benchmark's `{c}`
+/// (`template.format(c=name)`) for the class name; `{c}` is read as `{}`.
+/// Errs with the reason on a template without either, or on no templates.
+pub fn templates_from_lines<S: AsRef<str>>(
+    lines: &[S],
+) -> std::result::Result<Vec<String>, String> {
+    let templates: Vec<String> = lines
+        .iter()
+        .map(|l| l.as_ref().replace("{c}", "{}"))
+        .collect();
+    if let Some(bad) = templates.iter().find(|t| !t.contains("{}")) {
+        return Err(format!(
+            "template {bad:?} has no {{}} or {{c}} for the class name"
+        ));
+    }
+    if templates.is_empty() {
+        return Err("no templates".into());
+    }
+    Ok(templates)
 }
 
 impl FromStr for TemplateSet {
@@ -150,9 +161,14 @@ pub struct ZeroShotResult {
     pub per_class_recall: f64,
     /// Images evaluated.
     pub samples: usize,
+    /// Classes the images were scored against.
+    #[serde(default)]
+    pub classes: usize,
     /// Accuracy of guessing: `1 / classes`.
     pub chance: f64,
-    /// Images that could not be decoded: skipped, not in `samples`.
+    /// Samples skipped, not in `samples`: images that could not be decoded,
+    /// and labelled shards' samples whose `cls` is missing, not a number or
+    /// not a class.
     #[serde(default)]
     pub skipped: usize,
 }
@@ -319,6 +335,7 @@ impl Accuracy {
             top5: self.hits5 as f64 / n,
             per_class_recall: present.iter().sum::<f64>() / present.len().max(1) as f64,
             samples: self.seen,
+            classes,
             chance: 1.0 / classes.max(1) as f64,
             skipped: 0,
         }
@@ -385,7 +402,16 @@ mod tests {
         let dir = dir_tmp.path();
         let path = dir.join("t.txt");
         std::fs::write(&path, "a photo of {}.\nno placeholder\n").unwrap();
-        let err = TemplateSet::File(path).load().unwrap_err().to_string();
+        let err = TemplateSet::File(path.clone())
+            .load()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no placeholder"), "{err}");
+        // clip_benchmark's `{c}` reads as `{}`.
+        std::fs::write(&path, "a photo of a {c}.\n\nthe {}\n").unwrap();
+        assert_eq!(
+            TemplateSet::File(path).load().unwrap(),
+            ["a photo of a {}.", "the {}"]
+        );
     }
 }

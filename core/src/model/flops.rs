@@ -70,6 +70,13 @@ impl ClipConfig {
 
     /// Trainable and frozen parameter count (sin-cos tables included).
     pub fn num_params(&self) -> u64 {
+        let (vision, text) = self.tower_params();
+        vision + text + 1
+    }
+
+    /// Parameters of the image and the text tower (the temperature, in
+    /// neither, is the one more that [`ClipConfig::num_params`] counts).
+    pub fn tower_params(&self) -> (u64, u64) {
         let block = |w: u64, mlp: u64| 4 * (w * w + w) + (w * mlp + mlp) + (mlp * w + w) + 4 * w;
         let v = &self.vision;
         let (vw, p, g) = (v.width as u64, v.patch_size as u64, v.grid() as u64);
@@ -87,7 +94,7 @@ impl ClipConfig {
             + t.layers as u64 * block(tw, t.mlp_width as u64)
             + 2 * tw
             + tw * self.embed_dim as u64;
-        vision + text + 1
+        (vision, text)
     }
 }
 

@@ -76,6 +76,23 @@ pub fn import_dir(dir: &Path, vocab: Option<&Path>) -> Result<Imported> {
     import(&weights, &config, vocab, Some(dir))
 }
 
+/// Whether `dir` is an OpenCLIP hub folder (it has [`HUB_CONFIG`]).
+pub fn is_hub_dir(dir: &Path) -> bool {
+    dir.join(HUB_CONFIG).is_file()
+}
+
+/// The model config of the hub folder `dir`, without reading its weights.
+pub fn read_config(dir: &Path) -> Result<ClipConfig> {
+    let path = dir.join(HUB_CONFIG);
+    let json = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    parse_config(&json)
+        .map(|parsed| parsed.clip)
+        .map_err(|e| Error::Format {
+            path,
+            reason: e.to_string(),
+        })
+}
+
 /// Imports a weights file (safetensors or PyTorch) with its OpenCLIP config;
 /// `vocab` is the vocabulary of a model with an `hf_tokenizer_name`.
 pub fn import_files(weights: &Path, config: &Path, vocab: Option<&Path>) -> Result<Imported> {

@@ -13,7 +13,9 @@ use burn::tensor::backend::{Backend, DTypeUsage};
 use burn::tensor::{DType, FloatDType};
 use serde::{Deserialize, Serialize};
 
+use super::lit::LockConfig;
 use super::optim::AdamWConfig;
+use super::schedule::{LrScheduler, ScheduleConfig, scaled_lr};
 use crate::eval::{EvaluatorConfig, TemplateSet};
 pub use crate::loss::LossKind;
 use crate::model::ClipConfig;
@@ -78,6 +80,16 @@ impl Precision {
             )),
         }
     }
+}
+
+/// Where a run reports its logged metrics besides `metrics.jsonl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum ReportTo {
+    /// TensorBoard event files in `RUN/tensorboard/` (`tensorboard --logdir
+    /// RUN/tensorboard`).
+    Tensorboard,
 }
 
 /// One training stage.
@@ -204,6 +216,13 @@ pub struct TrainConfig {
     pub loss: LossKind,
     /// Optimiser hyper-parameters.
     pub optimizer: AdamWConfig,
+    /// The learning rate's shape after warmup (every stage).
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    /// Locked (frozen) parts of the towers (LiT): they get no gradient and
+    /// no optimiser state.
+    #[serde(default, skip_serializing_if = "LockConfig::is_none")]
+    pub lock: LockConfig,
     /// Clip the global gradient norm to this value.
     #[serde(default)]
     pub grad_clip: Option<f64>,
@@ -233,6 +252,10 @@ pub struct TrainConfig {
     /// own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vocab: Option<PathBuf>,
+    /// Where the run also reports its logged metrics besides
+    /// `metrics.jsonl` (`--report-to tensorboard`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub report_to: Vec<ReportTo>,
     /// Data.
     #[serde(default)]
     pub data: DataConfig,
@@ -249,10 +272,13 @@ impl TrainConfig {
     pub(crate) fn base(model: &str, stages: Vec<StageConfig>) -> Self {
         Self {
             vocab: None,
+            report_to: Vec::new(),
             model: model.into(),
             seed: 0,
             loss: LossKind::Softmax,
             optimizer: AdamWConfig::default(),
+            schedule: ScheduleConfig::default(),
+            lock: LockConfig::default(),
             grad_clip: None,
             skip_nonfinite: 0,
             precision: Precision::Auto,
@@ -320,6 +346,42 @@ impl TrainConfig {
             reason: e.to_string(),
         })?;
         Ok((parsed.clip, parsed.text_mask))
+    }
+
+    /// What the optimiser will do, a line for AdamW and the clipping, one
+    /// per stage for its learning rates after the batch scaling, and one
+    /// for the lock (`clipa train --dry-run` prints them above the TOML).
+    pub fn describe_optimizer(&self) -> Vec<String> {
+        let o = &self.optimizer;
+        let clip = self
+            .grad_clip
+            .map_or("none".to_string(), |c| format!("norm {c}"));
+        let mut lines = vec![format!(
+            "AdamW beta1 {} beta2 {} eps {:e} weight decay {}; gradient clip {clip}",
+            o.beta1, o.beta2, o.eps, o.weight_decay
+        )];
+        let sched = &self.schedule;
+        for s in &self.stages {
+            let (peak, end) = (
+                scaled_lr(s.base_lr, s.batch_size),
+                scaled_lr(s.end_base_lr, s.batch_size),
+            );
+            let shape = match sched.scheduler {
+                LrScheduler::Cosine => format!("cosine to {end:.4e}"),
+                LrScheduler::Const => "constant".to_string(),
+                LrScheduler::ConstCooldown => format!(
+                    "constant, then a cooldown of {} steps (power {}) to {end:.4e}",
+                    sched.cooldown_steps.min(s.steps - s.warmup_steps.min(s.steps)),
+                    sched.cooldown_power
+                ),
+            };
+            lines.push(format!(
+                "stage '{}': {} steps at batch {}, lr {peak:.4e} (base_lr {:e} per 256 samples), warmup {} steps, then {shape}",
+                s.name, s.steps, s.batch_size, s.base_lr, s.warmup_steps
+            ));
+        }
+        lines.push(format!("locked: {}", self.lock));
+        lines
     }
 
     /// Total steps over all stages.
@@ -434,6 +496,7 @@ impl TrainConfig {
                 }
             }
         }
+        self.lock.validate(&model)?;
         if self.data.workers > MAX_WORKERS {
             return bad(format!(
                 "data.workers = {} is out of range (0 for all cores, at most {MAX_WORKERS})",
@@ -477,6 +540,18 @@ impl TrainConfig {
             if !ok {
                 return Err(Error::Config(format!("{key} = {value} must be {range}")));
             }
+        }
+        let s = &self.schedule;
+        if !(s.cooldown_power.is_finite() && s.cooldown_power > 0.0) {
+            return Err(Error::Config(format!(
+                "schedule.cooldown_power = {} must be finite and positive",
+                s.cooldown_power
+            )));
+        }
+        if s.scheduler == LrScheduler::ConstCooldown && s.cooldown_steps == 0 {
+            return Err(Error::Config(
+                "the const-cooldown schedule needs a cooldown: --cooldown-steps N or --epochs-cooldown E (schedule.cooldown_steps)".into(),
+            ));
         }
         match self.grad_clip {
             Some(c) if !(c.is_finite() && c > 0.0) => Err(Error::Config(format!(

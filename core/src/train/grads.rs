@@ -13,6 +13,7 @@ use super::batch::DeviceBatch;
 use crate::Result;
 use crate::dist::Replica;
 use crate::loss::{LossKind, contrastive_loss, contrastive_loss_rows};
+use super::lit::{Frozen, first_trained_block, stem_trains};
 use crate::model::{ClipModel, Trace, l2_normalize};
 use crate::nn::ResidualBlock;
 
@@ -139,6 +140,7 @@ pub fn loss_and_grads<B: AutodiffBackend>(
     kind: LossKind,
     micro: usize,
     checkpoint: bool,
+    frozen: Frozen,
     replica: &Replica<B>,
 ) -> Result<(Tensor<B::InnerBackend, 1>, GradientsParams)> {
     // The softmax loss has no bias, even where the model carries one.
@@ -153,6 +155,7 @@ pub fn loss_and_grads<B: AutodiffBackend>(
             batch.keep.clone(),
             batch.ids.clone(),
             checkpoint,
+            frozen,
             |model, img, txt| {
                 if replica.world() == 1 {
                     let bias = bias(model);
@@ -201,6 +204,7 @@ pub fn loss_and_grads<B: AutodiffBackend>(
                 batch.keep.as_ref().map(|k| slice2(k, j)),
                 slice2(&batch.ids, j),
                 checkpoint,
+                frozen,
                 |model, img, txt| {
                     Ok((
                         surrogate(img, txt, &g, j * size, (j == 0).then_some(model)),
@@ -213,6 +217,35 @@ pub fn loss_and_grads<B: AutodiffBackend>(
         (g.loss, acc.grads())
     };
     Ok((loss, replica.sum_grads(model, grads)?))
+}
+
+/// Unit image and text features `[batch, dim]` each. A tower in `frozen`
+/// runs on the inner backend, so its forward pass records no graph and
+/// keeps no activations for a backward pass it will not have.
+fn features<B: AutodiffBackend>(
+    model: &ClipModel<B>,
+    images: Tensor<B, 4>,
+    keep: Option<Tensor<B, 2, Int>>,
+    ids: Tensor<B, 2, Int>,
+    frozen: Frozen,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    if frozen == Frozen::default() {
+        return model.features(images, keep, ids, &mut Trace::off());
+    }
+    let image = match frozen.whole_image() {
+        true => Tensor::from_inner(
+            model
+                .visual
+                .valid()
+                .forward(images.inner(), keep.map(Tensor::inner)),
+        ),
+        false => model.visual.forward(images, keep),
+    };
+    let text = match frozen.whole_text() {
+        true => Tensor::from_inner(model.text.valid().forward(ids.inner())),
+        false => model.text.forward(ids),
+    };
+    (l2_normalize(image), l2_normalize(text))
 }
 
 /// Computes unit image and text features with gradients, reduces them to a
@@ -239,6 +272,7 @@ pub fn backward_through<B: AutodiffBackend>(
     keep: Option<Tensor<B, 2, Int>>,
     ids: Tensor<B, 2, Int>,
     checkpoint: bool,
+    frozen: Frozen,
     loss_of: impl FnOnce(
         &ClipModel<B>,
         Tensor<B, 2>,
@@ -260,7 +294,7 @@ pub fn backward_through<B: AutodiffBackend>(
     let renewed = ClipModel::from_inner(model.valid());
     let model = &renewed;
     if !checkpoint {
-        let (img, txt) = model.features(images, keep, ids, &mut Trace::off());
+        let (img, txt) = features(model, images, keep, ids, frozen);
         let (loss, value) = loss_of(model, img, txt)?;
         return Ok((value, GradientsParams::from_grads(loss.backward(), model)));
     }
@@ -294,8 +328,20 @@ pub fn backward_through<B: AutodiffBackend>(
 
     let mut acc = GradientsAccumulator::<ClipModel<B>>::new();
     // Heads and loss, from the last blocks' outputs.
-    let v_top = Tensor::from_inner(v_kept[v_kept.len() - 1].clone()).require_grad();
-    let t_top = Tensor::from_inner(t_kept[t_kept.len() - 1].clone()).require_grad();
+    // Where each tower's backward pass stops (a locked tower's lowest
+    // trained group); a top below which nothing trains needs no gradient.
+    let (v_first, t_first) = (
+        first_trained_block(vision.blocks.len(), frozen.image),
+        first_trained_block(text.blocks.len(), frozen.text),
+    );
+    let top = |kept: &[Tensor<B::InnerBackend, 3>], trains: bool| {
+        let x = Tensor::<B, 3>::from_inner(kept[kept.len() - 1].clone());
+        if trains { x.require_grad() } else { x }
+    };
+    let v_train = v_first < vision.blocks.len() || stem_trains(vision.blocks.len(), frozen.image);
+    let t_train = t_first < text.blocks.len() || stem_trains(text.blocks.len(), frozen.text);
+    let v_top = top(&v_kept, v_train);
+    let t_top = top(&t_kept, t_train);
     let img = l2_normalize(vision.pool(v_top.clone()));
     let txt = l2_normalize(text.pool(t_top.clone(), ids.clone()));
     let (loss, value) = loss_of(model, img, txt)?;
@@ -304,8 +350,9 @@ pub fn backward_through<B: AutodiffBackend>(
         x.grad(grads)
             .expect("the checkpointed chain reaches every block")
     };
-    let mut v_grad = output_grad(&v_top, &grads); // [batch, tokens, width]
-    let mut t_grad = output_grad(&t_top, &grads);
+    // [batch, tokens, width]; `None` where nothing below the top trains.
+    let mut v_grad = v_train.then(|| output_grad(&v_top, &grads));
+    let mut t_grad = t_train.then(|| output_grad(&t_top, &grads));
     acc.accumulate(model, GradientsParams::from_grads(grads, model));
     // Blocks, last to first: recompute, then back-propagate `v_grad`.
     let mut through = |block: &ResidualBlock<B>, input: &Tensor<B::InnerBackend, 3>, g, causal| {
@@ -316,16 +363,30 @@ pub fn backward_through<B: AutodiffBackend>(
         acc.accumulate(model, GradientsParams::from_grads(grads, model));
         dx
     };
-    for (block, input) in vision.blocks.iter().zip(&v_kept).rev() {
-        v_grad = through(block, input, v_grad, false);
+    if let Some(g) = v_grad.as_mut() {
+        for (block, input) in vision.blocks.iter().zip(&v_kept).skip(v_first).rev() {
+            *g = through(block, input, g.clone(), false);
+        }
     }
-    for (block, input) in text.blocks.iter().zip(&t_kept).rev() {
-        t_grad = through(block, input, t_grad, causal);
+    if let Some(g) = t_grad.as_mut() {
+        for (block, input) in text.blocks.iter().zip(&t_kept).skip(t_first).rev() {
+            *g = through(block, input, g.clone(), causal);
+        }
     }
     // The stems: patch and position embeddings, token embeddings.
-    let stems = (vision.embed(images, keep) * Tensor::from_inner(v_grad)).sum()
-        + (text.embed(ids) * Tensor::from_inner(t_grad)).sum();
-    acc.accumulate(model, GradientsParams::from_grads(stems.backward(), model));
+    let v_stem = stem_trains(vision.blocks.len(), frozen.image);
+    let t_stem = stem_trains(text.blocks.len(), frozen.text);
+    let stems = [
+        v_grad
+            .filter(|_| v_stem)
+            .map(|g| (vision.embed(images, keep) * Tensor::from_inner(g)).sum()),
+        t_grad
+            .filter(|_| t_stem)
+            .map(|g| (text.embed(ids) * Tensor::from_inner(g)).sum()),
+    ];
+    if let Some(stems) = stems.into_iter().flatten().reduce(|a, b| a + b) {
+        acc.accumulate(model, GradientsParams::from_grads(stems.backward(), model));
+    }
     Ok((value, acc.grads()))
 }
 

@@ -8,6 +8,7 @@
 //! lets through may still be close.
 
 use super::config::{StageConfig, TrainConfig};
+use super::lit::{Frozen, first_trained_block};
 use crate::model::ClipConfig;
 use crate::{Error, Result};
 
@@ -36,10 +37,16 @@ impl StepMemory {
 /// layer before and after its activation and its output: `9·width +
 /// 2·mlp` floats. With per-block checkpointing only each block's input is
 /// kept, plus one block's worth while it is recomputed.
+///
+/// A locked tower (`frozen`) keeps activations only for its trained blocks,
+/// and its parameters are counted at 4 bytes (the weights alone; the
+/// trained groups' gradients and moments are left out, to stay a lower
+/// bound).
 pub fn step_memory(
     model: &ClipConfig,
     stage: &StageConfig,
     grad_checkpointing: bool,
+    frozen: Frozen,
 ) -> StepMemory {
     let batch = stage.batch_size as u64;
     let px = stage.image_reduction.image_size(stage.image_size) as u64;
@@ -48,20 +55,33 @@ pub fn step_memory(
         Some(mask) => mask.kept((grid as usize, grid as usize)) as u64,
         None => grid * grid,
     };
-    let tower = |tokens: u64, width: usize, mlp: usize, layers: usize| -> u64 {
-        let (width, mlp, layers) = (width as u64, mlp as u64, layers as u64);
+    let tower = |tokens: u64, width: usize, mlp: usize, layers: usize, lock: Option<usize>| {
+        let trained = (layers - first_trained_block(layers, lock)) as u64;
+        let (width, mlp) = (width as u64, mlp as u64);
         let block = tokens * (9 * width + 2 * mlp);
-        let kept = match grad_checkpointing {
-            true => layers * tokens * width + block,
-            false => layers * block,
+        let kept = match (grad_checkpointing, trained) {
+            (_, 0) => 0,
+            (true, n) => n * tokens * width + block,
+            (false, n) => n * block,
         };
         4 * batch * kept
     };
     let (v, t) = (&model.vision, &model.text);
-    let activations = tower(patches + 1, v.width, v.mlp_width, v.layers)
-        + tower(stage.text_length as u64, t.width, t.mlp_width, t.layers);
+    let activations = tower(patches + 1, v.width, v.mlp_width, v.layers, frozen.image)
+        + tower(
+            stage.text_length as u64,
+            t.width,
+            t.mlp_width,
+            t.layers,
+            frozen.text,
+        );
+    let (vp, tp) = model.tower_params();
+    let bytes = |params: u64, lock: Option<usize>| match lock {
+        Some(_) => 4 * params,
+        None => 16 * params,
+    };
     StepMemory {
-        weights: 16 * model.num_params(),
+        weights: bytes(vp, frozen.image) + bytes(tp, frozen.text) + 16,
         activations,
         batch: batch * (4 * 3 * px * px + 8 * stage.text_length as u64),
     }
@@ -75,7 +95,7 @@ pub fn check_fits(cfg: &TrainConfig, replicas: usize, available: u64) -> Result<
     let model = cfg.model_config()?;
     let replicas = replicas.max(1) as u64;
     for stage in &cfg.stages {
-        let mut need = step_memory(&model, stage, cfg.grad_checkpointing);
+        let mut need = step_memory(&model, stage, cfg.grad_checkpointing, cfg.lock.frozen());
         need.activations /= replicas;
         need.batch /= replicas;
         if need.total() > available {
@@ -111,7 +131,7 @@ mod tests {
         let mut cfg = TrainConfig::preset("tiny").unwrap();
         let model = cfg.model_config().unwrap();
         let stage = cfg.stages[0].clone();
-        let m = step_memory(&model, &stage, false);
+        let m = step_memory(&model, &stage, false, Frozen::default());
         let (v, t) = (&model.vision, &model.text);
         let grid = (stage.image_size as usize / v.patch_size) as u64;
         let per = |tokens: u64, w: usize, mlp: usize, layers: usize| {
@@ -124,7 +144,20 @@ mod tests {
         let px = stage.image_size as u64;
         let batch = stage.batch_size as u64 * (12 * px * px + 8 * stage.text_length as u64);
         assert_eq!(m.batch, batch);
-        assert!(step_memory(&model, &stage, true).activations < m.activations);
+        assert!(step_memory(&model, &stage, true, Frozen::default()).activations < m.activations);
+        // A locked image tower keeps no activations and no optimiser state.
+        let lit = step_memory(
+            &model,
+            &stage,
+            false,
+            Frozen {
+                image: Some(0),
+                text: None,
+            },
+        );
+        let (vp, _) = model.tower_params();
+        assert_eq!(m.weights - lit.weights, 12 * vp);
+        assert!(lit.activations < m.activations);
 
         assert!(check_fits(&cfg, 1, 1 << 40).is_ok());
         cfg.stages[0].batch_size = 1_000_000;

@@ -11,6 +11,7 @@ pub mod batch;
 pub mod config;
 pub mod data;
 pub mod grads;
+pub mod lit;
 pub mod lock;
 pub mod memory;
 pub mod optim;
@@ -20,6 +21,7 @@ mod run;
 pub mod runstate;
 pub mod schedule;
 pub mod step;
+pub mod tensorboard;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -30,7 +32,7 @@ use burn::tensor::backend::AutodiffBackend;
 
 use serde::{Deserialize, Serialize};
 
-pub use config::{DataConfig, LossKind, Precision, StageConfig, TrainConfig};
+pub use config::{DataConfig, LossKind, Precision, ReportTo, StageConfig, TrainConfig};
 
 use self::data::{StageBatch, StageData};
 use self::run::train_replica;
@@ -50,8 +52,10 @@ pub struct RunOptions {
     pub interrupt: Arc<AtomicBool>,
     /// A user lexicon for syntax masking instead of the shipped one.
     pub lexicon: Option<PathBuf>,
-    /// Start from the weights of this clipa checkpoint folder instead of a
-    /// random init (fine-tuning a pre-trained or imported model).
+    /// Start from the weights of this clipa checkpoint folder or OpenCLIP
+    /// hub folder instead of a random init (fine-tuning a pre-trained or
+    /// released model), with its tokenizer and preprocessing; the
+    /// optimiser and schedule start fresh.
     pub init_from: Option<PathBuf>,
 }
 
@@ -200,7 +204,7 @@ fn preflight(cfg: &TrainConfig, opts: &RunOptions) -> Result<()> {
             .map_err(|e| Error::Config(format!("evaluator '{}': {e}", eval.name())))?;
     }
     if let (Some(dir), None) = (&opts.init_from, &opts.resume) {
-        let have = crate::checkpoint::load_config(dir)?;
+        let have = crate::checkpoint::load_config_or_hub(dir)?;
         let want = cfg.model_config()?;
         if architecture(&have) != architecture(&want) {
             return Err(Error::Config(format!(

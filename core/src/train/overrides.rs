@@ -5,7 +5,9 @@
 
 use std::path::PathBuf;
 
-use super::config::{Precision, TrainConfig};
+use super::config::{Precision, ReportTo, TrainConfig};
+use super::lit::TowerLock;
+use super::schedule::{LrScheduler, base_lr_for};
 use crate::eval::ZeroShotFlags;
 use crate::loss::LossKind;
 use crate::reduce::{ImageReduction, TextReduction};
@@ -91,9 +93,16 @@ pub struct TrainOverrides {
     /// Zero-shot evaluation every N steps (always at the end of a stage).
     #[cfg_attr(feature = "cli", arg(long))]
     pub eval_every: Option<u64>,
-    /// Clip the gradient norm.
-    #[cfg_attr(feature = "cli", arg(long))]
+    /// Clip the global gradient norm to this value (OpenCLIP
+    /// `--grad-clip-norm`).
+    #[cfg_attr(feature = "cli", arg(long, visible_alias = "grad-clip-norm"))]
     pub grad_clip: Option<f64>,
+    /// The optimiser and schedule flags OpenCLIP users know.
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub optim: OptimOverrides,
+    /// Locked towers (LiT), with OpenCLIP's flags.
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub lock: LockOverrides,
     /// Skip up to N non-finite steps instead of stopping.
     #[cfg_attr(feature = "cli", arg(long))]
     pub skip_nonfinite: Option<u32>,
@@ -109,6 +118,73 @@ pub struct TrainOverrides {
     /// Data-loading threads (default: all cores).
     #[cfg_attr(feature = "cli", arg(long))]
     pub workers: Option<usize>,
+    /// Where else the logged metrics go, besides metrics.jsonl
+    /// (comma-separated; adds to the config's `report_to`).
+    #[cfg_attr(feature = "cli", arg(long, value_enum, value_delimiter = ','))]
+    pub report_to: Vec<ReportTo>,
+}
+
+/// OpenCLIP's optimiser and learning-rate flags. Each overrides every
+/// stage; learning rates are the rates themselves (OpenCLIP's meaning),
+/// stored per stage as its base rate per 256 samples at its batch.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct OptimOverrides {
+    /// Peak learning rate of every stage (after warmup), whatever its batch.
+    #[cfg_attr(feature = "cli", arg(long, allow_negative_numbers = true))]
+    pub lr: Option<f64>,
+    /// AdamW's decoupled weight decay.
+    #[cfg_attr(feature = "cli", arg(long, allow_negative_numbers = true))]
+    pub wd: Option<f64>,
+    /// Linear warmup steps of every stage.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub warmup: Option<u64>,
+    /// AdamW's β₁, in [0, 1).
+    #[cfg_attr(feature = "cli", arg(long, allow_negative_numbers = true))]
+    pub beta1: Option<f64>,
+    /// AdamW's β₂, in [0, 1).
+    #[cfg_attr(feature = "cli", arg(long, allow_negative_numbers = true))]
+    pub beta2: Option<f64>,
+    /// AdamW's ε.
+    #[cfg_attr(feature = "cli", arg(long, allow_negative_numbers = true))]
+    pub eps: Option<f64>,
+    /// The learning rate after warmup: cosine, const or const-cooldown.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub lr_scheduler: Option<LrScheduler>,
+    /// Where the decay ends (const-cooldown's cooldown, or the cosine), a
+    /// learning rate.
+    #[cfg_attr(feature = "cli", arg(long, allow_negative_numbers = true))]
+    pub lr_cooldown_end: Option<f64>,
+    /// Exponent of the cooldown's decay (1: linear).
+    #[cfg_attr(feature = "cli", arg(long, allow_negative_numbers = true))]
+    pub lr_cooldown_power: Option<f64>,
+    /// Cooldown length in epochs of --train-num-samples (in steps of the
+    /// first stage's batch).
+    #[cfg_attr(feature = "cli", arg(long, conflicts_with = "cooldown_steps"))]
+    pub epochs_cooldown: Option<f64>,
+    /// Cooldown length in steps, at the end of every stage.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub cooldown_steps: Option<u64>,
+}
+
+/// OpenCLIP's tower-locking flags (LiT).
+#[derive(Debug, Clone, Default, PartialEq)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct LockOverrides {
+    /// Lock the image tower (no gradient, no optimiser state); a tower
+    /// locked whole runs without autodiff.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub lock_image: bool,
+    /// Leave the top N layer groups of the locked image tower trainable
+    /// (the projection, then the last block with the final LayerNorm, …).
+    #[cfg_attr(feature = "cli", arg(long, requires = "lock_image"))]
+    pub lock_image_unlocked_groups: Option<usize>,
+    /// Lock the text tower.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub lock_text: bool,
+    /// Leave the top N layer groups of the locked text tower trainable.
+    #[cfg_attr(feature = "cli", arg(long, requires = "lock_text"))]
+    pub lock_text_unlocked_layers: Option<usize>,
 }
 
 /// `value` into `slot` where given.
@@ -173,10 +249,85 @@ impl TrainConfig {
         if o.grad_clip.is_some() {
             self.grad_clip = o.grad_clip;
         }
+        self.apply_optim(&o.optim)?;
+        self.apply_lock(&o.lock);
         set(&mut self.skip_nonfinite, &o.skip_nonfinite);
         set(&mut self.precision, &o.precision);
         self.grad_checkpointing |= o.grad_checkpointing;
+        for r in &o.report_to {
+            if !self.report_to.contains(r) {
+                self.report_to.push(*r);
+            }
+        }
         self.validate()
+    }
+
+    /// OpenCLIP's optimiser flags, after the batch is known. A rate that
+    /// is not finite or is negative is refused here, naming the flag; the
+    /// others are checked by [`TrainConfig::validate`], naming the key.
+    fn apply_optim(&mut self, o: &OptimOverrides) -> Result<()> {
+        for (flag, v) in [
+            ("--lr", o.lr),
+            ("--lr-cooldown-end", o.lr_cooldown_end),
+            ("--wd", o.wd),
+        ] {
+            if let Some(v) = v
+                && !(v.is_finite() && v >= 0.0)
+            {
+                return Err(Error::Config(format!(
+                    "{flag} {v} must be finite and not negative"
+                )));
+            }
+        }
+        for s in &mut self.stages {
+            if let Some(lr) = o.lr {
+                s.base_lr = base_lr_for(lr, s.batch_size);
+            }
+            if let Some(end) = o.lr_cooldown_end {
+                s.end_base_lr = base_lr_for(end, s.batch_size);
+            }
+            set(&mut s.warmup_steps, &o.warmup);
+        }
+        let opt = &mut self.optimizer;
+        set(&mut opt.weight_decay, &o.wd);
+        set(&mut opt.beta1, &o.beta1);
+        set(&mut opt.beta2, &o.beta2);
+        set(&mut opt.eps, &o.eps);
+        let sched = &mut self.schedule;
+        set(&mut sched.scheduler, &o.lr_scheduler);
+        set(&mut sched.cooldown_power, &o.lr_cooldown_power);
+        set(&mut sched.cooldown_steps, &o.cooldown_steps);
+        if let Some(e) = o.epochs_cooldown {
+            let Some(per_epoch) = self.data.train_num_samples else {
+                return Err(Error::Config(
+                    "--epochs-cooldown needs --train-num-samples (or use --cooldown-steps)".into(),
+                ));
+            };
+            if !(e.is_finite() && e > 0.0) {
+                return Err(Error::Config(format!(
+                    "--epochs-cooldown {e} must be positive"
+                )));
+            }
+            let batch = self.stages[0].batch_size as f64;
+            sched.cooldown_steps = (e * per_epoch as f64 / batch).round().max(1.0) as u64;
+        }
+        Ok(())
+    }
+
+    /// The locking flags: a flag locks its tower, its count sets the
+    /// unlocked groups (0 where not given).
+    fn apply_lock(&mut self, o: &LockOverrides) {
+        let tower = |on: bool, unlocked: Option<usize>| {
+            on.then(|| TowerLock {
+                unlocked_groups: unlocked.unwrap_or(0),
+            })
+        };
+        if o.lock_image {
+            self.lock.image = tower(true, o.lock_image_unlocked_groups);
+        }
+        if o.lock_text {
+            self.lock.text = tower(true, o.lock_text_unlocked_layers);
+        }
     }
 
     /// The data settings of `o`.
@@ -252,6 +403,72 @@ mod tests {
         let mut cfg = before.clone();
         cfg.apply(&TrainOverrides::default()).unwrap();
         assert_eq!(cfg, before, "no overrides, no change");
+    }
+
+    /// OpenCLIP's optimiser flags land on every stage, with `--lr` and
+    /// `--lr-cooldown-end` turned into per-256 rates at each stage's batch;
+    /// the lock flags lock their tower with the given unlocked groups.
+    #[test]
+    fn optimiser_and_lock_flags_land_on_every_stage() {
+        let mut cfg = TrainConfig::preset("demo").unwrap();
+        cfg.stages[1].batch_size = 32; // unequal batches
+        cfg.apply(&TrainOverrides {
+            optim: OptimOverrides {
+                lr: Some(2e-3),
+                wd: Some(0.0),
+                warmup: Some(3),
+                beta2: Some(0.999),
+                lr_scheduler: Some(LrScheduler::ConstCooldown),
+                cooldown_steps: Some(4),
+                lr_cooldown_end: Some(1e-4),
+                ..Default::default()
+            },
+            lock: LockOverrides {
+                lock_text: true,
+                lock_text_unlocked_layers: Some(2),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .unwrap();
+        for s in &cfg.stages {
+            let scale = s.batch_size as f64 / 256.0;
+            assert!((s.base_lr * scale - 2e-3).abs() < 1e-15, "{}", s.name);
+            assert!((s.end_base_lr * scale - 1e-4).abs() < 1e-15, "{}", s.name);
+            assert_eq!(s.warmup_steps, 3);
+        }
+        assert_eq!(
+            (cfg.optimizer.weight_decay, cfg.optimizer.beta2),
+            (0.0, 0.999)
+        );
+        assert_eq!(cfg.optimizer.beta1, 0.9, "an unset flag keeps the config's");
+        assert_eq!(cfg.schedule.scheduler, LrScheduler::ConstCooldown);
+        assert_eq!(cfg.schedule.cooldown_steps, 4);
+        assert_eq!(cfg.lock.image, None);
+        assert_eq!(cfg.lock.text, Some(TowerLock { unlocked_groups: 2 }));
+        // --epochs-cooldown counts epochs of --train-num-samples.
+        let mut cfg = TrainConfig::preset("tiny").unwrap();
+        let per_epoch = TrainOverrides {
+            train_num_samples: Some(1600),
+            batch_size: Some(16),
+            optim: OptimOverrides {
+                lr_scheduler: Some(LrScheduler::ConstCooldown),
+                epochs_cooldown: Some(0.5),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        cfg.apply(&per_epoch).unwrap();
+        assert_eq!(cfg.schedule.cooldown_steps, 50);
+        let negative = TrainOverrides {
+            optim: OptimOverrides {
+                lr: Some(-1.0),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let err = cfg.apply(&negative).unwrap_err().to_string();
+        assert!(err.contains("--lr -1 must be finite"), "{err}");
     }
 
     /// `epochs` needs an epoch size, and a bad override is refused by the

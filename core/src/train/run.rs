@@ -15,6 +15,7 @@ use super::config::{StageConfig, TrainConfig};
 use super::data::StageData;
 use super::optim::AdamW;
 use super::runstate::{self, Manifest};
+use super::schedule::{StageSchedule, scaled_lr};
 use super::step::{StepConfig, StepValues, train_step};
 use super::{Feed, Observer, RunOptions, StageReport, TrainSummary, every};
 use crate::data::loader::LoaderState;
@@ -126,9 +127,8 @@ struct Stage<'s> {
     config: &'s StageConfig,
     /// Image side the tower sees (after a resize reduction).
     px: usize,
-    /// The learning rate's peak and end.
-    peak: f64,
-    end: f64,
+    /// The learning rate, step by step.
+    schedule: StageSchedule,
     step: StepConfig,
 }
 
@@ -144,7 +144,16 @@ impl<B: AutodiffBackend> Runner<'_, B> {
         observer: &mut dyn Observer,
     ) -> Result<(ClipModel<B>, bool)> {
         let px = config.image_reduction.image_size(config.image_size) as usize;
-        let mut model = model.resize(px, config.text_length);
+        // The lock is laid again on every stage: a resize rebuilds the
+        // position tables.
+        let (mut model, frozen) = self.cfg.lock.apply(model.resize(px, config.text_length));
+        if frozen > 0 && si == self.manifest.stage {
+            observer.message(&format!(
+                "locked: {} ({:.1} M parameters frozen, no gradient or optimiser state)",
+                self.cfg.lock,
+                frozen as f64 / 1e6
+            ));
+        }
         // A stage resumed mid-way keeps its optimiser; a new one restarts it.
         let mut opt = match optim_state {
             Some(state) if self.manifest.stage_step > 0 => {
@@ -156,13 +165,19 @@ impl<B: AutodiffBackend> Runner<'_, B> {
             index: si,
             config,
             px,
-            peak: super::schedule::scaled_lr(config.base_lr, config.batch_size),
-            end: super::schedule::scaled_lr(config.end_base_lr, config.batch_size),
+            schedule: StageSchedule {
+                config: self.cfg.schedule,
+                total: config.steps,
+                warmup: config.warmup_steps,
+                peak: scaled_lr(config.base_lr, config.batch_size),
+                end: scaled_lr(config.end_base_lr, config.batch_size),
+            },
             step: StepConfig {
                 loss: self.cfg.loss,
                 accum_steps: config.accum_steps,
                 grad_checkpointing: self.cfg.grad_checkpointing,
                 grad_clip: self.cfg.grad_clip,
+                frozen: self.cfg.lock.frozen(),
                 timed: false,
             },
         };
@@ -209,13 +224,7 @@ impl<B: AutodiffBackend> Runner<'_, B> {
         window: &mut Window<B::InnerBackend>,
     ) -> Result<(ClipModel<B>, f64)> {
         let (cfg, config, m) = (self.cfg, stage.config, &self.manifest);
-        let lr = super::schedule::lr_at(
-            m.stage_step,
-            config.steps,
-            config.warmup_steps,
-            stage.peak,
-            stage.end,
-        );
+        let lr = stage.schedule.lr(m.stage_step);
         let t0 = Instant::now();
         let batch = self.feed.batch(stage.index, m.step, || {
             StageData::start(

@@ -261,7 +261,7 @@ pub fn load(dir: &Path) -> Result<(Manifest, Checkpoint, StateDict)> {
 
 /// The settings that may change between a run and its resumption; every
 /// other difference makes the resume refuse.
-const MUTABLE: [&str; 10] = [
+const MUTABLE: [&str; 11] = [
     "log_every",
     "checkpoint_every",
     "keep_checkpoints",
@@ -275,6 +275,8 @@ const MUTABLE: [&str; 10] = [
     // Where the vocabulary was read from: a resumed run reads its own copy
     // in the checkpoint.
     "vocab",
+    // Where the logged metrics also go (TensorBoard), not what is trained.
+    "report_to",
 ];
 
 /// Checks that `now` may continue a run saved with `saved`; the error names

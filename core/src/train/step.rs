@@ -10,6 +10,7 @@ use burn::tensor::{Bool, DType, FloatDType, Tensor};
 
 use super::batch::DeviceBatch;
 use super::grads::loss_and_grads;
+use super::lit::Frozen;
 use super::optim::{AdamW, clip_factor};
 use crate::dist::Replica;
 use crate::host;
@@ -29,6 +30,8 @@ pub struct StepConfig {
     pub grad_checkpointing: bool,
     /// Clip the global gradient norm to this value.
     pub grad_clip: Option<f64>,
+    /// The locked parts of the towers (LiT).
+    pub frozen: Frozen,
     /// Synchronise the device between the gradient and the update, so that
     /// [`StepStats::grads_secs`] and [`StepStats::optim_secs`] are times
     /// (`clipa bench`); a training run leaves the device queue alone.
@@ -44,6 +47,7 @@ impl StepConfig {
             accum_steps: 1,
             grad_checkpointing: false,
             grad_clip: None,
+            frozen: Frozen::default(),
             timed: false,
         }
     }
@@ -135,6 +139,7 @@ pub fn train_step<B: AutodiffBackend>(
         cfg.loss,
         cfg.accum_steps,
         cfg.grad_checkpointing,
+        cfg.frozen,
         replica,
     )?;
     let norm = opt.grad_norm(&model, &grads); // [1]

@@ -18,7 +18,15 @@ fn loss_and_grads(
     checkpoint: bool,
     replica: &Replica<B>,
 ) -> Result<(f64, GradientsParams)> {
-    let (loss, grads) = super::loss_and_grads(model, batch, kind, micro, checkpoint, replica)?;
+    let (loss, grads) = super::loss_and_grads(
+        model,
+        batch,
+        kind,
+        micro,
+        checkpoint,
+        Default::default(),
+        replica,
+    )?;
     Ok((crate::host::read(loss)[0], grads))
 }
 

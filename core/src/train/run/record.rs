@@ -1,5 +1,6 @@
 //! What a run records as it goes: the log window, the evaluations at a log
-//! step, `metrics.jsonl`, the stage reports and the newest checkpoint.
+//! step, `metrics.jsonl` (and TensorBoard's event file where the config
+//! asks), the stage reports and the newest checkpoint.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -9,10 +10,11 @@ use std::time::Instant;
 use burn::tensor::ElementConversion;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
-use super::super::config::TrainConfig;
+use super::super::config::{ReportTo, TrainConfig};
 use super::super::data::zeroshot_eval;
 use super::super::runstate::Manifest;
 use super::super::step::{StepStats, StepValues, read_all};
+use super::super::tensorboard::{self, EventWriter};
 use super::super::{Observer, StageReport, StepMetrics};
 use crate::data::tokenizer::Tokenizer;
 use crate::model::ClipModel;
@@ -158,16 +160,19 @@ impl<B: AutodiffBackend> Evaluation<'_, B> {
     }
 }
 
-/// What the leader writes as the run goes: `metrics.jsonl`, the stage
-/// reports, the newest checkpoint.
+/// What the leader writes as the run goes: `metrics.jsonl`, the
+/// TensorBoard event file, the stage reports, the newest checkpoint.
 pub(super) struct Outputs {
     pub(super) metrics: Option<std::fs::File>,
+    /// `--report-to tensorboard`: a new event file each session.
+    tensorboard: Option<EventWriter>,
     pub(super) reports: Vec<StageReport>,
     pub(super) last_checkpoint: Option<PathBuf>,
 }
 
 impl Outputs {
-    /// Writes `run.toml` and opens `metrics.jsonl` (replica 0; the others
+    /// Writes `run.toml` and opens `metrics.jsonl` and, where the config
+    /// reports to TensorBoard, a new event file (replica 0; the others
     /// write nothing).
     pub(super) fn open(
         run: &Path,
@@ -183,25 +188,39 @@ impl Outputs {
             }
             false => None,
         };
+        let tensorboard = match leader && cfg.report_to.contains(&ReportTo::Tensorboard) {
+            // The session's first logged step is `step + 1`: TensorBoard
+            // drops what a killed session logged from there on.
+            true => Some(EventWriter::create(
+                &run.join(tensorboard::FOLDER),
+                step + 1,
+            )?),
+            false => None,
+        };
         Ok(Self {
             metrics,
+            tensorboard,
             reports: Vec::new(),
             last_checkpoint: from,
         })
     }
 
-    /// Appends one line to `metrics.jsonl` (the leader's only).
+    /// Appends one line to `metrics.jsonl` and the step's scalars to the
+    /// event file (the leader's only).
     pub(super) fn log(&mut self, m: &StepMetrics, run: &Path) -> Result<()> {
-        let Some(file) = &mut self.metrics else {
-            return Ok(());
-        };
-        writeln!(
-            file,
-            "{}",
-            serde_json::to_string(m).expect("metrics serialise")
-        )
-        .and_then(|_| file.flush())
-        .map_err(|e| Error::io(run.join("metrics.jsonl"), e))
+        if let Some(file) = &mut self.metrics {
+            writeln!(
+                file,
+                "{}",
+                serde_json::to_string(m).expect("metrics serialise")
+            )
+            .and_then(|_| file.flush())
+            .map_err(|e| Error::io(run.join("metrics.jsonl"), e))?;
+        }
+        if let Some(events) = &mut self.tensorboard {
+            events.scalars(m.step, &tensorboard::step_scalars(m))?;
+        }
+        Ok(())
     }
 }
 

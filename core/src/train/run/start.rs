@@ -81,7 +81,7 @@ pub(super) fn start<B: AutodiffBackend>(
                     dir.display()
                 )));
             }
-            let loaded = crate::checkpoint::load_model::<B>(dir, device)?;
+            let loaded = crate::checkpoint::load_model_or_hub::<B>(dir, device)?;
             observer.message(&format!("initialised from {}", dir.display()));
             loaded
         }
