@@ -372,4 +372,5 @@ fn fashion_mnist_tiny_run_scores_well_above_chance() {
     for key in ["top1", "top5", "per_class_recall", "samples"] {
         assert_eq!(w["zeroshot"][key], v["zeroshot"][key], "{key}: {w} vs {v}");
     }
+    assert_eq!(w["model"], "tiny", "the run's preset: {w}");
 }

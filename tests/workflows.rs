@@ -72,14 +72,20 @@ fn openclip_optimiser_flags_show_in_the_dry_run() {
     let cfg = clipa_core::train::TrainConfig::from_toml(&stdout, Path::new("dry-run.toml"))
         .unwrap_or_else(|e| panic!("{e}: {stdout}"));
     let o = &cfg.optimizer;
-    assert_eq!((o.beta1, o.beta2, o.eps, o.weight_decay), (0.8, 0.98, 1e-6, 0.05));
+    assert_eq!(
+        (o.beta1, o.beta2, o.eps, o.weight_decay),
+        (0.8, 0.98, 1e-6, 0.05)
+    );
     assert_eq!(cfg.grad_clip, Some(1.5));
     assert_eq!(cfg.schedule.cooldown_steps, 20);
     assert_eq!(cfg.schedule.cooldown_power, 2.0);
     assert_eq!(cfg.schedule.scheduler.to_string(), "const-cooldown");
     assert_eq!(cfg.lock.image.map(|l| l.unlocked_groups), Some(1));
     assert_eq!(cfg.lock.text, None);
-    assert!(cfg.stages.len() >= 2, "demo has a pre-train and a fine-tune");
+    assert!(
+        cfg.stages.len() >= 2,
+        "demo has a pre-train and a fine-tune"
+    );
     for st in &cfg.stages {
         let peak = st.base_lr * st.batch_size as f64 / 256.0;
         let end = st.end_base_lr * st.batch_size as f64 / 256.0;
@@ -101,20 +107,43 @@ fn openclip_optimiser_flags_show_in_the_dry_run() {
         ("--wd", "nan", "--wd NaN"),
         ("--beta1", "1", "optimizer.beta1 = 1 must be in [0, 1)"),
         ("--beta2", "-0.5", "optimizer.beta2 = -0.5"),
-        ("--eps", "0", "optimizer.eps = 0 must be finite and positive"),
+        (
+            "--eps",
+            "0",
+            "optimizer.eps = 0 must be finite and positive",
+        ),
         ("--grad-clip-norm", "0", "grad_clip = 0"),
         ("--lr-cooldown-power", "0", "schedule.cooldown_power = 0"),
-        ("--lr-scheduler", "linear", "expected cosine, const or const-cooldown"),
+        (
+            "--lr-scheduler",
+            "linear",
+            "expected cosine, const or const-cooldown",
+        ),
         ("--lock-text-unlocked-layers", "9", "--lock-text"),
     ] {
         assert_one_line_error(&["train", "--preset", "tiny", flag, v, "--dry-run"], needle);
     }
     assert_one_line_error(
-        &["train", "--preset", "tiny", "--lr-scheduler", "const-cooldown", "--dry-run"],
+        &[
+            "train",
+            "--preset",
+            "tiny",
+            "--lr-scheduler",
+            "const-cooldown",
+            "--dry-run",
+        ],
         "needs a cooldown",
     );
     assert_one_line_error(
-        &["train", "--preset", "tiny", "--lock-text", "--lock-text-unlocked-layers", "9", "--dry-run"],
+        &[
+            "train",
+            "--preset",
+            "tiny",
+            "--lock-text",
+            "--lock-text-unlocked-layers",
+            "9",
+            "--dry-run",
+        ],
         "--lock-text-unlocked-layers (lock.text.unlocked_groups) = 9 is out of range: the text tower has",
     );
 }
@@ -209,7 +238,10 @@ fn lit_on_fashion_mnist_keeps_the_locked_tower_bit_identical() {
     assert!(
         !optim.keys().any(|k| k.contains("visual.")),
         "optimiser state for the locked tower: {:?}",
-        optim.keys().filter(|k| k.contains("visual.")).collect::<Vec<_>>()
+        optim
+            .keys()
+            .filter(|k| k.contains("visual."))
+            .collect::<Vec<_>>()
     );
     assert!(optim.keys().any(|k| k.starts_with("m.text.")));
 
@@ -283,8 +315,13 @@ fn init_from_a_hub_folder_keeps_its_tokenizer_and_preprocessing() {
     assert_eq!(config["normalization"]["mean"][0], 0.485, "{config}");
     assert_eq!(config["eval_resize"], "squash", "{config}");
     assert!(
-        config["text"]["tokenizer"].to_string().contains("word_piece")
-            || config["text"]["tokenizer"].to_string().to_lowercase().contains("wordpiece"),
+        config["text"]["tokenizer"]
+            .to_string()
+            .contains("word_piece")
+            || config["text"]["tokenizer"]
+                .to_string()
+                .to_lowercase()
+                .contains("wordpiece"),
         "{config}"
     );
     assert_eq!(
@@ -294,7 +331,13 @@ fn init_from_a_hub_folder_keeps_its_tokenizer_and_preprocessing() {
     );
     // The tokenizer is the folder's: the same ids as OpenCLIP's.
     let ids = |dir: &Path| {
-        let out = clipa(&["tokenize", "--checkpoint", s(dir), "--json", "a photo of a dog"]);
+        let out = clipa(&[
+            "tokenize",
+            "--checkpoint",
+            s(dir),
+            "--json",
+            "a photo of a dog",
+        ]);
         assert!(out.status.success(), "{}", text(&out).1);
         text(&out).0
     };

@@ -88,12 +88,17 @@ impl BenchmarkRecord {
     }
 }
 
-/// A model's name for reports: the preset with its architecture (image
-/// size, context length, initial temperature, normalisation and evaluation
-/// resize may differ: training and import change them), the one sharing
-/// most of those where several do (`demo` and `tiny` share towers), else
-/// the name of the `checkpoint` folder.
+/// A model's name for reports: the `model` of the training run's
+/// `run.toml` when `checkpoint` is a run folder or one of its checkpoints;
+/// else the preset with its architecture (image size, context length,
+/// initial temperature, normalisation and evaluation resize may differ:
+/// training and import change them), the one sharing most of those where
+/// several do (`demo` and `tiny` share towers); else the name of the
+/// `checkpoint` folder.
 pub fn model_name(config: &ClipConfig, checkpoint: &Path) -> String {
+    if let Some(name) = run_model(checkpoint) {
+        return name;
+    }
     let mut best: Option<(usize, &str)> = None;
     for name in PRESETS {
         let Ok(mut p) = ClipConfig::preset(name) else {
@@ -129,6 +134,23 @@ pub fn model_name(config: &ClipConfig, checkpoint: &Path) -> String {
                 |n| n.to_string_lossy().into_owned(),
             ),
     }
+}
+
+/// The `model` key of the `run.toml` of run folder `path`, or of the run
+/// that holds checkpoint `path` (`RUN/checkpoints/step-N`).
+fn run_model(path: &Path) -> Option<String> {
+    let beside = path.join("run.toml");
+    let above = path
+        .parent()
+        .filter(|p| p.file_name().is_some_and(|n| n == "checkpoints"))
+        .and_then(Path::parent)
+        .map(|run| run.join("run.toml"));
+    let file = [Some(beside), above]
+        .into_iter()
+        .flatten()
+        .find(|p| p.is_file())?;
+    let table: toml::Table = std::fs::read_to_string(file).ok()?.parse().ok()?;
+    Some(table.get("model")?.as_str()?.to_string()).filter(|m| !m.is_empty())
 }
 
 #[cfg(test)]
@@ -205,5 +227,14 @@ mod tests {
         assert_eq!(model_name(&cfg, Path::new("/runs/x")), "tiny");
         cfg.vision.layers += 1;
         assert_eq!(model_name(&cfg, Path::new("/runs/my-run")), "my-run");
+        // A run folder, or a checkpoint inside one, names its preset.
+        let d_tmp = tempfile::tempdir().unwrap();
+        let run = d_tmp.path().join("run");
+        let step = run.join("checkpoints/step-00000010");
+        std::fs::create_dir_all(&step).unwrap();
+        std::fs::write(run.join("run.toml"), "model = \"tiny\"\nseed = 0\n").unwrap();
+        let demo = ClipConfig::preset("demo").unwrap();
+        assert_eq!(model_name(&demo, &run), "tiny");
+        assert_eq!(model_name(&demo, &step), "tiny");
     }
 }

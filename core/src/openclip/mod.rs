@@ -19,7 +19,8 @@ mod keys;
 
 pub use config::{OpenClipConfig, config_json, parse_config};
 pub use hub::{
-    HUB_CONFIG, HUB_WEIGHTS, Imported, VOCAB_FILES, import_dir, import_files, is_hub_dir, read_config,
+    HUB_CONFIG, HUB_WEIGHTS, Imported, VOCAB_FILES, import_dir, import_files, is_hub_dir,
+    read_config,
 };
 pub use keys::{clipa_shapes, export_state, import_state};
 

@@ -371,7 +371,9 @@ impl TrainConfig {
                 LrScheduler::Const => "constant".to_string(),
                 LrScheduler::ConstCooldown => format!(
                     "constant, then a cooldown of {} steps (power {}) to {end:.4e}",
-                    sched.cooldown_steps.min(s.steps - s.warmup_steps.min(s.steps)),
+                    sched
+                        .cooldown_steps
+                        .min(s.steps - s.warmup_steps.min(s.steps)),
                     sched.cooldown_power
                 ),
             };

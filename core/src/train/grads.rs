@@ -10,10 +10,10 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor};
 
 use super::batch::DeviceBatch;
+use super::lit::{Frozen, first_trained_block, stem_trains};
 use crate::Result;
 use crate::dist::Replica;
 use crate::loss::{LossKind, contrastive_loss, contrastive_loss_rows};
-use super::lit::{Frozen, first_trained_block, stem_trains};
 use crate::model::{ClipModel, Trace, l2_normalize};
 use crate::nn::ResidualBlock;
 

@@ -104,8 +104,18 @@ impl LockConfig {
     /// names the flag and the tower's count).
     pub fn validate(&self, model: &ClipConfig) -> Result<()> {
         let towers = [
-            (self.image, model.vision.layers, "--lock-image-unlocked-groups (lock.image.unlocked_groups)", "image"),
-            (self.text, model.text.layers, "--lock-text-unlocked-layers (lock.text.unlocked_groups)", "text"),
+            (
+                self.image,
+                model.vision.layers,
+                "--lock-image-unlocked-groups (lock.image.unlocked_groups)",
+                "image",
+            ),
+            (
+                self.text,
+                model.text.layers,
+                "--lock-text-unlocked-layers (lock.text.unlocked_groups)",
+                "text",
+            ),
         ];
         for (lock, layers, key, tower) in towers {
             if let Some(l) = lock
@@ -275,9 +285,8 @@ mod tests {
         let layers = cfg.vision.layers;
         let model = cfg.init::<AB>(&device);
         let all = trainable(&model);
-        let count = |prefix: &str, list: &[String]| {
-            list.iter().filter(|p| p.starts_with(prefix)).count()
-        };
+        let count =
+            |prefix: &str, list: &[String]| list.iter().filter(|p| p.starts_with(prefix)).count();
 
         let (m, frozen) = lock(Some(0), None).apply(model.clone());
         let left = trainable(&m);

@@ -98,9 +98,7 @@ impl StageSchedule {
                 // OpenCLIP `const_lr_cooldown`: the cooldown starts
                 // `cooldown` steps before the end (here never before the
                 // warmup's end), and decays as (1 − e/es)^power.
-                let start = total
-                    .saturating_sub(self.config.cooldown_steps)
-                    .max(warmup);
+                let start = total.saturating_sub(self.config.cooldown_steps).max(warmup);
                 if step < start {
                     return self.peak;
                 }
