@@ -53,6 +53,18 @@ pub fn curve(dir: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
+/// `clipa ARGS` must exit 2 with one `error:` line holding `needle`, and no
+/// panic.
+pub fn assert_one_line_error(args: &[&str], needle: &str) {
+    let out = clipa(args);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    let errors = stderr.lines().filter(|l| l.starts_with("error")).count();
+    assert_eq!(errors, 1, "{args:?}: {stderr}");
+    assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+}
+
 /// Runs the `clipa` binary built for this test run.
 pub fn clipa(args: &[&str]) -> Output {
     clipa_with_env(args, &[])

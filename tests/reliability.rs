@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{clipa, curve, s, scratch, text};
+use crate::common::{assert_one_line_error, clipa, curve, s, scratch, text};
 
 /// The tiny preset on one worker, logging and checkpointing every step.
 const TINY: [&str; 8] = [
@@ -19,17 +19,6 @@ const TINY: [&str; 8] = [
     "1",
     "--workers=1",
 ];
-
-/// Exit 2 with one `error:` line holding `needle`, and no panic.
-fn assert_one_line_error(args: &[&str], needle: &str) {
-    let out = clipa(args);
-    let (_, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-    let errors = stderr.lines().filter(|l| l.starts_with("error")).count();
-    assert_eq!(errors, 1, "{args:?}: {stderr}");
-    assert!(stderr.contains(needle), "{args:?}: {stderr}");
-    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
-}
 
 /// Sizes far past any real run, a zero step count and out-of-range clips
 /// are one-line errors naming the value's range, in `train` and `bench`,

@@ -7,17 +7,7 @@ use std::path::Path;
 
 use clipa_core::io::read_safetensors;
 
-use crate::common::{clipa, hub_fixture, in_ci, s, scratch, text};
-
-/// `clipa ARGS` must exit 2 with one `error:` line containing `needle`.
-fn assert_one_line_error(args: &[&str], needle: &str) {
-    let out = clipa(args);
-    let (_, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-    let errors = stderr.lines().filter(|l| l.starts_with("error")).count();
-    assert_eq!(errors, 1, "{args:?}: {stderr}");
-    assert!(stderr.contains(needle), "{args:?}: {stderr}");
-}
+use crate::common::{assert_one_line_error, clipa, hub_fixture, in_ci, s, scratch, text};
 
 /// The tensors of a safetensors file, by name: (shape, raw bytes).
 fn tensors(path: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<u8>)> {
