@@ -43,7 +43,7 @@ fn device_list_mistakes_are_one_line_errors() {
     let dir = dir_tmp.path();
     let out_dir = dir.join("run");
     let cases: [(&str, &str); 3] = [
-        ("1", "only device 0"),
+        ("0,256", "at most 256 replicas"),
         ("0,0", "listed twice"),
         ("0,x", "'x' is not a device index"),
     ];

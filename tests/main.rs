@@ -10,6 +10,7 @@ mod distributed; // `clipa train --devices`: the data-parallel path through the 
 mod eval; // `clipa eval` json on cpu and wgpu, `clipa classify`, Fashion-MNIST end to end
 mod hub; // released CLIPA models: hub folders, pickles (and malicious ones), embed and tokenize against OpenCLIP
 mod interop; // import-openclip / export-openclip / embed / models through the binary
+mod nodes; // across machines: two `clipa train` processes over loopback equal one on four devices, a killed node ends the other, both resume
 mod parity; // OpenCLIP fixtures: features, logits, activations, loss, gradients
 mod presets; // every training preset takes a step with its own tokenizer; `clipa plan`'s command starts
 mod reliability; // the run folder's lock, damaged checkpoints, values out of range, closed or full stdout

@@ -8,8 +8,10 @@
 //! is an error: nothing ever falls back silently to another backend.
 
 use std::fmt;
+use std::sync::Arc;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use clipa_core::dist::LocalSum;
 
 #[cfg(feature = "cpu")]
 mod cpu;
@@ -20,6 +22,8 @@ mod cuda;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod launches;
 mod memory;
+#[cfg(feature = "cuda-nccl")]
+mod nccl;
 #[cfg(feature = "wgpu")]
 mod wgpu_backend;
 
@@ -109,17 +113,39 @@ pub enum BackendError {
 
 /// The devices a job runs on, with their descriptions: one for [`run`] and
 /// [`run_here`], the `--devices` set for [`run_on`] (never empty).
-pub struct Devices<B: Backend> {
+pub struct Devices<B: AutodiffBackend> {
     devices: Vec<B::Device>,
     info: Vec<DeviceInfo>,
+    /// The backend's own all-reduce among these devices, where it has one
+    /// that replaces burn-collective's (NCCL in a `cuda-nccl` build).
+    local_sum: Option<Arc<dyn LocalSum<B::InnerBackend>>>,
 }
 
-impl<B: Backend> Devices<B> {
+impl<B: AutodiffBackend> Devices<B> {
     fn single(device: B::Device, info: DeviceInfo) -> Self {
+        Self::new(vec![device], vec![info])
+    }
+
+    fn new(devices: Vec<B::Device>, info: Vec<DeviceInfo>) -> Self {
         Self {
-            devices: vec![device],
-            info: vec![info],
+            devices,
+            info,
+            local_sum: None,
         }
+    }
+
+    /// These devices, their replicas summed by `local_sum` where it is
+    /// `Some` rather than by burn-collective.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn with_local_sum(self, local_sum: Option<Arc<dyn LocalSum<B::InnerBackend>>>) -> Self {
+        Self { local_sum, ..self }
+    }
+
+    /// The backend's own all-reduce among [`Devices::devices`], for
+    /// `clipa_core::dist::Layout::local_sum`; `None` where burn-collective's
+    /// serves.
+    pub fn local_sum(&self) -> Option<Arc<dyn LocalSum<B::InnerBackend>>> {
+        self.local_sum.clone()
     }
 
     /// The first device and its description: a one-device job's device.
@@ -313,27 +339,23 @@ pub fn run_on<J: BackendJob>(
     match kind {
         #[cfg(feature = "cpu")]
         BackendKind::Cpu => {
-            let (devices, infos) = resolve(kind, set, cpu::select)?;
-            Ok(job.run::<cpu::Backend>(Devices {
-                devices,
-                info: infos,
-            })?)
+            let (devices, infos) = resolve(kind, set, |i| cpu::replica(i.unwrap_or(0)))?;
+            Ok(job.run::<cpu::Backend>(Devices::new(devices, infos))?)
         }
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => {
             let (devices, infos) = resolve(kind, set, wgpu_backend::select)?;
-            Ok(job.run::<wgpu_backend::Backend>(Devices {
-                devices,
-                info: infos,
-            })?)
+            Ok(job.run::<wgpu_backend::Backend>(Devices::new(devices, infos))?)
         }
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => {
             let (devices, infos) = resolve(kind, set, cuda::select)?;
-            Ok(job.run::<cuda::Backend>(Devices {
-                devices,
-                info: infos,
-            })?)
+            // The replicas of a multi-GPU run sum on NCCL (nccl.rs).
+            #[cfg(feature = "cuda-nccl")]
+            let local_sum = nccl::NcclSum::for_devices(&devices);
+            #[cfg(not(feature = "cuda-nccl"))]
+            let local_sum = None;
+            Ok(job.run::<cuda::Backend>(Devices::new(devices, infos).with_local_sum(local_sum))?)
         }
         #[allow(unreachable_patterns)]
         other => {

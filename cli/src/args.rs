@@ -238,6 +238,23 @@ pub struct TrainArgs {
     /// and the result equals one device's at that batch.
     #[arg(long, value_name = "LIST|all")]
     pub devices: Option<clipa_backends::DeviceSet>,
+    /// Machines in the run, one `clipa train` on each (default:
+    /// SLURM_NNODES, else torchrun's WORLD_SIZE; 1). docs/DISTRIBUTED.md
+    /// has an sbatch script.
+    #[arg(long, value_name = "N")]
+    pub num_nodes: Option<u32>,
+    /// This machine's index, 0..N (default: SLURM_NODEID, else RANK).
+    #[arg(long, value_name = "R")]
+    pub node_rank: Option<u32>,
+    /// Node 0's HOST:PORT (default: MASTER_ADDR:MASTER_PORT). Node 0 serves
+    /// the orchestrator at PORT and the watchdog at PORT+1; node r serves
+    /// its tensors at PORT+2+r.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub orchestrator: Option<String>,
+    /// Seconds the machines wait for each other to join, and for a silent
+    /// one before the run ends (a killed process is noticed at once).
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub node_timeout: u64,
     /// Overrides of the preset or config file.
     #[command(flatten)]
     pub set: TrainOverrides,

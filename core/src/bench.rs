@@ -332,7 +332,7 @@ impl<B: AutodiffBackend> BenchRun<B> {
         DeviceBatch::from_host(
             &self.images,
             &ids,
-            keep.as_ref(),
+            keep.as_ref().map(|(kept, idx)| (*kept, idx.as_slice())),
             0..case.batch,
             case.pixels(),
             &case.model.normalization,

@@ -7,10 +7,18 @@
 //! gradients are summed before every optimiser step, so all replicas take
 //! the same step and stay identical.
 //!
-//! The replicas are threads of one process, one per device (burn-collective's
-//! local mode). Its global mode (processes on several machines) is not used:
-//! in Burn 0.21.0 its inter-node barrier never resets, so the second
-//! all-reduce of a run waits forever (docs/DISTRIBUTED.md).
+//! The replicas of one machine are threads of one process, one per device
+//! (burn-collective's local mode). Machines are joined by its global mode:
+//! one process per machine, introduced to each other by an orchestrator that
+//! node 0 hosts ([`host_orchestrator`]), with tree all-reduces between them
+//! over WebSockets. burn-collective 0.21.0's inter-node barrier never reset,
+//! so the second all-reduce between machines waited forever; clipa builds a
+//! patched copy (`patches/burn-collective/PATCH.md`). burn-collective has no
+//! timeout: `crate::nodes::Watchdog` ends a run whose machine is gone.
+//!
+//! A build may bring its own all-reduce for the replicas of one process
+//! ([`LocalSum`]: NCCL in a `cuda-nccl` build); burn-collective then only
+//! joins the machines, one registration per machine.
 //!
 //! Every collective call is made on the inner (non-autodiff) backend: Burn's
 //! all-reduce has no backward pass, so the step writes the backward of its
@@ -24,10 +32,63 @@ use burn::collective::{
 };
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
+use crate::nodes::NodeConfig;
 use crate::{Error, Result};
+
+/// An all-reduce (sum) among the replicas of one process that takes the
+/// place of burn-collective's local one: NCCL in a `cuda-nccl` build
+/// (`clipa-backends`). Every replica of the process calls it with a tensor
+/// of the same shape, in the same order, and gets the sum back.
+pub trait LocalSum<B: Backend>: Send + Sync {
+    /// The element-wise sum of `tensor` over this process's replicas.
+    fn sum(
+        &self,
+        tensor: B::FloatTensorPrimitive,
+    ) -> std::result::Result<B::FloatTensorPrimitive, String>;
+}
+
+/// How the replicas of a run are laid out: this process's devices, the
+/// machine it runs on, and the all-reduce its replicas share.
+pub struct Layout<B: AutodiffBackend> {
+    /// Replicas (devices) in this process.
+    pub local_count: usize,
+    /// The machines of the run; `None` on one machine.
+    pub node: Option<NodeConfig>,
+    /// The address other machines reach this one at (`NodeConfig::local_host`).
+    pub host: String,
+    /// This process's own all-reduce; `None` uses burn-collective's.
+    pub local_sum: Option<std::sync::Arc<dyn LocalSum<B::InnerBackend>>>,
+}
+
+impl<B: AutodiffBackend> Layout<B> {
+    /// `local_count` replicas on one machine, with burn-collective.
+    pub fn local(local_count: usize) -> Self {
+        Self {
+            local_count,
+            node: None,
+            host: String::new(),
+            local_sum: None,
+        }
+    }
+
+    /// Machines in the run.
+    pub fn num_nodes(&self) -> usize {
+        self.node.as_ref().map_or(1, |n| n.num_nodes as usize)
+    }
+
+    /// This machine's index.
+    pub fn node_rank(&self) -> usize {
+        self.node.as_ref().map_or(0, |n| n.node_rank as usize)
+    }
+
+    /// Replicas in the run.
+    pub fn world(&self) -> usize {
+        self.num_nodes() * self.local_count
+    }
+}
 
 /// Where one replica sits in the run, and its handle on the collective.
 ///
@@ -37,7 +98,14 @@ use crate::{Error, Result};
 pub struct Replica<B: AutodiffBackend> {
     rank: usize,
     world: usize,
+    /// This replica's index in its process, `0..local_count`.
+    local: usize,
+    /// Machines in the run.
+    nodes: usize,
+    /// burn-collective registration: every replica's, or (with a
+    /// [`LocalSum`]) only local replica 0's, which joins the machines.
     peer: Option<PeerId>,
+    local_sum: Option<std::sync::Arc<dyn LocalSum<B::InnerBackend>>>,
     _backend: PhantomData<fn() -> B>,
 }
 
@@ -57,7 +125,10 @@ impl<B: AutodiffBackend> Replica<B> {
         Self {
             rank: 0,
             world: 1,
+            local: 0,
+            nodes: 1,
             peer: None,
+            local_sum: None,
             _backend: PhantomData,
         }
     }
@@ -65,25 +136,68 @@ impl<B: AutodiffBackend> Replica<B> {
     /// Joins the collective as replica `rank` of `world` (threads of this
     /// process, one per device). Blocks until every replica has joined.
     pub fn join(rank: usize, world: usize, device: &B::Device) -> Result<Self> {
-        let config = CollectiveConfig::default()
-            .with_num_devices(world)
+        Self::join_layout(&Layout::local(world), rank, device)
+    }
+
+    /// Joins the collective as local replica `local` of `layout`. Blocks
+    /// until every replica of this process has joined; across machines the
+    /// first all-reduce then waits for the other machines.
+    pub fn join_layout(layout: &Layout<B>, local: usize, device: &B::Device) -> Result<Self> {
+        let world = layout.world();
+        if world == 1 {
+            return Ok(Self::single());
+        }
+        let rank = layout.node_rank() * layout.local_count + local;
+        let mut rep = Self {
+            rank,
+            world,
+            local,
+            nodes: layout.num_nodes(),
+            peer: None,
+            local_sum: layout.local_sum.clone(),
+            _backend: PhantomData,
+        };
+        // Who registers with burn-collective, and as how many devices.
+        let (peer, devices) = match (&layout.local_sum, &layout.node) {
+            (None, _) => (PeerId::from(rank), layout.local_count),
+            // The process's own all-reduce does the devices; local replica 0
+            // joins the machines, one peer per machine.
+            (Some(_), Some(n)) if local == 0 => (PeerId::from(n.node_rank as usize), 1),
+            (Some(_), _) => return Ok(rep),
+        };
+        let mut config = CollectiveConfig::default()
+            .with_num_devices(devices)
             // Burn's binary tree, not its ring: the ring moves less in
             // theory (2(N−1)/N of a tensor per replica) but slices and
             // re-joins the tensor at every hop, and measured 6–7× slower on
             // 2 CPU replicas (docs/BENCHMARKS.md, `cpu/collective`).
             .with_local_all_reduce_strategy(AllReduceStrategy::Tree(2));
-        if world == 1 {
-            return Ok(Self::single());
+        if let Some(n) = &layout.node {
+            let data_port = n.data_port();
+            let address = |host: &str, port: u16| {
+                // An IPv6 host goes in brackets in a URL.
+                let host = match host.contains(':') {
+                    true => format!("[{host}]"),
+                    false => host.to_string(),
+                };
+                format!("ws://{host}:{port}")
+                    .parse()
+                    .expect("an address parses from any string")
+            };
+            config = config
+                .with_num_nodes(n.num_nodes)
+                .with_global_address(address(n.master_host(), n.orchestrator_port()))
+                .with_node_address(address(&layout.host, data_port))
+                .with_data_service_port(data_port)
+                // The tree between machines too: the global ring cannot
+                // split a tensor shorter than the number of machines (the
+                // loss, the stop flag).
+                .with_global_all_reduce_strategy(AllReduceStrategy::Tree(2));
         }
-        let peer = PeerId::from(rank);
         collective::register::<B::InnerBackend>(peer, device.clone(), config)
             .map_err(|e| collective_error("joining the collective", e))?;
-        Ok(Self {
-            rank,
-            world,
-            peer: Some(peer),
-            _backend: PhantomData,
-        })
+        rep.peer = Some(peer);
+        Ok(rep)
     }
 
     /// Leaves the collective.
@@ -117,27 +231,114 @@ impl<B: AutodiffBackend> Replica<B> {
         self.rank == 0
     }
 
+    /// The rank of this process's first replica: its replicas are ranks
+    /// `local_first()..local_first() + local_count`.
+    pub fn local_first(&self) -> usize {
+        self.rank - self.local
+    }
+
+    /// Whether this replica is its process's first (it speaks for the
+    /// process's data in [`Replica::gather_bytes`]).
+    pub fn is_local_leader(&self) -> bool {
+        self.local == 0
+    }
+
+    /// Machines in the run.
+    pub fn nodes(&self) -> usize {
+        self.nodes
+    }
+
     /// The element-wise sum of `tensor` over all replicas (every replica
     /// gets the result). The identity for one replica.
     pub fn sum<const D: usize>(
         &self,
         tensor: Tensor<B::InnerBackend, D>,
     ) -> Result<Tensor<B::InnerBackend, D>> {
-        let Some(peer) = self.peer else {
+        if self.world == 1 {
             return Ok(tensor);
+        }
+        let global = |t: Tensor<B::InnerBackend, D>, peer: PeerId| {
+            collective::all_reduce::<B::InnerBackend>(
+                peer,
+                t.into_primitive().tensor(),
+                ReduceOperation::Sum,
+            )
+            .map(|out| Tensor::from_primitive(TensorPrimitive::Float(out)))
+            .map_err(|e| collective_error("all-reduce", e))
         };
-        let out = collective::all_reduce::<B::InnerBackend>(
-            peer,
-            tensor.into_primitive().tensor(),
-            ReduceOperation::Sum,
-        )
-        .map_err(|e| collective_error("all-reduce", e))?;
-        Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+        let Some(local_sum) = &self.local_sum else {
+            let peer = self
+                .peer
+                .expect("every replica registers without a LocalSum");
+            return global(tensor, peer);
+        };
+        let local = |t: Tensor<B::InnerBackend, D>| {
+            local_sum
+                .sum(t.into_primitive().tensor())
+                .map(|out| Tensor::from_primitive(TensorPrimitive::Float(out)))
+                .map_err(|e| Error::Collective(format!("all-reduce: {e}")))
+        };
+        let machine = local(tensor)?;
+        if self.nodes == 1 {
+            return Ok(machine);
+        }
+        // Local replica 0 sums the machines; the others contribute zeros
+        // to a second local sum that hands them the result.
+        let all = match self.peer {
+            Some(peer) => global(machine, peer)?,
+            None => machine.zeros_like(),
+        };
+        local(all)
+    }
+
+    /// Every replica's `mine`, in rank order (an all-gather of byte
+    /// strings: two sums of zero-padded slots, lengths then bytes, each
+    /// byte carried exactly by an f32). For small things, such as the data
+    /// loaders' positions gathered into a checkpoint.
+    pub fn gather_bytes(&self, mine: &[u8], device: &B::Device) -> Result<Vec<Vec<u8>>> {
+        if self.world == 1 {
+            return Ok(vec![mine.to_vec()]);
+        }
+        let (w, r) = (self.world, self.rank);
+        let mut lens = vec![0f32; w];
+        lens[r] = mine.len() as f32;
+        let lens: Vec<usize> = self
+            .sum(Tensor::<B::InnerBackend, 1>::from_data(
+                TensorData::new(lens, [w]),
+                device,
+            ))?
+            .into_data()
+            .to_vec::<f32>()
+            .map_err(|e| Error::Collective(format!("gather: {e:?}")))?
+            .into_iter()
+            .map(|l| l as usize)
+            .collect();
+        let max = lens.iter().copied().max().unwrap_or(0).max(1);
+        let mut slots = vec![0f32; w * max];
+        for (slot, &b) in slots[r * max..].iter_mut().zip(mine) {
+            *slot = f32::from(b);
+        }
+        let all = self
+            .sum(Tensor::<B::InnerBackend, 1>::from_data(
+                TensorData::new(slots, [w * max]),
+                device,
+            ))?
+            .into_data()
+            .to_vec::<f32>()
+            .map_err(|e| Error::Collective(format!("gather: {e:?}")))?;
+        Ok((0..w)
+            .map(|i| {
+                all[i * max..i * max + lens[i]]
+                    .iter()
+                    .map(|&v| v as u8)
+                    .collect()
+            })
+            .collect())
     }
 
     /// Whether `flag` is set on any replica, so that all stop together.
     pub fn any(&self, flag: bool, device: &B::Device) -> Result<bool> {
-        if self.peer.is_none() {
+        if self.world == 1 {
             return Ok(flag);
         }
         let t = Tensor::<B::InnerBackend, 1>::from_floats([f32::from(u8::from(flag))], device);
@@ -157,7 +358,7 @@ impl<B: AutodiffBackend> Replica<B> {
         model: &M,
         mut grads: GradientsParams,
     ) -> Result<GradientsParams> {
-        if self.peer.is_none() {
+        if self.world == 1 {
             return Ok(grads);
         }
         let mut flat = Flatten::<B> {
@@ -192,7 +393,7 @@ impl<B: AutodiffBackend> Replica<B> {
     /// nodes). Run once at the start, so that replicas initialised in
     /// parallel (whose random streams interleave) start equal.
     pub fn share_weights<M: AutodiffModule<B>>(&self, model: M) -> Result<M> {
-        if self.peer.is_none() {
+        if self.world == 1 {
             return Ok(model);
         }
         let mut mapper = Share::<B> {
@@ -208,6 +409,34 @@ impl<B: AutodiffBackend> Replica<B> {
 }
 
 use burn::tensor::ElementConversion;
+
+/// Runs burn-collective's orchestrator on `port` (all interfaces) in a
+/// background thread of this process, for as long as it lives: node 0 of a
+/// run hosts it, as torchrun's rank 0 hosts its store at `MASTER_PORT`. It
+/// only introduces the machines to each other; tensors then flow between
+/// them directly.
+pub fn host_orchestrator(port: u16) -> Result<()> {
+    // The orchestrator logs a failed bind and returns, after which every
+    // machine would wait for it: find out here, with a one-line error.
+    drop(
+        std::net::TcpListener::bind(("0.0.0.0", port)).map_err(|e| {
+            Error::Config(format!(
+                "cannot serve the orchestrator on port {port}: {e} (choose another MASTER_PORT / --orchestrator port)"
+            ))
+        })?,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("clipa-orchestrator")
+        .build()
+        .map_err(|e| Error::Collective(format!("starting the orchestrator's runtime: {e}")))?;
+    std::thread::Builder::new()
+        .name("clipa-orchestrator".into())
+        .spawn(move || runtime.block_on(burn_collective::start_global_orchestrator(port)))
+        .map_err(|e| Error::Collective(format!("starting the orchestrator: {e}")))?;
+    Ok(())
+}
 
 /// Takes each parameter's gradient out of `grads`, flattened, in visiting
 /// order.
@@ -328,6 +557,34 @@ pub(crate) mod tests {
             assert_eq!(sum, &[3.0, 3.0]);
             assert!(any);
             assert_eq!(shared, &out[0].2, "every replica holds replica 0's init");
+        }
+    }
+
+    /// Every replica gets every replica's bytes, in rank order, whatever
+    /// their lengths (an empty one too), each byte exact.
+    #[test]
+    fn replicas_gather_byte_strings() {
+        let _turn = exclusive();
+        let world = 3;
+        let mine = |r: usize| -> Vec<u8> { (0..r * 2).map(|i| (250 + i * 3) as u8).collect() };
+        let got: Vec<Vec<Vec<u8>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..world)
+                .map(|r| {
+                    s.spawn(move || {
+                        let device = Default::default();
+                        let rep = Replica::<TestBackend>::join(r, world, &device).unwrap();
+                        let all = rep.gather_bytes(&mine(r), &device).unwrap();
+                        rep.leave().unwrap();
+                        all
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let want: Vec<Vec<u8>> = (0..world).map(mine).collect();
+        assert!(want[0].is_empty() && want[2].len() == 4);
+        for all in got {
+            assert_eq!(all, want);
         }
     }
 }

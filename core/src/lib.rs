@@ -16,6 +16,7 @@ pub mod kernels;
 pub mod loss;
 pub mod model;
 pub mod nn;
+pub mod nodes;
 pub mod numeric;
 pub mod openclip;
 pub mod plan;

@@ -33,27 +33,48 @@ pub use sum_squares::FlexSumSquares;
 pub use tensor::Backend;
 pub(crate) use threads::on_worker;
 
+/// CPU replicas one process may run (`--devices 0,1,…`).
+pub const MAX_REPLICAS: usize = 256;
+
 /// The CPU has one device, index 0.
 pub fn select(
     index: Option<usize>,
 ) -> Result<(burn::tensor::Device<Backend>, DeviceInfo), BackendError> {
     match index.unwrap_or(0) {
-        0 => Ok((
-            Default::default(),
-            DeviceInfo {
-                kind: BackendKind::Cpu,
-                index: 0,
-                name: match crate::cpu_threads() {
-                    1 => "flex, 1 thread".into(),
-                    n => format!("flex, {n} threads"),
-                },
-            },
-        )),
+        0 => replica(0),
         n => Err(BackendError::NoDevice {
             kind: BackendKind::Cpu,
             reason: format!("the CPU backend has only device 0, not {n}"),
         }),
     }
+}
+
+/// Replica `i` of a data-parallel run on the CPU (`--devices 0,1`): every
+/// index names the one CPU, so further replicas share its cores. They add
+/// no compute, but they run a multi-device run's arithmetic (each replica
+/// on its rows, features gathered, gradients summed) anywhere, as the
+/// tests of training across machines do.
+pub fn replica(i: usize) -> Result<(burn::tensor::Device<Backend>, DeviceInfo), BackendError> {
+    if i >= MAX_REPLICAS {
+        return Err(BackendError::NoDevice {
+            kind: BackendKind::Cpu,
+            reason: format!(
+                "the CPU backend runs at most {MAX_REPLICAS} replicas (--devices 0..{}), not device {i}",
+                MAX_REPLICAS - 1
+            ),
+        });
+    }
+    Ok((
+        Default::default(),
+        DeviceInfo {
+            kind: BackendKind::Cpu,
+            index: i,
+            name: match crate::cpu_threads() {
+                1 => "flex, 1 thread".into(),
+                n => format!("flex, {n} threads"),
+            },
+        },
+    ))
 }
 
 /// The CPU backend's kernels for training (autodiff flex): the fused

@@ -4,13 +4,15 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use burn::tensor::backend::AutodiffBackend;
 use clipa_backends::{BackendJob, BackendKind, Devices};
 use clipa_core::data::tokenizer::Tokenizer;
+use clipa_core::dist::Layout;
 use clipa_core::eval::ZeroShotResult;
+use clipa_core::nodes::{NodeConfig, NodeFlags, Watchdog};
 use clipa_core::train::{
     self, Observer, Resume, RunOptions, StageConfig, StepMetrics, TrainConfig, TrainSummary,
 };
@@ -151,6 +153,32 @@ impl Observer for Progress {
 struct TrainJob {
     cfg: TrainConfig,
     opts: RunOptions,
+    /// The machines of the run, when it spans several.
+    node: Option<NodeConfig>,
+    /// How long machines wait for each other (`--node-timeout`).
+    node_timeout: Duration,
+}
+
+/// Joins the other machines of a multi-node run: node 0 serves the
+/// orchestrator, then every node waits at the watchdog until all are in.
+/// A machine that leaves the run later ends this one with exit code 1:
+/// the collective may be blocked in another thread, and the last
+/// checkpoint that every node finished is on disk (`--resume latest`).
+fn join_nodes(node: &NodeConfig, timeout: Duration) -> clipa_core::Result<Watchdog> {
+    if node.node_rank == 0 {
+        clipa_core::dist::host_orchestrator(node.orchestrator_port())?;
+    }
+    eprintln!(
+        "node {} of {}: waiting for the others at {}",
+        node.node_rank, node.num_nodes, node.master
+    );
+    let rank = node.node_rank;
+    Watchdog::start(node, timeout, move |fault| {
+        eprintln!(
+            "error: {fault}; node {rank} stops too (restart every node with --resume latest)"
+        );
+        std::process::exit(1);
+    })
 }
 
 impl BackendJob for TrainJob {
@@ -178,8 +206,34 @@ impl BackendJob for TrainJob {
             bar: ProgressBar::hidden(),
             stages: self.cfg.stages.len(),
         };
-        let summary = train::train_parallel::<B>(self.cfg, &self.opts, on.devices(), &mut progress);
+        let layout = Layout::<B> {
+            local_count: on.devices().len(),
+            host: match &self.node {
+                Some(n) => n.local_host()?,
+                None => String::new(),
+            },
+            node: self.node.clone(),
+            local_sum: on.local_sum(),
+        };
+        let watchdog = match &self.node {
+            Some(n) => Some(join_nodes(n, self.node_timeout)?),
+            None => None,
+        };
+        let summary = train::train_distributed::<B>(
+            self.cfg,
+            &self.opts,
+            on.devices(),
+            layout,
+            &mut progress,
+        );
         progress.bar.finish_and_clear();
+        if let Some(w) = watchdog {
+            match &summary {
+                Ok(_) => w.finish(),
+                // The others hear why, instead of a lost connection.
+                Err(e) => w.fail(&e.to_string()),
+            }
+        }
         summary
     }
 }
@@ -278,7 +332,23 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &TrainArgs) -> anyhow
         lexicon: args.lexicon.clone(),
         init_from: args.init_from.clone(),
     };
-    let job = TrainJob { cfg, opts };
+    let node = NodeConfig::resolve(
+        &NodeFlags {
+            num_nodes: args.num_nodes,
+            node_rank: args.node_rank,
+            orchestrator: args.orchestrator.clone(),
+        },
+        |key| std::env::var(key).ok(),
+    )?;
+    if node.is_some() && args.output.is_none() {
+        bail!("a run across machines needs --output: one run folder that every machine sees");
+    }
+    let job = TrainJob {
+        cfg,
+        opts,
+        node,
+        node_timeout: Duration::from_secs(args.node_timeout.max(1)),
+    };
     let summary = match &args.devices {
         Some(set) => clipa_backends::run_on(kind, set, job)?,
         None => clipa_backends::run(kind, device, job)?,

@@ -14,6 +14,7 @@ pub mod csv;
 pub mod fmnist;
 pub mod folder;
 pub mod loader;
+pub mod part;
 pub mod shards;
 pub mod synthetic;
 pub mod tokenizer;
@@ -163,6 +164,15 @@ impl DataStats {
             bad_captions: self.bad_captions.load(Ordering::Relaxed),
             bad_shards: self.bad_shards.load(Ordering::Relaxed),
         }
+    }
+}
+
+impl std::ops::AddAssign for DataStatsSnapshot {
+    fn add_assign(&mut self, o: Self) {
+        self.samples += o.samples;
+        self.bad_images += o.bad_images;
+        self.bad_captions += o.bad_captions;
+        self.bad_shards += o.bad_shards;
     }
 }
 

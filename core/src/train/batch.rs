@@ -22,13 +22,13 @@ pub struct DeviceBatch<B: AutodiffBackend> {
 impl<B: AutodiffBackend> DeviceBatch<B> {
     /// Rows `rows` of a host batch, on `device`: u8 pixels `images`
     /// `[batch, px, px, 3]` (normalised with `norm` on the device), token ids
-    /// `ids` `[batch, len]`, and `keep`, the kept patches per sample with
-    /// their indices `[batch, kept]`. A replica takes its `rank·n..` rows of
-    /// the global batch this way.
+    /// `ids` `[batch, len]`, and `keep`, the kept patches of those rows
+    /// with their indices `[n, kept]`. A replica takes its rows of its
+    /// process's batch this way.
     pub fn from_host(
         images: &[u8],
         ids: &[i64],
-        keep: Option<&(usize, Vec<i64>)>,
+        keep: Option<(usize, &[i64])>,
         rows: Range<usize>,
         px: usize,
         norm: &Normalization,
@@ -50,7 +50,7 @@ impl<B: AutodiffBackend> DeviceBatch<B> {
                 device,
             ),
             keep: keep.map(|(kept, idx)| {
-                Tensor::from_data(TensorData::new(take(idx, *kept), [n, *kept]), device)
+                Tensor::from_data(TensorData::new(idx.to_vec(), [n, kept]), device)
             }),
             ids: Tensor::from_data(TensorData::new(take(ids, len), [n, len]), device),
         }

@@ -151,6 +151,10 @@ impl StageConfig {
     }
 }
 
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
 /// Where the training data comes from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -177,8 +181,16 @@ pub struct DataConfig {
     /// Prompt templates for `zeroshot_data` (default: `photo`, or
     /// `openai` for a 1,000-class ImageNet folder).
     pub templates: Option<TemplateSet>,
-    /// Loader threads (0 = all cores).
+    /// Loader threads per part of the data (0 = all cores, shared by the
+    /// process's parts).
     pub workers: usize,
+    /// Parts the data is read in, one loader each ([`crate::data::part`]:
+    /// part `p` reads every `parts`-th shard and supplies its slice of each
+    /// batch). 0 = one per machine, stored in the run's config once a run
+    /// spans machines, so that its resume reads the same parts anywhere.
+    /// Set it to read a multi-machine run's batches on one.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub parts: usize,
     /// Share of bad samples tolerated before the run stops.
     pub max_bad_fraction: f64,
     /// CLIPA's strong augmentation (colour jitter 0.4, grayscale 0.2).
@@ -198,6 +210,7 @@ impl Default for DataConfig {
             classnames: None,
             templates: None,
             workers: 0,
+            parts: 0,
             max_bad_fraction: 0.1,
             color_jitter: false,
         }
@@ -474,6 +487,12 @@ impl TrainConfig {
                 return bad(format!(
                     "{tag}: batch_size {} is not divisible by accum_steps {}",
                     s.batch_size, s.accum_steps
+                ));
+            }
+            if self.data.parts > 1 && !s.batch_size.is_multiple_of(self.data.parts) {
+                return bad(format!(
+                    "{tag}: batch_size {} is not divisible by data.parts {}",
+                    s.batch_size, self.data.parts
                 ));
             }
             if s.text_length < 3 {

@@ -10,6 +10,7 @@ use super::config::{StageConfig, TrainConfig};
 use crate::Result;
 use crate::data::augment::{ImageTransform, TrainAugment};
 use crate::data::loader::{Loader, LoaderConfig, LoaderState};
+use crate::data::part::{Part, part_seed};
 use crate::data::synthetic::{self, Split, SyntheticCaptions};
 use crate::data::tokenizer::Tokenizer;
 use crate::data::{DataStatsSnapshot, ShardSource, open_caption_source};
@@ -34,13 +35,38 @@ pub struct StageBatch {
     pub state: LoaderState,
 }
 
-/// The loader and text reducer of one stage.
+/// The loader and text reducer of one stage: of its whole batch, or of
+/// one part of it ([`crate::data::part`]).
 pub struct StageData {
     loader: Loader,
     reducer: TextReducer,
     tokenizer: Tokenizer,
     seed: u64,
+    /// The stage's global batch.
     batch_size: usize,
+    /// Global row of this loader's first row in every batch.
+    first_row: usize,
+}
+
+/// Which part of the data a loader reads: part `part` of `parts`, with
+/// `loaders` loaders in this process (they share its cores).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartOf {
+    /// This loader's part, `0..parts`.
+    pub part: usize,
+    /// Parts the data is read in.
+    pub parts: usize,
+    /// Loaders this process runs.
+    pub loaders: usize,
+}
+
+impl PartOf {
+    /// The whole data, one loader.
+    pub const WHOLE: Self = Self {
+        part: 0,
+        parts: 1,
+        loaders: 1,
+    };
 }
 
 /// The training source a config names.
@@ -67,12 +93,21 @@ impl StageData {
     pub fn start(
         cfg: &TrainConfig,
         stage: &StageConfig,
+        of: PartOf,
         resume: Option<LoaderState>,
         tokenizer: &Tokenizer,
         lexicon: Option<Arc<Lexicon>>,
     ) -> Result<Self> {
         let px = stage.image_reduction.image_size(stage.image_size);
-        let source = train_source(cfg, px)?;
+        let mut source = train_source(cfg, px)?;
+        if of.parts > 1 {
+            source = Arc::new(Part::new(
+                source,
+                of.part,
+                of.parts,
+                cfg.data.dataset_resampled,
+            )?);
+        }
         // The synthetic set is rendered at the stage's size and its captions
         // name positions, so it is only resized (a random crop would move the
         // shape away from the place its caption names).
@@ -83,14 +118,16 @@ impl StageData {
         } else {
             ImageTransform::Train(TrainAugment::default())
         };
+        // Threads per loader: all cores shared by this process's loaders.
         let workers = match cfg.data.workers {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => (std::thread::available_parallelism().map_or(1, |n| n.get()) / of.loaders).max(1),
             n => n,
         };
+        let rows = stage.batch_size / of.parts;
         let loader = Loader::start(
             source,
             LoaderConfig {
-                batch_size: stage.batch_size,
+                batch_size: rows,
                 image_size: px,
                 workers,
                 prefetch: 4,
@@ -99,7 +136,7 @@ impl StageData {
                 } else {
                     2048
                 },
-                seed: cfg.seed,
+                seed: part_seed(cfg.seed, of.part),
                 resampled: cfg.data.dataset_resampled,
                 transform,
                 max_bad_fraction: cfg.data.max_bad_fraction,
@@ -116,14 +153,16 @@ impl StageData {
             tokenizer: tokenizer.clone(),
             seed: cfg.seed,
             batch_size: stage.batch_size,
+            first_row: of.part * rows,
         })
     }
 
-    /// The batch of global step `step`, its captions reduced to the stage's
-    /// text length with masks keyed by `(seed, step, sample)`.
+    /// This loader's rows of global step `step`'s batch, their captions
+    /// reduced to the stage's text length with masks keyed by
+    /// `(seed, step, global sample)`.
     pub fn next(&mut self, step: u64) -> Result<StageBatch> {
         let batch = self.loader.next_batch()?;
-        let first = step * self.batch_size as u64;
+        let first = step * self.batch_size as u64 + self.first_row as u64;
         let ids = self
             .reducer
             .apply_batch(&self.tokenizer, &batch.captions, self.seed, step, first)

@@ -34,10 +34,11 @@ use serde::{Deserialize, Serialize};
 
 pub use config::{DataConfig, LossKind, Precision, ReportTo, StageConfig, TrainConfig};
 
-use self::data::{StageBatch, StageData};
+use self::data::{PartOf, StageData};
 use self::run::train_replica;
 use crate::data::DataStatsSnapshot;
-use crate::dist::Replica;
+use crate::data::loader::LoaderState;
+use crate::dist::{Layout, Replica};
 use crate::eval::ZeroShotResult;
 use crate::{Error, Result};
 
@@ -170,13 +171,14 @@ pub fn train<B: AutodiffBackend>(
     observer: &mut dyn Observer,
 ) -> Result<TrainSummary> {
     preflight(&cfg, opts)?;
+    let parts = cfg.data.parts.max(1);
     locked_run(opts, observer, |observer| {
         train_replica(
             cfg,
             opts,
             device,
             &Replica::<B>::single(),
-            &Feed::default(),
+            &Feed::new(0..parts, parts),
             observer,
         )
     })
@@ -276,27 +278,68 @@ pub fn train_parallel<B: AutodiffBackend>(
     devices: &[B::Device],
     observer: &mut dyn Observer,
 ) -> Result<TrainSummary> {
-    let world = devices.len();
-    if world == 0 {
+    train_distributed(
+        cfg,
+        opts,
+        devices,
+        Layout::<B>::local(devices.len()),
+        observer,
+    )
+}
+
+/// [`train_parallel`] as one machine of several (`layout.node`): this
+/// process's replicas run on `devices` and read this machine's parts of
+/// the data (`data.parts`, one per machine unless set; see
+/// [`crate::data::part`]). Machine 0 holds the run folder's lock and
+/// writes it, which every machine must see (a shared file system, as for
+/// OpenCLIP's `--resume`): the others read their checkpoint from it.
+pub fn train_distributed<B: AutodiffBackend>(
+    mut cfg: TrainConfig,
+    opts: &RunOptions,
+    devices: &[B::Device],
+    layout: Layout<B>,
+    observer: &mut dyn Observer,
+) -> Result<TrainSummary> {
+    let local = devices.len();
+    if local == 0 {
         return Err(Error::Config("no device to train on".into()));
+    }
+    assert_eq!(local, layout.local_count, "one replica per device");
+    let (nodes, world) = (layout.num_nodes(), layout.world());
+    if nodes > 1 && cfg.data.parts == 0 {
+        // Stored in the run's config, so that a resume reads as many parts
+        // whatever machines it runs on.
+        cfg.data.parts = nodes;
+    }
+    let parts = cfg.data.parts.max(1);
+    if !parts.is_multiple_of(nodes) {
+        return Err(Error::Config(format!(
+            "the data is read in {parts} parts (data.parts), which do not split evenly over {nodes} machines"
+        )));
+    }
+    for stage in &cfg.stages {
+        let need = (world * stage.accum_steps).max(parts);
+        if !stage.batch_size.is_multiple_of(world * stage.accum_steps)
+            || !stage.batch_size.is_multiple_of(parts)
+        {
+            return Err(Error::Config(format!(
+                "stage '{}': batch_size {} must split evenly over {world} replicas × {} micro-batches \
+                 and {parts} data parts (a multiple of {need})",
+                stage.name, stage.batch_size, stage.accum_steps
+            )));
+        }
     }
     if world == 1 {
         return train::<B>(cfg, opts, &devices[0], observer);
     }
     preflight(&cfg, opts)?;
-    for stage in &cfg.stages {
-        if stage.batch_size % (world * stage.accum_steps) != 0 {
-            return Err(Error::Config(format!(
-                "stage '{}': batch_size {} must split evenly over {world} replicas × {} micro-batches",
-                stage.name, stage.batch_size, stage.accum_steps
-            )));
-        }
-    }
-    locked_run(opts, observer, |observer| {
-        let feed = Feed::default();
-        let (cfg, feed) = (&cfg, &feed);
+    let node = layout.node_rank();
+    let per_node = parts / nodes;
+    let feed = Feed::new(node * per_node..(node + 1) * per_node, parts);
+    let run = |observer: &mut dyn Observer| {
+        let (cfg, feed, layout) = (&cfg, &feed, &layout);
         let replica = |i: usize, obs: &mut dyn Observer| -> Result<TrainSummary> {
-            let out = Replica::<B>::join(i, world, &devices[i]).and_then(|rep| {
+            let out = Replica::<B>::join_layout(layout, i, &devices[i]).and_then(|rep| {
                 let summary = train_replica(cfg.clone(), opts, &devices[i], &rep, feed, obs)?;
                 rep.leave()?;
                 Ok(summary)
@@ -308,7 +351,7 @@ pub fn train_parallel<B: AutodiffBackend>(
             out
         };
         std::thread::scope(|s| {
-            let others: Vec<_> = (1..world)
+            let others: Vec<_> = (1..local)
                 .map(|i| s.spawn(move || replica(i, &mut Silent)))
                 .collect();
             let first = replica(0, observer);
@@ -330,7 +373,12 @@ pub fn train_parallel<B: AutodiffBackend>(
                 }
             }
         })
-    })
+    };
+    if node == 0 {
+        locked_run(opts, observer, run)
+    } else {
+        run(observer)
+    }
 }
 
 /// An observer for replicas other than the first: replica 0 reports.
@@ -342,54 +390,110 @@ impl Observer for Silent {
     fn message(&mut self, _: &str) {}
 }
 
-/// The data of one process, shared by its replicas: one loader reads each
-/// step's global batch once and every replica takes its rows of it, so the
-/// replicas see disjoint samples and together exactly the batch one device
-/// would. Replicas run in lock-step (each step's all-reduces wait for all),
-/// so one cached batch suffices.
-#[derive(Default)]
+/// The data of one process, shared by its replicas: one loader per part
+/// of the data this process reads ([`crate::data::part`]; one part, the
+/// whole batch, unless the run spans machines or sets `--data-parts`)
+/// reads its rows of each step's batch once, and every replica takes its
+/// rows of them, so the replicas see disjoint samples and together exactly
+/// the process's rows. Replicas run in lock-step (each step's all-reduces
+/// wait for all), so one cached batch suffices.
 pub struct Feed {
     state: std::sync::Mutex<FeedState>,
     /// Held while a replica seeds the backend and initialises its model:
     /// the CPU backend's generator is one per process.
     init: std::sync::Mutex<()>,
+    /// The parts this process reads, of `total`.
+    parts: std::ops::Range<usize>,
+    total: usize,
+}
+
+impl Default for Feed {
+    fn default() -> Self {
+        Self::new(0..1, 1)
+    }
 }
 
 #[derive(Default)]
 struct FeedState {
     stage: Option<usize>,
-    data: Option<StageData>,
+    data: Vec<StageData>,
     step: Option<u64>,
-    batch: Option<Arc<StageBatch>>,
+    batch: Option<Arc<NodeBatch>>,
     failed: Option<String>,
 }
 
+/// This process's rows of one step's batch (its parts', one after the
+/// other).
+pub struct NodeBatch {
+    /// `[rows, px, px, 3]` u8.
+    pub images: Vec<u8>,
+    /// `[rows, context]` token ids.
+    pub ids: Vec<i64>,
+    /// Each of this process's loaders' position after the batch, in part
+    /// order.
+    pub states: Vec<LoaderState>,
+}
+
 impl Feed {
-    /// Stage `stage`'s global batch of step `step`, starting the stage's
-    /// loader with `start` on first use. A failure is returned to every
-    /// replica that asks after it.
+    /// A feed of parts `parts` of the `total` the data is read in.
+    pub fn new(parts: std::ops::Range<usize>, total: usize) -> Self {
+        assert!(parts.start < parts.end && parts.end <= total);
+        Self {
+            state: Default::default(),
+            init: Default::default(),
+            parts,
+            total,
+        }
+    }
+
+    /// The parts this process reads, of how many.
+    pub fn parts(&self) -> (std::ops::Range<usize>, usize) {
+        (self.parts.clone(), self.total)
+    }
+
+    /// This process's rows of stage `stage`'s batch at step `step`,
+    /// starting each of its loaders with `start` on first use. A failure is
+    /// returned to every replica that asks after it.
     fn batch(
         &self,
         stage: usize,
         step: u64,
-        start: impl FnOnce() -> Result<StageData>,
-    ) -> Result<Arc<StageBatch>> {
+        mut start: impl FnMut(PartOf) -> Result<StageData>,
+    ) -> Result<Arc<NodeBatch>> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = &st.failed {
             return Err(Error::Training(format!(
                 "another replica's data failed: {e}"
             )));
         }
-        let got: Result<Arc<StageBatch>> = (|| {
+        let got: Result<Arc<NodeBatch>> = (|| {
             if st.stage != Some(stage) {
-                st.data = None;
-                st.data = Some(start()?);
+                st.data.clear();
+                let loaders = self.parts.len();
+                for part in self.parts.clone() {
+                    let of = PartOf {
+                        part,
+                        parts: self.total,
+                        loaders,
+                    };
+                    st.data.push(start(of)?);
+                }
                 st.stage = Some(stage);
                 st.step = None;
             }
             if st.step != Some(step) {
-                let data = st.data.as_mut().expect("started above");
-                st.batch = Some(Arc::new(data.next(step)?));
+                let mut batch = NodeBatch {
+                    images: Vec::new(),
+                    ids: Vec::new(),
+                    states: Vec::with_capacity(st.data.len()),
+                };
+                for data in &mut st.data {
+                    let part = data.next(step)?;
+                    batch.images.extend_from_slice(&part.images);
+                    batch.ids.extend_from_slice(&part.ids);
+                    batch.states.push(part.state);
+                }
+                st.batch = Some(Arc::new(batch));
                 st.step = Some(step);
             }
             Ok(st.batch.clone().expect("read above"))
@@ -400,10 +504,14 @@ impl Feed {
         got
     }
 
-    /// Good and bad data of the current stage's loader.
+    /// Good and bad data of the current stage's loaders.
     fn stats(&self) -> DataStatsSnapshot {
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.data.as_ref().map(StageData::stats).unwrap_or_default()
+        let mut sum = DataStatsSnapshot::default();
+        for data in &st.data {
+            sum += data.stats();
+        }
+        sum
     }
 }
 

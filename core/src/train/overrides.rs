@@ -115,9 +115,14 @@ pub struct TrainOverrides {
     /// models on one GPU; about a third more compute).
     #[cfg_attr(feature = "cli", arg(long))]
     pub grad_checkpointing: bool,
-    /// Data-loading threads (default: all cores).
+    /// Data-loading threads per part of the data (default: all cores).
     #[cfg_attr(feature = "cli", arg(long))]
     pub workers: Option<usize>,
+    /// Read the data in N parts, one loader each, part p taking every N-th
+    /// shard (OpenCLIP's split by node). Default: one per machine. Set it
+    /// to read a multi-machine run's batches on fewer machines.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N"))]
+    pub data_parts: Option<usize>,
     /// Where else the logged metrics go, besides metrics.jsonl
     /// (comma-separated; adds to the config's `report_to`).
     #[cfg_attr(feature = "cli", arg(long, value_enum, value_delimiter = ','))]
@@ -353,6 +358,12 @@ impl TrainConfig {
             d.classnames = z.classnames.clone();
         }
         set(&mut d.workers, &o.workers);
+        if let Some(n) = o.data_parts {
+            if n == 0 {
+                return Err(Error::Config("--data-parts must be positive".into()));
+            }
+            d.parts = n;
+        }
         if let Some(n) = o.train_num_samples {
             if n == 0 {
                 return Err(Error::Config("--train-num-samples must be positive".into()));

@@ -181,14 +181,14 @@ impl<B: AutodiffBackend> Runner<'_, B> {
                 timed: false,
             },
         };
-        let mut resume_loader = self.manifest.loader.take();
+        let resume_loader = std::mem::take(&mut self.manifest.loader);
         observer.stage_start(si, config, self.manifest.stage_step);
         let started = Instant::now();
         let mut window = Window::new();
         let mut interrupted = false;
         while self.manifest.stage_step < config.steps {
             let lr;
-            (model, lr) = self.step(&stage, model, &mut opt, &mut resume_loader, &mut window)?;
+            (model, lr) = self.step(&stage, model, &mut opt, &resume_loader, &mut window)?;
             let stage_done = self.manifest.stage_step == config.steps;
             self.log_and_evaluate(&stage, &model, lr, &mut window, observer)?;
             // Every replica stops at the same step, whichever saw the signal.
@@ -220,24 +220,37 @@ impl<B: AutodiffBackend> Runner<'_, B> {
         stage: &Stage<'_>,
         model: ClipModel<B>,
         opt: &mut AdamW<B::InnerBackend>,
-        resume_loader: &mut Option<LoaderState>,
+        resume_loader: &[LoaderState],
         window: &mut Window<B::InnerBackend>,
     ) -> Result<(ClipModel<B>, f64)> {
         let (cfg, config, m) = (self.cfg, stage.config, &self.manifest);
         let lr = stage.schedule.lr(m.stage_step);
         let t0 = Instant::now();
-        let batch = self.feed.batch(stage.index, m.step, || {
+        let batch = self.feed.batch(stage.index, m.step, |of| {
+            let resume = match resume_loader.len() {
+                0 => None,
+                n if n == of.parts => Some(resume_loader[of.part].clone()),
+                n => {
+                    return Err(Error::Config(format!(
+                        "the checkpoint holds {n} loader positions, but the data is read in {} parts",
+                        of.parts
+                    )));
+                }
+            };
             StageData::start(
                 cfg,
                 config,
-                resume_loader.take(),
+                of,
+                resume,
                 &self.tokenizer,
                 self.lexicon.clone(),
             )
         })?;
         window.wait += t0.elapsed().as_secs_f64();
         // Masks are drawn for the global batch (keyed by global sample
-        // index), then this replica takes its rows `rank·n..`.
+        // index). This process holds the rows of its parts of the data,
+        // global rows `first_row..`, and this replica takes its `n` of them
+        // (global rows `rank·n..`).
         let g = stage.px / model.config.vision.patch_size;
         let first = m.step * config.batch_size as u64;
         let keep =
@@ -248,11 +261,13 @@ impl<B: AutodiffBackend> Runner<'_, B> {
             config.batch_size / self.replica.world(),
             self.replica.rank(),
         );
+        let local = rank - self.replica.local_first();
         let device_batch = DeviceBatch::<B>::from_host(
             &batch.images,
             &batch.ids,
-            keep.as_ref(),
-            rank * n..(rank + 1) * n,
+            keep.as_ref()
+                .map(|(kept, idx)| (*kept, &idx[rank * n * kept..(rank + 1) * n * kept])),
+            local * n..(local + 1) * n,
             stage.px,
             &model.config.normalization,
             self.device,
@@ -261,7 +276,7 @@ impl<B: AutodiffBackend> Runner<'_, B> {
         self.manifest.step += 1;
         window.add(self.manifest.step, stats);
         self.manifest.stage_step += 1;
-        self.manifest.loader = Some(batch.state.clone());
+        self.manifest.loader = batch.states.clone();
         window.images += config.batch_size;
         Ok((model, lr))
     }
@@ -322,13 +337,18 @@ impl<B: AutodiffBackend> Runner<'_, B> {
         model: &ClipModel<B>,
         opt: &AdamW<B::InnerBackend>,
     ) -> Result<()> {
-        let m = &mut self.manifest;
         if stage_done {
-            // The next stage starts fresh: new loader, new optimiser.
+            // The next stage starts fresh: new loaders, new optimiser.
+            let m = &mut self.manifest;
             m.stage = si + 1;
             m.stage_step = 0;
-            m.loader = None;
+            m.loader.clear();
+        } else if self.replica.nodes() > 1 {
+            // Every machine's loaders, in part order, for the checkpoint
+            // (replica 0 writes it; each machine's first replica speaks).
+            self.manifest.loader = self.gather_positions()?;
         }
+        let m = &mut self.manifest;
         m.data = self.feed.stats();
         if self.replica.is_leader() {
             self.out.last_checkpoint = Some(runstate::save(
@@ -342,6 +362,26 @@ impl<B: AutodiffBackend> Runner<'_, B> {
             )?);
         }
         Ok(())
+    }
+
+    /// Every machine's loader positions, in part order (machines hold
+    /// consecutive parts): an all-gather of each machine's, as JSON.
+    fn gather_positions(&self) -> Result<Vec<LoaderState>> {
+        let mine = match self.replica.is_local_leader() {
+            true => serde_json::to_vec(&self.manifest.loader).expect("positions serialise"),
+            false => Vec::new(),
+        };
+        let mut all = Vec::new();
+        for bytes in self.replica.gather_bytes(&mine, self.device)? {
+            if bytes.is_empty() {
+                continue;
+            }
+            let part: Vec<LoaderState> = serde_json::from_slice(&bytes).map_err(|e| {
+                Error::Collective(format!("a machine sent unreadable loader positions: {e}"))
+            })?;
+            all.extend(part);
+        }
+        Ok(all)
     }
 
     /// Reads the window's pending step stats (one host read) and counts

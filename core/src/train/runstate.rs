@@ -42,9 +42,12 @@ pub struct Manifest {
     pub stage: usize,
     /// Steps completed inside that stage.
     pub stage_step: u64,
-    /// The loader position after the last consumed batch (`None` at a stage
-    /// boundary: the next stage starts a fresh loader).
-    pub loader: Option<LoaderState>,
+    /// Each loader's position after the last consumed batch, one per part
+    /// of the data (`crate::data::part`; empty at a stage boundary: the
+    /// next stage starts fresh loaders). Written as one object for a run
+    /// read in one part, as before parts existed, and as a list otherwise.
+    #[serde(with = "positions")]
+    pub loader: Vec<LoaderState>,
     /// Good and bad data seen so far.
     pub data: DataStatsSnapshot,
     /// Non-finite steps skipped so far.
@@ -326,6 +329,35 @@ fn diff(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<
     }
 }
 
+/// `Manifest::loader` on disk: `null`, one position, or a list of them.
+mod positions {
+    use super::LoaderState;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum OnDisk {
+        One(LoaderState),
+        Parts(Vec<LoaderState>),
+    }
+
+    pub fn serialize<S: Serializer>(v: &[LoaderState], s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            [] => s.serialize_none(),
+            [one] => one.serialize(s),
+            parts => parts.serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<LoaderState>, D::Error> {
+        Ok(match Option::<OnDisk>::deserialize(d)? {
+            None => Vec::new(),
+            Some(OnDisk::One(one)) => vec![one],
+            Some(OnDisk::Parts(parts)) => parts,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -350,7 +382,7 @@ mod tests {
             step: 1,
             stage: 0,
             stage_step: 1,
-            loader: None,
+            loader: Vec::new(),
             data: DataStatsSnapshot::default(),
             nonfinite_skipped: 0,
             train_seconds: 0.0,
@@ -382,6 +414,45 @@ mod tests {
         std::fs::write(&weights, bytes).unwrap();
         let err = load(&first).map(|_| ()).unwrap_err().to_string();
         assert!(err.contains("damaged"), "{err}");
+    }
+
+    /// Loader positions on disk: one object for a run read in one part
+    /// (the format before parts, which still loads), a list for several,
+    /// `null` at a stage boundary.
+    #[test]
+    fn loader_positions_round_trip_in_every_form() {
+        let state = |batches| LoaderState {
+            seed: 1,
+            num_shards: 4,
+            shuffle_buffer: 8,
+            resampled: false,
+            batches,
+            next_worker: 0,
+            epoch: 0,
+            workers: Vec::new(),
+        };
+        let manifest = |loader| Manifest {
+            version: MANIFEST_VERSION,
+            step: 3,
+            stage: 0,
+            stage_step: 3,
+            loader,
+            data: DataStatsSnapshot::default(),
+            nonfinite_skipped: 0,
+            train_seconds: 0.0,
+            config: TrainConfig::preset("tiny").unwrap(),
+            files: BTreeMap::new(),
+        };
+        for (loader, form) in [
+            (vec![], "null"),
+            (vec![state(3)], "{"),
+            (vec![state(3), state(5)], "["),
+        ] {
+            let json = serde_json::to_value(manifest(loader.clone())).unwrap();
+            assert!(json["loader"].to_string().starts_with(form), "{json}");
+            let back: Manifest = serde_json::from_value(json).unwrap();
+            assert_eq!(back.loader, loader);
+        }
     }
 
     #[test]

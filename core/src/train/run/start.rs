@@ -103,7 +103,7 @@ pub(super) fn start<B: AutodiffBackend>(
         step: 0,
         stage: 0,
         stage_step: 0,
-        loader: None,
+        loader: Vec::new(),
         data: DataStatsSnapshot::default(),
         nonfinite_skipped: 0,
         train_seconds: 0.0,
