@@ -50,6 +50,14 @@ cargo clippy --workspace --all-targets --features cuda -- -D warnings
 step "cargo check --features cuda"
 cargo check --workspace --features cuda
 
+step "cargo check cuda-nccl"
+# The NCCL build is CUDA only (backends/Cargo.toml, `cuda-nccl`): with Burn's
+# `distributed` feature on, every Burn crate has another feature set, so
+# this checks a second Burn graph: about a minute and a half on 2 cores
+# after the steps above, under a second once cached. Check mode, the binary
+# only (the tests and benches use the CPU backend).
+cargo check -p clipa-cli --no-default-features --features cuda-nccl
+
 step "Python's tensorboard package (tests/tensorboard.rs reads the event files back with it)"
 # A venv outside the checkout, kept between runs like the target folder.
 venv="${CLIPA_PY_VENV:-$HOME/.cache/clipa-py}"

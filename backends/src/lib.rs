@@ -10,7 +10,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::AutodiffBackend;
 use clipa_core::dist::LocalSum;
 
 #[cfg(feature = "cpu")]

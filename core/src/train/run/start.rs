@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
 
 use super::super::config::{LossKind, TrainConfig};
@@ -95,7 +96,14 @@ pub(super) fn start<B: AutodiffBackend>(
             let tokenizer = Tokenizer::for_text(&model_cfg.text, cfg.vocab.as_deref())?;
             let _turn = feed.init.lock().unwrap_or_else(|e| e.into_inner());
             B::seed(device, cfg.seed);
-            (model_cfg.init(device), tokenizer)
+            let model = model_cfg.init(device);
+            // Burn initialises a parameter when it is first read: draw
+            // every one now, in module order, while this replica holds the
+            // seeded generator. Read later, the replicas' draws interleave
+            // (the CPU backend's generator is one per process) and the
+            // weights depend on thread timing.
+            model.visit(&mut Materialize);
+            (model, tokenizer)
         }
     };
     let manifest = Manifest {
@@ -150,5 +158,17 @@ fn newest_intact(run: &Path, observer: &mut dyn Observer) -> Result<Option<Loade
             path: runstate::checkpoints_dir(run),
             reason: format!("none of its {} checkpoints is intact", all.len()),
         }),
+    }
+}
+
+/// Reads every parameter once, which initialises a lazy one.
+struct Materialize;
+
+impl<B: burn::tensor::backend::Backend> burn::module::ModuleVisitor<B> for Materialize {
+    fn visit_float<const D: usize>(
+        &mut self,
+        param: &burn::module::Param<burn::tensor::Tensor<B, D>>,
+    ) {
+        let _ = param.val();
     }
 }
