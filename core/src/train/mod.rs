@@ -407,12 +407,6 @@ pub struct Feed {
     total: usize,
 }
 
-impl Default for Feed {
-    fn default() -> Self {
-        Self::new(0..1, 1)
-    }
-}
-
 #[derive(Default)]
 struct FeedState {
     stage: Option<usize>,
@@ -444,11 +438,6 @@ impl Feed {
             parts,
             total,
         }
-    }
-
-    /// The parts this process reads, of how many.
-    pub fn parts(&self) -> (std::ops::Range<usize>, usize) {
-        (self.parts.clone(), self.total)
     }
 
     /// This process's rows of stage `stage`'s batch at step `step`,
