@@ -321,6 +321,8 @@ struct Shared {
     /// Set once a fault was reported, or this node failed, finished or is
     /// dropped: from then on nothing (more) is reported.
     quiet: AtomicBool,
+    /// Set once a peer's fault was reported ([`Watchdog::peer_fault_within`]).
+    faulted: AtomicBool,
     on_fault: Box<dyn Fn(Fault) + Send + Sync>,
 }
 
@@ -346,6 +348,7 @@ impl Shared {
         if self.quiet.swap(true, Ordering::SeqCst) {
             return;
         }
+        self.faulted.store(true, Ordering::SeqCst);
         if self.rank == 0 {
             // The survivors first: `on_fault` may end this process.
             for link in self.links.iter().filter(|l| l.rank != node) {
@@ -434,6 +437,7 @@ impl Watchdog {
             rank: node.node_rank,
             links,
             quiet,
+            faulted: AtomicBool::new(false),
             on_fault,
         });
         let (stop, stopped) = mpsc::channel::<()>();
@@ -467,6 +471,28 @@ impl Watchdog {
             dog.threads.push(watching.map_err(spawn_error)?);
         }
         Ok(dog)
+    }
+
+    /// Waits up to `grace` for the watchdog to report a peer that left;
+    /// true if it did (its `on_fault` ran), false if the time passed first.
+    /// Call it before [`Watchdog::fail`], which silences the reports.
+    ///
+    /// Why: when a peer dies, its sockets close at once for every
+    /// connection, so the collective operation blocked on it often fails
+    /// before the watchdog's reader sees its own closed connection. The
+    /// collective's error says only "peer lost"; the watchdog's names the
+    /// node and why, so a failed collective asks it first.
+    pub fn peer_fault_within(&self, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
+        loop {
+            if self.shared.faulted.load(Ordering::SeqCst) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// This node failed on its own (bad data, a full disk): the others are
@@ -925,6 +951,32 @@ mod tests {
         drop(dogs);
         let again = received.recv_timeout(Duration::from_millis(200));
         assert!(again.is_err(), "on_fault more than once: {again:?}");
+    }
+
+    #[test]
+    fn a_failed_collective_waits_for_the_watchdog_to_name_the_lost_node() {
+        let (nodes, listener) = run_of(2);
+        let (mut dogs, received) = started(&nodes, listener, Duration::from_secs(2));
+        // No fault yet: the wait runs out and says so.
+        let began = Instant::now();
+        assert!(!dogs[1].peer_fault_within(Duration::from_millis(150)));
+        assert!(began.elapsed() >= Duration::from_millis(150));
+        // Node 0's socket closes while node 1 waits: the wait ends true
+        // once the fault is reported, well before its grace.
+        let zero = dogs.remove(0);
+        let began = Instant::now();
+        let dropping = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(50));
+            drop(zero);
+        });
+        assert!(dogs[0].peer_fault_within(Duration::from_secs(5)));
+        assert!(
+            began.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            began.elapsed()
+        );
+        dropping.join().unwrap();
+        assert_eq!(faults(&received, 1), [(1, fault(0, "connection closed"))]);
     }
 
     #[test]

@@ -159,6 +159,10 @@ struct TrainJob {
     node_timeout: Duration,
 }
 
+/// How long a failed collective waits for the watchdog to name the node
+/// that left: it reads the same closed sockets, so it needs milliseconds.
+const PEER_FAULT_GRACE: Duration = Duration::from_secs(5);
+
 /// Joins the other machines of a multi-node run: node 0 serves the
 /// orchestrator, then every node waits at the watchdog until all are in.
 /// A machine that leaves the run later ends this one with exit code 1:
@@ -230,6 +234,11 @@ impl BackendJob for TrainJob {
         if let Some(w) = watchdog {
             match &summary {
                 Ok(_) => w.finish(),
+                // A peer that died usually breaks the collective before the
+                // watchdog reads its closed connection; the watchdog's
+                // report names the node (and its `on_fault` ends this
+                // process), so it is given a moment first.
+                Err(clipa_core::Error::Collective(_)) if w.peer_fault_within(PEER_FAULT_GRACE) => {}
                 // The others hear why, instead of a lost connection.
                 Err(e) => w.fail(&e.to_string()),
             }
