@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use image::{Rgb, RgbImage};
 use serde_json::Value;
 
-use crate::common::{clipa, fixture_dir, import_fixture, s, scratch, text};
+use crate::common::{
+    clipa, convert_fashion_mnist, fashion_mnist_installed, fixture_dir, import_fixture, s, scratch,
+    text,
+};
 
 /// Imports the `openai_style` fixture into `dir/ckpt`.
 fn checkpoint(dir: &Path) -> PathBuf {
@@ -39,29 +42,13 @@ fn zeroshot_scores(v: &Value) -> [Value; 5] {
 /// scores, whichever way the copy is named.
 #[test]
 fn fashion_mnist_benchmark_layout_scores_as_the_folder() {
-    let idx = Path::new("/usr/share/datasets/fashion-mnist");
-    if !idx.is_dir() {
-        eprintln!(
-            "SKIPPED fashion_mnist_benchmark_layout_scores_as_the_folder: {} not found \
-             (apt-get install dataset-fashion-mnist)",
-            idx.display()
-        );
+    if !fashion_mnist_installed("fashion_mnist_benchmark_layout_scores_as_the_folder") {
         return;
     }
     let dir_tmp = scratch();
     let dir = dir_tmp.path();
     let data = dir.join("data");
-    let out = clipa(&[
-        "data",
-        "fashion-mnist",
-        "--out",
-        s(&data),
-        "--limit-train",
-        "10",
-        "--limit-test",
-        "250",
-    ]);
-    assert!(out.status.success(), "{:?}", text(&out));
+    convert_fashion_mnist(&data, 10, 250, &[]);
     let wds = data.join("test-wds");
     for f in [
         "classnames.txt",

@@ -162,6 +162,43 @@ pub fn hub_fixture() -> PathBuf {
     dir
 }
 
+/// Where Debian's `dataset-fashion-mnist` puts the IDX files.
+const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
+
+/// Whether Debian's Fashion-MNIST is installed. When it is not, prints why
+/// `test` is skipped; under CI it fails instead, as `.ci/run` installs it
+/// and a silent skip would hide the data tests.
+pub fn fashion_mnist_installed(test: &str) -> bool {
+    if Path::new(FASHION_MNIST).is_dir() {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "{test}: {FASHION_MNIST} not found, and CI installs dataset-fashion-mnist"
+    );
+    eprintln!("SKIPPED {test}: {FASHION_MNIST} not found (apt-get install dataset-fashion-mnist)");
+    false
+}
+
+/// `clipa data fashion-mnist --out OUT` with the first `train` training
+/// and `test` test images and `extra` flags; it must succeed.
+pub fn convert_fashion_mnist(out: &Path, train: usize, test: usize, extra: &[&str]) {
+    let (train, test) = (train.to_string(), test.to_string());
+    let mut args = vec![
+        "data",
+        "fashion-mnist",
+        "--out",
+        s(out),
+        "--limit-train",
+        &train,
+        "--limit-test",
+        &test,
+    ];
+    args.extend_from_slice(extra);
+    let out = clipa(&args);
+    assert!(out.status.success(), "{:?}", text(&out));
+}
+
 /// Called when a test needs a device that is not there: panics in CI,
 /// prints the reason and returns elsewhere.
 pub fn skip_or_fail(test: &str, reason: &str) {

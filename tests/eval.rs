@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use image::{Rgb, RgbImage};
 
 use crate::common::{
-    clipa, fixture_dir, import_fixture, import_openclip, s, scratch, skip_or_fail, text,
+    clipa, convert_fashion_mnist, fashion_mnist_installed, fixture_dir, import_fixture,
+    import_openclip, s, scratch, skip_or_fail, text,
 };
 
 /// Imports the `openai_style` fixture.
@@ -289,29 +290,13 @@ fn classify_prints_each_images_top_labels() {
 /// for 300 steps, and evaluates on the test images with `clipa eval`.
 #[test]
 fn fashion_mnist_tiny_run_scores_well_above_chance() {
-    let idx = Path::new("/usr/share/datasets/fashion-mnist");
-    if !idx.is_dir() {
-        eprintln!(
-            "SKIPPED fashion_mnist_tiny_run_scores_well_above_chance: {} not found \
-             (apt-get install dataset-fashion-mnist)",
-            idx.display()
-        );
+    if !fashion_mnist_installed("fashion_mnist_tiny_run_scores_well_above_chance") {
         return;
     }
     let dir_tmp = scratch();
     let dir = dir_tmp.path();
     let data = dir.join("data");
-    let out = clipa(&[
-        "data",
-        "fashion-mnist",
-        "--out",
-        s(&data),
-        "--limit-train",
-        "20000",
-        "--limit-test",
-        "2000",
-    ]);
-    assert!(out.status.success(), "{:?}", text(&out));
+    convert_fashion_mnist(&data, 20000, 2000, &[]);
     let run = dir.join("run");
     let out = clipa(&[
         "train",

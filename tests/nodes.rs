@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{clipa_with_env, curve, in_ci, s, scratch, text};
+use crate::common::{
+    clipa_with_env, convert_fashion_mnist, curve, fashion_mnist_installed, s, scratch, text,
+};
 use clipa_core::io::read_safetensors;
 
 /// One thread per process, so that runs repeat to the last bit.
@@ -254,33 +256,12 @@ fn a_killed_machine_ends_the_other_within_a_minute() {
 
 /// Fashion-MNIST as 4 WebDataset shards of 64 images, or `None` (skipped
 /// with a reason; CI installs the dataset).
-fn fashion_mnist(dir: &Path) -> Option<String> {
-    let idx = Path::new("/usr/share/datasets/fashion-mnist");
-    if !idx.is_dir() {
-        assert!(!in_ci(), "CI installs dataset-fashion-mnist");
-        eprintln!(
-            "SKIPPED: {} not found (apt-get install dataset-fashion-mnist)",
-            idx.display()
-        );
+fn fashion_mnist(test: &str, dir: &Path) -> Option<String> {
+    if !fashion_mnist_installed(test) {
         return None;
     }
     let data: PathBuf = dir.join("data");
-    let out = clipa_with_env(
-        &[
-            "data",
-            "fashion-mnist",
-            "--out",
-            s(&data),
-            "--limit-train",
-            "256",
-            "--limit-test",
-            "10",
-            "--samples-per-shard",
-            "64",
-        ],
-        &[],
-    );
-    assert!(out.status.success(), "{:?}", text(&out));
+    convert_fashion_mnist(&data, 256, 10, &["--samples-per-shard", "64"]);
     Some(format!(
         "{}/train/shard-{{000000..000003}}.tar",
         data.display()
@@ -295,7 +276,10 @@ fn fashion_mnist(dir: &Path) -> Option<String> {
 #[test]
 fn machines_restarted_with_resume_latest_end_on_the_uninterrupted_weights() {
     let tmp = scratch();
-    let Some(shards) = fashion_mnist(tmp.path()) else {
+    let Some(shards) = fashion_mnist(
+        "machines_restarted_with_resume_latest_end_on_the_uninterrupted_weights",
+        tmp.path(),
+    ) else {
         return;
     };
     let with_data = |run: &Path| {

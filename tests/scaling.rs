@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::common::{clipa, s, scratch, text};
+use crate::common::{clipa, fashion_mnist_installed, s, scratch, text};
 
 /// Width and height of a PNG, checking that it is not one flat colour.
 fn png_size(path: &Path) -> (u32, u32) {
@@ -83,13 +83,7 @@ fn sweep_mistakes_are_one_line_errors() {
 
 #[test]
 fn fashion_mnist_sweep_compares_strategies_at_equal_tokens() {
-    let idx = Path::new("/usr/share/datasets/fashion-mnist");
-    if !idx.is_dir() {
-        eprintln!(
-            "SKIPPED fashion_mnist_sweep_compares_strategies_at_equal_tokens: {} not found \
-             (apt-get install dataset-fashion-mnist)",
-            idx.display()
-        );
+    if !fashion_mnist_installed("fashion_mnist_sweep_compares_strategies_at_equal_tokens") {
         return;
     }
     let dir_tmp = scratch();

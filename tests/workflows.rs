@@ -7,7 +7,10 @@ use std::path::Path;
 
 use clipa_core::io::read_safetensors;
 
-use crate::common::{assert_one_line_error, clipa, hub_fixture, in_ci, s, scratch, text};
+use crate::common::{
+    assert_one_line_error, clipa, convert_fashion_mnist, fashion_mnist_installed, hub_fixture, s,
+    scratch, text,
+};
 
 /// The tensors of a safetensors file, by name: (shape, raw bytes).
 fn tensors(path: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<u8>)> {
@@ -145,32 +148,13 @@ fn openclip_optimiser_flags_show_in_the_dry_run() {
 /// refused); the resumed run ends on the uninterrupted run's weights.
 #[test]
 fn lit_on_fashion_mnist_keeps_the_locked_tower_bit_identical() {
-    let idx = Path::new("/usr/share/datasets/fashion-mnist");
-    if !idx.is_dir() {
-        assert!(!in_ci(), "CI installs dataset-fashion-mnist");
-        eprintln!(
-            "SKIPPED lit_on_fashion_mnist_keeps_the_locked_tower_bit_identical: {} not found \
-             (apt-get install dataset-fashion-mnist)",
-            idx.display()
-        );
+    if !fashion_mnist_installed("lit_on_fashion_mnist_keeps_the_locked_tower_bit_identical") {
         return;
     }
     let tmp = scratch();
     let dir = tmp.path();
     let data = dir.join("data");
-    let out = clipa(&[
-        "data",
-        "fashion-mnist",
-        "--out",
-        s(&data),
-        "--limit-train",
-        "256",
-        "--limit-test",
-        "10",
-        "--samples-per-shard",
-        "128",
-    ]);
-    assert!(out.status.success(), "{:?}", text(&out));
+    convert_fashion_mnist(&data, 256, 10, &["--samples-per-shard", "128"]);
     // A clipa checkpoint of the CLIPA-v2-style hub model (WordPiece text).
     let hub = hub_fixture();
     let ckpt = dir.join("ckpt");
