@@ -1,13 +1,13 @@
 //! Measures one all-reduce "round" between machines on burn-collective
-//! 0.21.0 as published, two ways:
+//! 0.21.0 as published, three ways:
 //!
 //! - `session`: register once, then all-reduce every round (what training
 //!   needs; expected to hang at round 2 on the unpatched barrier);
 //! - `per-round`: register, all-reduce once, finish, every round (the
 //!   public-API workaround issue #29 asked to measure);
 //! - `session-wait`: `session`, and each node waits until its own data
-//!   server accepts connections before its first all-reduce (clipa's
-//!   `Replica::join_layout` does the same).
+//!   server accepts connections before its first all-reduce (tried against
+//!   a start-up race; it did not remove it, so clipa does not do this).
 //!
 //! Usage: `per-round-probe RANK NODES PORT ROUNDS MODE FLOATS`. Node 0 also
 //! hosts the orchestrator at PORT; node r serves data at PORT+1+r. Prints
@@ -25,8 +25,13 @@ use burn_collective::{
 
 type B = Flex;
 
+/// Node `rank`'s data server port, with the orchestrator at `port`.
+fn data_port(rank: usize, port: u16) -> u16 {
+    port + 1 + rank as u16
+}
+
 fn config(rank: usize, nodes: usize, port: u16) -> CollectiveConfig {
-    let data = port + 1 + rank as u16;
+    let data = data_port(rank, port);
     CollectiveConfig::default()
         .with_num_devices(1)
         .with_num_nodes(nodes as u32)
@@ -63,8 +68,7 @@ fn main() {
         if wait {
             // `register` spawns this node's data server; a peer may ask it
             // for a tensor as soon as this node's all-reduce request is in.
-            let data = port + 1 + rank as u16;
-            while std::net::TcpStream::connect(("127.0.0.1", data)).is_err() {
+            while std::net::TcpStream::connect(("127.0.0.1", data_port(rank, port))).is_err() {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
