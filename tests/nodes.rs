@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use crate::common::{
@@ -24,17 +24,19 @@ use clipa_core::io::read_safetensors;
 const ENV: [(&str, &str); 1] = [("RAYON_NUM_THREADS", "1")];
 
 /// A master port `P` with `P..P+4` free (orchestrator, watchdog and two
-/// nodes' tensor services).
+/// nodes' tensor services), below Linux's ephemeral range (32768 up by
+/// default) as a launcher's `MASTER_PORT` is: a port drawn from that range
+/// could be handed to some outgoing connection (burn-collective opens one
+/// per barrier) before its node binds it.
 fn free_ports() -> u16 {
-    for _ in 0..50 {
-        let base = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if base > 65_000 {
-            continue;
-        }
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        ^ std::process::id().rotate_left(16);
+    for attempt in 0..200u32 {
+        // A different place per test and per attempt, in 20000..32000.
+        let base = 20_000 + (seed.wrapping_add(attempt.wrapping_mul(7_919)) % 12_000) as u16;
         let all: Vec<_> = (base..base + 4)
             .map(|p| TcpListener::bind(("0.0.0.0", p)))
             .collect();
@@ -42,23 +44,54 @@ fn free_ports() -> u16 {
             return base;
         }
     }
-    panic!("no four free ports in a row");
+    panic!("no four free ports in a row below 32000");
+}
+
+/// A node's process. Its output goes to files, not pipes: a pipe that no
+/// one reads while the process runs stalls it once full (a `RUST_LOG` set
+/// in CI's environment fills one within a step).
+struct Node {
+    child: Child,
+    logs: tempfile::TempDir,
+}
+
+impl Node {
+    /// Waits for the end; the output as `wait_with_output` gives it.
+    fn wait(mut self) -> Output {
+        let status = self.child.wait().unwrap();
+        let read = |name: &str| std::fs::read(self.logs.path().join(name)).unwrap_or_default();
+        Output {
+            status,
+            stdout: read("stdout"),
+            stderr: read("stderr"),
+        }
+    }
+
+    /// SIGKILL: no goodbye on the wire.
+    fn kill(mut self) -> Output {
+        self.child.kill().ok();
+        self.wait()
+    }
 }
 
 /// `clipa train` as node `rank` of 2 with master port `port`.
-fn node(rank: u32, port: u16, args: &[&str]) -> Child {
+fn node(rank: u32, port: u16, args: &[&str]) -> Node {
     let master = format!("127.0.0.1:{port}");
-    Command::new(env!("CARGO_BIN_EXE_clipa"))
+    let logs = scratch();
+    let file = |name: &str| std::fs::File::create(logs.path().join(name)).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_clipa"))
         .args(args)
         .args(["--num-nodes", "2", "--node-rank", &rank.to_string()])
         .args(["--orchestrator", &master])
         .env_remove("CLIPA_BACKEND")
         .env_remove("CLIPA_DEVICE")
+        .env_remove("RUST_LOG")
         .envs(ENV)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(file("stdout"))
+        .stderr(file("stderr"))
         .spawn()
-        .expect("the clipa binary runs")
+        .expect("the clipa binary runs");
+    Node { child, logs }
 }
 
 /// Both nodes, run to the end.
@@ -66,10 +99,7 @@ fn two_nodes(args: &[&str]) -> [Output; 2] {
     let port = free_ports();
     let n0 = node(0, port, args);
     let n1 = node(1, port, args);
-    [
-        n0.wait_with_output().unwrap(),
-        n1.wait_with_output().unwrap(),
-    ]
+    [n0.wait(), n1.wait()]
 }
 
 /// The weights of a run's checkpoint at `step`.
@@ -180,11 +210,11 @@ fn two_machines_train_like_one_machine_with_four_devices() {
     });
 }
 
-/// Waits for `child` up to `limit`; `None` if it still runs.
-fn wait_for(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+/// Waits for `node` up to `limit`; `None` if it still runs.
+fn wait_for(node: &mut Node, limit: Duration) -> Option<std::process::ExitStatus> {
     let t0 = Instant::now();
     while t0.elapsed() < limit {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = node.child.try_wait().unwrap() {
             return Some(status);
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -193,23 +223,31 @@ fn wait_for(child: &mut Child, limit: Duration) -> Option<std::process::ExitStat
 }
 
 /// Starts both nodes of a long run and waits until step `after` is logged.
-fn start_and_wait(run: &Path, after: usize, args: &[&str]) -> (Child, Child) {
+fn start_and_wait(run: &Path, after: usize, args: &[&str]) -> (Node, Node) {
     let port = free_ports();
-    let mut n0 = node(0, port, args);
-    let mut n1 = node(1, port, args);
+    let mut nodes = [node(0, port, args), node(1, port, args)];
     let t0 = Instant::now();
     while curve(run).len() < after {
-        for (rank, n) in [&mut n0, &mut n1].into_iter().enumerate() {
-            if let Some(status) = n.try_wait().unwrap() {
-                let mut err = String::new();
-                use std::io::Read;
-                n.stderr.take().unwrap().read_to_string(&mut err).ok();
-                panic!("node {rank} ended early ({status}): {err}");
-            }
+        let ended = nodes
+            .iter_mut()
+            .position(|n| n.child.try_wait().unwrap().is_some());
+        let stuck = t0.elapsed() > Duration::from_secs(300);
+        if ended.is_some() || stuck {
+            // What each node said is the only clue a CI log keeps.
+            let said: Vec<String> = nodes
+                .into_iter()
+                .enumerate()
+                .map(|(rank, n)| format!("node {rank}: {}", text(&n.kill()).1))
+                .collect();
+            let why = match ended {
+                Some(rank) => format!("node {rank} ended early"),
+                None => format!("no step {after} within 300 s"),
+            };
+            panic!("{why}\n{}", said.join("\n"));
         }
-        assert!(t0.elapsed() < Duration::from_secs(300), "no step {after}");
         std::thread::sleep(Duration::from_millis(20));
     }
+    let [n0, n1] = nodes;
     (n0, n1)
 }
 
@@ -224,23 +262,21 @@ fn a_killed_machine_ends_the_other_within_a_minute() {
         let mut args = tiny(&run, "0,1");
         args[4] = "1000".into(); // --steps: long enough to be killed
         let (n0, n1) = start_and_wait(&run, 2, &strs(&args));
-        let (mut victim, mut other) = match killed {
+        let (victim, mut other) = match killed {
             0 => (n0, n1),
             _ => (n1, n0),
         };
-        victim.kill().unwrap(); // SIGKILL: no goodbye on the wire
-        victim.wait().unwrap();
+        victim.kill();
         let t0 = Instant::now();
         let status = wait_for(&mut other, Duration::from_secs(60));
+        let out = other.kill(); // a no-op for a process that has ended
+        let stderr = String::from_utf8_lossy(&out.stderr);
         let Some(status) = status else {
-            other.kill().ok();
             panic!(
-                "node {} still runs 60 s after node {killed} was killed",
+                "node {} still runs 60 s after node {killed} was killed: {stderr}",
                 1 - killed
             );
         };
-        let out = other.wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!status.success(), "{stderr}");
         assert!(
             stderr.contains(&format!("node {killed} left the run")),
@@ -252,6 +288,49 @@ fn a_killed_machine_ends_the_other_within_a_minute() {
             t0.elapsed().as_secs_f64()
         );
     }
+}
+
+/// A machine that stops answering while its process lives on (here
+/// SIGSTOP; a hung driver looks the same to the others) leaves the others
+/// inside a collective call: after `--collective-timeout` they stop with an
+/// error saying so, well before the heartbeat's `--node-timeout`.
+#[cfg(unix)]
+#[test]
+fn a_stalled_collective_ends_the_run_after_the_collective_timeout() {
+    let tmp = scratch();
+    let run = tmp.path().join("stall");
+    let mut args = tiny(&run, "0,1");
+    args[4] = "1000".into(); // --steps: long enough to stall
+    args.extend(["--collective-timeout", "10"].map(String::from));
+    let (n0, n1) = start_and_wait(&run, 2, &strs(&args));
+    let signal = |sig: &str, node: &Node| {
+        let pid = node.child.id().to_string();
+        let sent = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(sent.success(), "kill {sig} {pid}");
+    };
+    signal("-STOP", &n1);
+    let t0 = Instant::now();
+    let mut n0 = n0;
+    let status = wait_for(&mut n0, Duration::from_secs(60));
+    signal("-CONT", &n1);
+    n1.kill();
+    let out = n0.kill();
+    let stderr = text(&out).1;
+    let status =
+        status.unwrap_or_else(|| panic!("node 0 still runs 60 s after node 1 stopped: {stderr}"));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no collective call between the machines finished for 10s")
+            && stderr.contains("--resume latest"),
+        "{stderr}"
+    );
+    let took = t0.elapsed();
+    // Node 0 may have waited a little before node 1 stopped, not 5 s.
+    assert!(took >= Duration::from_secs(5), "ended after {took:?}");
+    eprintln!(
+        "node 1 stopped: node 0 ended in {:.1} s",
+        took.as_secs_f64()
+    );
 }
 
 /// Fashion-MNIST as 4 WebDataset shards of 64 images, or `None` (skipped
@@ -295,11 +374,10 @@ fn machines_restarted_with_resume_latest_end_on_the_uninterrupted_weights() {
 
     let cut = tmp.path().join("cut");
     let args = with_data(&cut);
-    let (n0, mut n1) = start_and_wait(&cut, 3, &strs(&args));
-    n1.kill().unwrap();
-    n1.wait().unwrap();
-    let out = n0.wait_with_output().unwrap();
-    assert!(!out.status.success());
+    let (n0, n1) = start_and_wait(&cut, 3, &strs(&args));
+    n1.kill();
+    let out = n0.wait();
+    assert!(!out.status.success(), "{}", text(&out).1);
     let mut resume = args.clone();
     resume.extend(["--resume".into(), "latest".into()]);
     let [n0, n1] = two_nodes(&strs(&resume));

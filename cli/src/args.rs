@@ -255,6 +255,13 @@ pub struct TrainArgs {
     /// one before the run ends (a killed process is noticed at once).
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     pub node_timeout: u64,
+    /// Seconds a collective operation between machines may go without one
+    /// finishing before every node stops with an error (a hung run,
+    /// resumable with --resume latest); 0 waits forever. As PyTorch's
+    /// process-group timeout, it must outlast the longest pause of one
+    /// node that the others wait through, such as node 0's evaluations.
+    #[arg(long, value_name = "SECS", default_value_t = 1800)]
+    pub collective_timeout: u64,
     /// Overrides of the preset or config file.
     #[command(flatten)]
     pub set: TrainOverrides,

@@ -35,7 +35,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
-use crate::nodes::NodeConfig;
+use crate::nodes::{CollectiveClock, NodeConfig};
 use crate::{Error, Result};
 
 /// An all-reduce (sum) among the replicas of one process that takes the
@@ -61,6 +61,9 @@ pub struct Layout<B: AutodiffBackend> {
     pub host: String,
     /// This process's own all-reduce; `None` uses burn-collective's.
     pub local_sum: Option<std::sync::Arc<dyn LocalSum<B::InnerBackend>>>,
+    /// Every collective call of this process's replicas, for the stall
+    /// check of a run across machines ([`crate::nodes::Watchdog::watch_collectives`]).
+    pub clock: std::sync::Arc<CollectiveClock>,
 }
 
 impl<B: AutodiffBackend> Layout<B> {
@@ -71,6 +74,7 @@ impl<B: AutodiffBackend> Layout<B> {
             node: None,
             host: String::new(),
             local_sum: None,
+            clock: Default::default(),
         }
     }
 
@@ -90,6 +94,36 @@ impl<B: AutodiffBackend> Layout<B> {
     }
 }
 
+/// The replicas of one process that have not ended yet, so that one that
+/// fails can free the others from the collective calls that wait for it.
+#[derive(Debug)]
+pub struct Crew {
+    live: std::sync::atomic::AtomicUsize,
+}
+
+impl Crew {
+    /// A process of `replicas` replicas, all running.
+    pub fn new(replicas: usize) -> Self {
+        Self {
+            live: replicas.into(),
+        }
+    }
+
+    /// Marks one replica as ended. One that `failed` then resets the
+    /// process's collective (every pending call fails) until all the others
+    /// have ended too. Once is not enough: a replica that reaches its next
+    /// all-reduce after the reset (still loading its checkpoint, say) would
+    /// wait for the failed one anew.
+    pub fn end<B: AutodiffBackend>(&self, failed: bool) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.live.fetch_sub(1, SeqCst);
+        while failed && self.live.load(SeqCst) > 0 {
+            Replica::<B>::abort_all();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
 /// Where one replica sits in the run, and its handle on the collective.
 ///
 /// `Replica::single()` is the one-device case: every collective call is the
@@ -106,6 +140,8 @@ pub struct Replica<B: AutodiffBackend> {
     /// [`LocalSum`]) only local replica 0's, which joins the machines.
     peer: Option<PeerId>,
     local_sum: Option<std::sync::Arc<dyn LocalSum<B::InnerBackend>>>,
+    /// The process's [`Layout::clock`].
+    clock: std::sync::Arc<CollectiveClock>,
     _backend: PhantomData<fn() -> B>,
 }
 
@@ -129,6 +165,7 @@ impl<B: AutodiffBackend> Replica<B> {
             nodes: 1,
             peer: None,
             local_sum: None,
+            clock: Default::default(),
             _backend: PhantomData,
         }
     }
@@ -155,6 +192,7 @@ impl<B: AutodiffBackend> Replica<B> {
             nodes: layout.num_nodes(),
             peer: None,
             local_sum: layout.local_sum.clone(),
+            clock: layout.clock.clone(),
             _backend: PhantomData,
         };
         // Who registers with burn-collective, and as how many devices.
@@ -194,6 +232,8 @@ impl<B: AutodiffBackend> Replica<B> {
                 // loss, the stop flag).
                 .with_global_all_reduce_strategy(AllReduceStrategy::Tree(2));
         }
+        let clock = rep.clock.clone();
+        let _in_flight = clock.begin();
         collective::register::<B::InnerBackend>(peer, device.clone(), config)
             .map_err(|e| collective_error("joining the collective", e))?;
         rep.peer = Some(peer);
@@ -257,6 +297,7 @@ impl<B: AutodiffBackend> Replica<B> {
         if self.world == 1 {
             return Ok(tensor);
         }
+        let _in_flight = self.clock.begin();
         let global = |t: Tensor<B::InnerBackend, D>, peer: PeerId| {
             collective::all_reduce::<B::InnerBackend>(
                 peer,
@@ -410,6 +451,22 @@ impl<B: AutodiffBackend> Replica<B> {
 
 use burn::tensor::ElementConversion;
 
+/// Fails with a one-line error when this node's tensor port is taken.
+/// Called once per process before any replica registers: burn-collective
+/// binds the port in a task of its own and drops a failed bind, after which
+/// every machine would wait for this one forever.
+pub fn check_data_port(node: &NodeConfig) -> Result<()> {
+    let port = node.data_port();
+    let bound = std::net::TcpListener::bind(("0.0.0.0", port));
+    drop(bound.map_err(|e| {
+        Error::Config(format!(
+            "node {} cannot serve its tensors on port {port} (the master port + 2 + node rank): {e}",
+            node.node_rank
+        ))
+    })?);
+    Ok(())
+}
+
 /// Runs burn-collective's orchestrator on `port` (all interfaces) in a
 /// background thread of this process, for as long as it lives: node 0 of a
 /// run hosts it, as torchrun's rank 0 hosts its store at `MASTER_PORT`. It
@@ -558,6 +615,43 @@ pub(crate) mod tests {
             assert!(any);
             assert_eq!(shared, &out[0].2, "every replica holds replica 0's init");
         }
+    }
+
+    /// A replica that fails frees the others even when they reach their
+    /// next all-reduce only after it failed (with a single reset, the late
+    /// one waited forever).
+    #[test]
+    fn a_failed_replica_frees_one_that_calls_later() {
+        let _turn = exclusive();
+        let crew = std::sync::Arc::new(Crew::new(2));
+        let (done, finished) = std::sync::mpsc::channel();
+        // Not scoped: a replica that hangs must fail the test, not hang it.
+        for r in 0..2 {
+            let (crew, done) = (crew.clone(), done.clone());
+            std::thread::spawn(move || {
+                let device = Default::default();
+                let rep = Replica::<TestBackend>::join(r, 2, &device).unwrap();
+                let out = match r {
+                    0 => Err(Error::Config("failed before its first sum".into())),
+                    _ => {
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                        let t = Tensor::<<TestBackend as AutodiffBackend>::InnerBackend, 1>::from_floats(
+                            [1.0],
+                            &device,
+                        );
+                        rep.sum(t).map(drop)
+                    }
+                };
+                crew.end::<TestBackend>(out.is_err());
+                done.send((r, out.is_err())).unwrap();
+            });
+        }
+        let wait = std::time::Duration::from_secs(20);
+        let mut ended: Vec<_> = (0..2)
+            .map(|_| finished.recv_timeout(wait).expect("both replicas end"))
+            .collect();
+        ended.sort();
+        assert_eq!(ended, [(0, true), (1, true)]);
     }
 
     /// Every replica gets every replica's bytes, in rank order, whatever

@@ -24,7 +24,7 @@
 use std::fmt;
 use std::io::{self, BufRead, BufReader, ErrorKind, Write};
 use std::net::{Ipv6Addr, Shutdown, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -286,6 +286,59 @@ impl NodeConfig {
     }
 }
 
+/// How long this process's collective calls have gone without progress:
+/// the watchdog's stall check ([`Watchdog::watch_collectives`]).
+///
+/// Why: burn-collective has no timeout, so a collective that hangs while
+/// every machine stays alive (a lost wake-up, a transfer that never
+/// arrives) would hold every GPU of the run forever, heartbeats and all.
+/// Progress is a call that begins with none in flight, or one that ends;
+/// while calls are in flight and none ends, the stall grows.
+#[derive(Debug, Default)]
+pub struct CollectiveClock {
+    in_flight: AtomicUsize,
+    /// The last progress: `None` before the first call.
+    progress: Mutex<Option<Instant>>,
+}
+
+/// A collective call in flight on a [`CollectiveClock`]; its drop is the
+/// call's end.
+#[derive(Debug)]
+pub struct InFlight<'a>(&'a CollectiveClock);
+
+impl CollectiveClock {
+    /// Marks a collective call as begun, until the returned guard drops.
+    pub fn begin(&self) -> InFlight<'_> {
+        let mut progress = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.in_flight.fetch_add(1, Ordering::SeqCst) == 0 {
+            *progress = Some(Instant::now());
+        }
+        InFlight(self)
+    }
+
+    /// How long calls have been in flight with none ending; zero when none
+    /// is in flight.
+    pub fn stalled_for(&self) -> Duration {
+        let progress = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
+        match (self.in_flight.load(Ordering::SeqCst), *progress) {
+            (0, _) | (_, None) => Duration::ZERO,
+            (_, Some(at)) => at.elapsed(),
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut progress = self
+            .0
+            .progress
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        *progress = Some(Instant::now());
+    }
+}
+
 /// A node that left the run, as the [`Watchdog`] saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fault {
@@ -493,6 +546,43 @@ impl Watchdog {
             }
             thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Ends the run when `clock` shows collective calls in flight with none
+    /// ending for `limit`: the others are told `failed: <why>` (so they end
+    /// too, naming this node), and `on_stall(why)` is called once, from a
+    /// watchdog thread; like `on_fault`, acting on it is the caller's job.
+    /// Checked a few times per `limit`, at least four times a second; the check
+    /// stops once this watchdog finishes, fails or reports a fault.
+    pub fn watch_collectives(
+        &mut self,
+        clock: Arc<CollectiveClock>,
+        limit: Duration,
+        on_stall: impl Fn(String) + Send + 'static,
+    ) -> Result<()> {
+        let shared = self.shared.clone();
+        let tick = (limit / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
+        let check = move || {
+            while !shared.quiet.load(Ordering::SeqCst) {
+                if clock.stalled_for() < limit {
+                    thread::sleep(tick);
+                    continue;
+                }
+                if shared.quiet.swap(true, Ordering::SeqCst) {
+                    return;
+                }
+                let why = format!("no collective call between the machines finished for {limit:?}");
+                let line = format!("failed {} {why}", shared.rank);
+                shared.links.iter().for_each(|link| link.send(&line));
+                return on_stall(why);
+            }
+        };
+        let builder = thread::Builder::new().name("watchdog-stall".into());
+        let thread = builder
+            .spawn(check)
+            .map_err(|e| net("cannot start a watchdog thread", e))?;
+        self.threads.push(thread);
+        Ok(())
     }
 
     /// This node failed on its own (bad data, a full disk): the others are
@@ -977,6 +1067,52 @@ mod tests {
         );
         dropping.join().unwrap();
         assert_eq!(faults(&received, 1), [(1, fault(0, "connection closed"))]);
+    }
+
+    #[test]
+    fn the_clock_counts_only_time_in_flight_without_an_end() {
+        let clock = CollectiveClock::default();
+        assert_eq!(clock.stalled_for(), Duration::ZERO);
+        let first = clock.begin();
+        thread::sleep(Duration::from_millis(30));
+        let second = clock.begin(); // not progress: one is still in flight
+        assert!(clock.stalled_for() >= Duration::from_millis(30));
+        drop(first); // an end is progress
+        assert!(clock.stalled_for() < Duration::from_millis(30));
+        thread::sleep(Duration::from_millis(30));
+        assert!(clock.stalled_for() >= Duration::from_millis(30));
+        drop(second);
+        assert_eq!(clock.stalled_for(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_stalled_collective_ends_its_node_and_tells_the_others() {
+        let (nodes, listener) = run_of(2);
+        let (mut dogs, received) = started(&nodes, listener, Duration::from_secs(2));
+        let limit = Duration::from_millis(200);
+        let (stalls, stalled) = mpsc::channel();
+        let clocks: Vec<Arc<CollectiveClock>> = (0..2).map(|_| Arc::default()).collect();
+        for (dog, clock) in dogs.iter_mut().zip(&clocks) {
+            let stalls = stalls.clone();
+            let on_stall = move |why: String| drop(stalls.send(why));
+            dog.watch_collectives(clock.clone(), limit, on_stall)
+                .unwrap();
+        }
+        // Node 0's calls end as they should; node 1's hangs.
+        let began = Instant::now();
+        let hung = clocks[1].begin();
+        while began.elapsed() < 3 * limit {
+            drop(clocks[0].begin());
+            thread::sleep(Duration::from_millis(20));
+        }
+        let why = "no collective call between the machines finished for 200ms";
+        assert_eq!(stalled.recv_timeout(Duration::from_secs(2)).unwrap(), why);
+        assert!(stalled.recv_timeout(Duration::from_millis(300)).is_err());
+        assert_eq!(
+            faults(&received, 1),
+            [(0, fault(1, &format!("failed: {why}")))]
+        );
+        drop(hung);
     }
 
     #[test]

@@ -157,6 +157,9 @@ struct TrainJob {
     node: Option<NodeConfig>,
     /// How long machines wait for each other (`--node-timeout`).
     node_timeout: Duration,
+    /// How long a collective between machines may go without progress
+    /// (`--collective-timeout`); `None`: forever.
+    collective_timeout: Option<Duration>,
 }
 
 /// How long a failed collective waits for the watchdog to name the node
@@ -218,9 +221,23 @@ impl BackendJob for TrainJob {
             },
             node: self.node.clone(),
             local_sum: on.local_sum(),
+            clock: Default::default(),
         };
         let watchdog = match &self.node {
-            Some(n) => Some(join_nodes(n, self.node_timeout)?),
+            Some(n) => {
+                let mut dog = join_nodes(n, self.node_timeout)?;
+                if let Some(limit) = self.collective_timeout {
+                    let rank = n.node_rank;
+                    dog.watch_collectives(layout.clock.clone(), limit, move |why| {
+                        eprintln!(
+                            "error: {why} (--collective-timeout): the run is stuck; node {rank} \
+                             stops (restart every node with --resume latest)"
+                        );
+                        std::process::exit(1);
+                    })?;
+                }
+                Some(dog)
+            }
             None => None,
         };
         let summary = train::train_distributed::<B>(
@@ -357,6 +374,10 @@ pub fn run(kind: BackendKind, device: Option<usize>, args: &TrainArgs) -> anyhow
         opts,
         node,
         node_timeout: Duration::from_secs(args.node_timeout.max(1)),
+        collective_timeout: match args.collective_timeout {
+            0 => None,
+            secs => Some(Duration::from_secs(secs)),
+        },
     };
     let summary = match &args.devices {
         Some(set) => clipa_backends::run_on(kind, set, job)?,

@@ -38,7 +38,7 @@ use self::data::{PartOf, StageData};
 use self::run::train_replica;
 use crate::data::DataStatsSnapshot;
 use crate::data::loader::LoaderState;
-use crate::dist::{Layout, Replica};
+use crate::dist::{Crew, Layout, Replica};
 use crate::eval::ZeroShotResult;
 use crate::{Error, Result};
 
@@ -336,18 +336,20 @@ pub fn train_distributed<B: AutodiffBackend>(
     let node = layout.node_rank();
     let per_node = parts / nodes;
     let feed = Feed::new(node * per_node..(node + 1) * per_node, parts);
+    if let Some(n) = &layout.node {
+        crate::dist::check_data_port(n)?;
+    }
+    let crew = Crew::new(local);
     let run = |observer: &mut dyn Observer| {
-        let (cfg, feed, layout) = (&cfg, &feed, &layout);
+        let (cfg, feed, layout, crew) = (&cfg, &feed, &layout, &crew);
         let replica = |i: usize, obs: &mut dyn Observer| -> Result<TrainSummary> {
             let out = Replica::<B>::join_layout(layout, i, &devices[i]).and_then(|rep| {
                 let summary = train_replica(cfg.clone(), opts, &devices[i], &rep, feed, obs)?;
                 rep.leave()?;
                 Ok(summary)
             });
-            if out.is_err() {
-                // The other replicas would wait for this one forever.
-                Replica::<B>::abort_all();
-            }
+            // A failed replica frees the others, which would wait for it.
+            crew.end::<B>(out.is_err());
             out
         };
         std::thread::scope(|s| {
