@@ -302,7 +302,7 @@ fn a_stalled_collective_ends_the_run_after_the_collective_timeout() {
     let mut args = tiny(&run, "0,1");
     args[4] = "1000".into(); // --steps: long enough to stall
     args.extend(["--collective-timeout", "10"].map(String::from));
-    let (n0, n1) = start_and_wait(&run, 2, &strs(&args));
+    let (mut n0, n1) = start_and_wait(&run, 2, &strs(&args));
     let signal = |sig: &str, node: &Node| {
         let pid = node.child.id().to_string();
         let sent = Command::new("kill").args([sig, &pid]).status().unwrap();
@@ -310,7 +310,6 @@ fn a_stalled_collective_ends_the_run_after_the_collective_timeout() {
     };
     signal("-STOP", &n1);
     let t0 = Instant::now();
-    let mut n0 = n0;
     let status = wait_for(&mut n0, Duration::from_secs(60));
     signal("-CONT", &n1);
     n1.kill();

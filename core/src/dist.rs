@@ -457,13 +457,20 @@ use burn::tensor::ElementConversion;
 /// every machine would wait for this one forever.
 pub fn check_data_port(node: &NodeConfig) -> Result<()> {
     let port = node.data_port();
-    let bound = std::net::TcpListener::bind(("0.0.0.0", port));
-    drop(bound.map_err(|e| {
-        Error::Config(format!(
+    check_port(port, |e| {
+        format!(
             "node {} cannot serve its tensors on port {port} (the master port + 2 + node rank): {e}",
             node.node_rank
-        ))
-    })?);
+        )
+    })
+}
+
+/// Binds `port` on all interfaces once and lets it go, so that a port that
+/// burn-collective would fail to bind in the background is an
+/// [`Error::Config`] of `message(why)` here.
+fn check_port(port: u16, message: impl FnOnce(std::io::Error) -> String) -> Result<()> {
+    let bound = std::net::TcpListener::bind(("0.0.0.0", port));
+    drop(bound.map_err(|e| Error::Config(message(e)))?);
     Ok(())
 }
 
@@ -475,13 +482,11 @@ pub fn check_data_port(node: &NodeConfig) -> Result<()> {
 pub fn host_orchestrator(port: u16) -> Result<()> {
     // The orchestrator logs a failed bind and returns, after which every
     // machine would wait for it: find out here, with a one-line error.
-    drop(
-        std::net::TcpListener::bind(("0.0.0.0", port)).map_err(|e| {
-            Error::Config(format!(
-                "cannot serve the orchestrator on port {port}: {e} (choose another MASTER_PORT / --orchestrator port)"
-            ))
-        })?,
-    );
+    check_port(port, |e| {
+        format!(
+            "cannot serve the orchestrator on port {port}: {e} (choose another MASTER_PORT / --orchestrator port)"
+        )
+    })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -24,7 +24,7 @@
 use std::fmt;
 use std::io::{self, BufRead, BufReader, ErrorKind, Write};
 use std::net::{Ipv6Addr, Shutdown, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -295,10 +295,13 @@ impl NodeConfig {
 /// Progress is a call that begins with none in flight, or one that ends;
 /// while calls are in flight and none ends, the stall grows.
 #[derive(Debug, Default)]
-pub struct CollectiveClock {
-    in_flight: AtomicUsize,
+pub struct CollectiveClock(Mutex<ClockState>);
+
+#[derive(Debug, Default)]
+struct ClockState {
+    in_flight: usize,
     /// The last progress: `None` before the first call.
-    progress: Mutex<Option<Instant>>,
+    progress: Option<Instant>,
 }
 
 /// A collective call in flight on a [`CollectiveClock`]; its drop is the
@@ -307,20 +310,25 @@ pub struct CollectiveClock {
 pub struct InFlight<'a>(&'a CollectiveClock);
 
 impl CollectiveClock {
+    fn state(&self) -> std::sync::MutexGuard<'_, ClockState> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Marks a collective call as begun, until the returned guard drops.
     pub fn begin(&self) -> InFlight<'_> {
-        let mut progress = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
-        if self.in_flight.fetch_add(1, Ordering::SeqCst) == 0 {
-            *progress = Some(Instant::now());
+        let mut state = self.state();
+        if state.in_flight == 0 {
+            state.progress = Some(Instant::now());
         }
+        state.in_flight += 1;
         InFlight(self)
     }
 
     /// How long calls have been in flight with none ending; zero when none
     /// is in flight.
     pub fn stalled_for(&self) -> Duration {
-        let progress = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
-        match (self.in_flight.load(Ordering::SeqCst), *progress) {
+        let state = self.state();
+        match (state.in_flight, state.progress) {
             (0, _) | (_, None) => Duration::ZERO,
             (_, Some(at)) => at.elapsed(),
         }
@@ -329,13 +337,9 @@ impl CollectiveClock {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        let mut progress = self
-            .0
-            .progress
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-        *progress = Some(Instant::now());
+        let mut state = self.0.state();
+        state.in_flight -= 1;
+        state.progress = Some(Instant::now());
     }
 }
 
@@ -397,6 +401,13 @@ impl Link {
 }
 
 impl Shared {
+    /// Tells every other node `failed <rank> <reason>`: this node is ending
+    /// on its own, and why.
+    fn tell_failed(&self, reason: &str) {
+        let line = format!("failed {} {}", self.rank, reason.replace(['\n', '\r'], " "));
+        self.links.iter().for_each(|link| link.send(&line));
+    }
+
     fn fault(&self, node: u32, what: String) {
         if self.quiet.swap(true, Ordering::SeqCst) {
             return;
@@ -572,8 +583,7 @@ impl Watchdog {
                     return;
                 }
                 let why = format!("no collective call between the machines finished for {limit:?}");
-                let line = format!("failed {} {why}", shared.rank);
-                shared.links.iter().for_each(|link| link.send(&line));
+                shared.tell_failed(&why);
                 return on_stall(why);
             }
         };
@@ -590,12 +600,7 @@ impl Watchdog {
     /// This node's `on_fault` is not called from then on: it is ending.
     pub fn fail(&self, reason: &str) {
         self.shared.quiet.store(true, Ordering::SeqCst);
-        let line = format!(
-            "failed {} {}",
-            self.shared.rank,
-            reason.replace(['\n', '\r'], " ")
-        );
-        self.shared.links.iter().for_each(|link| link.send(&line));
+        self.shared.tell_failed(reason);
     }
 
     /// A clean end: tells the others `done`, so that this node's closing
